@@ -1,0 +1,14 @@
+"""scc: a compiled inference engine for test-time adversarial defenses of CLIP (SCC, TTC, R-TPT).
+
+    import scc
+    clf = scc.load("scc-tiny-digits")                 # or scc.load("ViT-B-32", pretrained="openai", labels=[...])
+    defended = scc.defend(clf, "scc", preset="paper")  # nn.Module: [0,1] NCHW pixels -> logits
+"""
+from .models import SccError, ZeroShotClassifier, load
+from .defenses import Defended, defend, make_config, DEFENSES, PRESETS
+from .ttc import TTCConfig
+from .scc_defense import SCCConfig
+
+__version__ = "0.1.0"
+__all__ = ["SccError", "ZeroShotClassifier", "load", "Defended", "defend", "make_config", "DEFENSES",
+           "PRESETS", "TTCConfig", "SCCConfig", "__version__"]

@@ -1,0 +1,226 @@
+"""Images and datasets: the bundled digits split, image folders, torchvision datasets from a local root.
+
+Every loader returns pixels in [0,1], (N, 3, S, S), preprocessed as in the TTC protocol: bilinear resize of
+the short side to S*256/224, centre crop S (for S = 224: Resize(256) -> CenterCrop(224)).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .models import SccError
+
+# Per-dataset prompt templates of the TTC evaluation code (spec section 1.4): one template, no ensembling.
+TEMPLATES: dict[str, list[str]] = {
+    "cifar10": ["This is a photo of a {}."],
+    "cifar100": ["This is a photo of a {}."],
+    "stl10": ["This is a photo of a {}."],
+    "imagenet": ["This is a photo of a {}."],
+    "caltech101": ["This is a photo of a {}."],
+    "sun397": ["This is a photo of a {}."],
+    "caltech256": ["A photo of a {}."],
+    "stanfordcars": ["A photo of a {}."],
+    "country211": ["A photo I took in {}."],
+    "dtd": ["A surface with a {} texture."],
+    "eurosat": ["A centered satellite photo of {}."],
+    "fgvcaircraft": ["A photo of a {}, a type of aircraft."],
+    "flowers102": ["A photo of a {}, a type of flower."],
+    "food101": ["A photo of {}, a type of food."],
+    "oxfordpets": ["A photo of a {}, a type of pet."],
+    "imagefolder": ["This is a photo of a {}."],
+}
+
+DTD_CLASSES = (
+    "banded blotchy braided bubbly bumpy chequered cobwebbed cracked crosshatched crystalline dotted fibrous "
+    "flecked freckled frilly gauzy grid grooved honeycombed interlaced knitted lacelike lined marbled matted "
+    "meshed paisley perforated pitted pleated polka-dotted porous potholed scaly smeared spiralled sprinkled "
+    "stained stratified striped studded swirly veined waffled woven wrinkled zigzagged").split()
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+DIGITS_TEST_SIZE = 450
+DIGITS_SPLIT_SEED = 0
+
+
+@dataclass
+class Dataset:
+    name: str
+    images: torch.Tensor  # (N, 3, S, S) in [0,1]
+    targets: torch.Tensor  # (N,) long
+    classes: list[str]
+    templates: list[str]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Preprocessing and image files
+# ----------------------------------------------------------------------------------------------------------
+def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 3, H, W) -> (N, 3, size, size): bilinear short side to size*256/224, then centre crop."""
+    h, w = x.shape[-2:]
+    short = round(size * 256 / 224)
+    if (h, w) != (size, size):
+        scale = short / min(h, w)
+        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
+        top, left = (nh - size) // 2, (nw - size) // 2
+        x = x[..., top: top + size, left: left + size]
+    return x.clamp(0, 1)
+
+
+def pil_to_tensor(img) -> torch.Tensor:
+    """Any PIL mode (L, LA, P, RGBA, I;16, I, F, CMYK...) -> (3, H, W) float in [0,1]."""
+    from PIL import Image
+
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top, 0, 1).astype(np.float32)
+        return torch.from_numpy(arr)[None].expand(3, -1, -1).contiguous()
+    if img.mode == "F":
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return torch.from_numpy(arr)[None].expand(3, -1, -1).contiguous()
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img)
+    img = img.convert("RGB")
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+
+def read_image(path: str | Path, size: int) -> torch.Tensor:
+    """One image file -> (3, size, size) in [0,1]; SccError naming the file when it cannot be used."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SccError(f"{path}: no such file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.width < 1 or img.height < 1:
+                raise SccError(f"{path}: empty image ({img.width}x{img.height})")
+            x = pil_to_tensor(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if isinstance(err, SccError):
+            raise
+        raise SccError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+    return resize_center_crop(x[None], size)[0]
+
+
+def check_pixels(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
+    """Validate a pixel batch from a user: shape, dtype, finite, range. Returns float32."""
+    if not isinstance(x, torch.Tensor):
+        raise SccError(f"expected a torch.Tensor of pixels, got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[1] != 3:
+        raise SccError(f"expected pixels shaped (B, 3, H, W), got {tuple(x.shape)}")
+    if size is not None and tuple(x.shape[-2:]) != (size, size):
+        raise SccError(f"expected {size}x{size} images, got {tuple(x.shape[-2:])}; use scc.data.resize_center_crop")
+    if not x.is_floating_point():
+        raise SccError(f"expected float pixels in [0,1], got dtype {x.dtype} (divide uint8 images by 255)")
+    bad = ~torch.isfinite(x).flatten(1).all(1)
+    if bad.any():
+        raise SccError(f"images {bad.nonzero().flatten().tolist()} contain NaN or Inf values")
+    lo, hi = x.min().item(), x.max().item()
+    if lo < -1e-6 or hi > 1 + 1e-6:
+        raise SccError(f"pixels must lie in [0,1], got range [{lo:.3g}, {hi:.3g}]")
+    return x.float().clamp(0, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Datasets
+# ----------------------------------------------------------------------------------------------------------
+def digits_arrays(size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits -> (x_train, y_train, x_test, y_test); a fixed stratified 1347/450 split.
+
+    Pixels /16 -> [0,1], bilinear to size x size, 3 channels. The test split is never used for training.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1).expand(-1, 3, -1, -1)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    idx = np.arange(len(y))
+    tr, te = train_test_split(idx, test_size=DIGITS_TEST_SIZE, stratify=bunch.target, random_state=DIGITS_SPLIT_SEED)
+    tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
+    return x[tr].contiguous(), y[tr], x[te].contiguous(), y[te]
+
+
+def _torchvision(name: str, root: str, size: int):
+    import torchvision.datasets as tvd
+
+    ctor = {
+        "cifar10": lambda: tvd.CIFAR10(root, train=False, download=False),
+        "cifar100": lambda: tvd.CIFAR100(root, train=False, download=False),
+        "stl10": lambda: tvd.STL10(root, split="test", download=False),
+        "dtd": lambda: tvd.DTD(root, split="test", download=False),
+        "eurosat": lambda: tvd.EuroSAT(root, download=False),
+        "flowers102": lambda: tvd.Flowers102(root, split="test", download=False),
+        "food101": lambda: tvd.Food101(root, split="test", download=False),
+        "oxfordpets": lambda: tvd.OxfordIIITPet(root, split="test", download=False),
+        "fgvcaircraft": lambda: tvd.FGVCAircraft(root, split="test", download=False),
+        "country211": lambda: tvd.Country211(root, split="test", download=False),
+        "stanfordcars": lambda: tvd.StanfordCars(root, split="test", download=False),
+        "pcam": lambda: tvd.PCAM(root, split="test", download=False),
+    }
+    if name not in ctor:
+        raise SccError(f"unknown dataset {name!r}; known: digits, imagefolder:PATH, " + ", ".join(f"{k}:ROOT" for k in ctor))
+    try:
+        ds = ctor[name]()
+    except (RuntimeError, FileNotFoundError, OSError) as err:
+        raise SccError(f"dataset {name} not found under {root!r} ({err}); downloads are disabled: "
+                       f"place the torchvision-format files there first") from err
+    classes = [c.replace("_", " ") if name != "cifar100" else c for c in getattr(ds, "classes", [])]
+    if name == "pcam":
+        classes = ["healthy lymph node tissue", "lymph node tumor tissue"]
+    return ds, classes
+
+
+def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
+    """`digits` | `imagefolder:PATH` | `<torchvision name>:ROOT` -> Dataset (first `limit` images)."""
+    name, _, root = spec.partition(":")
+    name = name.lower()
+    if name == "digits":
+        _, _, x, y = digits_arrays(32)
+        if size != 32:
+            x = resize_center_crop(x, size)
+        x, y = (x[:limit], y[:limit]) if limit else (x, y)
+        return Dataset("digits", x, y, list(DIGIT_WORDS), ["a photo of the digit {}."])
+    if not root:
+        raise SccError(f"dataset {spec!r} needs a location: {name}:PATH")
+    if name == "imagefolder":
+        folder = Path(root)
+        if not folder.is_dir():
+            raise SccError(f"image folder {folder} does not exist")
+        classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        if not classes:
+            raise SccError(f"image folder {folder} has no class sub-folders")
+        files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).iterdir()) if p.is_file()]
+        files = files[:limit] if limit else files
+        imgs, ys = [], []
+        for path, label in files:
+            try:
+                imgs.append(read_image(path, size))
+                ys.append(label)
+            except SccError as err:
+                print(f"skipping {err}")
+        if not imgs:
+            raise SccError(f"no readable images under {folder}")
+        return Dataset(f"imagefolder:{folder}", torch.stack(imgs), torch.tensor(ys), classes, TEMPLATES["imagefolder"])
+    ds, classes = _torchvision(name, root, size)
+    n = min(len(ds), limit) if limit else len(ds)
+    imgs, ys = [], []
+    for i in range(n):
+        img, label = ds[i]
+        imgs.append(resize_center_crop(pil_to_tensor(img)[None], size)[0])
+        ys.append(int(label))
+    return Dataset(name, torch.stack(imgs), torch.tensor(ys), classes, TEMPLATES.get(name, TEMPLATES["imagefolder"]))
