@@ -196,9 +196,15 @@ class ZeroShotClassifier(nn.Module):
     """[0,1] NCHW pixels -> logits = logit_scale * cos(f(norm(x)), t_k). Weights are frozen."""
 
     def __init__(self, visual: nn.Module, text_embeddings: torch.Tensor, logit_scale: float, image_size: int,
-                 labels: Sequence[str], name: str = "", mean=CLIP_MEAN, std=CLIP_STD):
+                 labels: Sequence[str], name: str = "", mean=CLIP_MEAN, std=CLIP_STD, clip: nn.Module | None = None,
+                 tokenizer=None, templates: Sequence[str] = ()):
         super().__init__()
         self.visual = visual.eval().requires_grad_(False)
+        # The whole open_clip model (its text tower is needed by prompt-tuning defenses such as R-TPT) and its
+        # tokenizer. `clip.visual` is `self.visual`: no parameter is stored twice.
+        self.clip = clip.eval().requires_grad_(False) if clip is not None else None
+        self.tokenizer = tokenizer
+        self.templates = list(templates)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.register_buffer("text", F.normalize(text_embeddings.float(), dim=-1))  # (C, D)
@@ -264,4 +270,5 @@ def load(model: str = TINY_NAME, pretrained: str | None = None, labels: Sequence
     size = size[0] if isinstance(size, (tuple, list)) else size
     pre = getattr(clip.visual, "preprocess_cfg", {}) or {}
     return ZeroShotClassifier(clip.visual, text, clip.logit_scale.exp().item(), size, labels, name=model,
-                              mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD))).to(device)
+                              mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)),
+                              clip=clip, tokenizer=tokenizer, templates=templates).to(device)
