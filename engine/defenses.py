@@ -15,7 +15,9 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from .data import check_pixels
 from .models import SccError, TINY_NAME, ZeroShotClassifier
+from .rtpt import RTPTConfig, rtpt, rtpt_draws
 from .scc_defense import SCCConfig, scc, scc_draws
 from .ttc import TTCConfig, ttc, ttc_draws
 
@@ -38,6 +40,7 @@ DEFENSES: dict[str, tuple[type, Callable, Callable]] = {
     "none": (NoDefenseConfig, _none, _no_draws),
     "ttc": (TTCConfig, ttc, lambda x, cfg, generator=None: ttc_draws(x, generator)),
     "scc": (SCCConfig, scc, scc_draws),
+    "rtpt": (RTPTConfig, rtpt, rtpt_draws),
 }
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -48,6 +51,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         # same number of sequential rounds as TTC (4): K_w = 1, S = 1, Stage 1 fused with the first step
         "latency": {"warmup__steps": 1, "steps": 1, "fuse": True},
     },
+    "rtpt": {"paper": {}},  # 64 views, "a photo of a", AdamW lr 5e-3, 1 step, p = 0.1, top-20, T = 0.01
 }
 
 # Per-model overrides on top of every preset. Digits are not flip-invariant (a flipped 2 or 7 is another
@@ -99,6 +103,7 @@ class Defended(nn.Module):
         self.defense, self.preset, self.config, self.seed = name, preset, config, seed
         self._procedure, self._draws = DEFENSES[name][1], DEFENSES[name][2]
         self.generator: torch.Generator | None = None
+        self.validate = True  # check finiteness and the [0,1] range on every call (one host sync)
 
     def reseed(self, seed: int | None = None) -> None:
         self.seed = self.seed if seed is None else seed
@@ -111,8 +116,17 @@ class Defended(nn.Module):
 
     def forward(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None, trace: list | None = None):
         self.classifier.check_shape(x)
+        if self.validate:  # NaN/Inf or out-of-range pixels: name the bad images instead of returning garbage
+            check_pixels(x)
         draws = self.draws(x) if draws is None else draws
         extra = {"trace": trace} if trace is not None else {}
+        if x.requires_grad and torch.is_grad_enabled():
+            # An adaptive attack differentiates through the defense's own gradient steps: that needs the
+            # twice-differentiable math attention (the fused CPU/GPU kernels have no double backward).
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                return self._procedure(self.classifier, x, self.config, **draws, **extra)
         return self._procedure(self.classifier, x, self.config, **draws, **extra)
 
     def extra_repr(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import re
 import socket
@@ -91,7 +92,12 @@ def create_tiny_model(load_weights: bool = True) -> nn.Module:
     import open_clip
 
     open_clip.add_model_config(asset_path(f"{TINY_NAME}.json"))
-    model = open_clip.create_model(TINY_NAME, pretrained=None)
+    root = logging.getLogger()
+    level, root.level = root.level, logging.ERROR  # open_clip warns "initialized randomly": we load weights next
+    try:
+        model = open_clip.create_model(TINY_NAME, pretrained=None)
+    finally:
+        root.setLevel(level)
     if load_weights:
         weights = asset_path(f"{TINY_NAME}.safetensors")
         if not weights.exists():
@@ -176,6 +182,20 @@ def create_open_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module
     else:
         model = open_clip.create_model(model_name, pretrained=None)
     return model, open_clip.get_tokenizer(model_name)
+
+
+def image_size_of(model_name: str) -> int:
+    """The input resolution of a model, from its config alone (no weights are built)."""
+    import open_clip
+
+    if model_name == TINY_NAME:
+        return json.loads(asset_path(f"{TINY_NAME}.json").read_text())["vision_cfg"]["image_size"]
+    cfg = open_clip.get_model_config(model_name)
+    if cfg is None:
+        close = difflib.get_close_matches(model_name, open_clip.list_models() + [TINY_NAME], n=3)
+        raise SccError(f"unknown model {model_name!r}" + (f"; did you mean {close}?" if close else ""))
+    size = cfg["vision_cfg"].get("image_size", 224)
+    return size[0] if isinstance(size, (list, tuple)) else int(size)
 
 
 def check_labels(labels: Sequence[str] | None) -> list[str]:

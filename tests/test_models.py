@@ -1,0 +1,103 @@
+"""Model loading: the bundled model, open_clip names, local checkpoints, and every loading error."""
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import scc
+from scc.models import TINY_NAME, WordTokenizer, tiny_meta
+
+
+def test_tiny_contract(tiny, digits):
+    x, y = digits
+    assert tiny.image_size == 32 and tiny.num_classes == 10 and tiny.labels[7] == "seven"
+    logits = tiny(x[:5])
+    assert logits.shape == (5, 10)
+    want = tiny.logit_scale * F.normalize(tiny.visual((x[:5] - tiny.mean) / tiny.std), dim=-1) @ tiny.text.t()
+    torch.testing.assert_close(logits, want)
+    assert torch.allclose(tiny.text.norm(dim=-1), torch.ones(10))
+    assert not any(p.requires_grad for p in tiny.parameters())
+
+
+def test_tiny_held_out_accuracy(tiny, digits):
+    x, y = digits
+    with torch.no_grad():
+        acc = (tiny(x).argmax(1) == y).float().mean().item()
+    assert acc > 0.95, acc
+    assert abs(acc - tiny_meta()["held_out_clean_accuracy"]) < 0.01
+
+
+def test_random_weight_open_clip_model():
+    clf = scc.load("ViT-B-32", pretrained=None, labels=["cat", "dog", "car"])
+    assert clf.image_size == 224 and clf.text.shape == (3, 512)
+    assert clf(torch.rand(1, 3, 224, 224)).shape == (1, 3)
+
+
+def test_local_checkpoint_roundtrip(tmp_path):
+    from safetensors.torch import save_file
+
+    model = scc.models.create_tiny_model()
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    x = torch.rand(2, 3, 32, 32)
+    ref = scc.load(TINY_NAME)(x)
+    for name in ("w.safetensors", "w.pt"):
+        torch.testing.assert_close(scc.load(TINY_NAME, pretrained=str(tmp_path / name))(x), ref)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(model="ViT-B-33", labels=["a", "b"]), r"unknown model 'ViT-B-33'; did you mean"),
+    (dict(model="ViT-B-32", pretrained="laion9000", labels=["a", "b"]), "unknown pretrained tag 'laion9000'"),
+    (dict(model="ViT-B-32", pretrained="/nope/ckpt.safetensors", labels=["a", "b"]), "does not exist"),
+    (dict(labels=[]), "label list is empty"),
+    (dict(labels=["one", "one"]), "duplicate labels"),
+    (dict(labels=["one"]), "at least two"),
+    (dict(labels=["one", ""]), "empty name"),
+    (dict(templates=["no placeholder"]), "placeholder"),
+    (dict(labels=["one", "zebra"]), "does not know the word"),
+])
+def test_loading_errors(kwargs, match):
+    with pytest.raises(scc.SccError, match=match):
+        scc.load(**{"model": TINY_NAME, **kwargs})
+
+
+def test_bad_checkpoint(tmp_path):
+    bad = tmp_path / "junk.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(scc.SccError, match="could not read checkpoint"):
+        scc.load(TINY_NAME, pretrained=str(bad))
+    torch.save({"visual.nothing": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(scc.SccError, match="does not fit this architecture"):
+        scc.load(TINY_NAME, pretrained=str(tmp_path / "other.pt"))
+
+
+def test_pretrained_weights_offline_fail_fast():
+    """No network here: the openai tag must fail quickly with a message saying how to pass a checkpoint."""
+    t0 = time.time()
+    with pytest.raises(scc.SccError, match=r"could not fetch pretrained weights ViT-B-32/openai.*--pretrained /path"):
+        scc.load("ViT-B-32", pretrained="openai", labels=["a", "b"])
+    assert time.time() - t0 < 30
+
+
+def test_word_tokenizer_keeps_eot_largest():
+    tok = WordTokenizer(["a", "photo"], context_length=6)
+    ids = tok(["a photo.".replace(".", "")])
+    assert ids[0].tolist() == [tok.sot, 1, 2, tok.eot, 0, 0] and tok.eot == ids.max()
+    with pytest.raises(scc.SccError, match="more than the bundled model's context"):
+        tok(["a a a a a a"])
+
+
+def test_defended_input_errors(tiny):
+    d = scc.defend(tiny, "scc")
+    with pytest.raises(scc.SccError, match=r"expected pixels of shape \(B, 3, 32, 32\)"):
+        d(torch.rand(1, 3, 28, 28))
+    with pytest.raises(scc.SccError, match=r"expected pixels of shape"):
+        d(torch.rand(3, 32, 32))
+    bad = torch.rand(3, 3, 32, 32)
+    bad[1, 0, 0, 0] = float("nan")
+    with pytest.raises(scc.SccError, match=r"images \[1\] contain NaN or Inf"):
+        d(bad)
+    with pytest.raises(scc.SccError, match=r"must lie in \[0,1\]"):
+        d(torch.rand(1, 3, 32, 32) * 255)
