@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from .models import SccError, ZeroShotClassifier
 from .ttc import TTCConfig, counterattack
-from .views import View, apply_views, parse_views, sign_step
+from .views import View, apply_views, embed_views, parse_views, sign_step
 
 
 @dataclass
@@ -84,7 +84,7 @@ def scc_draws(x: torch.Tensor, cfg: SCCConfig, generator: torch.Generator | None
 
 def view_cosines(clf: ZeroShotClassifier, z: torch.Tensor, views, noise, sigma) -> torch.Tensor:
     """(B, L, C): cos(f(u_l(z)), T_k) for every view l and class k, from one batched forward."""
-    c = F.normalize(clf.embed(apply_views(z, views, noise, sigma)), dim=-1)  # (B*L, D)
+    c = F.normalize(embed_views(clf, z, views, noise, sigma), dim=-1)  # (B*L, D)
     return (c @ clf.text.t()).view(z.shape[0], len(views), -1)  # (B*L, C) -> (B, L, C)
 
 

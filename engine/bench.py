@@ -1,0 +1,477 @@
+"""`scc bench`: per-image latency of defenses x backends on one model, SCC Table 4 style.
+
+    python -m scc.bench --model ViT-B-32 --pretrained none --defenses none,ttc,scc-latency,scc,rtpt \\
+        --backends eager --batch-size 1 --images 8 --device cpu --json out.json
+    python -m scc.bench --explain                       # encoder passes per image, counted, vs spec section 5
+    python -m scc.bench --from-benchmark-json FILE      # the same table from `pytest benchmarks/ --benchmark-json`
+
+Defense names: `none`, `ttc`, `scc`, `rtpt`, and `name-preset` (e.g. `scc-latency`). Labels: the bundled
+`scc-tiny-digits` uses its ten digits and its template on real held-out digits; any other model uses DTD's 47
+classes with "A surface with a {} texture." on uniform random pixels (or `--dataset SPEC` for real images,
+with that dataset's classes and template).
+
+Timing: the images are split into batches of --batch-size and each defense draws its randomness for every
+batch before timing, so every backend replays identical draws (`top1_agreement` compares its top-1 with the
+eager backend's on them). --warmup calls on the first batch are excluded; CUDA is synchronised inside the timed
+region; seconds per image = call seconds / batch size; median and p20/p80 over the timed calls. A backend's
+compile/capture/export time is measured by `make_runner` and reported apart (`compile_seconds`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .data import DTD_CLASSES, TEMPLATES, load_dataset
+from .defenses import DEFENSES, Defended, defend, split_defense_name
+from .models import SccError, TINY_NAME, ZeroShotClassifier, load
+
+BACKENDS = ("eager", "compiled", "triton", "onnx")
+DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
+
+# SCC project page, Table 4 (DTD; hardware not stated): seconds per image and robust accuracy (PGD-10, 1/255)
+PAPER = {"rtpt": (0.37, 32.8), "ttc": (0.012, 27.4), "scc": (0.0125, 34.6)}
+
+# Spec section 5, per image: image-encoder forwards, backwards, text-encoder forwards, backwards, sequential
+# rounds. A backward shares its forward's round (TTC: reference, 2 steps, final = 4). R-TPT "minimal
+# equivalent": 1 image round, then text forward+backward (the tuning step), then the tuned text forward.
+SPEC_PASSES = {
+    "none": (1, 0, 0, 0, 1),
+    "ttc": (4, 2, 0, 0, 4),
+    "scc": (19, 14, 0, 0, 7),
+    "scc-latency": (10, 5, 0, 0, 4),
+    "rtpt": (64, 0, 2, 1, 3),
+}
+PASS_KEYS = ("image_forwards", "image_backwards", "text_forwards", "text_backwards", "rounds")
+
+
+class BackendUnavailable(SccError):
+    """The backend's module or runtime cannot be used here (not an error in the user's command)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backends: the one place that knows how each backend is built and called
+# ----------------------------------------------------------------------------------------------------------
+def make_runner(defended: Defended, backend: str, batch_size: int,
+                workdir: str | None = None) -> tuple[Callable[[torch.Tensor, dict], torch.Tensor], float | None]:
+    """(run(x, draws) -> logits, compile_seconds) for `backend`; compile_seconds is None when it has none.
+
+    compiled/triton: scc.compiled.Engine, compiled for `batch_size` here (warmup). onnx: exported with the
+    draws as inputs to `workdir` (a temporary folder by default) and run by onnxruntime. A backend whose module
+    is missing, or that cannot build this defense, raises BackendUnavailable with the reason.
+    """
+    if backend not in BACKENDS:
+        raise SccError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "eager":
+        return (lambda x, draws: defended(x, draws)), None
+    what = f"{defended.defense}" + ("" if defended.preset == "paper" else f"-{defended.preset}")
+    try:
+        if backend in ("compiled", "triton"):
+            from .compiled import Engine
+        else:
+            from .export import OrtDefended, export_onnx
+    except ImportError as err:
+        module = "scc.compiled.Engine" if backend != "onnx" else "scc.export.export_onnx/OrtDefended"
+        raise BackendUnavailable(f"backend {backend} is not available: cannot import {module} ({err}); "
+                                 f"use --backends eager") from err
+    try:
+        if backend in ("compiled", "triton"):
+            engine = Engine(defended, backend=backend, max_batch=batch_size, mode=None, dtype=torch.float32)
+            compile_seconds = float(engine.warmup(batch_size))
+            return (lambda x, draws: engine(x, draws)), compile_seconds
+        folder = Path(workdir or tempfile.mkdtemp(prefix="scc-bench-"))
+        path = folder / f"{defended.classifier.name}-{what}-b{batch_size}.onnx"
+        info = export_onnx(defended, str(path), batch_size=batch_size, draws_as_inputs=True)
+        session = OrtDefended(info.get("path", str(path)))
+        return (lambda x, draws: torch.as_tensor(session(x, draws or None))), float(info["seconds"])
+    except (SccError, RuntimeError, NotImplementedError) as err:  # the backend refuses this defense or device
+        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise BackendUnavailable(f"backend {backend} cannot run {what}: {type(err).__name__}: {message}") from err
+
+
+def parse_backends(text: str) -> list[str]:
+    names = [b.strip().lower() for b in text.split(",") if b.strip()]
+    unknown = [b for b in names if b not in BACKENDS]
+    if unknown or not names:
+        raise SccError(f"unknown backend(s) {unknown or [text]}; choose from {', '.join(BACKENDS)} (comma-separated)")
+    return names
+
+
+def parse_defenses(text: str) -> list[str]:
+    specs = [d.strip().lower() for d in text.split(",") if d.strip()]
+    if not specs:
+        raise SccError(f"no defense in {text!r}; e.g. --defenses {DEFAULT_DEFENSES}")
+    for spec in specs:
+        name, _ = split_defense_name(spec)
+        if name not in DEFENSES:
+            raise SccError(f"unknown defense {spec!r}; choose from {sorted(DEFENSES)} or name-preset, e.g. scc-latency")
+    return specs
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------------------
+def hardware(device: str | torch.device = "cpu") -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(), "device": str(device)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["gpu_count"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for key, packages in (("torchvision", ["torchvision"]), ("open_clip", ["open_clip_torch"]), ("triton", ["triton"]),
+                          ("onnxruntime", ["onnxruntime-gpu", "onnxruntime"]), ("onnx", ["onnx"]),
+                          ("numpy", ["numpy"]), ("scc", ["scc-defense"])):
+        for package in packages:
+            try:
+                out[key] = md.version(package)
+                break
+            except md.PackageNotFoundError:
+                continue
+    return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model and images
+# ----------------------------------------------------------------------------------------------------------
+def _image_size(model: str, pretrained: str | None) -> int:
+    """The model's input size from its open_clip config (loading the model only when there is none)."""
+    import open_clip
+
+    if model == TINY_NAME:
+        return 32
+    size = ((open_clip.get_model_config(model) or {}).get("vision_cfg") or {}).get("image_size")
+    if size is None:
+        return load(model, pretrained, labels=["a", "b"]).image_size
+    return size[0] if isinstance(size, (tuple, list)) else int(size)
+
+
+def prepare(model: str = TINY_NAME, pretrained: str | None = None, n_images: int = 8, device: str = "cpu",
+            seed: int = 0, dataset: str | None = None, labels: Sequence[str] | None = None,
+            templates: Sequence[str] | None = None) -> tuple[ZeroShotClassifier, torch.Tensor, torch.Tensor | None, str]:
+    """(classifier, images (n, 3, S, S), targets or None, description of the pixels) for a benchmark."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SccError(f"--device {device}: CUDA is not available here; use --device cpu")
+    if dataset is None and model == TINY_NAME:
+        dataset = "digits"
+    if dataset is not None:
+        data = load_dataset(dataset, _image_size(model, pretrained), n_images)
+        if len(data.targets) < n_images:
+            raise SccError(f"dataset {dataset} has only {len(data.targets)} images, fewer than --images {n_images}")
+        if model == TINY_NAME and dataset == "digits":
+            clf = load(model, pretrained, labels=labels, templates=templates, device=device)
+            what = "held-out digits (sklearn load_digits test split)"
+        else:
+            clf = load(model, pretrained, labels=labels or data.classes, templates=templates or data.templates,
+                       device=device)
+            what = f"images of {data.name}"
+        return clf, data.images.to(device), data.targets.to(device), what
+    clf = load(model, pretrained, labels=labels or list(DTD_CLASSES), templates=templates or TEMPLATES["dtd"],
+               device=device)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.rand(n_images, 3, clf.image_size, clf.image_size, generator=gen)
+    return clf, x.to(device), None, f"uniform random pixels (seed {seed}), DTD labels"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Counting passes (--explain)
+# ----------------------------------------------------------------------------------------------------------
+def count_row(clf: ZeroShotClassifier, spec: str, x: torch.Tensor, seed: int = 0) -> dict:
+    """Encoder passes per image of defense `spec`, counted in a real eager run on one image."""
+    from .cost import count_passes
+
+    name, preset = split_defense_name(spec)
+    defended = defend(clf, name, preset=preset, seed=seed)
+    with count_passes(clf, 1) as counter:
+        defended(x[:1])
+    measured = counter.summary()
+    measured["rounds"] = counter.image_rounds + counter.text_rounds
+    expected = SPEC_PASSES.get(spec)
+    row = {"defense": spec, "measured": {k: measured[k] for k in PASS_KEYS},
+           "expected": dict(zip(PASS_KEYS, expected)) if expected else None,
+           "text_prompts": clf.num_classes if measured["text_forwards"] else 0}
+    row["match"] = None if expected is None else all(row["measured"][k] == row["expected"][k] for k in PASS_KEYS)
+    return row
+
+
+def format_explain(rows: list[dict], model: str) -> str:
+    head = (f"{'defense':<14}{'img fwd':>9}{'img bwd':>9}{'text fwd':>10}{'text bwd':>10}{'rounds':>8}"
+            f"{'img fwd-eq':>12}   spec section 5 (fwd/bwd/text fwd/text bwd/rounds)")
+    lines = [f"encoder passes per image, counted in an eager run of {model} on one image "
+             f"(a backward shares its forward's round; fwd-eq = fwd + 2 x bwd)", head, "-" * len(head)]
+    for r in rows:
+        m = r["measured"]
+        fmt = lambda v: f"{v:g}"
+        spec = ("/".join(fmt(r["expected"][k]) for k in PASS_KEYS) + ("  ok" if r["match"] else "  MISMATCH")
+                if r["expected"] else "not in the spec table")
+        lines.append(f"{r['defense']:<14}{fmt(m['image_forwards']):>9}{fmt(m['image_backwards']):>9}"
+                     f"{m['text_forwards']:>10}{m['text_backwards']:>10}{m['rounds']:>8}"
+                     f"{fmt(m['image_forwards'] + 2 * m['image_backwards']):>12}   {spec}")
+        if r["text_prompts"]:
+            lines[-1] += f"  (each text pass: {r['text_prompts']} prompts)"
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Timing
+# ----------------------------------------------------------------------------------------------------------
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear-interpolated q-quantile (q in [0, 1])."""
+    s = sorted(values)
+    pos = q * (len(s) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def batches_of(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    if batch_size < 1 or len(x) < batch_size or len(x) % batch_size:
+        raise SccError(f"--images ({len(x)}) must be a positive multiple of --batch-size ({batch_size})")
+    return [x[i: i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+def time_calls(run: Callable, batches: list[torch.Tensor], draws: list[dict], warmup: int = 1,
+               repeats: int = 1) -> tuple[list[float], list[torch.Tensor], float]:
+    """(seconds per call, logits of the first pass over the batches, warm-up seconds)."""
+    device = batches[0].device
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(warmup):
+            run(batches[0], draws[0])
+        _sync(device)
+    warmup_seconds = time.perf_counter() - t0
+    seconds, outputs = [], []
+    with torch.no_grad():
+        for rep in range(repeats):
+            for x, d in zip(batches, draws):
+                _sync(device)
+                t0 = time.perf_counter()
+                out = run(x, d)
+                _sync(device)
+                seconds.append(time.perf_counter() - t0)
+                if rep == 0:
+                    outputs.append(out.detach().float().cpu())
+    return seconds, outputs, warmup_seconds
+
+
+def agreement(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    same = sum((o.argmax(-1) == r.argmax(-1)).sum().item() for o, r in zip(outputs, reference))
+    return same / sum(len(r) for r in reference)
+
+
+def measure(clf: ZeroShotClassifier, specs: Sequence[str], backends: Sequence[str], x: torch.Tensor,
+            batch_size: int = 1, warmup: int = 1, repeats: int = 1, seed: int = 0,
+            log: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
+    """(rows, skipped): one row per defense x backend; skipped lists unavailable backends with the reason."""
+    batches = batches_of(x, batch_size)
+    rows, skipped = [], []
+    for spec in specs:
+        name, preset = split_defense_name(spec)
+        defended = defend(clf, name, preset=preset, seed=seed)
+        draws = [defended.draws(b) for b in batches]
+        reference = None
+        for backend in (["eager"] if "eager" in backends else []) + [b for b in backends if b != "eager"]:
+            if any(s["backend"] == backend and s["defense"] == "*" for s in skipped):
+                continue  # its module is missing: said once
+            try:
+                run, compile_seconds = make_runner(defended, backend, batch_size)
+            except BackendUnavailable as err:
+                missing = isinstance(err.__cause__, ImportError)
+                skipped.append({"defense": "*" if missing else spec, "backend": backend, "reason": str(err)})
+                if log:
+                    log(f"skipping {'every defense' if missing else spec} on {backend}: {err}")
+                continue
+            seconds, outputs, warmup_seconds = time_calls(run, batches, draws, warmup, repeats)
+            if backend == "eager":
+                reference = outputs
+            elif reference is None:  # the eager reference on the same draws, untimed
+                with torch.no_grad():
+                    reference = [defended(b, d).float().cpu() for b, d in zip(batches, draws)]
+            per_image = [s / batch_size for s in seconds]
+            rows.append({"defense": name, "preset": preset, "spec": spec, "backend": backend,
+                         "seconds_per_image": statistics.median(per_image), "p20": percentile(per_image, 0.2),
+                         "p80": percentile(per_image, 0.8), "compile_seconds": compile_seconds,
+                         "warmup_seconds": warmup_seconds, "timed_calls": len(seconds),
+                         "top1_agreement": agreement(outputs, reference)})
+            if log:
+                log(f"{spec:<14}{backend:<10}{rows[-1]['seconds_per_image']:.4f} s/image")
+    return rows, skipped
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The Table 4 style table
+# ----------------------------------------------------------------------------------------------------------
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def format_table(report: dict) -> str:
+    """Rows = defense x backend: our s/image, p20-p80, compile s, top-1 agreement, x TTC, R-TPT / row, and
+    SCC Table 4's figures (R-TPT 0.37 s, TTC 0.012 s, SCC 0.0125 s; robust acc 32.8/27.4/34.6) beside them."""
+    hw = report.get("hardware", {})
+    where = hw.get("gpu") or f"{hw.get('cpu', '?')} ({hw.get('cpu_cores', '?')} cores, {hw.get('torch_threads', '?')} threads)"
+    lines = [f"{report.get('model')} on {where}, batch {report.get('batch_size')}, {report.get('n_images')} images"
+             + (f" ({report['pixels']})" if report.get("pixels") else "")]
+    head = (f"{'defense':<14}{'backend':<10}{'s/image':>9}{'p20-p80':>17}{'compile s':>11}{'top1=':>7}"
+            f"{'x TTC':>8}{'R-TPT/x':>9}  | {'paper s':>8}{'x TTC':>7}{'R-TPT/x':>9}{'robust':>8}")
+    lines += [head, "-" * len(head)]
+    rows = report["rows"]
+    ref = {(r["defense"], r["backend"]): r["seconds_per_image"] for r in rows if r["preset"] == "paper"}
+    p_ttc, p_rtpt = PAPER["ttc"][0], PAPER["rtpt"][0]
+    for r in rows:
+        spec = r.get("spec") or (r["defense"] if r["preset"] == "paper" else f"{r['defense']}-{r['preset']}")
+        t = r["seconds_per_image"]
+        p20_80 = f"{r['p20']:.4f}-{r['p80']:.4f}" if r.get("p20") is not None else "-"
+        comp = f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else "-"
+        agree = f"{r['top1_agreement']:.2f}" if r.get("top1_agreement") is not None else "-"
+        ttc, rtpt = ref.get(("ttc", r["backend"])), ref.get(("rtpt", r["backend"]))
+        line = (f"{spec:<14}{r['backend']:<10}{t:>9.4f}{p20_80:>17}{comp:>11}{agree:>7}"
+                f"{_ratio(t, ttc):>8}{_ratio(rtpt, t):>9}  |")
+        if r["defense"] in PAPER:
+            ps, acc = PAPER[r["defense"]]
+            line += f"{ps:>8g}{ps / p_ttc:>7.2f}{p_rtpt / ps:>9.1f}{acc:>8.1f}"
+        lines.append(line)
+    summary = []
+    for backend in dict.fromkeys(r["backend"] for r in rows):
+        get = lambda spec: next((r["seconds_per_image"] for r in rows
+                                 if r["backend"] == backend and (r.get("spec") or r["defense"]) == spec), None)
+        parts = [f"R-TPT/SCC {_ratio(get('rtpt'), get('scc'))} (paper {p_rtpt / PAPER['scc'][0]:.1f})",
+                 f"SCC/TTC {_ratio(get('scc'), get('ttc'))} (paper {PAPER['scc'][0] / p_ttc:.2f})",
+                 f"SCC-latency/TTC {_ratio(get('scc-latency'), get('ttc'))}",
+                 f"R-TPT/TTC {_ratio(get('rtpt'), get('ttc'))} (paper {p_rtpt / p_ttc:.1f})"]
+        summary.append(f"  {backend}: " + ", ".join(parts))
+    lines += ["", "ratios of s/image:"] + summary + [
+              "paper = SCC project page Table 4 (DTD, hardware not stated); robust = its PGD-10 1/255 robust accuracy"]
+    for s in report.get("skipped", []):
+        lines.append(f"skipped {'every defense' if s['defense'] == '*' else s['defense']} on {s['backend']}: "
+                     f"{s['reason']}")
+    return "\n".join(lines)
+
+
+def reports_from_benchmark_json(path: str | Path) -> list[dict]:
+    """pytest-benchmark JSON (benchmarks/) -> one report per model, in the schema `format_table` reads."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise SccError(f"cannot read pytest-benchmark JSON {path}: {err}") from err
+    benches = data.get("benchmarks") if isinstance(data, dict) else None
+    if not benches:
+        raise SccError(f"{path} has no 'benchmarks' list: write it with `pytest benchmarks/ --benchmark-json {path}`")
+    reports: dict[str, dict] = {}
+    for b in benches:
+        info = b.get("extra_info", {})
+        if "defense" not in info or "backend" not in info:
+            continue  # not one of ours
+        batch = info.get("batch_size", 1)
+        report = reports.setdefault(info.get("model", b.get("group")), {
+            "hardware": info.get("hardware", {}), "versions": info.get("versions", {}), "model": info.get("model"),
+            "batch_size": batch, "n_images": info.get("n_images"), "pixels": info.get("pixels"), "rows": []})
+        stats = b.get("stats", {})
+        report["rows"].append({
+            "defense": info["defense"], "preset": info.get("preset", "paper"), "spec": info.get("spec"),
+            "backend": info["backend"], "seconds_per_image": stats["median"] / batch,
+            "p20": info.get("p20"), "p80": info.get("p80"), "compile_seconds": info.get("compile_seconds"),
+            "top1_agreement": info.get("top1_agreement"), "clean_acc": info.get("clean_acc"),
+            "robust_acc": info.get("robust_acc")})
+    if not reports:
+        raise SccError(f"{path} holds no scc benchmark (extra_info without defense/backend)")
+    return list(reports.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="scc bench", description="Per-image latency of defenses x backends (Table 4).")
+    p.add_argument("--model", default=TINY_NAME, help="open_clip model name or %(default)s (default)")
+    p.add_argument("--pretrained", default=None, help="pretrained tag, checkpoint path, or none (random weights)")
+    p.add_argument("--defenses", default=DEFAULT_DEFENSES, help="comma-separated (default: %(default)s)")
+    p.add_argument("--backends", default="eager", help=f"comma-separated from {', '.join(BACKENDS)} (default: eager)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--images", type=int, default=8, help="images timed, a multiple of --batch-size (default: 8)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls on the first batch (default: 1)")
+    p.add_argument("--repeats", type=int, default=1, help="passes over the images (default: 1)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default=None, help="real images: digits | imagefolder:PATH | dtd:ROOT ... "
+                   "(default: held-out digits for the bundled model, random pixels otherwise)")
+    p.add_argument("--labels", default=None, help="comma-separated class names (default: DTD's 47, or the digits)")
+    p.add_argument("--templates", default=None, help="'|'-separated templates (default: 'A surface with a {} texture.')")
+    p.add_argument("--json", default=None, help="write the report to this JSON file")
+    p.add_argument("--explain", action="store_true", help="print the encoder passes per image of each defense, "
+                   "counted in an eager run, beside spec section 5, and exit (status 1 on a mismatch)")
+    p.add_argument("--from-benchmark-json", default=None, metavar="FILE",
+                   help="print the table of a pytest-benchmark JSON written by benchmarks/ and exit")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    if args.from_benchmark_json:
+        for report in reports_from_benchmark_json(args.from_benchmark_json):
+            print(format_table(report))
+        return 0
+    specs = parse_defenses(args.defenses)
+    backends = parse_backends(args.backends)
+    if args.images < 1 or args.warmup < 0 or args.repeats < 1:
+        raise SccError(f"need --images >= 1, --warmup >= 0, --repeats >= 1; got {args.images}, {args.warmup}, "
+                       f"{args.repeats}")
+    labels = [l.strip() for l in args.labels.split(",")] if args.labels else None
+    templates = args.templates.split("|") if args.templates else None
+    clf, x, _, pixels = prepare(args.model, args.pretrained, args.images, args.device, args.seed, args.dataset,
+                                labels, templates)
+    report = {"hardware": hardware(args.device), "versions": versions(), "model": args.model,
+              "pretrained": args.pretrained, "batch_size": args.batch_size, "n_images": args.images,
+              "pixels": pixels, "n_classes": clf.num_classes}
+    if args.explain:
+        rows = [count_row(clf, spec, x, args.seed) for spec in specs]
+        print(format_explain(rows, args.model))
+        if args.json:
+            Path(args.json).write_text(json.dumps({**report, "explain": rows}, indent=2))
+        return 0 if all(r["match"] is not False for r in rows) else 1
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    rows, skipped = measure(clf, specs, backends, x, args.batch_size, args.warmup, args.repeats, args.seed, log)
+    if not rows:
+        raise SccError("no backend could run: " + "; ".join(s["reason"] for s in skipped))
+    report.update(rows=rows, skipped=skipped,
+                  paper_table4={k: {"seconds_per_image": s, "robust_acc": a} for k, (s, a) in PAPER.items()})
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except SccError as err:
+        print(f"scc bench: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,286 @@
+"""The compiled engine: a whole test-time defense as one static-shaped `torch.compile` graph per batch bucket.
+
+    engine = scc.compiled.Engine(scc.defend(clf, "scc"), backend="compiled", max_batch=8)
+    engine.warmup(1); engine.warmup(8)   # compile up front: returns (and keeps in engine.compile_seconds) seconds
+    logits = engine(x)                    # draws default to defended.draws(x), exactly as the eager module's
+
+One graph holds the whole procedure (warm-up counterattack, views, prototype, corrective steps, view-averaged
+logits): the defense's own function `scc.DEFENSES[name][1]` traced with fullgraph=True and dynamic=False, its
+gradients from torch.func.grad, its randomness only from the draw tensors passed in (no RNG call in the graph).
+
+Batches: a request of n images is cut into chunks of at most `max_batch`; a chunk runs in the smallest bucket
+(1, 2, 4, ..., max_batch) that holds it and is already compiled, else in its own bucket, compiled then (with
+a warning: call `warmup` first). Padding rows repeat the chunk's last image and draws, so they compute what a
+real row would and never produce NaNs; the outputs are sliced back.
+
+The engine owns its graphs and its copy of the classifier (weights shared with the caller's and frozen):
+  - a ViT patch embedding (a Conv2d with stride == kernel) runs as reshape + matmul, whose input gradient
+    is a matmul rather than a convolution_backward (the slowest op of the compiled graph on CPU);
+  - dtype=torch.bfloat16 runs the image tower in bf16 (a converted copy) while the perturbation, its steps,
+    the losses and the logits stay fp32;
+  - on CPU attention runs as SDPA's math decomposition, which Inductor fuses (flash attention for 17 tokens
+    costs more than the attention itself).
+backend="triton" routes the sign steps and the forward-only view batches through scc.kernels (see
+`engine.kernels` for what actually runs: on CPU without TRITON_INTERPRET=1 they are the torch references).
+mode: None, "max-autotune-no-cudagraphs", or on CUDA "reduce-overhead" / "max-autotune" (CUDA graphs;
+outputs are cloned out of the graph's memory).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import time
+import types
+import warnings
+
+import torch
+import torch.nn as nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .defenses import DEFENSES, Defended
+from .models import SccError, ZeroShotClassifier
+from .views import use_kernels
+
+BACKENDS = ("compiled", "triton")
+MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+DTYPES = (torch.float32, torch.bfloat16)
+
+
+class PatchMatmul(nn.Module):
+    """A Conv2d with stride == kernel size, no padding/dilation/groups, as reshape + matmul (same weights)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        self.weight, self.bias = conv.weight, conv.bias  # shared Parameters (out, C, p, q), (out,) or None
+        self.p, self.q = conv.kernel_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, C, H, W = x.shape
+        h, w = H // self.p, W // self.q
+        x = x[:, :, : h * self.p, : w * self.q]  # a strided conv ignores the remainder rows/columns
+        t = x.reshape(B, C, h, self.p, w, self.q).permute(0, 2, 4, 1, 3, 5).reshape(B, h * w, -1)  # (B, h*w, C*p*q)
+        y = t @ self.weight.reshape(self.weight.shape[0], -1).t()  # (B, h*w, out)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(B, h, w, -1).permute(0, 3, 1, 2)  # (B, h*w, out) -> (B, out, h, w)
+
+
+def is_patch_conv(m: nn.Module) -> bool:
+    return (isinstance(m, nn.Conv2d) and m.stride == m.kernel_size and m.padding == (0, 0) and m.dilation == (1, 1)
+            and m.groups == 1 and m.padding_mode == "zeros")
+
+
+class CastVisual(nn.Module):
+    """Runs a tower converted to `dtype` on fp32 inputs and returns fp32 embeddings."""
+
+    def __init__(self, visual: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.visual, self.dtype = visual, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.visual(x.to(self.dtype)).float()
+
+
+def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float32) -> ZeroShotClassifier:
+    """The engine's classifier: the image tower re-assembled (patch convs as matmuls, `dtype`), text buffer as is."""
+    if dtype == torch.float32:  # copy the module tree, share every tensor
+        memo = {id(t): t for t in (*clf.visual.parameters(), *clf.visual.buffers())}
+        visual = copy.deepcopy(clf.visual, memo)
+    else:  # the converted weights are the engine's own
+        visual = copy.deepcopy(clf.visual).to(dtype)
+    for parent in list(visual.modules()):
+        for name, child in list(parent.named_children()):
+            if is_patch_conv(child):
+                setattr(parent, name, PatchMatmul(child))
+    if dtype != torch.float32:
+        visual = CastVisual(visual, dtype)
+    out = ZeroShotClassifier(visual, clf.text, clf.logit_scale, clf.image_size, clf.labels, name=clf.name,
+                             mean=tuple(clf.mean.flatten().tolist()), std=tuple(clf.std.flatten().tolist()))
+    out.text = clf.text  # bit-exact (the constructor re-normalises)
+    return out.to(clf.text.device)
+
+
+def own_code(fn, name: str):
+    """`fn` with a code object of its own. Dynamo keeps compiled graphs, guards and its recompile limit per code
+    object, so each (engine, bucket) graph gets its own cache: no limit shared by all engines of a process."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def kernel_launchers() -> dict:
+    from .kernels import sign_step, view_augment  # imports triton: TRITON_INTERPRET is read here
+
+    return {"sign_step": sign_step.sign_step, "view_augment": view_augment.view_augment}
+
+
+def kernel_status(device: torch.device) -> dict[str, str]:
+    from .kernels import sign_step, view_augment
+
+    return {"sign_step": sign_step.status(device), "view_augment": view_augment.status(device)}
+
+
+class Engine:
+    """`engine(x, draws=None, trace=None) -> logits`, the compiled counterpart of `defended(x, draws, trace)`."""
+
+    def __init__(self, defended: Defended, backend: str = "compiled", max_batch: int = 8, mode: str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        if not isinstance(defended, Defended):
+            raise SccError(f"Engine wraps a scc.defend(...) module, got {type(defended).__name__}")
+        if backend not in BACKENDS:
+            raise SccError(f"unknown backend {backend!r}; choose from {BACKENDS}")
+        if mode not in MODES:
+            raise SccError(f"unknown compile mode {mode!r}; choose from {MODES}")
+        if dtype not in DTYPES:
+            raise SccError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
+        if not isinstance(max_batch, int) or max_batch < 1:
+            raise SccError(f"max_batch must be a positive integer, got {max_batch!r}")
+        self.defended, self.backend, self.mode, self.dtype = defended, backend, mode, dtype
+        self.max_batch = max_batch
+        self.device = defended.classifier.text.device
+        self.cuda_graphs = mode in CUDA_GRAPH_MODES
+        if self.cuda_graphs and self.device.type != "cuda":
+            raise SccError(f"mode {mode!r} captures CUDA graphs and needs a CUDA model, this one is on "
+                           f"{self.device}; use mode=None")
+        self.buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.classifier = engine_classifier(defended.classifier, dtype)
+        self.procedure = DEFENSES[defended.defense][1]
+        self.math_attention = self.device.type == "cpu"  # SDPA's math decomposition, fused by Inductor (see top)
+        probe = torch.zeros(1, 3, self.classifier.image_size, self.classifier.image_size, device=self.device)
+        self.draw_keys = tuple(sorted(self._dummy_draws(probe)))
+        self.kernels: dict[str, str] = {"sign_step": "torch (compiled)", "view_augment": "torch (compiled)"}
+        self._launchers: dict = {}
+        if backend == "triton":
+            self._launchers = kernel_launchers()
+            self.kernels = kernel_status(self.device)
+            fallback = {k: v for k, v in self.kernels.items() if not v.startswith("triton")}
+            if fallback:
+                warnings.warn(f"scc.compiled.Engine(backend='triton') on {self.device}: "
+                              + "; ".join(f"{k} runs its {v}" for k, v in fallback.items()), stacklevel=2)
+        self.compile_seconds: dict[int, float] = {}  # bucket -> seconds of its first (compiling) call
+        self.trace_compile_seconds: dict[int, float] = {}  # the same for the traced graphs (tests, diagnostics)
+        self._graphs: dict[tuple[int, bool], object] = {}
+
+    # ------------------------------------------------------------------------------------------------------
+    def _dummy_draws(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Draws for warm-up inputs from a private generator (the defended module's own stays untouched)."""
+        gen = torch.Generator(device=x.device).manual_seed(0)
+        return DEFENSES[self.defended.defense][2](x, self.defended.config, generator=gen)
+
+    def _graph(self, bucket: int, traced: bool):
+        key = (bucket, traced)
+        if key not in self._graphs:
+            procedure, clf, cfg, keys = self.procedure, self.classifier, self.defended.config, self.draw_keys
+            math_attention = self.math_attention
+
+            def defense(x, *draws):
+                kwargs = dict(zip(keys, draws))
+                trace = [] if traced else None
+                if traced:
+                    kwargs["trace"] = trace
+                with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
+                    logits = procedure(clf, x, cfg, **kwargs)
+                return (logits, *trace) if traced else logits
+
+            name = f"scc_{self.defended.defense}_{self.backend}_b{bucket}{'_trace' if traced else ''}_{id(self):x}"
+            self._graphs[key] = torch.compile(own_code(defense, name), fullgraph=True, dynamic=False,
+                                              mode=None if self.mode == "default" else self.mode)
+        return self._graphs[key]
+
+    def _run(self, bucket: int, traced: bool, x: torch.Tensor, draws: list[torch.Tensor]):
+        # Once a graph is compiled its guards are skipped: it is the only entry of its own code object and the
+        # inputs are checked here instead (shape = bucket, float32, device, contiguous; no grad; same kernels).
+        compiled = bucket in self._times(traced)
+        with use_kernels(**self._launchers), torch.no_grad(), \
+                torch.compiler.set_stance(skip_guard_eval_unsafe=True) if compiled else contextlib.nullcontext():
+            out = self._graph(bucket, traced)(x, *draws)
+        return out if isinstance(out, tuple) else (out,)
+
+    def _times(self, traced: bool) -> dict[int, float]:
+        return self.trace_compile_seconds if traced else self.compile_seconds
+
+    def bucket_for(self, n: int, traced: bool = False) -> int:
+        """The bucket a chunk of n <= max_batch images runs in: the smallest compiled one that holds it, else
+        the smallest that holds it."""
+        warm = [b for b in sorted(self._times(traced)) if b >= n]
+        return warm[0] if warm else next(b for b in self.buckets if b >= n)
+
+    def _compile(self, bucket: int, traced: bool) -> float:
+        times = self._times(traced)
+        if bucket not in times:
+            gen = torch.Generator(device=self.device).manual_seed(0)
+            size = self.classifier.image_size
+            x = torch.rand(bucket, 3, size, size, generator=gen, device=self.device)
+            draws = self._dummy_draws(x)
+            args = [draws[k] for k in self.draw_keys]
+            start = time.perf_counter()
+            try:
+                self._run(bucket, traced, x, args)
+            except torch._dynamo.exc.Unsupported as err:  # fullgraph=True: a graph break is an error
+                first = str(err).strip().splitlines()[0]
+                raise SccError(f"defense {self.defended.defense!r} does not compile into one graph: {first}; "
+                               "use the eager module (backend eager) for it") from err
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times[bucket] = time.perf_counter() - start
+            if self.cuda_graphs:  # cudagraph trees record on a later call: keep that out of the first request too
+                for _ in range(2):
+                    self._run(bucket, traced, x, args)
+                torch.cuda.synchronize(self.device)
+        return times[bucket]
+
+    def warmup(self, batch_size: int) -> float:
+        """Compile the bucket for `batch_size` images (at most max_batch); returns its compile seconds."""
+        if not isinstance(batch_size, int) or not 1 <= batch_size <= self.max_batch:
+            raise SccError(f"warmup takes a batch size in 1..max_batch={self.max_batch}, got {batch_size!r}")
+        return self._compile(next(b for b in self.buckets if b >= batch_size), traced=False)
+
+    # ------------------------------------------------------------------------------------------------------
+    def _check(self, x: torch.Tensor, draws: dict) -> list[torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise SccError(f"expected a torch.Tensor of pixels, got {type(x).__name__}")
+        self.defended.classifier.check_shape(x)
+        if x.dtype != torch.float32 or x.device != self.device:
+            raise SccError(f"expected float32 pixels on {self.device}, got {x.dtype} on {x.device}; "
+                           f"use x.float().to({str(self.device)!r})")
+        if sorted(draws) != sorted(self.draw_keys):
+            raise SccError(f"draws for {self.defended.defense} need the keys {list(self.draw_keys)}, got {sorted(draws)}")
+        out = []
+        for k in self.draw_keys:
+            t = draws[k]
+            if t.shape[0] != x.shape[0] or t.dtype != torch.float32 or t.device != self.device:
+                raise SccError(f"draw {k!r} must be float32 on {self.device} with {x.shape[0]} rows, got "
+                               f"{tuple(t.shape)} {t.dtype} on {t.device}; make draws with defended.draws(x)")
+            out.append(t.contiguous())
+        return out
+
+    def __call__(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None,
+                 trace: list | None = None) -> torch.Tensor:
+        """Logits (n, C) for pixels x (n, 3, S, S) in [0,1]. `trace`, a list, receives each step's gradient sign
+        (n, 3, S, S), as with the eager module (this runs a separate traced graph)."""
+        draws = self._check(x, self.defended.draws(x) if draws is None else draws)
+        x = x.contiguous()
+        traced = trace is not None
+        outs = []
+        for lo in range(0, x.shape[0], self.max_batch):
+            xs = x[lo: lo + self.max_batch]
+            n = xs.shape[0]
+            bucket = self.bucket_for(n, traced)
+            if bucket not in self._times(traced):
+                if not traced:
+                    warnings.warn(f"scc.compiled.Engine: compiling bucket {bucket} inside a request; call "
+                                  f"engine.warmup({bucket}) at start-up", stacklevel=2)
+                self._compile(bucket, traced)
+            rows = [xs] + [d[lo: lo + self.max_batch] for d in draws]
+            if bucket > n:  # pad: repeat the last row
+                rows = [torch.cat([r, r[-1:].expand(bucket - n, *r.shape[1:])]) for r in rows]
+            res = self._run(bucket, traced, rows[0], rows[1:])
+            outs.append([r[:n].clone() if self.cuda_graphs else r[:n] for r in res])
+        logits = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]
+        if traced:
+            trace.extend(torch.cat([o[i] for o in outs]) for i in range(1, len(outs[0])))
+        return logits
+
+    def __repr__(self) -> str:
+        return (f"Engine({self.defended.defense}-{self.defended.preset}, backend={self.backend}, mode={self.mode}, "
+                f"dtype={self.dtype}, buckets={self.buckets}, compiled={sorted(self.compile_seconds)}, "
+                f"kernels={self.kernels})")

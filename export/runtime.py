@@ -1,0 +1,199 @@
+"""Run an exported defense with ONNX Runtime: `OrtDefended("scc.onnx")(pixels) -> logits`.
+
+Same contract as `scc.Defended`: float32 pixels (N, 3, S, S) in [0, 1], numpy or torch, -> torch logits (N, C)
+on the input's device. The file's batch is fixed (see `scc.export.onnx`): N images run in chunks of that size,
+the last chunk padded by repeating its last image (padded rows cost compute and are dropped; every image is
+defended independently, so padding never changes the other rows).
+
+Providers: the CUDA execution provider when the installed ONNX Runtime has it and torch sees a CUDA device,
+else the CPU provider; pass `providers=[...]` to choose. On CUDA, inputs and outputs go through IOBinding
+(torch CUDA tensors are bound in place, no host round trip). `onnxruntime-gpu` (Linux x86_64) and plain
+`onnxruntime` install the same `onnxruntime` module: with the plain one, or when the CUDA provider cannot
+start, the session runs on CPU and a RuntimeWarning says so.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from scc.models import SccError
+
+_ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
+
+
+def import_onnxruntime():
+    """onnxruntime (the onnxruntime-gpu wheel on Linux x86_64, plain onnxruntime elsewhere) or an SccError."""
+    try:
+        import onnxruntime
+    except ImportError as err:
+        raise SccError(f"ONNX Runtime is not installed ({err}); install the extra: pip install 'scc-defense[onnx]' "
+                       "(onnxruntime-gpu on Linux x86_64, onnxruntime elsewhere)") from err
+    return onnxruntime
+
+
+def default_providers(ort=None) -> list[str]:
+    """CUDA first when the installed ONNX Runtime has it and torch sees a CUDA device, then CPU."""
+    ort = ort or import_onnxruntime()
+    available = ort.get_available_providers()
+    # onnxruntime-gpu lists the CUDA provider even on machines without a GPU; ask torch whether one is usable.
+    if torch.cuda.is_available():
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        warnings.warn(f"a CUDA device is present but this ONNX Runtime ({ort.__version__}) has no CUDA provider "
+                      f"(providers {available}): running on CPU; install onnxruntime-gpu for the GPU",
+                      RuntimeWarning, stacklevel=3)
+    return ["CPUExecutionProvider"]
+
+
+class OrtDefended:
+    """An exported defended classifier on ONNX Runtime: `__call__(x, draws=None, trace=None) -> logits`.
+
+    `draws` (a dict like `Defended.draws(x)`, N rows) only for files exported with draws_as_inputs; when such a
+    file gets no draws they are made here with a torch generator seeded by `seed`. `trace`, a list, collects
+    each step's gradient sign for files exported with trace_outputs (as `Defended(x, trace=[])`).
+    """
+
+    def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
+                 seed: int = 0):
+        ort = import_onnxruntime()
+        path = Path(path)
+        if not path.is_file():
+            raise SccError(f"ONNX file {path} does not exist; write one with `scc export onnx ... --out {path}`")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads is not None:
+            options.intra_op_num_threads = int(threads)
+        providers = list(providers) if providers is not None else default_providers(ort)
+        self.session = self._load(ort, path, options, providers)
+        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in self.session.get_providers():
+            warnings.warn(f"ONNX Runtime could not start its CUDA provider for {path}; running on CPU "
+                          f"(providers {self.session.get_providers()})", RuntimeWarning, stacklevel=2)
+        self.path = path
+        self.providers = self.session.get_providers()
+        self.on_cuda = self.providers[0] == "CUDAExecutionProvider"
+        cuda_options = self.session.get_provider_options().get("CUDAExecutionProvider", {})
+        self.device_id = int(cuda_options.get("device_id", 0))
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = dict(meta)
+        self.labels = json.loads(meta["scc.labels"]) if "scc.labels" in meta else None
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        if "pixels" not in self.inputs or self.output_names[0] != "logits":
+            raise SccError(f"{path} is not an scc export: it needs an input 'pixels' and a first output 'logits', "
+                           f"it has inputs {list(self.inputs)} and outputs {self.output_names}")
+        shape = self.inputs["pixels"].shape
+        self.batch_size = shape[0] if isinstance(shape[0], int) else None  # None: dynamic batch
+        self.image_shape = tuple(shape[1:])
+        self.draw_names = [n for n in self.inputs if n != "pixels"]
+        self.generator = torch.Generator().manual_seed(seed)
+        if any(n not in ("start", "noise") for n in self.draw_names):
+            raise SccError(f"{path} has inputs {list(self.inputs)}; scc exports only add 'start' and 'noise'")
+
+    @staticmethod
+    def _load(ort, path: Path, options, providers: list[str]):
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types; its message says what failed
+            if providers != ["CPUExecutionProvider"] and "CPUExecutionProvider" in providers:
+                warnings.warn(f"ONNX Runtime could not load {path} with {providers} ({err}); retrying on CPU",
+                              RuntimeWarning, stacklevel=3)
+                return OrtDefended._load(ort, path, options, ["CPUExecutionProvider"])
+            raise SccError(f"ONNX Runtime could not load {path} with providers {providers}: {err}") from err
+
+    def __repr__(self) -> str:
+        return (f"OrtDefended({str(self.path)!r}, batch_size={self.batch_size}, providers={self.providers}, "
+                f"draws={'inputs ' + str(self.draw_names) if self.draw_names else 'in-graph'})")
+
+    # -- input checks --------------------------------------------------------------------------------------
+    def _expected(self, name: str) -> str:
+        return "(N, " + ", ".join(str(d) for d in self.inputs[name].shape[1:]) + ")"
+
+    def _check(self, name: str, value, rows: int | None) -> torch.Tensor:
+        if isinstance(value, np.ndarray):
+            value = torch.from_numpy(value)
+        if not isinstance(value, torch.Tensor):
+            raise SccError(f"{name}: expected a numpy array or torch tensor, got {type(value).__name__}")
+        want = _ORT_DTYPES.get(self.inputs[name].type, torch.float32)
+        if value.dtype != want:
+            hint = "scale uint8 images to [0,1] floats: x.float() / 255" if value.dtype == torch.uint8 else \
+                "convert with x.float() (torch) or x.astype(np.float32) (numpy)"
+            raise SccError(f"{name}: expected dtype {str(want).removeprefix('torch.')}, "
+                           f"got {str(value.dtype).removeprefix('torch.')}; {hint}")
+        expected = tuple(self.inputs[name].shape[1:])
+        if value.dim() != len(expected) + 1 or tuple(value.shape[1:]) != expected:
+            raise SccError(f"{name}: expected shape {self._expected(name)}, got {tuple(value.shape)}"
+                           + ("; resize/crop images first (scc.data.preprocess)" if name == "pixels" else ""))
+        if rows is not None and value.shape[0] != rows:
+            raise SccError(f"{name}: expected {rows} rows, one per image, got {value.shape[0]}")
+        return value
+
+    def _make_draws(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        n, draws = pixels.shape[0], {}
+        for name in self.draw_names:
+            shape = (n, *self.inputs[name].shape[1:])
+            if name == "start":
+                draws[name] = torch.rand(shape, generator=self.generator) * 2 - 1
+            else:
+                draws[name] = torch.randn(shape, generator=self.generator)
+        return {k: v.to(pixels.device) for k, v in draws.items()}
+
+    # -- running -------------------------------------------------------------------------------------------
+    def __call__(self, x, draws: dict | None = None, trace: list | None = None) -> torch.Tensor:
+        pixels = self._check("pixels", x, None)
+        n = pixels.shape[0]
+        if draws is not None and not self.draw_names:
+            raise SccError(f"{self.path} draws its random values inside the graph and takes no draws; "
+                           "export with draws_as_inputs=True (--draws-as-inputs) to feed them")
+        if draws is None:
+            draws = self._make_draws(pixels)
+        missing = [k for k in self.draw_names if k not in draws]
+        if missing:
+            raise SccError(f"draws lack {missing}: this file needs {self.draw_names}")
+        feeds = {"pixels": pixels, **{k: self._check(k, draws[k], n) for k in self.draw_names}}
+        if n == 0:
+            return torch.empty((0, *self.session.get_outputs()[0].shape[1:]), dtype=torch.float32)
+        size = self.batch_size or n
+        chunks = []
+        for lo in range(0, n, size):
+            part = {k: v[lo: lo + size] for k, v in feeds.items()}
+            rows = next(iter(part.values())).shape[0]
+            if rows < size:  # pad by repeating the last image (and its draws)
+                part = {k: torch.cat([v, v[-1:].expand(size - rows, *v.shape[1:])]) for k, v in part.items()}
+            chunks.append([o[:rows] for o in self._run(part)])
+        outputs = [torch.cat(parts).to(pixels.device) for parts in zip(*chunks)]
+        if trace is not None:
+            if len(outputs) == 1:
+                raise SccError(f"{self.path} has no step outputs; export with trace_outputs=True to trace")
+            trace.extend(outputs[1:])
+        return outputs[0]
+
+    def _run(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if not self.on_cuda:
+            arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in feeds.items()}
+            return [torch.from_numpy(o) for o in self.session.run(self.output_names, arrays)]
+        device = torch.device("cuda", self.device_id)
+        binding = self.session.io_binding()
+        keep = []  # tensors bound by pointer must outlive the run
+        for name, value in feeds.items():
+            if value.is_cuda:
+                value = value.detach().to(device).contiguous()
+                binding.bind_input(name, "cuda", self.device_id, np.float32, list(value.shape), value.data_ptr())
+                keep.append(value)
+            else:
+                binding.bind_cpu_input(name, value.detach().contiguous().numpy())
+        rows = next(iter(feeds.values())).shape[0]
+        outputs = []
+        for meta in self.session.get_outputs():
+            shape = [d if isinstance(d, int) else rows for d in meta.shape]  # a named dim is the batch
+            out = torch.empty(shape, dtype=torch.float32, device=device)
+            binding.bind_output(meta.name, "cuda", self.device_id, np.float32, shape, out.data_ptr())
+            outputs.append(out)
+        torch.cuda.synchronize(device)  # inputs written by torch kernels must be complete before ORT reads them
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        return outputs

@@ -1,0 +1,95 @@
+"""Smoke tests of `scc bench` (engine/bench.py) and of the pytest-benchmark suite in benchmarks/."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scc.bench import format_table, main, make_runner, percentile
+from scc.models import SccError
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = {"defense", "preset", "backend", "seconds_per_image", "p20", "p80", "compile_seconds", "top1_agreement"}
+
+
+def test_bench_main_writes_the_json_schema(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert main(["--images", "2", "--defenses", "none,ttc,scc-latency,scc,rtpt", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert {"hardware", "versions", "model", "batch_size", "n_images", "rows"} <= set(report)
+    assert {"cpu", "cpu_cores"} <= set(report["hardware"]) and {"torch", "open_clip"} <= set(report["versions"])
+    assert (report["model"], report["batch_size"], report["n_images"]) == ("scc-tiny-digits", 1, 2)
+    assert [(r["defense"], r["preset"]) for r in report["rows"]] == [
+        ("none", "paper"), ("ttc", "paper"), ("scc", "latency"), ("scc", "paper"), ("rtpt", "paper")]
+    for row in report["rows"]:
+        assert ROW_KEYS <= set(row)
+        assert row["backend"] == "eager" and row["compile_seconds"] is None and row["top1_agreement"] == 1.0
+        assert 0 < row["p20"] <= row["seconds_per_image"] <= row["p80"]
+    table = capsys.readouterr().out
+    assert "x TTC" in table and "R-TPT/x" in table and "0.37" in table and "R-TPT/SCC" in table
+
+
+def test_unknown_backend_and_defense_are_clear_errors():
+    with pytest.raises(SccError, match="unknown backend.*tensorrt.*eager, compiled, triton, onnx"):
+        main(["--backends", "eager,tensorrt"])
+    with pytest.raises(SccError, match="unknown defense 'foo'"):
+        main(["--defenses", "ttc,foo"])
+    from scc.cli import main as cli_main
+
+    assert cli_main(["bench", "--backends", "tensorrt"]) == 2  # the top-level CLI prints one line, exit 2
+
+
+def test_missing_backend_module_says_so(tiny, monkeypatch):
+    import scc
+
+    monkeypatch.setitem(sys.modules, "scc.compiled", None)  # import scc.compiled -> ImportError
+    with pytest.raises(SccError, match="backend compiled is not available"):
+        make_runner(scc.defend(tiny, "ttc"), "compiled", 1)
+    with pytest.raises(SccError, match="unknown backend"):
+        make_runner(scc.defend(tiny, "ttc"), "tensorrt", 1)
+
+
+def test_explain_counts_match_spec_section_5(tmp_path, capsys):
+    out = tmp_path / "explain.json"
+    assert main(["--explain", "--defenses", "none,ttc,scc,scc-latency,rtpt", "--json", str(out)]) == 0
+    rows = {r["defense"]: r for r in json.loads(out.read_text())["explain"]}
+    # spec section 5: image fwd, image bwd, text fwd, text bwd, sequential rounds per image
+    want = {"none": (1, 0, 0, 0, 1), "ttc": (4, 2, 0, 0, 4), "scc": (19, 14, 0, 0, 7),
+            "scc-latency": (10, 5, 0, 0, 4), "rtpt": (64, 0, 2, 1, 3)}
+    for name, counts in want.items():
+        m = rows[name]["measured"]
+        got = (m["image_forwards"], m["image_backwards"], m["text_forwards"], m["text_backwards"], m["rounds"])
+        assert got == counts, name
+        assert rows[name]["match"] is True
+    assert "MISMATCH" not in capsys.readouterr().out
+
+
+def test_table_ratios():
+    rows = [{"defense": d, "preset": "paper", "backend": "eager", "seconds_per_image": t, "p20": t, "p80": t,
+             "compile_seconds": None, "top1_agreement": 1.0} for d, t in (("ttc", 0.01), ("scc", 0.02), ("rtpt", 0.3))]
+    table = format_table({"model": "m", "batch_size": 1, "n_images": 1, "rows": rows})
+    scc_line = next(l for l in table.splitlines() if l.startswith("scc "))
+    assert "2.00" in scc_line and "15.00" in scc_line  # x TTC, R-TPT/x
+    assert "R-TPT/SCC 15.00 (paper 29.6), SCC/TTC 2.00 (paper 1.04)" in table
+    assert percentile([1, 2, 3, 4, 5], 0.2) == pytest.approx(1.8)
+
+
+def test_benchmark_suite_runs_and_its_json_prints(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pytest", "benchmarks/test_eager.py", "-q",
+           "--bench-images", "2", "--bench-defenses", "none,ttc,rtpt", "--bench-acc-images", "4",
+           f"--benchmark-json={out}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    infos = [b["extra_info"] for b in data["benchmarks"]]
+    assert sorted(i["spec"] for i in infos) == ["none", "rtpt", "ttc"]
+    for b in data["benchmarks"]:
+        assert b["group"] == "scc-tiny-digits"
+        info = b["extra_info"]
+        assert {"hardware", "versions", "warmup_seconds", "compile_seconds", "p20", "p80"} <= set(info)
+        assert 0 <= info["clean_acc"] <= 1 and 0 <= info["robust_acc"] <= 1 and info["acc_images"] == 4
+    assert main(["--from-benchmark-json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "rtpt" in table and "ttc" in table and "R-TPT/x" in table

@@ -1,0 +1,152 @@
+"""scc.compiled.Engine: one compiled graph per bucket, against the eager defense on identical draws.
+
+The graphs take ~10-90 s each to compile on 2 CPU cores (cold Inductor cache), so the tests share few of them:
+scc (paper) traced at bucket 8, ttc at bucket 2, and under the Triton interpreter (in a fresh process) a small
+scc variant with the kernels inside the graph.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+
+import scc
+from scc.compiled import Engine
+from scc.models import SccError
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+KERNEL_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
+
+
+def sign_agreement(a: list, b: list) -> list[float]:
+    assert len(a) == len(b) and a, (len(a), len(b))
+    return [(x == y).float().mean().item() for x, y in zip(a, b)]
+
+
+def graph_breaks() -> int:
+    return sum(torch._dynamo.utils.counters["graph_break"].values())
+
+
+def test_scc_compiled_matches_eager_on_heldout(tiny, digits):
+    """scc paper preset (K_w=2, S=3, 4 views) on the 450 held-out digits: top-1 and per-step signs."""
+    images, _ = digits
+    defended = scc.defend(tiny, "scc", seed=0)
+    draws = defended.draws(images)
+    trace_eager, trace_engine = [], []
+    eager = defended(images, draws, trace=trace_eager)
+
+    engine = Engine(defended, backend="compiled", max_batch=8)
+    breaks = graph_breaks()
+    compiled = engine(images, draws, trace=trace_engine)  # 56 chunks of 8 and one of 2 padded to 8
+    assert graph_breaks() == breaks
+    assert sorted(engine.trace_compile_seconds) == [8] and engine.compile_seconds == {}
+
+    assert compiled.shape == eager.shape == (450, 10)
+    agree = (compiled.argmax(1) == eager.argmax(1)).float().mean().item()
+    signs = sign_agreement(trace_engine, trace_eager)
+    report = f"top-1 agreement {agree:.4f}, per-step sign agreement {[round(s, 5) for s in signs]}"
+    assert len(signs) == 2 + 3, report  # warm-up steps + corrective steps
+    assert agree >= 0.99, report
+    assert min(signs) >= 0.99, report
+    torch.testing.assert_close(compiled, eager, atol=0.5, rtol=0)  # logits are ~100 * cosine
+
+
+def test_ttc_buckets_padding_and_splitting(tiny, digits):
+    images, _ = digits
+    defended = scc.defend(tiny, "ttc", seed=1)
+    engine = Engine(defended, max_batch=2)
+    assert engine.buckets == [1, 2]
+    seconds = engine.warmup(2)
+    assert seconds > 0 and engine.compile_seconds == {2: seconds}
+    breaks = graph_breaks()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no compile inside a request: bucket 2 serves every chunk
+        for n in (1, 2, 5):  # padded; exact; split 2 + 2 + 1 (padded)
+            x = images[10: 10 + n]
+            draws = defended.draws(x)
+            out, ref = engine(x, draws), defended(x, draws)
+            assert out.shape == (n, 10)
+            assert torch.equal(out.argmax(1), ref.argmax(1)), (n, out, ref)
+            torch.testing.assert_close(out, ref, atol=1e-3, rtol=0, msg=lambda m: f"n={n}: {m}")
+    assert list(engine.compile_seconds) == [2] and graph_breaks() == breaks
+    # the default draws come from the defended module's generator, as in eager
+    defended.reseed(3)
+    a = engine(images[:2])
+    defended.reseed(3)
+    torch.testing.assert_close(a, defended(images[:2]), atol=1e-3, rtol=0)
+
+
+def test_bucket_policy(tiny):
+    engine = Engine(scc.defend(tiny, "ttc"), max_batch=8)
+    assert engine.buckets == [1, 2, 4, 8]
+    assert Engine(scc.defend(tiny, "ttc"), max_batch=6).buckets == [1, 2, 4, 6]
+    assert [engine.bucket_for(n) for n in (1, 3, 5, 8)] == [1, 4, 8, 8]
+    engine.compile_seconds[8] = 1.0  # pretend bucket 8 is compiled: small chunks then use it, nothing compiles
+    assert [engine.bucket_for(n) for n in (1, 3, 8)] == [8, 8, 8]
+
+
+def test_engine_rejects_bad_settings_and_inputs(tiny, digits):
+    defended = scc.defend(tiny, "scc")
+    for kwargs, match in [(dict(backend="onnx"), "unknown backend"), (dict(mode="fast"), "unknown compile mode"),
+                          (dict(dtype=torch.float16), "dtype must be"), (dict(max_batch=0), "max_batch"),
+                          (dict(mode="reduce-overhead"), "needs a CUDA model")]:
+        with pytest.raises(SccError, match=match):
+            Engine(defended, **kwargs)
+    with pytest.raises(SccError, match="wraps a scc.defend"):
+        Engine(tiny)
+    engine = Engine(defended)
+    x = digits[0][:2]
+    with pytest.raises(SccError, match=r"expected pixels of shape \(B, 3, 32, 32\)"):
+        engine(x[:, :, :16])
+    with pytest.raises(SccError, match="expected float32 pixels"):
+        engine(x.double())
+    with pytest.raises(SccError, match=r"need the keys \['noise', 'start'\], got \['start'\]"):
+        engine(x, {"start": torch.zeros_like(x)})
+    with pytest.raises(SccError, match="warmup takes a batch size in 1..max_batch=8"):
+        engine.warmup(9)
+
+
+def test_triton_backend_on_cpu_falls_back_and_says_so(tiny, monkeypatch):
+    from scc.kernels import sign_step, view_augment
+
+    monkeypatch.setattr(sign_step, "INTERPRETED", False)
+    monkeypatch.setattr(view_augment, "INTERPRETED", False)
+    with pytest.warns(UserWarning, match="runs its reference"):
+        engine = Engine(scc.defend(tiny, "scc"), backend="triton")
+    assert all(v.startswith("reference (cpu tensors need the Triton interpreter") for v in engine.kernels.values())
+
+
+@pytest.mark.skipif(KERNEL_DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see test_triton_backend_under_interpreter")
+def test_triton_backend_runs_kernels_in_graph(tiny, digits, monkeypatch):
+    """Flip views (the kernel has no zoom) and no Stages 1-2 keep the graph small: the warm-up step runs the
+    sign-step kernel and the 4-view prediction the view kernel, both inside the compiled graph."""
+    from scc.kernels import sign_step, view_augment
+
+    launches = {"sign_step": 0, "view_augment": 0}
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            launches[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(sign_step, "_launch", counting("sign_step", sign_step._launch))
+    monkeypatch.setattr(view_augment, "_launch_args", counting("view_augment", view_augment._launch_args))
+    clf = tiny.to(KERNEL_DEVICE)
+    defended = scc.defend(clf, "scc", views=("id", "flip", "noise", "flip+noise"), semantic=False,
+                          warmup__steps=1)
+    x = digits[0][:2].to(KERNEL_DEVICE)
+    draws = defended.draws(x)
+    trace_eager, trace_engine = [], []
+    eager = defended(x, draws, trace=trace_eager)
+    engine = Engine(defended, backend="triton", max_batch=2)
+    assert all(v.startswith("triton") for v in engine.kernels.values()), engine.kernels
+    out = engine(x, draws, trace=trace_engine)
+    assert launches["sign_step"] >= 1 and launches["view_augment"] >= 1, launches
+    torch.testing.assert_close(out, eager, atol=1e-3, rtol=0)
+    assert min(sign_agreement(trace_engine, trace_eager)) >= 0.99
+
+
+@pytest.mark.skipif(KERNEL_DEVICE is not None, reason="the kernels run in this process")
+def test_triton_backend_under_interpreter(rerun_under_interpreter):
+    rerun_under_interpreter(f"{__file__}::test_triton_backend_runs_kernels_in_graph")
