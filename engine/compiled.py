@@ -20,8 +20,12 @@ The engine owns its graphs and its copy of the classifier (weights shared with t
     the losses and the logits stay fp32;
   - on CPU attention runs as SDPA's math decomposition, which Inductor fuses (flash attention for 17 tokens
     costs more than the attention itself).
-backend="triton" routes the sign steps and the forward-only view batches through scc.kernels (see
-`engine.kernels` for what actually runs: on CPU without TRITON_INTERPRET=1 they are the torch references).
+backend="triton" routes the sign steps and the forward-only view batches (Stage 3, a separate Stage 1) through
+scc.kernels; views inside gradient closures stay torch ops that Inductor fuses, because a custom op's autograd
+does not run under torch.func.grad (PyTorch #170834). `engine.kernels` says what actually runs: on CPU without
+TRITON_INTERPRET=1, or with zoom views, the torch references.
+One engine serves one caller at a time: the kernel switch is process-global while a call runs, and CUDA-graph
+outputs are cloned before the next replay can overwrite them.
 mode: None, "max-autotune-no-cudagraphs", or on CUDA "reduce-overhead" / "max-autotune" (CUDA graphs;
 outputs are cloned out of the graph's memory).
 """
@@ -39,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .defenses import DEFENSES, Defended
 from .models import SccError, ZeroShotClassifier
+from .scc_defense import SCCConfig
 from .views import use_kernels
 
 BACKENDS = ("compiled", "triton")
@@ -152,7 +157,12 @@ class Engine:
         if backend == "triton":
             self._launchers = kernel_launchers()
             self.kernels = kernel_status(self.device)
-            fallback = {k: v for k, v in self.kernels.items() if not v.startswith("triton")}
+            views = defended.config.stage_views() if isinstance(defended.config, SCCConfig) else ()
+            if not views:
+                self.kernels["view_augment"] = f"unused ({defended.defense} has no views)"
+            elif any(v.zoom != 1.0 for v in views):
+                self.kernels["view_augment"] = "reference (zoom views: the kernel has no zoom)"
+            fallback = {k: v for k, v in self.kernels.items() if v.startswith("reference")}
             if fallback:
                 warnings.warn(f"scc.compiled.Engine(backend='triton') on {self.device}: "
                               + "; ".join(f"{k} runs its {v}" for k, v in fallback.items()), stacklevel=2)

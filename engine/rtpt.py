@@ -49,8 +49,9 @@ Differences from the official code (data/augmix_ops.py, rtpt.py), all deliberate
 - `static_views=True` builds the same views without host syncs or data-dependent shapes (every AugMix op on
   every view, then a selection: traceable by make_fx/export, ~8x the augmentation work); the default applies
   each op only to the views that draw it.
-- AdamW is written out (torch's update formula, checked against torch.optim.AdamW in the tests) so the whole
-  procedure stays a pure function of its inputs.
+- AdamW is written out (torch's update formula, checked against torch.optim.AdamW in the tests) and the
+  gradient comes from torch.func.grad, so the whole procedure stays a pure function of its inputs that
+  torch.compile (fullgraph) and make_fx can trace.
 """
 from __future__ import annotations
 
@@ -339,6 +340,9 @@ def prompt_parts(clf: ZeroShotClassifier, cfg: RTPTConfig) -> PromptParts:
     key = (cfg.ctx_init, cfg.class_format, cfg.context_length, tuple(clf.labels), clf.text.device)
     cache = _PARTS.setdefault(clf, {})
     if key not in cache:
+        if torch.compiler.is_compiling():
+            raise SccError("R-TPT's prompt embeddings (tokenizer, Python) are built on the first eager call: run "
+                           "scc.rtpt.prompt_parts(clf, cfg) or the defense once before torch.compile")
         from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
 
         with disable_proxy_modes_tracing():
@@ -432,14 +436,16 @@ def tune_and_predict(clf: ZeroShotClassifier, parts: PromptParts, feats: torch.T
     ctx = parts.ctx
     m, v = torch.zeros_like(ctx), torch.zeros_like(ctx)
     selected = None
+
+    def loss(ctx, selected):  # mean entropy of the confident views; they are chosen on the first step and kept
+        text = F.normalize(encode_prompts(clf, parts, ctx, backward=True).to(feats.dtype), dim=-1)
+        logits = clf.logit_scale * feats @ text.t()  # (V, C)
+        if selected is None:
+            selected = confident_views(logits.detach(), cfg.selection_p)
+        return entropy(logits[selected]).mean(), selected
+
     for t in range(1, cfg.steps + 1):
-        with torch.enable_grad():
-            leaf = ctx.detach().requires_grad_(True)
-            text = F.normalize(encode_prompts(clf, parts, leaf, backward=True).to(feats.dtype), dim=-1)
-            logits = clf.logit_scale * feats @ text.t()  # (V, C)
-            if selected is None:  # chosen on the first step and kept (official test_time_tuning)
-                selected = confident_views(logits.detach(), cfg.selection_p)
-            (grad,) = torch.autograd.grad(entropy(logits[selected]).mean(), leaf)
+        grad, selected = torch.func.grad(loss, has_aux=True)(ctx, selected)
         ctx, m, v = adamw_step(ctx, grad, m, v, t, cfg)
     with torch.no_grad():
         text = F.normalize(encode_prompts(clf, parts, ctx).to(feats.dtype), dim=-1)

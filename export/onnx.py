@@ -18,19 +18,24 @@ PyTorch in accuracy, not image by image. ORT seeds each random node when the ses
 
 Batch size. The batch is fixed per file (`batch_size`, the leading dimension of every input and of the
 output). `scc.export.OrtDefended` splits larger inputs into chunks of that size and pads the last one. A
-dynamic batch dimension is not offered: the trace of open_clip's attention under `torch.func.grad`
-specialises the batch size (symbolic tracing records a guard on it inside `F.linear`).
+dynamic batch dimension is not offered: under `torch.func.grad`, `make_fx(tracing_mode="symbolic")`
+specialises the batch to the example's (a guard recorded in `F.linear`), and make_fx's unbacked
+`dynamic_shapes` stops on a data-dependent guard in nn.MultiheadAttention's packed in-projection.
 
 How. `torch.onnx.export(dynamo=True)` cannot export `torch.func.grad`. The procedure is first traced to a
 flat ATen graph with `make_fx` (forward and backward ops, no autograd left), under the math SDPA backend so
-attention is plain matmul + softmax, then that graph is exported. While tracing, a few backward ops are
+attention is plain matmul + softmax, then that graph is exported. (Proxy tensors also keep
+nn.MultiheadAttention off its fused inference fast path, which differs from the autograd path by ~1e-6;
+the trace is checked for it.) While tracing, a few backward ops are
 rewritten into ops that translate to cheap ONNX (see `_DECOMPOSITIONS`):
     convolution_backward (input grad)  -> a transposed convolution (ONNX ConvTranspose)
     select_backward / slice_backward    -> a zero pad (ONNX Pad) instead of ScatterElements / ScatterND
     avg_pool2d_backward                 -> a depthwise transposed convolution with a constant kernel
     _safe_softmax                       -> softmax (no masked rows without an attention mask)
-and two torch functions are traced in an export-friendly form (see `_ExportFriendlyOps`): `F.one_hot`, whose
-range check reads tensor values, and `F.linear` on 3-D inputs, flattened to 2-D so that no weight is broadcast.
+and `F.one_hot`, whose range check reads tensor values, becomes a comparison with `arange`. After export,
+constants are folded (onnxscript), MatMul operands that are a 2-D constant broadcast over a batch (expand + bmm
+in the trace; materialised by ONNX) are replaced by the 2-D constant, and onnxoptimizer's fuse/eliminate passes
+run. Graph checks: no control flow (If/Loop/Scan), no Scatter* nodes; both are reported by `export_onnx`.
 """
 from __future__ import annotations
 
@@ -46,8 +51,10 @@ from torch.overrides import TorchFunctionMode
 
 from scc.defenses import DEFENSES, Defended
 from scc.models import SccError
+from scc.views import use_kernels
 
 aten = torch.ops.aten
+MIN_OPSET = 18
 
 # ----------------------------------------------------------------------------------------------------------
 # Tracing: the defended procedure -> a flat ATen graph (torch.fx.GraphModule)
@@ -126,15 +133,9 @@ _DECOMPOSITIONS = {
 }
 
 
-class _ExportFriendlyOps(TorchFunctionMode):
-    """Two torch functions traced differently, same math:
-
-    `F.one_hot` checks its indices' range by reading them (`.item()`), which a tracer cannot do: compare with
-    `arange` instead. `F.linear` on a non-contiguous (L, N, E) input (nn.MultiheadAttention with batch_first
-    transposes its input) cannot fold into one matrix product, so matmul broadcasts the weight to (L, E, 3E)
-    and runs a bmm: free in eager (a stride-0 view), but an ONNX Expand that materialises the weight L times
-    (350 MB per call for ViT-B-32's in-projection at 4 views). Flatten the input to 2-D first instead.
-    """
+class _TraceableOneHot(TorchFunctionMode):
+    """`F.one_hot` checks its indices' range by reading them (`.item()`), which a tracer cannot do: compare
+    with `arange` instead (same result for in-range indices, which argmax outputs always are)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -143,10 +144,6 @@ class _ExportFriendlyOps(TorchFunctionMode):
             if num_classes < 0:
                 raise SccError("export needs F.one_hot(..., num_classes=C) with an explicit class count")
             return (indices[..., None] == torch.arange(num_classes, device=indices.device)).long()
-        if func is F.linear and args and args[0].dim() > 2:
-            x, rest = args[0], args[1:]
-            out = F.linear(x.reshape(-1, x.shape[-1]), *rest, **kwargs)
-            return out.view(*x.shape[:-1], out.shape[-1])
         return func(*args, **kwargs)
 
 
@@ -172,11 +169,12 @@ def trace_procedure(defended: Defended, batch_size: int = 1, trace_outputs: bool
     def run(x, *values):
         steps = [] if trace_outputs else None
         extra = {"trace": steps} if trace_outputs else {}
-        with _ExportFriendlyOps():
+        with _TraceableOneHot():
             logits = procedure(clf, x, config, **dict(zip(names, values)), **extra)
         return (logits, *steps) if trace_outputs else logits
 
-    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
+    # use_kernels(): no Triton launcher even if a caller has some in use; the file holds the reference ops.
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), use_kernels():
         graph = make_fx(run, decomposition_table=_DECOMPOSITIONS)(pixels, *draws.values())
     fast_path = [n for n in graph.graph.nodes if n.op == "call_function" and "_native_multi_head_attention" in str(n.target)]
     if fast_path:  # the fused inference kernel: no backward, and ~1e-6 off the autograd path
@@ -220,11 +218,14 @@ def _draws_in_graph(model, pixels_name: str, draw_names: list[str]) -> None:
 
 
 def _constant(value, depth: int = 0):
-    """The numpy value of a constant, or of Reshape/Transpose chains over one (left unfolded when large)."""
+    """The numpy value of a constant, or of a Reshape/Transpose/Expand chain over one (left unfolded when
+    large). An Expand stays a stride-0 numpy view: nothing is materialised."""
+    import numpy as np
+
     if value is None or value.const_value is not None:
         return None if value is None else value.const_value.numpy()
     node = value.producer()
-    if node is None or depth > 4 or node.op_type not in ("Reshape", "Transpose"):
+    if node is None or depth > 6 or node.op_type not in ("Reshape", "Transpose", "Expand"):
         return None
     data = _constant(node.inputs[0], depth + 1)
     if data is None:
@@ -234,22 +235,37 @@ def _constant(value, depth: int = 0):
         return data.transpose(perm) if perm is not None else data.T
     if node.inputs[1] is None or node.inputs[1].const_value is None:
         return None
-    shape = [data.shape[i] if d == 0 else int(d) for i, d in enumerate(node.inputs[1].const_value.numpy())]
-    return data.reshape(shape)  # 0 keeps the input's size (allowzero=0)
+    shape = [int(d) for d in node.inputs[1].const_value.numpy()]
+    if node.op_type == "Expand":
+        return np.broadcast_to(data, np.broadcast_shapes(data.shape, tuple(shape)))
+    shape = [data.shape[i] if d == 0 else d for i, d in enumerate(shape)]  # 0 keeps the input's size
+    return data.reshape(shape)
+
+
+def _repeats_along(array, dims: int) -> bool:
+    """Whether `array` holds one slice repeated along its first `dims` dimensions."""
+    import numpy as np
+
+    if all(stride == 0 or size == 1 for stride, size in zip(array.strides[:dims], array.shape[:dims])):
+        return True  # a broadcast view
+    return np.array_equal(array, np.broadcast_to(array[(0,) * dims], array.shape))
 
 
 def _shrink_broadcast_constants(model) -> int:
     """MatMul(C, X) where C is a constant repeated along its leading dims -> MatMul(C[0, ..., 0], X).
 
-    make_fx writes `A @ x` for a (H, H) matrix A and a batched x as expand(A) -> bmm, and constant folding then
-    stores the expanded (batch, H, H) copy; ONNX MatMul broadcasts, so one (H, H) copy gives the same result.
-    Returns the number of MatMul operands replaced (the expanded copies become dead and are removed).
+    make_fx writes `A @ x` for a 2-D A and a batched x (a view's zoom matrix, a linear layer's weight on a
+    non-contiguous input) as expand(A) -> bmm. In eager the expand is a free stride-0 view; in ONNX it is
+    either folded into a stored (batch, H, H) copy or an Expand that materialises the weight on every run
+    (350 MB per in-projection for ViT-B-32 at 4 views). ONNX MatMul broadcasts, so the 2-D A gives the same
+    result. Returns the number of MatMul operands replaced (the expanded copies become dead and are removed).
     """
     import numpy as np
     import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     graph, shrunk = model.graph, 0
+    existing = _InitializerIndex(graph)
     for node in list(graph):
         if node.op_type != "MatMul" or any(v is None or v.shape is None for v in node.inputs):
             continue
@@ -261,20 +277,53 @@ def _shrink_broadcast_constants(model) -> int:
             if tuple(other.shape)[len(other.shape) - len(value.shape):][:-2] != lead:
                 continue  # the other operand must carry the same leading dims, so the output shape is unchanged
             array = _constant(value)
-            if array is None:
+            if array is None or not _repeats_along(array, len(lead)):
                 continue
-            first = np.ascontiguousarray(array[(0,) * len(lead)])
-            if not np.array_equal(array, np.broadcast_to(first, array.shape)):
-                continue
-            name = f"{value.name}_unbroadcast"
-            small = ir.Value(name=name, shape=ir.Shape(first.shape), type=value.type,
-                             const_value=ir.Tensor(first, name=name))
-            graph.register_initializer(small)
-            node.replace_input_with(i, small)
+            node.replace_input_with(i, existing.value_for(np.ascontiguousarray(array[(0,) * len(lead)]), node,
+                                                          f"{value.name}_unbroadcast", value.type))
             shrunk += 1
     if shrunk:
         RemoveUnusedNodesPass()(model)  # the Reshape/expanded copies nobody reads any more
     return shrunk
+
+
+class _InitializerIndex:
+    """Finds a graph's 2-D initializers by content so that a needed matrix reuses a stored one (or its
+    transpose, through a Transpose node that ORT folds at load) instead of storing the weights twice."""
+
+    def __init__(self, graph):
+        self.graph, self.by_shape = graph, {}
+        for v in graph.initializers.values():
+            if v.const_value is not None and v.shape is not None and len(v.shape) == 2:
+                self.by_shape.setdefault(tuple(v.shape), []).append(v)
+
+    def _find(self, array):
+        import numpy as np
+
+        for v in self.by_shape.get(array.shape, []):
+            if v.const_value.dtype.numpy() == array.dtype and np.array_equal(v.const_value.numpy(), array):
+                return v
+        return None
+
+    def value_for(self, array, before, name: str, type_):
+        import onnx_ir as ir
+
+        if array.ndim == 2:
+            same = self._find(array)
+            if same is not None:
+                return same
+            transposed = self._find(array.T)
+            if transposed is not None:
+                node = ir.node("Transpose", [transposed], {"perm": [1, 0]})
+                self.graph.insert_before(before, node)
+                node.outputs[0].name, node.outputs[0].type = name, type_
+                node.outputs[0].shape = ir.Shape(array.shape)
+                return node.outputs[0]
+        value = ir.Value(name=name, shape=ir.Shape(array.shape), type=type_, const_value=ir.Tensor(array, name=name))
+        self.graph.register_initializer(value)
+        if array.ndim == 2:
+            self.by_shape.setdefault(array.shape, []).append(value)
+        return value
 
 
 def _fold(model) -> None:
@@ -361,6 +410,9 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int = 1, draws
         raise SccError(f"export_onnx needs a defended classifier from scc.defend(...), got {type(defended).__name__}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise SccError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
+        raise SccError(f"opset must be an integer >= {MIN_OPSET} (torch's ONNX exporter writes opset 18 and "
+                       f"newer; Pad and other ops have no down-conversion), got {opset!r}")
     path = Path(path)
     if not path.parent.is_dir():
         raise SccError(f"cannot write {path}: the folder {path.parent} does not exist")

@@ -1,7 +1,7 @@
 """scc.compiled.Engine: one compiled graph per bucket, against the eager defense on identical draws.
 
 The graphs take ~10-90 s each to compile on 2 CPU cores (cold Inductor cache), so the tests share few of them:
-scc (paper) traced at bucket 8, ttc at bucket 2, and under the Triton interpreter (in a fresh process) a small
+scc (paper) traced at bucket 8, a one-step ttc at bucket 2, and under the Triton interpreter (in a fresh process) a small
 scc variant with the kernels inside the graph.
 """
 import os
@@ -18,6 +18,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
 
 
+@pytest.fixture(autouse=True)
+def _one_thread(_threads):
+    """One intra-op thread: on a shared 2-core machine a second OpenMP thread that gets descheduled stalls every
+    parallel region of the compiled graph's hundreds of small kernels (measured 4-10x slower under load)."""
+    torch.set_num_threads(1)
+
+
 def sign_agreement(a: list, b: list) -> list[float]:
     assert len(a) == len(b) and a, (len(a), len(b))
     return [(x == y).float().mean().item() for x, y in zip(a, b)]
@@ -28,8 +35,9 @@ def graph_breaks() -> int:
 
 
 def test_scc_compiled_matches_eager_on_heldout(tiny, digits):
-    """scc paper preset (K_w=2, S=3, 4 views) on the 450 held-out digits: top-1 and per-step signs."""
-    images, _ = digits
+    """scc paper preset (K_w=2, S=3, 4 views) on 250 held-out digits: top-1 and per-step signs. (The whole
+    split of 450 agreed 100.0% top-1 and 0.99999 per step; 250 keep the test short and 99% meaningful.)"""
+    images = digits[0][:250]
     defended = scc.defend(tiny, "scc", seed=0)
     draws = defended.draws(images)
     trace_eager, trace_engine = [], []
@@ -37,14 +45,15 @@ def test_scc_compiled_matches_eager_on_heldout(tiny, digits):
 
     engine = Engine(defended, backend="compiled", max_batch=8)
     breaks = graph_breaks()
-    compiled = engine(images, draws, trace=trace_engine)  # 56 chunks of 8 and one of 2 padded to 8
+    compiled = engine(images, draws, trace=trace_engine)  # 31 chunks of 8 and one of 2 padded to 8
     assert graph_breaks() == breaks
     assert sorted(engine.trace_compile_seconds) == [8] and engine.compile_seconds == {}
 
-    assert compiled.shape == eager.shape == (450, 10)
+    assert compiled.shape == eager.shape == (250, 10)
     agree = (compiled.argmax(1) == eager.argmax(1)).float().mean().item()
     signs = sign_agreement(trace_engine, trace_eager)
     report = f"top-1 agreement {agree:.4f}, per-step sign agreement {[round(s, 5) for s in signs]}"
+    print(report)
     assert len(signs) == 2 + 3, report  # warm-up steps + corrective steps
     assert agree >= 0.99, report
     assert min(signs) >= 0.99, report
@@ -53,7 +62,7 @@ def test_scc_compiled_matches_eager_on_heldout(tiny, digits):
 
 def test_ttc_buckets_padding_and_splitting(tiny, digits):
     images, _ = digits
-    defended = scc.defend(tiny, "ttc", seed=1)
+    defended = scc.defend(tiny, "ttc", seed=1, steps=1)  # one step: a smaller graph to compile
     engine = Engine(defended, max_batch=2)
     assert engine.buckets == [1, 2]
     seconds = engine.warmup(2)
@@ -113,7 +122,8 @@ def test_triton_backend_on_cpu_falls_back_and_says_so(tiny, monkeypatch):
     monkeypatch.setattr(view_augment, "INTERPRETED", False)
     with pytest.warns(UserWarning, match="runs its reference"):
         engine = Engine(scc.defend(tiny, "scc"), backend="triton")
-    assert all(v.startswith("reference (cpu tensors need the Triton interpreter") for v in engine.kernels.values())
+    assert engine.kernels["sign_step"].startswith("reference (cpu tensors need the Triton interpreter"), engine.kernels
+    assert engine.kernels["view_augment"] == "reference (zoom views: the kernel has no zoom)", engine.kernels
 
 
 @pytest.mark.skipif(KERNEL_DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see test_triton_backend_under_interpreter")
@@ -150,3 +160,24 @@ def test_triton_backend_runs_kernels_in_graph(tiny, digits, monkeypatch):
 @pytest.mark.skipif(KERNEL_DEVICE is not None, reason="the kernels run in this process")
 def test_triton_backend_under_interpreter(rerun_under_interpreter):
     rerun_under_interpreter(f"{__file__}::test_triton_backend_runs_kernels_in_graph")
+
+
+def test_gpu_check_cpu_parts():
+    """benchmarks/gpu_check.py runs on a GPU machine without open_clip; its builder and row runner run here."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    clf = gpu_check.random_vit_classifier("tiny")
+    assert clf.num_classes == 47 and clf.image_size == 32 and clf.clip is None
+    images = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    logits = clf(images)
+    assert logits.std(1).min() > 0.1, logits  # a real (random) embedding, not the zero vector
+    reference = {}
+    for dtype in ("fp32", "bf16"):
+        row = gpu_check.run_row(clf, images, "scc-latency", "eager", dtype, 2, None, "cpu", 1, reference)
+        assert row["ms_per_image"] > 0 and 0 <= row["top1_agreement_vs_eager_fp32"] <= 1, row
+    assert row["dtype"] == "bf16" and list(reference) == [("scc-latency", 2)]
