@@ -5,8 +5,10 @@ is a random-weight CLIP ViT-B/32 image tower built from torchvision (`random_vit
 text embeddings for the 47 DTD classes, so latencies are real and answers are compared between backends only.
 
     python3 -m pip install -q --no-deps --no-build-isolation -e .     # once per fresh machine (offline)
-    python3 benchmarks/gpu_check.py --steps env,tests,kernels                        # ~2-4 min
-    python3 benchmarks/gpu_check.py --steps models --defenses ttc,scc-latency        # ~1 min per compiled row
+    python3 benchmarks/gpu_check.py --steps env,tests,kernels                        # a few minutes
+    python3 benchmarks/gpu_check.py --steps models --defenses ttc,scc-latency        # each compiled row compiles
+                                                   # its own ViT-B/32 graph (~1-3 min on CPU here; split the runs
+                                                   # to fit a 10-minute call, the JSON keeps every finished row)
     python3 benchmarks/gpu_check.py --steps models --defenses scc --out benchmarks/results/gpu-check-scc.json
 
 Steps (--steps, comma-separated):

@@ -12,3 +12,11 @@ from .scc_defense import SCCConfig
 __version__ = "0.1.0"
 __all__ = ["SccError", "ZeroShotClassifier", "load", "Defended", "defend", "make_config", "DEFENSES",
            "PRESETS", "TTCConfig", "SCCConfig", "__version__"]
+
+
+def __getattr__(name):  # lazy: the compiled engine imports inductor/triton only when asked for
+    if name == "Engine":
+        from .compiled import Engine
+
+        return Engine
+    raise AttributeError(f"module 'scc' has no attribute {name!r}")

@@ -23,7 +23,10 @@ import torch
 
 from scc.models import SccError
 
-_ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64}
+_ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
+               "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+                 torch.int64: np.int64, torch.int32: np.int32, torch.bool: np.bool_}
 
 
 def import_onnxruntime():
@@ -91,8 +94,6 @@ class OrtDefended:
         self.image_shape = tuple(shape[1:])
         self.draw_names = [n for n in self.inputs if n != "pixels"]
         self.generator = torch.Generator().manual_seed(seed)
-        if any(n not in ("start", "noise") for n in self.draw_names):
-            raise SccError(f"{path} has inputs {list(self.inputs)}; scc exports only add 'start' and 'noise'")
 
     @staticmethod
     def _load(ort, path: Path, options, providers: list[str]):
@@ -133,6 +134,10 @@ class OrtDefended:
         return value
 
     def _make_draws(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        unknown = [k for k in self.draw_names if k not in ("start", "noise")]
+        if unknown:
+            raise SccError(f"{self.path} takes the draws {self.draw_names}; this runtime can only make 'start' and "
+                           "'noise' itself: pass draws=defended.draws(x)")
         n, draws = pixels.shape[0], {}
         for name in self.draw_names:
             shape = (n, *self.inputs[name].shape[1:])
@@ -146,10 +151,10 @@ class OrtDefended:
     def __call__(self, x, draws: dict | None = None, trace: list | None = None) -> torch.Tensor:
         pixels = self._check("pixels", x, None)
         n = pixels.shape[0]
-        if draws is not None and not self.draw_names:
+        if draws and not self.draw_names:
             raise SccError(f"{self.path} draws its random values inside the graph and takes no draws; "
                            "export with draws_as_inputs=True (--draws-as-inputs) to feed them")
-        if draws is None:
+        if draws is None or (not draws and self.draw_names):
             draws = self._make_draws(pixels)
         missing = [k for k in self.draw_names if k not in draws]
         if missing:
@@ -182,7 +187,8 @@ class OrtDefended:
         for name, value in feeds.items():
             if value.is_cuda:
                 value = value.detach().to(device).contiguous()
-                binding.bind_input(name, "cuda", self.device_id, np.float32, list(value.shape), value.data_ptr())
+                binding.bind_input(name, "cuda", self.device_id, _NUMPY_DTYPES[value.dtype], list(value.shape),
+                                   value.data_ptr())
                 keep.append(value)
             else:
                 binding.bind_cpu_input(name, value.detach().contiguous().numpy())
