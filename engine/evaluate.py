@@ -8,7 +8,6 @@ paper) and shared by every defense. `seconds_per_image` times the defense alone 
 """
 from __future__ import annotations
 
-import platform
 import time
 from typing import Sequence
 
@@ -19,18 +18,6 @@ from .attacks import attack as run_attack
 from .data import load_dataset
 from .defenses import defend, split_defense_name
 from .models import TINY_NAME, SccError, image_size_of, load, tiny_meta
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("torchvision", "open_clip_torch", "triton", "onnxruntime-gpu", "onnxruntime", "onnx", "scc-defense"):
-        try:
-            out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
-    return out
 
 
 def parse_eps(text: str) -> float:
@@ -85,6 +72,8 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
                 correct += (pred == y).sum().item()
             results.append({"defense": name, "preset": preset, "attack": attack_name, "eps": eps,
                             "accuracy": correct / len(y_all), "seconds_per_image": seconds / len(y_all)})
+    from .bench import versions
+
     return {"model": model, "pretrained": pretrained, "dataset": data.name, "n_images": len(y_all),
             "device": str(device), "versions": versions(), "results": results}
 
