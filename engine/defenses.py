@@ -57,7 +57,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 # Per-model overrides on top of every preset. Digits are not flip-invariant (a flipped 2 or 7 is another
 # glyph), so the bundled model's views replace the flip by a 0.85 centre zoom; see README "Bundled model".
 MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    TINY_NAME: {"scc": {"views": ("id", "zoom0.85", "noise", "zoom0.85+noise"), "sigma": 0.02}},
+    TINY_NAME: {"scc": {"views": ("id", "zoom0.85", "noise", "zoom0.85+noise"), "sigma": 0.02},
+                "rtpt": {"flip": False}},  # R-TPT's RandomResizedCrop+flip views: no flip for digits
 }
 
 
