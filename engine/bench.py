@@ -34,7 +34,7 @@ import torch
 
 from .data import DTD_CLASSES, TEMPLATES, load_dataset
 from .defenses import DEFENSES, Defended, defend, split_defense_name
-from .models import SccError, TINY_NAME, ZeroShotClassifier, load
+from .models import SccError, TINY_NAME, ZeroShotClassifier, image_size_of, load
 
 BACKENDS = ("eager", "compiled", "triton", "onnx")
 DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
@@ -163,18 +163,6 @@ def _sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Model and images
 # ----------------------------------------------------------------------------------------------------------
-def _image_size(model: str, pretrained: str | None) -> int:
-    """The model's input size from its open_clip config (loading the model only when there is none)."""
-    import open_clip
-
-    if model == TINY_NAME:
-        return 32
-    size = ((open_clip.get_model_config(model) or {}).get("vision_cfg") or {}).get("image_size")
-    if size is None:
-        return load(model, pretrained, labels=["a", "b"]).image_size
-    return size[0] if isinstance(size, (tuple, list)) else int(size)
-
-
 def prepare(model: str = TINY_NAME, pretrained: str | None = None, n_images: int = 8, device: str = "cpu",
             seed: int = 0, dataset: str | None = None, labels: Sequence[str] | None = None,
             templates: Sequence[str] | None = None) -> tuple[ZeroShotClassifier, torch.Tensor, torch.Tensor | None, str]:
@@ -184,7 +172,7 @@ def prepare(model: str = TINY_NAME, pretrained: str | None = None, n_images: int
     if dataset is None and model == TINY_NAME:
         dataset = "digits"
     if dataset is not None:
-        data = load_dataset(dataset, _image_size(model, pretrained), n_images)
+        data = load_dataset(dataset, image_size_of(model), n_images)
         if len(data.targets) < n_images:
             raise SccError(f"dataset {dataset} has only {len(data.targets)} images, fewer than --images {n_images}")
         if model == TINY_NAME and dataset == "digits":
