@@ -1,11 +1,7 @@
 """Triton path: scc.compiled.Engine(backend="triton") (hand-written kernels), compiled before timing."""
 import pytest
 
-try:
-    from scc.compiled import Engine  # noqa: F401
-except ImportError as err:
-    pytest.skip(f"backend triton is not available: cannot import scc.compiled.Engine ({err})",
-                allow_module_level=True)
+pytest.importorskip("scc.compiled", reason="backend triton is not available")
 
 
 def test_triton(measure):

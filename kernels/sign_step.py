@@ -21,7 +21,7 @@ from scc.models import SccError
 from scc.views import project
 
 from . import view_augment as va
-from .view_augment import store_views
+from .view_augment import row_coords, store_views
 from ._launch import constexpr, is_interpreted, jit, row_block, tl, unsupported
 
 SWITCH = "SCC_TRITON_STEP"
@@ -43,9 +43,7 @@ def _sign_step_kernel(delta_ptr, grad_ptr, x_ptr, out_ptr, noise_ptr, mean_ptr, 
     d = tl.minimum(tl.maximum(d, -x), 1.0 - x)
     tl.store(out_ptr + offs, d, mask=in_row)
     if L > 0:
-        b = row // (3 * H)
-        rest = row - b * 3 * H
-        c = rest // H
+        b, rest, c = row_coords(row, H)
         store_views(x + d, b, rest, w, in_row, noise_ptr, views_ptr, tl.load(mean_ptr + c),
                        tl.load(std_ptr + c), H, W, LN, sigma, L, FLIPS, NOISY)
 

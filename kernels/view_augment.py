@@ -31,6 +31,14 @@ SWITCH = "SCC_TRITON_VIEWS"
 # Triton kernels
 # ----------------------------------------------------------------------------------------------------------
 @jit
+def row_coords(row, H):
+    """Row index of a (B*3*H, W) view of an image batch -> (b, rest = c*H + h, c)."""
+    b = row // (3 * H)
+    rest = row - b * 3 * H
+    return b, rest, rest // H
+
+
+@jit
 def store_views(z, b, rest, w, in_row, noise_ptr, out_ptr, mean, std, H, W, LN, sigma,
                 L: constexpr, FLIPS: constexpr, NOISY: constexpr):
     """Write the L normalised views of one image row z[b, c, h, :] (`rest` = c*H + h, values at columns w).
@@ -56,9 +64,7 @@ def _views_kernel(z_ptr, noise_ptr, mean_ptr, std_ptr, out_ptr, H, W, LN, sigma,
     row = tl.program_id(0)  # (b, c, h) of z viewed as (B*3*H, W)
     w = tl.arange(0, BLOCK_W)
     in_row = w < W
-    b = row // (3 * H)
-    rest = row - b * 3 * H
-    c = rest // H
+    b, rest, c = row_coords(row, H)
     z = tl.load(z_ptr + row * W + w, mask=in_row, other=0.0)
     store_views(z, b, rest, w, in_row, noise_ptr, out_ptr, tl.load(mean_ptr + c), tl.load(std_ptr + c), H, W, LN,
                 sigma, L, FLIPS, NOISY)
@@ -70,9 +76,7 @@ def _adjoint_kernel(grad_ptr, z_ptr, noise_ptr, std_ptr, out_ptr, H, W, LN, sigm
     row = tl.program_id(0)  # (b, c, h) of grad_z viewed as (B*3*H, W)
     w = tl.arange(0, BLOCK_W)
     in_row = w < W
-    b = row // (3 * H)
-    rest = row - b * 3 * H
-    c = rest // H
+    b, rest, c = row_coords(row, H)
     z = tl.load(z_ptr + row * W + w, mask=in_row, other=0.0)
     acc = tl.zeros([BLOCK_W], dtype=tl.float32)
     for l in tl.static_range(L):
