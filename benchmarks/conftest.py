@@ -1,7 +1,8 @@
-"""pytest-benchmark suite: one benchmark per model x defense x backend, all built by `scc.bench.make_runner`.
+"""pytest-benchmark suite: one benchmark per model x defense x backend, all built by `scc.backends.make_runner`
+and timed through `scc.timing` (warm-up apart, the device synchronised inside every timed call).
 
-    pytest benchmarks/                                    # every backend whose module imports (others skip)
-    pytest benchmarks/test_eager.py --bench-images 8 --benchmark-json out.json
+    pytest benchmarks/                                    # every backend (one whose module is missing skips)
+    pytest benchmarks/ -k eager --bench-images 8 --benchmark-json out.json
     python -m scc.bench --from-benchmark-json out.json    # the Table 4 style table of that run
 
 Sizes (command-line option or environment variable; defaults finish in a few minutes on 2 CPU cores):
@@ -14,6 +15,10 @@ Sizes (command-line option or environment variable; defaults finish in a few min
     --bench-warmup      SCC_BENCH_WARMUP      1                 untimed calls before timing
     --bench-acc-images  SCC_BENCH_ACC_IMAGES  32                clean/robust accuracy images (bundled model only; 0: off)
     --bench-acc-eps     SCC_BENCH_ACC_EPS     1/255             PGD-10 radius of the robust accuracy
+    --bench-backends    SCC_BENCH_BACKENDS    eager,compiled,triton,onnx
+
+A (defense, backend) pair the defense's `Defense` record marks unsupported (R-TPT on compiled/triton/onnx) is not
+generated at all; a backend whose module cannot be imported skips with the reason; any other failure fails.
 
 Each benchmark round is one call on one batch (the rounds cycle through the batches); extra_info holds the
 per-image p20/p80, compile and warm-up seconds (outside the timed rounds), top-1 agreement with eager on the
@@ -23,14 +28,16 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 
 import pytest
 import torch
 
-from scc.bench import batches_of, hardware, make_runner, parse_defenses, percentile, prepare, versions
-from scc.defenses import defend, split_defense_name
+from scc.backends import BackendUnavailable, make_runner, parse_backends, supports
+from scc.bench import batches_of, parse_defenses, prepare
+from scc.defenses import DEFENSES, defend, split_defense_name
+from scc.env import hardware, versions
 from scc.models import SccError
+from scc.timing import summarize, timed_call, warm_up
 
 OPTIONS = {  # option -> (environment variable, default, help)
     "models": ("SCC_BENCH_MODELS", "scc-tiny-digits", "comma-separated models"),
@@ -42,6 +49,7 @@ OPTIONS = {  # option -> (environment variable, default, help)
     "warmup": ("SCC_BENCH_WARMUP", "1", "untimed warm-up calls"),
     "acc-images": ("SCC_BENCH_ACC_IMAGES", "32", "accuracy images (bundled model only; 0 = off)"),
     "acc-eps": ("SCC_BENCH_ACC_EPS", "1/255", "PGD-10 radius for the robust accuracy"),
+    "backends": ("SCC_BENCH_BACKENDS", "eager,compiled,triton,onnx", "comma-separated backends"),
 }
 
 
@@ -72,8 +80,13 @@ def pytest_generate_tests(metafunc):
             specs = parse_defenses(_setting(metafunc.config, "defenses"))
         except SccError as err:
             raise pytest.UsageError(str(err)) from None
-        cases = [(m, s) for m in models for s in specs]
-        metafunc.parametrize("case", cases, ids=[f"{m}-{s}" for m, s in cases])
+        try:
+            backends = parse_backends(_setting(metafunc.config, "backends"))
+        except SccError as err:
+            raise pytest.UsageError(str(err)) from None
+        cases = [(m, s, b) for m in models for s in specs for b in backends
+                 if supports(DEFENSES[split_defense_name(s)[0]], b)]
+        metafunc.parametrize("case", cases, ids=[f"{m}-{s}-{b}" for m, s, b in cases])
 
 
 @pytest.fixture(scope="session")
@@ -113,11 +126,6 @@ def bench_data(bench_settings):
     return get
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _accuracy(run, defended, x, y, batch_size) -> float:
     correct = 0
     with torch.no_grad():
@@ -128,10 +136,10 @@ def _accuracy(run, defended, x, y, batch_size) -> float:
 
 @pytest.fixture
 def measure(benchmark, case, bench_settings, bench_data):
-    """measure(backend): benchmark `case` = (model, defense) on `backend` via scc.bench.make_runner."""
+    """measure(): benchmark `case` = (model, defense, backend) via scc.backends.make_runner and scc.timing."""
 
-    def run_case(backend: str) -> None:
-        model, spec = case
+    def run_case() -> None:
+        model, spec, backend = case
         s = bench_settings
         data = bench_data(model)
         clf, bs = data["clf"], s["batch_size"]
@@ -143,45 +151,36 @@ def measure(benchmark, case, bench_settings, bench_data):
             raise pytest.UsageError(str(err)) from None
         draws = [defended.draws(b) for b in batches]
         try:
-            run, compile_seconds = make_runner(defended, backend, bs)
-        except SccError as err:  # the module is missing, or the backend refuses this defense/device
+            run = make_runner(defended, backend, bs)
+        except BackendUnavailable as err:  # only a missing module: unsupported pairs are never generated
             pytest.skip(str(err))
         device = batches[0].device
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            for _ in range(s["warmup"]):
-                run(batches[0], draws[0])
-            _sync(device)
-        warmup_seconds = time.perf_counter() - t0
-
+        warmup_seconds = warm_up(lambda: run(batches[0], draws[0]), device, s["warmup"])
         calls = itertools.cycle(zip(batches, draws))
 
         def setup():
             return next(calls), {}
 
         def target(x, d):
-            out = run(x, d)
-            _sync(device)
-            return out
+            return timed_call(lambda: run(x, d), device)[1]
 
         benchmark.group = model
         with torch.no_grad():
             benchmark.pedantic(target, setup=setup, rounds=len(batches), iterations=1)
-            if backend == "eager":
-                agreement = 1.0
-            else:  # top-1 of this backend vs eager on the same images and draws (untimed)
+            agreement = None  # eager is the reference
+            if backend != "eager":  # top-1 of this backend vs eager on the same images and draws (untimed)
                 same = sum((run(b, d).argmax(-1).cpu() == defended(b, d).argmax(-1).cpu()).sum().item()
                            for b, d in zip(batches, draws))
                 agreement = same / (len(batches) * bs)
         info = benchmark.extra_info
         stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable
         if stats is not None and stats.data:
-            per_image = [t / bs for t in stats.data]
-            info.update(p20=percentile(per_image, 0.2), p80=percentile(per_image, 0.8))
+            summary = summarize(stats.data, per=bs)
+            info.update(seconds_per_image=summary["median"], p20=summary["p20"], p80=summary["p80"])
         info.update(model=model, pretrained=s["pretrained"], defense=name, preset=preset, spec=spec, backend=backend,
-                    batch_size=bs, n_images=len(batches) * bs, pixels=data["pixels"], compile_seconds=compile_seconds,
-                    warmup_seconds=warmup_seconds, top1_agreement=agreement, hardware=hardware(device),
-                    versions=versions())
+                    batch_size=bs, n_images=len(batches) * bs, pixels=data["pixels"],
+                    compile_seconds=run.compile_seconds, warmup_seconds=warmup_seconds, top1_agreement=agreement,
+                    hardware=hardware(device), versions=versions())
         if data["acc"] is not None:
             x_clean, x_adv, y = data["acc"]
             info.update(clean_acc=_accuracy(run, defended, x_clean, y, bs),

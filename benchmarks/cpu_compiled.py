@@ -3,23 +3,24 @@
     .venv/bin/python benchmarks/cpu_compiled.py                                   # bundled model, B = 1 and 8
     .venv/bin/python benchmarks/cpu_compiled.py --model ViT-B-32 --defenses ttc --batch-sizes 1 --calls 3
 
-Timing: after the engine's warm-up (its compile time is reported separately), eager and compiled calls
-alternate in rounds and each keeps its best round (the machine is shared: the minimum is the least disturbed
-estimate). One intra-op thread by default (see --threads). Writes benchmarks/results/cpu-compiled-<model>.json.
+Timing (scc.timing): after the engine's warm-up (its compile time is reported separately), eager and compiled
+calls alternate in rounds, so both see the same machine load; each side reports the median and p20/p80 of all
+its calls. One intra-op thread by default (see --threads), recorded with the hardware and versions in
+benchmarks/results/cpu-compiled-<model>.json.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import platform
-import time
 from pathlib import Path
 
 import torch
 
 import scc
-from scc.compiled import Engine
+from scc.backends import make_runner
 from scc.data import DTD_CLASSES, load_dataset
+from scc.env import hardware, versions
+from scc.timing import summarize, time_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,30 +34,26 @@ def classifier(model: str) -> tuple[scc.ZeroShotClassifier, torch.Tensor]:
     return clf, torch.rand(16, 3, clf.image_size, clf.image_size, generator=gen)
 
 
-def best_round(fn, calls: int, rounds_done: list[float]) -> None:
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    rounds_done.append((time.perf_counter() - start) / calls)
-
-
 def measure(clf, images, defense: str, batch: int, calls: int, rounds: int, backend: str) -> dict:
     defended = scc.defend(clf, defense, seed=0)
     x = images[:batch]
     draws = defended.draws(x)
-    engine = Engine(defended, backend=backend, max_batch=batch)
-    compile_s = engine.warmup(batch)
-    eager_out, engine_out = defended(x, draws), engine(x, draws)
+    eager, engine = make_runner(defended, "eager", batch), make_runner(defended, backend, batch)
+    with torch.no_grad():
+        eager_out, engine_out = eager(x, draws), engine(x, draws)
     eager_t, engine_t = [], []
-    for _ in range(rounds):
-        best_round(lambda: defended(x, draws), calls, eager_t)
-        best_round(lambda: engine(x, draws), calls, engine_t)
-    eager_s, engine_s = min(eager_t), min(engine_t)
-    return {"defense": defense, "batch": batch, "backend": backend, "compile_s": round(compile_s, 2),
-            "eager_ms_per_image": round(eager_s / batch * 1e3, 3), "engine_ms_per_image": round(engine_s / batch * 1e3, 3),
-            "speedup": round(eager_s / engine_s, 2),
+    for _ in range(rounds):  # alternate, so both sides share the machine's load
+        eager_t += time_calls(lambda: eager(x, draws), x.device, calls)
+        engine_t += time_calls(lambda: engine(x, draws), x.device, calls)
+    e, c = summarize(eager_t, per=batch), summarize(engine_t, per=batch)
+    return {"defense": defense, "batch": batch, "backend": backend, "compile_s": round(engine.compile_seconds, 2),
+            "eager_ms_per_image": round(e["median"] * 1e3, 3),
+            "eager_p20_p80_ms": [round(e["p20"] * 1e3, 3), round(e["p80"] * 1e3, 3)],
+            "engine_ms_per_image": round(c["median"] * 1e3, 3),
+            "engine_p20_p80_ms": [round(c["p20"] * 1e3, 3), round(c["p80"] * 1e3, 3)],
+            "speedup": round(e["median"] / c["median"], 2), "timed_calls_each": c["calls"],
             "top1_agreement": (eager_out.argmax(1) == engine_out.argmax(1)).float().mean().item(),
-            "max_abs_logit_diff": (eager_out - engine_out).abs().max().item(), "kernels": engine.kernels}
+            "max_abs_logit_diff": (eager_out - engine_out).abs().max().item(), "kernels": engine.details["kernels"]}
 
 
 def main() -> None:
@@ -67,7 +64,7 @@ def main() -> None:
     p.add_argument("--backend", default="compiled", choices=("compiled", "triton"))
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calls", type=int, default=10, help="calls per timed round")
-    p.add_argument("--rounds", type=int, default=5, help="alternating rounds; each side keeps its best")
+    p.add_argument("--rounds", type=int, default=5, help="alternating eager/engine rounds (median over all calls)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     clf, images = classifier(args.model)
@@ -79,8 +76,9 @@ def main() -> None:
             rows.append(row)
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"cpu-compiled-{args.model}.json"
-    out.write_text(json.dumps({"model": args.model, "threads": args.threads, "torch": torch.__version__,
-                               "cpu": platform.processor() or platform.machine(), "rows": rows}, indent=1))
+    out.write_text(json.dumps({"model": args.model, "threads": args.threads, "hardware": hardware("cpu"),
+                               "versions": versions(), "statistic": "median over calls, p20/p80 beside it",
+                               "rows": rows}, indent=1))
     print(f"wrote {out}")
 
 

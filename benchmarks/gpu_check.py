@@ -27,11 +27,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -64,34 +61,11 @@ def random_vit_classifier(vit: str = "b32", device: str = "cpu", seed: int = 0):
     return clf.to(device)
 
 
-def sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_calls(fn, device: str, calls: int) -> list[float]:
-    out = []
-    for _ in range(calls):
-        sync(device)
-        start = time.perf_counter()
-        fn()
-        sync(device)
-        out.append(time.perf_counter() - start)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
-def step_env(report: dict) -> None:
-    import importlib.metadata as md
+def step_env(report: dict, device: str) -> None:
+    from scc.env import hardware, versions
 
-    env = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for pkg in ("triton", "torchvision"):
-        try:
-            env[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            env[pkg] = None
-    if torch.cuda.is_available():
-        env["gpu"] = torch.cuda.get_device_name()
+    env = {**versions(), **hardware(device), "cuda": torch.version.cuda}
     report["env"] = env
     print(json.dumps(env), flush=True)
 
@@ -131,9 +105,6 @@ def step_kernels(report: dict, batch_sizes: list[int]) -> None:
                                      (4 + 1 + 2 + 1) * x.numel() * 4),
             "sign_step": (lambda: ss.sign_step(d, g, x, 1 / 255, 4 / 255),
                           lambda: ss.sign_step_ref(d, g, x, 1 / 255, 4 / 255), 4 * x.numel() * 4),
-            "sign_step_views": (lambda: ss.sign_step_views(d, g, x, 1 / 255, 4 / 255, flips, noisy, noise, sigma, mean, std),
-                                lambda: ss.sign_step_views_ref(d, g, x, 1 / 255, 4 / 255, flips, noisy, noise, sigma, mean, std),
-                                (4 + 2 + 4) * x.numel() * 4),
         }
         for name, (kernel, ref, nbytes) in cases.items():
             row = {"op": name, "batch": B, "bytes": nbytes}
@@ -153,9 +124,11 @@ def step_kernels(report: dict, batch_sizes: list[int]) -> None:
 
 def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mode: str | None, device: str,
             calls: int, reference: dict) -> dict:
-    """One latency row; `reference` caches eager fp32 logits per (defense, batch) for the agreement column."""
+    """One latency row through scc.backends.make_runner and scc.timing; `reference` caches eager fp32 logits per
+    (defense, batch) for the agreement column."""
     import scc
-    from scc.compiled import Engine, engine_classifier
+    from scc.backends import make_runner
+    from scc.timing import summarize, time_calls, warm_up
 
     x = images[:batch]
     defended = scc.defend(clf, defense, seed=0)
@@ -164,20 +137,17 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
     if key not in reference:
         with torch.no_grad():
             reference[key] = defended(x, draws)
-    row = {"defense": defense, "backend": backend, "dtype": dtype, "batch": batch, "mode": None, "compile_s": 0.0}
-    if backend == "eager":
-        if dtype != "fp32":  # the engine's own bf16 tower, run eagerly
-            defended = scc.defend(engine_classifier(clf, DTYPES[dtype]), defense, seed=0)
-        run = lambda: defended(x, draws)  # noqa: E731
-    else:
-        engine = Engine(defended, backend=backend, max_batch=batch, mode=mode, dtype=DTYPES[dtype])
-        row.update(mode=mode, compile_s=round(engine.warmup(batch), 2), kernels=engine.kernels)
-        run = lambda: engine(x, draws)  # noqa: E731
-    out = run()
-    seconds = time_calls(run, device, calls)
-    med = statistics.median(seconds)
-    row.update(ms_per_call=round(med * 1e3, 3), ms_per_image=round(med / batch * 1e3, 4),
-               p20_ms=round(sorted(seconds)[len(seconds) // 5] * 1e3, 3),
+    runner = make_runner(defended, backend, batch, dtype=DTYPES[dtype], mode=mode if backend != "eager" else None)
+    row = {"defense": defense, "backend": backend, "dtype": dtype, "batch": batch,
+           "mode": mode if backend != "eager" else None, "compile_s": round(runner.compile_seconds or 0.0, 2),
+           **({"kernels": runner.details["kernels"]} if "kernels" in runner.details else {})}
+    run = lambda: runner(x, draws)  # noqa: E731
+    row["warmup_s"] = round(warm_up(run, device, 1), 3)
+    with torch.no_grad():
+        out = run()
+    stats = summarize(time_calls(run, device, calls), per=batch)
+    row.update(ms_per_image=round(stats["median"] * 1e3, 4), p20_ms_per_image=round(stats["p20"] * 1e3, 4),
+               p80_ms_per_image=round(stats["p80"] * 1e3, 4), timed_calls=stats["calls"],
                top1_agreement_vs_eager_fp32=(out.argmax(1) == reference[key].argmax(1)).float().mean().item(),
                max_abs_logit_diff=(out.float() - reference[key]).abs().max().item())
     return row
@@ -243,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
               "in the repository first", file=sys.stderr)
         return 2
     if "env" in steps:
-        step_env(report)
+        step_env(report, args.device)
         write()
     if "tests" in steps:
         step_tests(report)

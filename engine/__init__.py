@@ -5,12 +5,12 @@
     defended = scc.defend(clf, "scc", preset="paper")  # nn.Module: [0,1] NCHW pixels -> logits
 """
 from .models import SccError, ZeroShotClassifier, load
-from .defenses import Defended, defend, make_config, DEFENSES, PRESETS
+from .defenses import DEFENSES, PRESETS, Defended, Defense, defend, make_config
 from .ttc import TTCConfig
 from .scc_defense import SCCConfig
 
 __version__ = "0.1.0"
-__all__ = ["SccError", "ZeroShotClassifier", "load", "Defended", "defend", "make_config", "DEFENSES",
+__all__ = ["SccError", "ZeroShotClassifier", "load", "Defended", "Defense", "defend", "make_config", "DEFENSES",
            "PRESETS", "TTCConfig", "SCCConfig", "__version__"]
 
 

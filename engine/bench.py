@@ -20,92 +20,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
-import statistics
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
+from .backends import BACKENDS, BackendUnavailable, make_runner, parse_backends
+from .cost import count_row, format_explain
 from .data import DTD_CLASSES, TEMPLATES, load_dataset
-from .defenses import DEFENSES, Defended, defend, split_defense_name
+from .defenses import DEFENSES, defend, split_defense_name
+from .env import busy_warning, hardware, versions
 from .models import SccError, TINY_NAME, ZeroShotClassifier, image_size_of, load
+from .timing import summarize, timed_call, warm_up
 
-BACKENDS = ("eager", "compiled", "triton", "onnx")
 DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
 
 # SCC project page, Table 4 (DTD; hardware not stated): seconds per image and robust accuracy (PGD-10, 1/255)
 PAPER = {"rtpt": (0.37, 32.8), "ttc": (0.012, 27.4), "scc": (0.0125, 34.6)}
-
-# Spec section 5, per image: image-encoder forwards, backwards, text-encoder forwards, backwards, sequential
-# rounds. A backward shares its forward's round (TTC: reference, 2 steps, final = 4). R-TPT "minimal
-# equivalent": 1 image round, then text forward+backward (the tuning step), then the tuned text forward.
-SPEC_PASSES = {
-    "none": (1, 0, 0, 0, 1),
-    "ttc": (4, 2, 0, 0, 4),
-    "scc": (19, 14, 0, 0, 7),
-    "scc-latency": (10, 5, 0, 0, 4),
-    "rtpt": (64, 0, 2, 1, 3),
-}
-PASS_KEYS = ("image_forwards", "image_backwards", "text_forwards", "text_backwards", "rounds")
-
-
-class BackendUnavailable(SccError):
-    """The backend's module or runtime cannot be used here (not an error in the user's command)."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Backends: the one place that knows how each backend is built and called
-# ----------------------------------------------------------------------------------------------------------
-def make_runner(defended: Defended, backend: str, batch_size: int,
-                workdir: str | None = None) -> tuple[Callable[[torch.Tensor, dict], torch.Tensor], float | None]:
-    """(run(x, draws) -> logits, compile_seconds) for `backend`; compile_seconds is None when it has none.
-
-    compiled/triton: scc.compiled.Engine, compiled for `batch_size` here (warmup). onnx: exported with the
-    draws as inputs to `workdir` (a temporary folder by default) and run by onnxruntime. A backend whose module
-    is missing, or that cannot build this defense, raises BackendUnavailable with the reason.
-    """
-    if backend not in BACKENDS:
-        raise SccError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    if backend == "eager":
-        return (lambda x, draws: defended(x, draws)), None
-    what = f"{defended.defense}" + ("" if defended.preset == "paper" else f"-{defended.preset}")
-    try:
-        if backend in ("compiled", "triton"):
-            from .compiled import Engine
-        else:
-            from .export import OrtDefended, export_onnx
-    except ImportError as err:
-        module = "scc.compiled.Engine" if backend != "onnx" else "scc.export.export_onnx/OrtDefended"
-        raise BackendUnavailable(f"backend {backend} is not available: cannot import {module} ({err}); "
-                                 f"use --backends eager") from err
-    try:
-        if backend in ("compiled", "triton"):
-            engine = Engine(defended, backend=backend, max_batch=batch_size, mode=None, dtype=torch.float32)
-            compile_seconds = float(engine.warmup(batch_size))
-            return (lambda x, draws: engine(x, draws)), compile_seconds
-        folder = Path(workdir or tempfile.mkdtemp(prefix="scc-bench-"))
-        path = folder / f"{defended.classifier.name}-{what}-b{batch_size}.onnx"
-        info = export_onnx(defended, str(path), batch_size=batch_size, draws_as_inputs=True)
-        session = OrtDefended(info.get("path", str(path)))
-        return (lambda x, draws: torch.as_tensor(session(x, draws or None))), float(info["seconds"])
-    except (SccError, RuntimeError, NotImplementedError) as err:  # the backend refuses this defense or device
-        message = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise BackendUnavailable(f"backend {backend} cannot run {what}: {type(err).__name__}: {message}") from err
-
-
-def parse_backends(text: str) -> list[str]:
-    names = [b.strip().lower() for b in text.split(",") if b.strip()]
-    unknown = [b for b in names if b not in BACKENDS]
-    if unknown or not names:
-        raise SccError(f"unknown backend(s) {unknown or [text]}; choose from {', '.join(BACKENDS)} (comma-separated)")
-    return names
-
 
 def parse_defenses(text: str) -> list[str]:
     specs = [d.strip().lower() for d in text.split(",") if d.strip()]
@@ -116,48 +48,6 @@ def parse_defenses(text: str) -> list[str]:
         if name not in DEFENSES:
             raise SccError(f"unknown defense {spec!r}; choose from {sorted(DEFENSES)} or name-preset, e.g. scc-latency")
     return specs
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Environment
-# ----------------------------------------------------------------------------------------------------------
-def hardware(device: str | torch.device = "cpu") -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "platform": platform.platform(), "device": str(device)}
-    if torch.device(device).type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-        info["gpu_count"] = torch.cuda.device_count()
-        info["cuda"] = torch.version.cuda
-    return info
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for key, packages in (("torchvision", ["torchvision"]), ("open_clip", ["open_clip_torch"]), ("triton", ["triton"]),
-                          ("onnxruntime", ["onnxruntime-gpu", "onnxruntime"]), ("onnx", ["onnx"]),
-                          ("numpy", ["numpy"]), ("scc", ["scc-defense"])):
-        for package in packages:
-            try:
-                out[key] = md.version(package)
-                break
-            except md.PackageNotFoundError:
-                continue
-    return out
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -191,80 +81,25 @@ def prepare(model: str = TINY_NAME, pretrained: str | None = None, n_images: int
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Counting passes (--explain)
-# ----------------------------------------------------------------------------------------------------------
-def count_row(clf: ZeroShotClassifier, spec: str, x: torch.Tensor, seed: int = 0) -> dict:
-    """Encoder passes per image of defense `spec`, counted in a real eager run on one image."""
-    from .cost import count_passes
-
-    name, preset = split_defense_name(spec)
-    defended = defend(clf, name, preset=preset, seed=seed)
-    with count_passes(clf, 1) as counter:
-        defended(x[:1])
-    measured = counter.summary()
-    measured["rounds"] = counter.image_rounds + counter.text_rounds
-    expected = SPEC_PASSES.get(spec)
-    row = {"defense": spec, "measured": {k: measured[k] for k in PASS_KEYS},
-           "expected": dict(zip(PASS_KEYS, expected)) if expected else None,
-           "text_prompts": clf.num_classes if measured["text_forwards"] else 0}
-    row["match"] = None if expected is None else all(row["measured"][k] == row["expected"][k] for k in PASS_KEYS)
-    return row
-
-
-def format_explain(rows: list[dict], model: str) -> str:
-    head = (f"{'defense':<14}{'img fwd':>9}{'img bwd':>9}{'text fwd':>10}{'text bwd':>10}{'rounds':>8}"
-            f"{'img fwd-eq':>12}   spec section 5 (fwd/bwd/text fwd/text bwd/rounds)")
-    lines = [f"encoder passes per image, counted in an eager run of {model} on one image "
-             f"(a backward shares its forward's round; fwd-eq = fwd + 2 x bwd)", head, "-" * len(head)]
-    for r in rows:
-        m = r["measured"]
-        fmt = lambda v: f"{v:g}"
-        spec = ("/".join(fmt(r["expected"][k]) for k in PASS_KEYS) + ("  ok" if r["match"] else "  MISMATCH")
-                if r["expected"] else "not in the spec table")
-        lines.append(f"{r['defense']:<14}{fmt(m['image_forwards']):>9}{fmt(m['image_backwards']):>9}"
-                     f"{m['text_forwards']:>10}{m['text_backwards']:>10}{m['rounds']:>8}"
-                     f"{fmt(m['image_forwards'] + 2 * m['image_backwards']):>12}   {spec}")
-        if r["text_prompts"]:
-            lines[-1] += f"  (each text pass: {r['text_prompts']} prompts)"
-    return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Timing
 # ----------------------------------------------------------------------------------------------------------
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear-interpolated q-quantile (q in [0, 1])."""
-    s = sorted(values)
-    pos = q * (len(s) - 1)
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
-
-
 def batches_of(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     if batch_size < 1 or len(x) < batch_size or len(x) % batch_size:
         raise SccError(f"--images ({len(x)}) must be a positive multiple of --batch-size ({batch_size})")
     return [x[i: i + batch_size] for i in range(0, len(x), batch_size)]
 
 
-def time_calls(run: Callable, batches: list[torch.Tensor], draws: list[dict], warmup: int = 1,
-               repeats: int = 1) -> tuple[list[float], list[torch.Tensor], float]:
-    """(seconds per call, logits of the first pass over the batches, warm-up seconds)."""
+def time_batches(run: Callable, batches: list[torch.Tensor], draws: list[dict], warmup: int = 1,
+                 repeats: int = 1) -> tuple[list[float], list[torch.Tensor], float]:
+    """(seconds per call, logits of the first pass over the batches, warm-up seconds), via scc.timing."""
     device = batches[0].device
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(warmup):
-            run(batches[0], draws[0])
-        _sync(device)
-    warmup_seconds = time.perf_counter() - t0
+    warmup_seconds = warm_up(lambda: run(batches[0], draws[0]), device, warmup)
     seconds, outputs = [], []
     with torch.no_grad():
         for rep in range(repeats):
             for x, d in zip(batches, draws):
-                _sync(device)
-                t0 = time.perf_counter()
-                out = run(x, d)
-                _sync(device)
-                seconds.append(time.perf_counter() - t0)
+                t, out = timed_call(lambda: run(x, d), device)
+                seconds.append(t)
                 if rep == 0:
                     outputs.append(out.detach().float().cpu())
     return seconds, outputs, warmup_seconds
@@ -278,7 +113,10 @@ def agreement(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> flo
 def measure(clf: ZeroShotClassifier, specs: Sequence[str], backends: Sequence[str], x: torch.Tensor,
             batch_size: int = 1, warmup: int = 1, repeats: int = 1, seed: int = 0,
             log: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
-    """(rows, skipped): one row per defense x backend; skipped lists unavailable backends with the reason."""
+    """(rows, skipped): one row per defense x backend; skipped lists what a backend cannot run, with the reason.
+
+    `top1_agreement` compares a backend's top-1 with the eager backend's on the same images and draws; the
+    eager row is the reference itself (None)."""
     batches = batches_of(x, batch_size)
     rows, skipped = [], []
     for spec in specs:
@@ -290,25 +128,25 @@ def measure(clf: ZeroShotClassifier, specs: Sequence[str], backends: Sequence[st
             if any(s["backend"] == backend and s["defense"] == "*" for s in skipped):
                 continue  # its module is missing: said once
             try:
-                run, compile_seconds = make_runner(defended, backend, batch_size)
+                runner = make_runner(defended, backend, batch_size)
             except BackendUnavailable as err:
                 missing = isinstance(err.__cause__, ImportError)
                 skipped.append({"defense": "*" if missing else spec, "backend": backend, "reason": str(err)})
                 if log:
                     log(f"skipping {'every defense' if missing else spec} on {backend}: {err}")
                 continue
-            seconds, outputs, warmup_seconds = time_calls(run, batches, draws, warmup, repeats)
+            seconds, outputs, warmup_seconds = time_batches(runner, batches, draws, warmup, repeats)
             if backend == "eager":
                 reference = outputs
             elif reference is None:  # the eager reference on the same draws, untimed
                 with torch.no_grad():
                     reference = [defended(b, d).float().cpu() for b, d in zip(batches, draws)]
-            per_image = [s / batch_size for s in seconds]
+            stats = summarize(seconds, per=batch_size)
             rows.append({"defense": name, "preset": preset, "spec": spec, "backend": backend,
-                         "seconds_per_image": statistics.median(per_image), "p20": percentile(per_image, 0.2),
-                         "p80": percentile(per_image, 0.8), "compile_seconds": compile_seconds,
-                         "warmup_seconds": warmup_seconds, "timed_calls": len(seconds),
-                         "top1_agreement": agreement(outputs, reference)})
+                         "seconds_per_image": stats["median"], "p20": stats["p20"], "p80": stats["p80"],
+                         "compile_seconds": runner.compile_seconds, "warmup_seconds": warmup_seconds,
+                         "timed_calls": stats["calls"],
+                         "top1_agreement": None if backend == "eager" else agreement(outputs, reference)})
             if log:
                 log(f"{spec:<14}{backend:<10}{rows[-1]['seconds_per_image']:.4f} s/image")
     return rows, skipped
@@ -446,6 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps({**report, "explain": rows}, indent=2))
         return 0 if all(r["match"] is not False for r in rows) else 1
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    busy = busy_warning()
+    if busy:
+        log(busy)
     rows, skipped = measure(clf, specs, backends, x, args.batch_size, args.warmup, args.repeats, args.seed, log)
     if not rows:
         raise SccError("no backend could run: " + "; ".join(s["reason"] for s in skipped))

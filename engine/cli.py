@@ -53,7 +53,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = run(args.model, args.pretrained, args.dataset, defenses=args.defenses.split(","), attacks=attacks,
                  n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
                  attack_steps=args.steps, progress=not args.quiet,
-                 templates=args.templates.split("|") if args.templates else None)
+                 templates=args.templates.split("|") if args.templates else None, backend=args.backend)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(format_table(report))
@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--attacks", default="pgd", help="comma-separated: pgd, cw (none for clean only)")
     p.add_argument("--eps", default="1/255", help="comma-separated attack radii, e.g. 1/255,4/255")
     p.add_argument("--steps", type=int, default=10, help="attack steps (default: %(default)s)")
+    p.add_argument("--backend", default="eager", choices=("eager", "compiled", "triton", "onnx"),
+                   help="how the defenses run (scc.backends; default: %(default)s)")
     p.add_argument("--no-clean", dest="clean", action="store_false", help="skip the clean-accuracy rows")
     p.add_argument("--images", type=int, default=None, help="first N images")
     p.add_argument("--batch-size", type=int, default=64)

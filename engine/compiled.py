@@ -5,7 +5,7 @@
     logits = engine(x)                    # draws default to defended.draws(x), exactly as the eager module's
 
 One graph holds the whole procedure (warm-up counterattack, views, prototype, corrective steps, view-averaged
-logits): the defense's own function `scc.DEFENSES[name][1]` traced with fullgraph=True and dynamic=False, its
+logits): the defense's own procedure `scc.DEFENSES[name].procedure` traced with fullgraph=True and dynamic=False, its
 gradients from torch.func.grad, its randomness only from the draw tensors passed in (no RNG call in the graph).
 
 Batches: a request of n images is cut into chunks of at most `max_batch`; a chunk runs in the smallest bucket
@@ -21,11 +21,12 @@ The engine owns its graphs and its copy of the classifier (weights shared with t
   - on CPU attention runs as SDPA's math decomposition, which Inductor fuses (flash attention for 17 tokens
     costs more than the attention itself).
 backend="triton" routes the sign steps and the forward-only view batches (Stage 3, a separate Stage 1) through
-scc.kernels; views inside gradient closures stay torch ops that Inductor fuses, because a custom op's autograd
-does not run under torch.func.grad (PyTorch #170834). `engine.kernels` says what actually runs: on CPU without
-TRITON_INTERPRET=1, or with zoom views, the torch references.
-One engine serves one caller at a time: the kernel switch is process-global while a call runs, and CUDA-graph
-outputs are cloned before the next replay can overwrite them.
+scc.kernels: the engine's classifier copy carries the launchers (`classifier.kernels`), so the choice is the
+engine's own and two engines with different kernels can serve in one process. Views inside gradient closures
+stay torch ops that Inductor fuses, because a custom op's autograd does not run under torch.func.grad (PyTorch
+#170834). `engine.kernels` says what actually runs: on CPU without TRITON_INTERPRET=1, or with zoom views, the
+torch references. One engine serves one caller at a time (CUDA-graph outputs are cloned before the next replay
+can overwrite them).
 mode: None, "max-autotune-no-cudagraphs", or on CUDA "reduce-overhead" / "max-autotune" (CUDA graphs;
 outputs are cloned out of the graph's memory).
 """
@@ -39,12 +40,11 @@ import warnings
 
 import torch
 import torch.nn as nn
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .defenses import DEFENSES, Defended
+from .defenses import Defended
 from .models import SccError, ZeroShotClassifier
+from .plumbing import attention, example_inputs, padded_chunks, power_of_two_buckets, validate_draws, validate_pixels
 from .scc_defense import SCCConfig
-from .views import use_kernels
 
 BACKENDS = ("compiled", "triton")
 MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -87,8 +87,10 @@ class CastVisual(nn.Module):
         return self.visual(x.to(self.dtype)).float()
 
 
-def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float32) -> ZeroShotClassifier:
-    """The engine's classifier: the image tower re-assembled (patch convs as matmuls, `dtype`), text buffer as is."""
+def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float32,
+                      kernels: dict | None = None) -> ZeroShotClassifier:
+    """The engine's classifier: the image tower re-assembled (patch convs as matmuls, `dtype`), text buffer as
+    is, and the hand kernels its defenses call (`kernels`, see scc.views.embed_views; none = torch ops)."""
     if dtype == torch.float32:  # copy the module tree, share every tensor
         memo = {id(t): t for t in (*clf.visual.parameters(), *clf.visual.buffers())}
         visual = copy.deepcopy(clf.visual, memo)
@@ -103,6 +105,7 @@ def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float3
     out = ZeroShotClassifier(visual, clf.text, clf.logit_scale, clf.image_size, clf.labels, name=clf.name,
                              mean=tuple(clf.mean.flatten().tolist()), std=tuple(clf.std.flatten().tolist()))
     out.text = clf.text  # bit-exact (the constructor re-normalises)
+    out.kernels = dict(kernels or {})
     return out.to(clf.text.device)
 
 
@@ -137,25 +140,21 @@ class Engine:
             raise SccError(f"unknown compile mode {mode!r}; choose from {MODES}")
         if dtype not in DTYPES:
             raise SccError(f"dtype must be torch.float32 or torch.bfloat16, got {dtype}")
-        if not isinstance(max_batch, int) or max_batch < 1:
-            raise SccError(f"max_batch must be a positive integer, got {max_batch!r}")
+        defended.spec.require(backend, "compiles")
         self.defended, self.backend, self.mode, self.dtype = defended, backend, mode, dtype
+        self.buckets = power_of_two_buckets(max_batch)
         self.max_batch = max_batch
         self.device = defended.classifier.text.device
         self.cuda_graphs = mode in CUDA_GRAPH_MODES
         if self.cuda_graphs and self.device.type != "cuda":
             raise SccError(f"mode {mode!r} captures CUDA graphs and needs a CUDA model, this one is on "
                            f"{self.device}; use mode=None")
-        self.buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
-        self.classifier = engine_classifier(defended.classifier, dtype)
-        self.procedure = DEFENSES[defended.defense][1]
-        self.math_attention = self.device.type == "cpu"  # SDPA's math decomposition, fused by Inductor (see top)
-        probe = torch.zeros(1, 3, self.classifier.image_size, self.classifier.image_size, device=self.device)
-        self.draw_keys = tuple(sorted(self._dummy_draws(probe)))
+        self.procedure = defended.spec.procedure
+        self.draw_keys = tuple(sorted(defended.spec.draw_specs))
         self.kernels: dict[str, str] = {"sign_step": "torch (compiled)", "view_augment": "torch (compiled)"}
-        self._launchers: dict = {}
+        launchers: dict = {}
         if backend == "triton":
-            self._launchers = kernel_launchers()
+            launchers = kernel_launchers()
             self.kernels = kernel_status(self.device)
             views = defended.config.stage_views() if isinstance(defended.config, SCCConfig) else ()
             if not views:
@@ -166,28 +165,24 @@ class Engine:
             if fallback:
                 warnings.warn(f"scc.compiled.Engine(backend='triton') on {self.device}: "
                               + "; ".join(f"{k} runs its {v}" for k, v in fallback.items()), stacklevel=2)
+        self.classifier = engine_classifier(defended.classifier, dtype, launchers)
         self.compile_seconds: dict[int, float] = {}  # bucket -> seconds of its first (compiling) call
         self.trace_compile_seconds: dict[int, float] = {}  # the same for the traced graphs (tests, diagnostics)
         self._graphs: dict[tuple[int, bool], object] = {}
 
     # ------------------------------------------------------------------------------------------------------
-    def _dummy_draws(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Draws for warm-up inputs from a private generator (the defended module's own stays untouched)."""
-        gen = torch.Generator(device=x.device).manual_seed(0)
-        return DEFENSES[self.defended.defense][2](x, self.defended.config, generator=gen)
-
     def _graph(self, bucket: int, traced: bool):
         key = (bucket, traced)
         if key not in self._graphs:
-            procedure, clf, cfg, keys = self.procedure, self.classifier, self.defended.config, self.draw_keys
-            math_attention = self.math_attention
+            procedure, clf, cfg, keys, device = self.procedure, self.classifier, self.defended.config, \
+                self.draw_keys, self.device
 
             def defense(x, *draws):
                 kwargs = dict(zip(keys, draws))
                 trace = [] if traced else None
                 if traced:
                     kwargs["trace"] = trace
-                with sdpa_kernel(SDPBackend.MATH) if math_attention else contextlib.nullcontext():
+                with attention("compile", device):
                     logits = procedure(clf, x, cfg, **kwargs)
                 return (logits, *trace) if traced else logits
 
@@ -198,9 +193,9 @@ class Engine:
 
     def _run(self, bucket: int, traced: bool, x: torch.Tensor, draws: list[torch.Tensor]):
         # Once a graph is compiled its guards are skipped: it is the only entry of its own code object and the
-        # inputs are checked here instead (shape = bucket, float32, device, contiguous; no grad; same kernels).
+        # inputs are checked here instead (shape = bucket, float32, device, contiguous; no grad).
         compiled = bucket in self._times(traced)
-        with use_kernels(**self._launchers), torch.no_grad(), \
+        with torch.no_grad(), \
                 torch.compiler.set_stance(skip_guard_eval_unsafe=True) if compiled else contextlib.nullcontext():
             out = self._graph(bucket, traced)(x, *draws)
         return out if isinstance(out, tuple) else (out,)
@@ -217,10 +212,7 @@ class Engine:
     def _compile(self, bucket: int, traced: bool) -> float:
         times = self._times(traced)
         if bucket not in times:
-            gen = torch.Generator(device=self.device).manual_seed(0)
-            size = self.classifier.image_size
-            x = torch.rand(bucket, 3, size, size, generator=gen, device=self.device)
-            draws = self._dummy_draws(x)
+            x, draws = example_inputs(self.defended, bucket, device=self.device)
             args = [draws[k] for k in self.draw_keys]
             start = time.perf_counter()
             try:
@@ -245,44 +237,24 @@ class Engine:
         return self._compile(next(b for b in self.buckets if b >= batch_size), traced=False)
 
     # ------------------------------------------------------------------------------------------------------
-    def _check(self, x: torch.Tensor, draws: dict) -> list[torch.Tensor]:
-        if not isinstance(x, torch.Tensor):
-            raise SccError(f"expected a torch.Tensor of pixels, got {type(x).__name__}")
-        self.defended.classifier.check_shape(x)
-        if x.dtype != torch.float32 or x.device != self.device:
-            raise SccError(f"expected float32 pixels on {self.device}, got {x.dtype} on {x.device}; "
-                           f"use x.float().to({str(self.device)!r})")
-        if sorted(draws) != sorted(self.draw_keys):
-            raise SccError(f"draws for {self.defended.defense} need the keys {list(self.draw_keys)}, got {sorted(draws)}")
-        out = []
-        for k in self.draw_keys:
-            t = draws[k]
-            if t.shape[0] != x.shape[0] or t.dtype != torch.float32 or t.device != self.device:
-                raise SccError(f"draw {k!r} must be float32 on {self.device} with {x.shape[0]} rows, got "
-                               f"{tuple(t.shape)} {t.dtype} on {t.device}; make draws with defended.draws(x)")
-            out.append(t.contiguous())
-        return out
-
     def __call__(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None,
                  trace: list | None = None) -> torch.Tensor:
         """Logits (n, C) for pixels x (n, 3, S, S) in [0,1]. `trace`, a list, receives each step's gradient sign
         (n, 3, S, S), as with the eager module (this runs a separate traced graph)."""
-        draws = self._check(x, self.defended.draws(x) if draws is None else draws)
-        x = x.contiguous()
+        validate_pixels(x, self.classifier.image_size, dtype=torch.float32, device=self.device, values=False)
+        draws = self.defended.draws(x) if draws is None else draws
+        args = validate_draws(draws, self.draw_keys, x.shape[0], dtype=torch.float32, device=self.device,
+                              what=self.defended.defense)
         traced = trace is not None
         outs = []
-        for lo in range(0, x.shape[0], self.max_batch):
-            xs = x[lo: lo + self.max_batch]
-            n = xs.shape[0]
-            bucket = self.bucket_for(n, traced)
+        for _, n, rows in padded_chunks([x.contiguous(), *(a.contiguous() for a in args)], self.max_batch,
+                                        lambda n: self.bucket_for(n, traced)):
+            bucket = rows[0].shape[0]
             if bucket not in self._times(traced):
                 if not traced:
                     warnings.warn(f"scc.compiled.Engine: compiling bucket {bucket} inside a request; call "
                                   f"engine.warmup({bucket}) at start-up", stacklevel=2)
                 self._compile(bucket, traced)
-            rows = [xs] + [d[lo: lo + self.max_batch] for d in draws]
-            if bucket > n:  # pad: repeat the last row
-                rows = [torch.cat([r, r[-1:].expand(bucket - n, *r.shape[1:])]) for r in rows]
             res = self._run(bucket, traced, rows[0], rows[1:])
             outs.append([r[:n].clone() if self.cuda_graphs else r[:n] for r in res])
         logits = torch.cat([o[0] for o in outs]) if len(outs) > 1 else outs[0][0]

@@ -113,27 +113,6 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
     return resize_center_crop(x[None], size)[0]
 
 
-def check_pixels(x: torch.Tensor, size: int | None = None) -> torch.Tensor:
-    """Validate a pixel batch from a user: shape, dtype, finite, range. Returns float32."""
-    if not isinstance(x, torch.Tensor):
-        raise SccError(f"expected a torch.Tensor of pixels, got {type(x).__name__}")
-    if x.dim() == 3:
-        x = x[None]
-    if x.dim() != 4 or x.shape[1] != 3:
-        raise SccError(f"expected pixels shaped (B, 3, H, W), got {tuple(x.shape)}")
-    if size is not None and tuple(x.shape[-2:]) != (size, size):
-        raise SccError(f"expected {size}x{size} images, got {tuple(x.shape[-2:])}; use scc.data.resize_center_crop")
-    if not x.is_floating_point():
-        raise SccError(f"expected float pixels in [0,1], got dtype {x.dtype} (divide uint8 images by 255)")
-    bad = ~torch.isfinite(x).flatten(1).all(1)
-    if bad.any():
-        raise SccError(f"images {bad.nonzero().flatten().tolist()} contain NaN or Inf values")
-    lo, hi = x.min().item(), x.max().item()
-    if lo < -1e-6 or hi > 1 + 1e-6:
-        raise SccError(f"pixels must lie in [0,1], got range [{lo:.3g}, {hi:.3g}]")
-    return x.float().clamp(0, 1)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------------------

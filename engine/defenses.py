@@ -1,8 +1,14 @@
 """`defend(classifier, name, preset, **overrides)`: a defended `nn.Module`, [0,1] pixels in, logits out.
 
-A defense = (config dataclass, procedure, draws). The procedure is a pure function of the classifier, the
-pixels, the config and its random draws; the module only owns a seeded `torch.Generator` that makes those
-draws, so every backend (eager, compiled, Triton, ONNX) can be fed identical ones.
+A defense is one `Defense` record: its config dataclass (frozen: a compiled graph captures it), its procedure
+(a pure function of the classifier, the pixels, the config and the random draws), its draws (declared once as
+`key -> scc.draws.Draw`), its presets, and what the other backends can do with it. The module only owns a
+seeded `torch.Generator` that makes the draws, so every backend (eager, compiled, Triton, ONNX) can be fed
+identical ones.
+
+Adding a defense = its file (config, procedure, draws) + one entry in DEFENSES, e.g.
+    "mine": Defense("mine", MyConfig, my_procedure, {"start": Draw("uniform", -1.0, 1.0)},
+                    presets={"paper": {}}, compiles=True, exports=True),
 
 Config resolution: the preset (`paper`, `latency`) -> the model's own overrides (MODEL_PRESETS, keyed by
 open_clip model name) -> the caller's overrides (`warmup__steps=1` reaches into the nested warm-up config).
@@ -10,19 +16,20 @@ open_clip model name) -> the caller's overrides (`warmup__steps=1` reaches into 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn as nn
 
-from .data import check_pixels
+from .draws import Draw, draw_shapes, make_draws
 from .models import SccError, TINY_NAME, ZeroShotClassifier
-from .rtpt import RTPTConfig, rtpt, rtpt_draws
-from .scc_defense import SCCConfig, scc, scc_draws
-from .ttc import TTCConfig, ttc, ttc_draws
+from .plumbing import attention, validate_pixels
+from .rtpt import RTPT_DRAWS, RTPTConfig, rtpt
+from .scc_defense import SCC_DRAWS, SCCConfig, scc
+from .ttc import TTC_DRAWS, TTCConfig, ttc
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class NoDefenseConfig:
     pass
 
@@ -31,28 +38,52 @@ def _none(clf, x, cfg, **_):
     return clf(x)
 
 
-def _no_draws(x, cfg, generator=None):
-    return {}
+@dataclasses.dataclass(frozen=True)
+class Defense:
+    """One test-time defense and what each backend may do with it.
+
+    procedure(clf, x (B,3,S,S), cfg, **draws, trace=None) -> logits (B, C); `draw_specs` declares every
+    random input (distribution and per-image shape); `compiles`: one fullgraph torch.compile graph
+    (scc.compiled.Engine); `exports`: one ONNX graph (scc.export), with `in_graph_draws` the draws ONNX can
+    make itself (RandomUniformLike / RandomNormal), the others must be fed as inputs.
+    """
+    name: str
+    config_cls: type
+    procedure: Callable[..., torch.Tensor]
+    draw_specs: Mapping[str, Draw]
+    presets: Mapping[str, Mapping[str, Any]]
+    compiles: bool = True
+    exports: bool = True
+    why_not: str = ""  # why a backend refuses it (shown in the error)
+
+    def draws(self, x: torch.Tensor, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        return make_draws(self.draw_specs, cfg, x, generator)
+
+    def draw_shapes(self, cfg, image: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return draw_shapes(self.draw_specs, cfg, image)
+
+    def require(self, backend: str, capability: str) -> None:
+        """Raise SccError up front when `backend` (needing `capability`: 'compiles' | 'exports') cannot run it."""
+        if not getattr(self, capability):
+            raise SccError(f"defense {self.name!r} does not run on the {backend} backend: {self.why_not}; "
+                           "use the eager backend for it")
 
 
-# name -> (config class, procedure(clf, x, cfg, **draws) -> logits, draws(x, cfg, generator) -> dict)
-DEFENSES: dict[str, tuple[type, Callable, Callable]] = {
-    "none": (NoDefenseConfig, _none, _no_draws),
-    "ttc": (TTCConfig, ttc, lambda x, cfg, generator=None: ttc_draws(x, generator)),
-    "scc": (SCCConfig, scc, scc_draws),
-    "rtpt": (RTPTConfig, rtpt, rtpt_draws),
-}
-
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {
-    "none": {"paper": {}},
-    "ttc": {"paper": {}},  # the official run script's defaults
-    "scc": {
+DEFENSES: dict[str, Defense] = {
+    "none": Defense("none", NoDefenseConfig, _none, {}, presets={"paper": {}}),
+    "ttc": Defense("ttc", TTCConfig, ttc, TTC_DRAWS, presets={"paper": {}}),  # the official run script's defaults
+    "scc": Defense("scc", SCCConfig, scc, SCC_DRAWS, presets={
         "paper": {},  # K_w = 2, S = 3, L = 4 (spec section 3.4)
         # same number of sequential rounds as TTC (4): K_w = 1, S = 1, Stage 1 fused with the first step
         "latency": {"warmup__steps": 1, "steps": 1, "fuse": True},
-    },
-    "rtpt": {"paper": {}},  # 64 views, "a photo of a", AdamW lr 5e-3, 1 step, p = 0.1, top-20, T = 0.01
+    }),
+    # 64 views, "a photo of a", AdamW lr 5e-3, 1 step, p = 0.1, top-20, T = 0.01
+    "rtpt": Defense("rtpt", RTPTConfig, rtpt, RTPT_DRAWS, presets={"paper": {}}, compiles=False, exports=False,
+                    why_not="R-TPT tunes the text prompt with the open_clip text tower and an optimizer, which the "
+                            "compiled engine's classifier copy and the exporter do not carry"),
 }
+
+PRESETS: dict[str, Mapping[str, Mapping[str, Any]]] = {name: d.presets for name, d in DEFENSES.items()}
 
 # Per-model overrides on top of every preset. Digits are not flip-invariant (a flipped 2 or 7 is another
 # glyph), so the bundled model's views replace the flip by a 0.85 centre zoom; see README "Bundled model".
@@ -74,7 +105,7 @@ def make_config(name: str, preset: str = "paper", model: str = "", **overrides) 
     if preset not in PRESETS[name]:
         raise SccError(f"unknown preset {preset!r} for {name}; choose from {sorted(PRESETS[name])}")
     values = {**PRESETS[name][preset], **MODEL_PRESETS.get(model, {}).get(name, {}), **overrides}
-    cls = DEFENSES[name][0]
+    cls = DEFENSES[name].config_cls
     fields = {f.name: f for f in dataclasses.fields(cls)}
     top, nested = {}, {}
     for key, value in values.items():
@@ -102,9 +133,14 @@ class Defended(nn.Module):
         super().__init__()
         self.classifier = classifier
         self.defense, self.preset, self.config, self.seed = name, preset, config, seed
-        self._procedure, self._draws = DEFENSES[name][1], DEFENSES[name][2]
+        self.spec: Defense = DEFENSES[name]
         self.generator: torch.Generator | None = None
         self.validate = True  # check finiteness and the [0,1] range on every call (one host sync)
+
+    @property
+    def label(self) -> str:
+        """'scc-latency', 'ttc', ...: the name the CLI and the reports use."""
+        return self.defense if self.preset == "paper" else f"{self.defense}-{self.preset}"
 
     def reseed(self, seed: int | None = None) -> None:
         self.seed = self.seed if seed is None else seed
@@ -113,22 +149,17 @@ class Defended(nn.Module):
     def draws(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.generator is None or self.generator.device != x.device:
             self.generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        return self._draws(x, self.config, generator=self.generator)
+        return self.spec.draws(x, self.config, self.generator)
 
     def forward(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None, trace: list | None = None):
-        self.classifier.check_shape(x)
-        if self.validate:  # NaN/Inf or out-of-range pixels: name the bad images instead of returning garbage
-            check_pixels(x)
+        # shape always; NaN/Inf or out-of-range pixels (one host sync) unless validate is off
+        validate_pixels(x, self.classifier.image_size, values=self.validate)
         draws = self.draws(x) if draws is None else draws
         extra = {"trace": trace} if trace is not None else {}
-        if x.requires_grad and torch.is_grad_enabled():
-            # An adaptive attack differentiates through the defense's own gradient steps: that needs the
-            # twice-differentiable math attention (the fused CPU/GPU kernels have no double backward).
-            from torch.nn.attention import SDPBackend, sdpa_kernel
-
-            with sdpa_kernel(SDPBackend.MATH):
-                return self._procedure(self.classifier, x, self.config, **draws, **extra)
-        return self._procedure(self.classifier, x, self.config, **draws, **extra)
+        # An adaptive attack differentiates through the defense's own gradient steps: double backward.
+        purpose = "differentiable" if x.requires_grad and torch.is_grad_enabled() else "eager"
+        with attention(purpose, x.device):
+            return self.spec.procedure(self.classifier, x, self.config, **draws, **extra)
 
     def extra_repr(self) -> str:
         return f"defense={self.defense}, preset={self.preset}, config={self.config}"

@@ -8,16 +8,18 @@ paper) and shared by every defense. `seconds_per_image` times the defense alone 
 """
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import torch
 from tqdm import tqdm
 
 from .attacks import attack as run_attack
+from .backends import make_runner
 from .data import load_dataset
 from .defenses import defend, split_defense_name
+from .env import hardware, versions
 from .models import TINY_NAME, SccError, image_size_of, load, tiny_meta
+from .timing import timed_call
 
 
 def parse_eps(text: str) -> float:
@@ -39,8 +41,10 @@ def parse_eps(text: str) -> float:
 def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: str = "digits",
         defenses: Sequence[str] = ("none", "ttc", "scc"), attacks: Sequence[tuple[str, float]] = (("none", 0.0),),
         n_images: int | None = None, batch_size: int = 64, device: str = "cpu", seed: int = 0,
-        attack_steps: int = 10, progress: bool = True, templates: Sequence[str] | None = None) -> dict:
-    """Clean/robust accuracy and per-image defense time; returns the JSON-ready result dict."""
+        attack_steps: int = 10, progress: bool = True, templates: Sequence[str] | None = None,
+        backend: str = "eager") -> dict:
+    """Clean/robust accuracy and per-image defense time on `backend` (scc.backends); returns the JSON-ready
+    result dict."""
     data = load_dataset(dataset, image_size_of(model), n_images)
     if model == TINY_NAME and templates is None:
         templates = tiny_meta()["eval_templates"]  # its vocabulary is digits prompts only
@@ -61,21 +65,19 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
         for spec in defenses:
             name, preset = split_defense_name(spec)
             defended = defend(clf, name, preset=preset, seed=seed)
+            runner = make_runner(defended, backend, min(batch_size, len(y_all)))
             correct, seconds = 0, 0.0
             for x, y in tqdm(batches, desc=f"{spec} on {attack_name}", disable=not progress, leave=False):
-                t0 = time.perf_counter()
                 with torch.no_grad():
-                    pred = defended(x).argmax(1)
-                if x.is_cuda:
-                    torch.cuda.synchronize()
-                seconds += time.perf_counter() - t0
+                    t, logits = timed_call(lambda: runner(x), x.device)
+                pred = logits.argmax(1)
+                seconds += t
                 correct += (pred == y).sum().item()
-            results.append({"defense": name, "preset": preset, "attack": attack_name, "eps": eps,
+            results.append({"defense": name, "preset": preset, "backend": backend, "attack": attack_name, "eps": eps,
                             "accuracy": correct / len(y_all), "seconds_per_image": seconds / len(y_all)})
-    from .bench import versions
-
     return {"model": model, "pretrained": pretrained, "dataset": data.name, "n_images": len(y_all),
-            "device": str(device), "versions": versions(), "results": results}
+            "device": str(device), "seed": seed, "hardware": hardware(device), "versions": versions(),
+            "results": results}
 
 
 def format_table(report: dict) -> str:

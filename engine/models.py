@@ -233,15 +233,18 @@ class ZeroShotClassifier(nn.Module):
         self.labels = list(labels)
         self.name = name
         self.counter = None  # a scc.cost.PassCounter while passes are being counted
+        # Hand kernels the defenses call through this classifier ({"sign_step": fn, "view_augment": fn}); empty =
+        # the torch reference ops. Only an engine's own copy sets them (scc.compiled.engine_classifier).
+        self.kernels: dict = {}
 
     @property
     def num_classes(self) -> int:
         return self.text.shape[0]
 
     def check_shape(self, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != 3 or x.shape[2] != self.image_size or x.shape[3] != self.image_size:
-            raise SccError(f"expected pixels of shape (B, 3, {self.image_size}, {self.image_size}) in [0,1], "
-                           f"got {tuple(x.shape)}; resize/crop images first (scc.data.preprocess)")
+        from .plumbing import validate_pixels
+
+        validate_pixels(x, self.image_size, values=False)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """f(norm(x)): the raw (un-normalised) image embedding, (B, D)."""

@@ -14,7 +14,7 @@ computed once and reused by the weights, the tuning loss and the prediction; the
 the single image, `forward_features`, an unused `model(images)`, the tuning and the tuned forward), and
 `steps` text forward+backward passes plus one text forward, each over the C class prompts.
 
-Randomness is all in the draws (`rtpt_draws`), so any backend can replay the same views:
+Randomness is all in the draws (`RTPT_DRAWS`), so any backend can replay the same views:
     crop (B, n, 10, 4) U(0,1)   RandomResizedCrop's 10 tries: area, log-ratio, top, left
     flip (B, n) U(0,1)          horizontal flip when < 0.5
     mix (B, n, chains)          Dirichlet(1, ..., 1) chain weights (normalised Exp(1) draws)
@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 
+from .draws import Draw, make_draws
 from .models import SccError, ZeroShotClassifier
 
 AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y",
@@ -70,7 +71,7 @@ AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "sh
 CROP_TRIES = 10
 
 
-@dataclass
+@dataclass(frozen=True)
 class RTPTConfig:
     views: int = 64  # 1 original + views - 1 augmented  [C: -b 64]
     augmix: bool = True  # AugMix on RRC+flip (fine-grained sets such as DTD); False: RRC+flip only (ImageNet-*)
@@ -95,7 +96,8 @@ class RTPTConfig:
     static_views: bool = False  # AugMix without host syncs or data-dependent shapes (for tracing/export)
 
     def __post_init__(self):
-        self.crop_scale, self.crop_ratio, self.betas = tuple(self.crop_scale), tuple(self.crop_ratio), tuple(self.betas)
+        for name in ("crop_scale", "crop_ratio", "betas"):  # frozen: normalise lists to tuples in place
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.views < 2:
             raise SccError(f"R-TPT needs at least 2 views (the original + augmented), got views={self.views}")
         if int(self.views * self.selection_p) < 1:
@@ -120,24 +122,25 @@ class RTPTConfig:
 # ----------------------------------------------------------------------------------------------------------
 # Draws and views
 # ----------------------------------------------------------------------------------------------------------
+_views_chains = lambda cfg: (cfg.views - 1, cfg.chains)  # per image: n = views - 1 augmented views
+_ops_shape = lambda cfg, image: (cfg.views - 1, cfg.chains, cfg.max_depth)
+
+# Declaration order is draw order (a seed reproduces the views). Shapes per image; see the module docstring.
+RTPT_DRAWS = {
+    "mix": Draw("dirichlet", shape=lambda cfg, image: _views_chains(cfg)),
+    "crop": Draw("uniform", 0.0, 1.0, lambda cfg, image: (cfg.views - 1, CROP_TRIES, 4)),
+    "flip": Draw("uniform", 0.0, 1.0, lambda cfg, image: (cfg.views - 1,)),
+    "blend": Draw("uniform", 0.0, 1.0, lambda cfg, image: (cfg.views - 1,)),
+    "depth": Draw("integers", 1, lambda cfg: cfg.max_depth + 1, lambda cfg, image: _views_chains(cfg)),
+    "ops": Draw("integers", 0, len(AUGMIX_OPS), _ops_shape),
+    "levels": Draw("uniform", 0.1, lambda cfg: cfg.severity, _ops_shape),
+    "signs": Draw("sign", shape=_ops_shape),
+}
+
+
 def rtpt_draws(x: torch.Tensor, cfg: RTPTConfig, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    B, n, c, d = x.shape[0], cfg.views - 1, cfg.chains, cfg.max_depth
-    kw = dict(generator=generator, device=x.device)
-
-    def uniform(*shape):
-        return torch.rand(shape, dtype=x.dtype, **kw)
-
-    exp = -torch.log1p(-uniform(B, n, c))  # Exp(1); normalised Exp(1) draws are Dirichlet(1, ..., 1)
-    return {
-        "crop": uniform(B, n, CROP_TRIES, 4),
-        "flip": uniform(B, n),
-        "mix": exp / exp.sum(-1, keepdim=True),
-        "blend": uniform(B, n),
-        "depth": torch.randint(1, d + 1, (B, n, c), **kw),
-        "ops": torch.randint(0, len(AUGMIX_OPS), (B, n, c, d), **kw),
-        "levels": 0.1 + (cfg.severity - 0.1) * uniform(B, n, c, d),
-        "signs": torch.where(uniform(B, n, c, d) > 0.5, -1.0, 1.0).to(x.dtype),
-    }
+    """The draws of `RTPT_DRAWS` for a batch x (B, 3, H, W) (also `scc.defend(clf, "rtpt").draws(x)`)."""
+    return make_draws(RTPT_DRAWS, cfg, x, generator)
 
 
 def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:

@@ -23,12 +23,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .draws import Draw
 from .models import SccError, ZeroShotClassifier
-from .ttc import TTCConfig, counterattack
+from .ttc import TTC_DRAWS, TTCConfig, counterattack
 from .views import View, apply_views, embed_views, parse_views, sign_step
 
 
-@dataclass
+@dataclass(frozen=True)
 class SCCConfig:
     warmup: TTCConfig = field(default_factory=TTCConfig)  # [R] the full TTC procedure, K_w = warmup.steps
     views: tuple[str, ...] = ("id", "flip", "noise", "flip+noise")  # [R] L = 4: identity, flip, +noise
@@ -46,12 +47,12 @@ class SCCConfig:
     spatial: bool = True  # ablation switch: L views (else identity only) in Stages 2-3
     correct_clean: bool = True  # [R] inputs with tau >= tau_thres also go through Stages 1-3 (else TTC output)
 
-    def __post_init__(self):
+    def __post_init__(self):  # frozen: normalise the fields in place with object.__setattr__
         if isinstance(self.warmup, dict):
-            self.warmup = TTCConfig(**self.warmup)
-        self.views = tuple(self.views.split(",")) if isinstance(self.views, str) else tuple(self.views)
+            object.__setattr__(self, "warmup", TTCConfig(**self.warmup))
+        object.__setattr__(self, "views", tuple(self.views.split(",")) if isinstance(self.views, str) else tuple(self.views))
         if isinstance(self.proto_views, str):
-            self.proto_views = tuple(self.proto_views.split(","))
+            object.__setattr__(self, "proto_views", tuple(self.proto_views.split(",")))
         parse_views(self.views)
         if self.proto_views is not None:
             parse_views(self.proto_views)
@@ -75,11 +76,8 @@ class SCCConfig:
         return max(len(self.stage_views()), len(self.prototype_views()))
 
 
-def scc_draws(x: torch.Tensor, cfg: SCCConfig, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    """Random start (B, 3, H, W) ~ U(-1, 1) and view noise (B, L, 3, H, W) ~ N(0, 1)."""
-    start = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-    noise = torch.randn((x.shape[0], cfg.n_noise(), *x.shape[1:]), generator=generator, device=x.device, dtype=x.dtype)
-    return {"start": start, "noise": noise}
+# the warm-up's random start (B, 3, H, W) ~ U(-1, 1), then the view noise (B, L, 3, H, W) ~ N(0, 1)
+SCC_DRAWS = {**TTC_DRAWS, "noise": Draw("normal", shape=lambda cfg, image: (cfg.n_noise(), *image))}
 
 
 def view_cosines(clf: ZeroShotClassifier, z: torch.Tensor, views, noise, sigma) -> torch.Tensor:
@@ -123,19 +121,19 @@ def scc(clf: ZeroShotClassifier, x: torch.Tensor, cfg: SCCConfig, start: torch.T
 
     delta = delta_w if cfg.init == "warmup" else torch.zeros_like(delta_w)
 
-    def embed_views(d):  # one batched forward of the L views of x + d
+    def view_embeddings(d):  # one batched forward of the L views of x + d
         c = F.normalize(clf.embed(apply_views(x + d, views, noise, cfg.sigma)), dim=-1)  # (B*L, D)
         c = c.view(x.shape[0], len(views), -1)  # (B, L, D)
         return c, c @ clf.text.t()  # (B, L, D), (B, L, C)
 
     def fused(d):  # Stage 1 + the first Stage 2 step on one forward
-        c, cos = embed_views(d)
+        c, cos = view_embeddings(d)
         t_soft, y_hat = soft_prototype(cos, clf, cfg)
         soft = (c * t_soft[:, None]).sum(-1)  # (B, L)
         return margin(cos, soft, y_hat, cfg.aggregate), (t_soft, y_hat)
 
     def step_loss(d, t_soft, y_hat):
-        c, cos = embed_views(d)
+        c, cos = view_embeddings(d)
         return margin(cos, (c * t_soft[:, None]).sum(-1), y_hat, cfg.aggregate)
 
     steps_left = cfg.steps
@@ -144,7 +142,7 @@ def scc(clf: ZeroShotClassifier, x: torch.Tensor, cfg: SCCConfig, start: torch.T
         g, (t_soft, y_hat) = torch.func.grad(fused, has_aux=True)(delta)
         if trace is not None:
             trace.append(g.sign())
-        delta = sign_step(delta, g, x, cfg.alpha, cfg.eps)
+        delta = sign_step(delta, g, x, cfg.alpha, cfg.eps, clf.kernels)
         steps_left -= 1
     else:  # Stage 1 on its own forward
         with torch.no_grad():
@@ -154,7 +152,7 @@ def scc(clf: ZeroShotClassifier, x: torch.Tensor, cfg: SCCConfig, start: torch.T
         g = grad_step(delta, t_soft, y_hat)
         if trace is not None:
             trace.append(g.sign())
-        delta = sign_step(delta, g, x, cfg.alpha, cfg.eps)
+        delta = sign_step(delta, g, x, cfg.alpha, cfg.eps, clf.kernels)
 
     logits = predict(delta)
     if not cfg.correct_clean:  # inputs that look clean (tau >= thres) keep TTC's output

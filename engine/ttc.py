@@ -16,11 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from .draws import Draw, like_image
 from .models import SccError, ZeroShotClassifier
 from .views import project, sign_step
 
 
-@dataclass
+@dataclass(frozen=True)
 class TTCConfig:
     eps: float = 4 / 255  # counterattack radius, l_inf, pixel units
     alpha: float = 1 / 255  # step size
@@ -35,8 +36,7 @@ class TTCConfig:
             raise SccError(f"need 0 < eps <= 1 and alpha > 0, got eps={self.eps}, alpha={self.alpha}")
 
 
-def ttc_draws(x: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
-    return {"start": torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1}
+TTC_DRAWS = {"start": Draw("uniform", -1.0, 1.0, like_image)}  # the random start u ~ U(-1, 1), (B, 3, H, W)
 
 
 def counterattack(clf: ZeroShotClassifier, x: torch.Tensor, cfg: TTCConfig, start: torch.Tensor,
@@ -59,7 +59,7 @@ def counterattack(clf: ZeroShotClassifier, x: torch.Tensor, cfg: TTCConfig, star
             tau = (e - e0).norm(dim=-1) / e0.norm(dim=-1)
         if trace is not None:
             trace.append(g.sign())
-        d = sign_step(d, g, x, cfg.alpha, cfg.eps)
+        d = sign_step(d, g, x, cfg.alpha, cfg.eps, clf.kernels)
         iterates.append(d)
     w = torch.softmax(cfg.beta * torch.arange(cfg.steps + 1, dtype=x.dtype, device=x.device), 0)  # (K+1,)
     weighted = (w.view(-1, 1, 1, 1, 1) * torch.stack(iterates)).sum(0)  # (K+1, B, 3, H, W) -> (B, 3, H, W)

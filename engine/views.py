@@ -8,7 +8,6 @@ small matmuls (static-shaped, differentiable, exportable).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -98,39 +97,27 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.minimum(torch.maximum(delta.clamp(-eps, eps), -x), 1 - x)
 
 
-def sign_step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
-    """delta <- Pi(delta + alpha * sign(grad)): one projected sign-gradient ascent step."""
-    kernel = _kernels.get("sign_step")
+def sign_step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,
+              kernels: dict | None = None) -> torch.Tensor:
+    """delta <- Pi(delta + alpha * sign(grad)): one projected sign-gradient ascent step. A NaN gradient entry
+    (a degenerate input) takes no step instead of turning the perturbation into NaN.
+
+    `kernels` (the classifier's `clf.kernels`) may hold a "sign_step" launcher from scc.kernels, which computes
+    the same step in one pass (and falls back to this reference where its kernel cannot run)."""
+    kernel = (kernels or {}).get("sign_step")
     if kernel is not None:
         return kernel(delta, grad, x, alpha, eps)
-    return project(delta + alpha * grad.sign(), x, eps)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Kernel dispatch: the torch code above is the reference and the default. Inside `use_kernels(...)`
-# (scc.compiled.Engine(backend="triton") enters it while it traces and runs) `sign_step` and `embed_views` call
-# the launchers of scc.kernels, which themselves fall back to the reference where a kernel cannot run.
-# ----------------------------------------------------------------------------------------------------------
-_kernels: dict = {}
-
-
-@contextlib.contextmanager
-def use_kernels(**kernels):
-    """Route `sign_step` through kernels["sign_step"] and `embed_views` through kernels["view_augment"]."""
-    global _kernels
-    saved, _kernels = _kernels, kernels
-    try:
-        yield
-    finally:
-        _kernels = saved
+    return project(delta + alpha * grad.sign().nan_to_num(0.0), x, eps)
 
 
 def embed_views(clf, z: torch.Tensor, views: Sequence[View], noise: torch.Tensor | None, sigma: float) -> torch.Tensor:
     """clf.embed(apply_views(z, views, noise, sigma)): (B*L, D), batch-major.
 
-    With a view kernel in use and no zoom view, one kernel writes the views already normalised. Its autograd
+    Kernel dispatch is explicit: the classifier says which kernels run (`clf.kernels`, set only on an engine's
+    own copy, scc.compiled.engine_classifier), so two engines with different kernels serve in one process.
+    With a "view_augment" kernel and no zoom view, one kernel writes the views already normalised. Its autograd
     does not run under torch.func.grad (PyTorch issue #170834), so gradient closures call clf.embed(apply_views())."""
-    kernel = _kernels.get("view_augment")
+    kernel = clf.kernels.get("view_augment")
     if kernel is not None and clf.counter is None and all(v.zoom == 1.0 for v in views):
         return clf.visual(kernel(z, [v.flip for v in views], [v.noise for v in views], noise, sigma, clf.mean, clf.std))
     return clf.embed(apply_views(z, views, noise, sigma))

@@ -49,9 +49,10 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from scc.defenses import DEFENSES, Defended
+from scc.defenses import Defended
+from scc.draws import like_image
 from scc.models import SccError
-from scc.views import use_kernels
+from scc.plumbing import attention, example_inputs
 
 aten = torch.ops.aten
 MIN_OPSET = 18
@@ -154,16 +155,10 @@ def trace_procedure(defended: Defended, batch_size: int = 1, trace_outputs: bool
     and, with `trace_outputs`, each sign-gradient step's `grad.sign()` (as `Defended(x, trace=[])` collects).
     """
     from torch.fx.experimental.proxy_tensor import make_fx
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     clf = defended.classifier
-    device = clf.text.device
-    size = clf.image_size
-    generator = torch.Generator(device=device).manual_seed(0)  # example values only; the graph is value-free
-    pixels = torch.rand((batch_size, 3, size, size), generator=generator, device=device)
-    _, procedure, make_draws = DEFENSES[defended.defense]
-    config = defended.config
-    draws = make_draws(pixels, config, generator=generator)
+    pixels, draws = example_inputs(defended, batch_size)  # example values only; the graph is value-free
+    procedure, config = defended.spec.procedure, defended.config
     names = list(draws)
 
     def run(x, *values):
@@ -173,8 +168,10 @@ def trace_procedure(defended: Defended, batch_size: int = 1, trace_outputs: bool
             logits = procedure(clf, x, config, **dict(zip(names, values)), **extra)
         return (logits, *steps) if trace_outputs else logits
 
-    # use_kernels(): no Triton launcher even if a caller has some in use; the file holds the reference ops.
-    with sdpa_kernel(SDPBackend.MATH), torch.no_grad(), use_kernels():
+    if clf.kernels:  # an engine's copy with Triton launchers: the file holds the reference ops instead
+        raise SccError("export_onnx traces the torch reference ops: pass the scc.defend(...) module, not an "
+                       "engine's classifier copy with kernels")
+    with attention("trace", pixels.device), torch.no_grad():
         graph = make_fx(run, decomposition_table=_DECOMPOSITIONS)(pixels, *draws.values())
     fast_path = [n for n in graph.graph.nodes if n.op == "call_function" and "_native_multi_head_attention" in str(n.target)]
     if fast_path:  # the fused inference kernel: no backward, and ~1e-6 off the autograd path
@@ -192,23 +189,25 @@ def _count_outputs(graph: torch.fx.GraphModule) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # ONNX graph edits
 # ----------------------------------------------------------------------------------------------------------
-def _draws_in_graph(model, pixels_name: str, draw_names: list[str]) -> None:
-    """Replace the draw inputs by random nodes (ONNX RandomUniformLike / RandomNormal) at the graph's top."""
+def _draws_in_graph(model, defended: Defended, pixels_name: str, draw_names: list[str]) -> None:
+    """Replace the draw inputs by random nodes at the graph's top, from the defense's declared distributions:
+    a uniform draw shaped like the image -> RandomUniformLike(pixels, low, high); a normal draw -> RandomNormal."""
     import onnx_ir as ir
 
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     first = next(iter(graph))
     for name in draw_names:
-        value = inputs[name]
-        if name == "start":  # U(-1, 1), the shape of the pixels
+        value, draw = inputs[name], defended.spec.draw_specs[name]
+        if draw.kind == "uniform" and draw.shape is like_image:
+            low, high = draw.bounds(defended.config)
             node = ir.node("RandomUniformLike", [inputs[pixels_name]],
-                           {"low": -1.0, "high": 1.0, "dtype": ir.DataType.FLOAT.value})
-        elif name == "noise":  # N(0, 1), (B, L, 3, S, S)
+                           {"low": float(low), "high": float(high), "dtype": ir.DataType.FLOAT.value})
+        elif draw.kind == "normal":
             node = ir.node("RandomNormal", [], {"shape": [int(d) for d in value.shape], "mean": 0.0, "scale": 1.0,
                                                 "dtype": ir.DataType.FLOAT.value})
         else:
-            raise SccError(f"export does not know how to draw {name!r} inside the graph; "
+            raise SccError(f"export cannot draw {name!r} ({draw.kind}) inside the graph; "
                            "export with draws_as_inputs=True and feed it")
         graph.insert_before(first, node)
         out = node.outputs[0]
@@ -408,6 +407,7 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int = 1, draws
     """
     if not isinstance(defended, Defended):
         raise SccError(f"export_onnx needs a defended classifier from scc.defend(...), got {type(defended).__name__}")
+    defended.spec.require("onnx", "exports")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise SccError(f"batch_size must be a positive integer, got {batch_size!r}")
     if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
@@ -428,7 +428,7 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int = 1, draws
     model = program.model
     draw_names = input_names[1:]
     if not draws_as_inputs and draw_names:
-        _draws_in_graph(model, "pixels", draw_names)
+        _draws_in_graph(model, defended, "pixels", draw_names)
     _fold(model)
     draws = {name: list(t.shape) for name, t in zip(draw_names, example[1:])}
     shrunk = _shrink_broadcast_constants(model) if optimize else 0

@@ -1,9 +1,10 @@
 """Run an exported defense with ONNX Runtime: `OrtDefended("scc.onnx")(pixels) -> logits`.
 
 Same contract as `scc.Defended`: float32 pixels (N, 3, S, S) in [0, 1], numpy or torch, -> torch logits (N, C)
-on the input's device. The file's batch is fixed (see `scc.export.onnx`): N images run in chunks of that size,
-the last chunk padded by repeating its last image (padded rows cost compute and are dropped; every image is
-defended independently, so padding never changes the other rows).
+on the input's device (validated like the eager module's: shape, dtype, NaN/Inf, range). A fixed-batch file
+runs N images in chunks of its size, the last chunk padded by repeating its last image
+(scc.plumbing.padded_chunks: padded rows cost compute and are dropped; every image is defended independently,
+so padding never changes the other rows). Draws it makes itself follow the distributions its defense declares.
 
 Providers: the CUDA execution provider when the installed ONNX Runtime has it and torch sees a CUDA device,
 else the CPU provider; pass `providers=[...]` to choose. On CUDA, inputs and outputs go through IOBinding
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 
 from scc.models import SccError
+from scc.plumbing import padded_chunks, validate_pixels
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
                "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
@@ -131,20 +133,27 @@ class OrtDefended:
                            + ("; resize/crop images first (scc.data.preprocess)" if name == "pixels" else ""))
         if rows is not None and value.shape[0] != rows:
             raise SccError(f"{name}: expected {rows} rows, one per image, got {value.shape[0]}")
+        if name == "pixels":  # NaN/Inf and the [0,1] range, as the eager module checks them
+            validate_pixels(value)
         return value
 
     def _make_draws(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        unknown = [k for k in self.draw_names if k not in ("start", "noise")]
+        """Draws for a file with draw inputs, from the distributions its defense declares (scc.DEFENSES)."""
+        from scc.defenses import DEFENSES
+
+        defense = DEFENSES.get(self.metadata.get("scc.defense", ""))
+        unknown = [k for k in self.draw_names if defense is None or k not in defense.draw_specs]
         if unknown:
-            raise SccError(f"{self.path} takes the draws {self.draw_names}; this runtime can only make 'start' and "
-                           "'noise' itself: pass draws=defended.draws(x)")
+            raise SccError(f"{self.path} takes the draws {self.draw_names}, which its metadata's defense "
+                           f"{self.metadata.get('scc.defense')!r} does not declare: pass draws=defended.draws(x)")
         n, draws = pixels.shape[0], {}
         for name in self.draw_names:
             shape = (n, *self.inputs[name].shape[1:])
-            if name == "start":
-                draws[name] = torch.rand(shape, generator=self.generator) * 2 - 1
-            else:
-                draws[name] = torch.randn(shape, generator=self.generator)
+            try:
+                draws[name] = defense.draw_specs[name].sample_shape(shape, None, self.generator, "cpu", torch.float32)
+            except AttributeError as err:  # a bound that depends on the config, which the file does not carry
+                raise SccError(f"{self.path}: draw {name!r} depends on the defense config: pass "
+                               "draws=defended.draws(x)") from err
         return {k: v.to(pixels.device) for k, v in draws.items()}
 
     # -- running -------------------------------------------------------------------------------------------
@@ -163,13 +172,8 @@ class OrtDefended:
         if n == 0:
             return torch.empty((0, *self.session.get_outputs()[0].shape[1:]), dtype=torch.float32)
         size = self.batch_size or n
-        chunks = []
-        for lo in range(0, n, size):
-            part = {k: v[lo: lo + size] for k, v in feeds.items()}
-            rows = next(iter(part.values())).shape[0]
-            if rows < size:  # pad by repeating the last image (and its draws)
-                part = {k: torch.cat([v, v[-1:].expand(size - rows, *v.shape[1:])]) for k, v in part.items()}
-            chunks.append([o[:rows] for o in self._run(part)])
+        chunks = [[o[:rows] for o in self._run(dict(zip(feeds, part)))]
+                  for _, rows, part in padded_chunks(list(feeds.values()), size)]
         outputs = [torch.cat(parts).to(pixels.device) for parts in zip(*chunks)]
         if trace is not None:
             if len(outputs) == 1:

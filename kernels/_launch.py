@@ -3,7 +3,7 @@
 A kernel runs on CUDA tensors, or on CPU tensors when triton was imported with `TRITON_INTERPRET=1` (its
 interpreter: fp32 only). Triton reads that variable when a kernel is decorated, i.e. when its module
 (`scc.kernels.view_augment`, `scc.kernels.sign_step`) is first imported, so set it before that import.
-Everything else falls back to the reference, with the reason available through each module's `status()`.
+Everything else falls back to the reference, with the reason from `status()` / `reason()` here (each kernel module passes its kill switch and mode).
 """
 from __future__ import annotations
 
@@ -51,6 +51,21 @@ def unsupported(switch: str, interpreted: bool, device: torch.device, dtypes, nu
         return (f"{device.type} tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is "
                 "imported (fp32 only)")
     return None
+
+
+def reason(switch: str, interpreted: bool, tensors, numel: int) -> str | None:
+    """None when a kernel takes these tensors (same device, one dtype), else why its reference runs instead."""
+    tensors = [t for t in tensors if t is not None]
+    why = unsupported(switch, interpreted, tensors[0].device, [t.dtype for t in tensors], numel)
+    if why is None and len({t.dtype for t in tensors}) > 1:
+        return f"mixed dtypes {sorted({str(t.dtype) for t in tensors})}"
+    return why
+
+
+def status(switch: str, interpreted: bool, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
+    """'triton', 'triton (interpreter)' or 'reference (<why>)': the path a launcher takes on `device`."""
+    why = unsupported(switch, interpreted, torch.device(device), [dtype], 0)
+    return "triton" + (" (interpreter)" if interpreted else "") if why is None else f"reference ({why})"
 
 
 def _unavailable_jit(fn=None, **_):

@@ -22,7 +22,8 @@ import torch
 from scc.models import SccError
 from scc.views import View, apply_views
 
-from ._launch import constexpr, is_interpreted, jit, row_block, tl, unsupported
+from . import _launch as common
+from ._launch import constexpr, is_interpreted, jit, row_block, tl
 
 SWITCH = "SCC_TRITON_VIEWS"
 
@@ -196,15 +197,13 @@ def check_inputs(z, flips, noisy, noise, mean, std) -> None:
 
 def reason(z: torch.Tensor, n_views: int, noise: torch.Tensor | None = None) -> str | None:
     """None when the Triton kernel takes these inputs, else why the reference runs instead."""
-    dtypes = [z.dtype] + ([noise.dtype] if noise is not None else [])
     numel = max(z.numel() * n_views, noise.numel() if noise is not None else 0)
-    return unsupported(SWITCH, INTERPRETED, z.device, dtypes, numel)
+    return common.reason(SWITCH, INTERPRETED, (z, noise), numel)
 
 
 def status(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> str:
-    """'triton' or 'reference (<why>)': which path `view_augment` takes for tensors on `device`."""
-    why = unsupported(SWITCH, INTERPRETED, torch.device(device), [dtype], 0)
-    return "triton" + (" (interpreter)" if INTERPRETED else "") if why is None else f"reference ({why})"
+    """Which path `view_augment` takes for tensors on `device` (see scc.kernels._launch.status)."""
+    return common.status(SWITCH, INTERPRETED, device, dtype)
 
 
 def view_augment(z: torch.Tensor, flips: Sequence[bool], noisy: Sequence[bool], noise: torch.Tensor | None,

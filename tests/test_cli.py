@@ -71,8 +71,11 @@ def test_scikit_image_photos(capsys):
         assert scc.defend(clf, "ttc")(x).shape == (3, 3)
 
 
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "scc.cli", *args], capture_output=True, text=True, timeout=300)
+def run_cli(capsys, *args):
+    """`scc ARGS` in this process (an escaping exception fails the test): (exit code, stdout, stderr)."""
+    code = main(list(args))
+    out = capsys.readouterr()
+    return code, out.out, out.err
 
 
 @pytest.mark.parametrize("args, message", [
@@ -84,22 +87,32 @@ def run_cli(*args):
     (["eval", "--dataset", "cifar10:/nonexistent", "--images", "2"], "not found under '/nonexistent'"),
     (["eval", "--eps", "abc"], "bad eps 'abc'"),
 ])
-def test_user_errors_are_one_line(args, message):
-    proc = run_cli(*args)
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip() and "WARNING" not in l]
-    assert len(lines) == 1 and message in lines[0], proc.stderr
+def test_user_errors_are_one_line(args, message, capsys):
+    code, out, err = run_cli(capsys, *args)
+    assert code == 2, err
+    lines = [l for l in err.splitlines() if l.strip() and "WARNING" not in l]
+    assert len(lines) == 1 and message in lines[0] and lines[0].startswith("scc: error: "), err
 
 
-def test_demo_json():
-    proc = run_cli("demo", "--images", "30", "--json")
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+def test_a_real_process_prints_no_traceback():
+    """One subprocess keeps the installed entry point honest: a user error is one line and exit 2."""
+    proc = subprocess.run([sys.executable, "-m", "scc.cli", "classify", "x.png", "--defense", "magic"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "unknown defense 'magic'" in proc.stderr
+
+
+def test_demo_json(capsys):
+    code, out, err = run_cli(capsys, "demo", "--images", "30", "--json")
+    assert code == 0, err
+    report = json.loads(out)
     assert report["model"] == "scc-tiny-digits" and report["n_images"] == 30
     got = {(r["defense"], r["attack"], round(r["eps"] * 255)) for r in report["results"]}
     assert got == {(d, a, e) for d in ("none", "ttc", "scc") for a, e in (("none", 0), ("pgd", 1), ("pgd", 4))}
-    assert set(report["results"][0]) == {"defense", "preset", "attack", "eps", "accuracy", "seconds_per_image"}
+    assert set(report["results"][0]) == {"defense", "preset", "backend", "attack", "eps", "accuracy",
+                                         "seconds_per_image"}
+    clean = {r["defense"]: r["accuracy"] for r in report["results"] if r["attack"] == "none"}
+    assert clean["none"] >= 0.9 and clean["scc"] >= 0.9, clean  # the bundled model on held-out digits
 
 
 def test_eval_imagefolder(image_dir, tmp_path, digits):

@@ -73,8 +73,18 @@ def test_bad_checkpoint(tmp_path):
         scc.load(TINY_NAME, pretrained=str(tmp_path / "other.pt"))
 
 
-def test_pretrained_weights_offline_fail_fast():
-    """No network here: the openai tag must fail quickly with a message saying how to pass a checkpoint."""
+def test_pretrained_weights_offline_fail_fast(monkeypatch, tmp_path):
+    """Without a network the openai tag must fail quickly with a message saying how to pass a checkpoint. The
+    reachability probe is forced to 'offline' and the hub cache is empty, so a connected machine downloads nothing."""
+    import huggingface_hub.constants as hub_constants
+
+    from scc import models
+
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored after the test: load() sets it to 1 when offline
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", hub_constants.HF_HUB_OFFLINE)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
     t0 = time.time()
     with pytest.raises(scc.SccError, match=r"could not fetch pretrained weights ViT-B-32/openai.*--pretrained /path"):
         scc.load("ViT-B-32", pretrained="openai", labels=["a", "b"])
@@ -91,10 +101,12 @@ def test_word_tokenizer_keeps_eot_largest():
 
 def test_defended_input_errors(tiny):
     d = scc.defend(tiny, "scc")
-    with pytest.raises(scc.SccError, match=r"expected pixels of shape \(B, 3, 32, 32\)"):
+    with pytest.raises(scc.SccError, match=r"pixels: expected shape \(B, 3, 32, 32\) in \[0,1\], got \(1, 3, 28, 28\)"):
         d(torch.rand(1, 3, 28, 28))
-    with pytest.raises(scc.SccError, match=r"expected pixels of shape"):
+    with pytest.raises(scc.SccError, match=r"pixels: expected shape .* got \(3, 32, 32\)"):
         d(torch.rand(3, 32, 32))
+    with pytest.raises(scc.SccError, match=r"expected float pixels in \[0,1\], got dtype uint8; scale uint8"):
+        d(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
     bad = torch.rand(3, 3, 32, 32)
     bad[1, 0, 0, 0] = float("nan")
     with pytest.raises(scc.SccError, match=r"images \[1\] contain NaN or Inf"):

@@ -15,14 +15,18 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
 kernel_only = pytest.mark.skipif(DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see test_under_interpreter")
 
-# (dtype, atol, rtol): fp32 differs from the reference by rounding order only (fma, sum-then-divide)
-TOLERANCES = [(torch.float32, 2e-6, 1e-5)] + ([(torch.bfloat16, 2e-2, 2e-2)] if DEVICE == "cuda" else [])
+# fp32 differs from the reference by rounding order only (fma, sum-then-divide): atol 2e-6, rtol 1e-5. bf16 (CUDA
+# only; the interpreter runs fp32): at most twice the error the torch reference itself makes in bf16 against
+# fp32 (see `tolerance`), never a fixed constant.
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 VIEW_SETS = {
     1: "flip+noise",
     4: "id,flip,noise,flip+noise",
     8: "id,flip,noise,flip+noise,noise,flip,flip+noise,id",
 }
-SHAPES = [(5, 7), (9, 16)]  # (H, W): odd, non-square (32x32 runs in test_compiled under the interpreter)
+# (H, W): odd, non-square; W = 33 and 224 span several 16-wide blocks and a full CLIP row (32x32 runs in
+# test_compiled under the interpreter)
+SHAPES = [(5, 7), (9, 16), (4, 33), (2, 224)]
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -47,12 +51,23 @@ def check_close(actual, expected, atol, rtol, what):
                                              f"{(actual.float() - expected.float()).abs().argmax().item()}")
 
 
+def tolerance(dtype, z, flips, noisy, noise, sigma, mean, std) -> tuple[float, float]:
+    """(atol, rtol) of `dtype` views against the fp32 reference."""
+    from scc.kernels import view_augment as va
+
+    if dtype == torch.float32:
+        return 2e-6, 1e-5
+    ref32 = va.view_augment_ref(z.float(), flips, noisy, noise.float(), sigma, mean, std)
+    own = (va.view_augment_ref(z, flips, noisy, noise, sigma, mean.to(dtype), std.to(dtype)).float() - ref32)
+    return 2 * own.abs().max().item() + 1e-6, 0.0
+
+
 @kernel_only
-@pytest.mark.parametrize("dtype,atol,rtol", TOLERANCES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("H,W", SHAPES)
 @pytest.mark.parametrize("L", sorted(VIEW_SETS))
 @pytest.mark.parametrize("B", [1, 3])
-def test_forward_matches_reference(B, L, H, W, dtype, atol, rtol):
+def test_forward_matches_reference(B, L, H, W, dtype):
     from scc.kernels import view_augment as va
 
     assert va.status(DEVICE, dtype).startswith("triton"), va.status(DEVICE, dtype)
@@ -60,6 +75,7 @@ def test_forward_matches_reference(B, L, H, W, dtype, atol, rtol):
     out = va.view_augment(z, flips, noisy, noise, sigma, mean, std)
     ref = va.view_augment_ref(z.float(), flips, noisy, noise.float(), sigma, mean, std)
     assert out.shape == (B * L, 3, H, W) and out.dtype == dtype
+    atol, rtol = tolerance(dtype, z, flips, noisy, noise, sigma, mean, std)
     check_close(out, ref, atol, rtol, f"views B={B} L={L} {H}x{W} {dtype}")
     # and the reference is the engine's own path: apply_views, then the classifier's normalisation
     eager = (apply_views(z.float(), parse_views(VIEW_SETS[L]), noise.float(), sigma) - mean) / std

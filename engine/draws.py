@@ -1,0 +1,78 @@
+"""Random draws of the defenses, declared once: each defense names its draws as `key -> Draw(distribution,
+per-image shape rule)`, and everything that makes draws (the eager module, the compiled engine's warm-up, the
+ONNX exporter's example inputs and in-graph random nodes, ONNX Runtime's own draws) reads that declaration.
+
+    START = {"start": Draw("uniform", -1.0, 1.0, like_image)}        # TTC's random start, shape of the image
+    draws = make_draws(START, cfg, x, generator)                      # {"start": (B, 3, H, W)}
+
+Distributions (`kind`):
+    uniform     low + (high - low) * U[0, 1)          float
+    normal      N(0, 1)                                float
+    integers    U{low, ..., high - 1}                  int64
+    dirichlet   Exp(1) draws normalised over the last dimension (Dirichlet(1, ..., 1))     float
+    sign        -1 where U[0, 1) > 0.5, else +1        float
+`low`/`high` may be functions of the config (e.g. R-TPT's AugMix severity). Shapes are per image; the
+batch dimension comes first. Draws are made key by key in declaration order from one generator, so a seed
+reproduces them exactly.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Union
+
+import torch
+
+Bound = Union[float, Callable[[Any], float]]
+KINDS = ("uniform", "normal", "integers", "dirichlet", "sign")
+
+
+def like_image(cfg, image: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape rule of a draw with one value per pixel: (3, H, W)."""
+    return tuple(image)
+
+
+@dataclass(frozen=True)
+class Draw:
+    kind: str
+    low: Bound = 0.0
+    high: Bound = 1.0
+    shape: Callable[[Any, tuple[int, ...]], tuple[int, ...]] = like_image  # (config, (3, H, W)) -> per-image shape
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown draw kind {self.kind!r}; choose from {KINDS}")
+
+    def bounds(self, cfg) -> tuple[float, float]:
+        value = lambda b: b(cfg) if callable(b) else b
+        return value(self.low), value(self.high)
+
+    def sample(self, cfg, batch_shape: tuple[int, ...], image: tuple[int, ...], generator, device,
+               dtype: torch.dtype) -> torch.Tensor:
+        return self.sample_shape((*batch_shape, *self.shape(cfg, image)), cfg, generator, device, dtype)
+
+    def sample_shape(self, shape: tuple[int, ...], cfg, generator, device, dtype: torch.dtype) -> torch.Tensor:
+        """Draws of the full `shape` (batch first). `cfg` is only read by config-dependent bounds."""
+        low, high = self.bounds(cfg)
+        kw = dict(generator=generator, device=device)
+        if self.kind == "uniform":
+            return low + (high - low) * torch.rand(shape, dtype=dtype, **kw)
+        if self.kind == "normal":
+            return torch.randn(shape, dtype=dtype, **kw)
+        if self.kind == "integers":
+            return torch.randint(int(low), int(high), shape, **kw)
+        if self.kind == "dirichlet":
+            e = -torch.log1p(-torch.rand(shape, dtype=dtype, **kw))  # Exp(1)
+            return e / e.sum(-1, keepdim=True)
+        return torch.where(torch.rand(shape, dtype=dtype, **kw) > 0.5, -1.0, 1.0).to(dtype)  # sign
+
+
+def make_draws(specs: Mapping[str, Draw], cfg, x: torch.Tensor,
+               generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    """One draw per key for the batch x (B, 3, H, W), made in declaration order from `generator`."""
+    return {k: d.sample(cfg, (x.shape[0],), tuple(x.shape[1:]), generator, x.device, x.dtype)
+            for k, d in specs.items()}
+
+
+def draw_shapes(specs: Mapping[str, Draw], cfg, image: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    """key -> per-image shape (no batch dimension)."""
+    return {k: tuple(d.shape(cfg, tuple(image))) for k, d in specs.items()}

@@ -1,0 +1,82 @@
+"""scc.backends.make_runner: every backend against the eager module on identical draws (top-1), and its refusals."""
+import sys
+
+import pytest
+import torch
+
+import scc
+from scc.backends import BackendUnavailable, make_runner
+from scc.models import SccError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(_threads):
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def batch(digits):
+    return digits[0][:6], digits[1][:6]
+
+
+@pytest.mark.parametrize("backend", ["compiled", "onnx"])
+def test_runner_matches_eager_on_identical_draws(tiny, batch, backend):
+    """A one-step TTC (a small graph) at batch 4: 6 images run as a full chunk and a padded one."""
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    x, _ = batch
+    defended = scc.defend(tiny, "ttc", seed=1, steps=1)
+    draws = defended.draws(x)
+    runner = make_runner(defended, backend, batch_size=4)
+    assert runner.compile_seconds > 0 and runner.backend == backend and runner.defense == "ttc"
+    with torch.no_grad():
+        out, ref = runner(x, draws), defended(x, draws)
+    assert out.shape == ref.shape == (6, 10)
+    assert torch.equal(out.argmax(1), ref.argmax(1)), (out.argmax(1), ref.argmax(1))
+    torch.testing.assert_close(out, ref, atol=1e-2, rtol=0)  # logits are 100 * cosine
+    defended.reseed(5)  # draws=None: the defended module's own generator, as in eager
+    a = runner(x)
+    defended.reseed(5)
+    assert torch.equal(a.argmax(1), defended(x).argmax(1))
+
+
+def test_eager_runner_is_the_module(tiny, batch):
+    x, _ = batch
+    defended = scc.defend(tiny, "scc", preset="latency")
+    runner = make_runner(defended, "eager", 3)
+    draws = defended.draws(x)
+    assert runner.compile_seconds is None and runner.defense == "scc-latency"
+    assert torch.equal(runner(x, draws), defended(x, draws))
+
+
+def test_refusals_are_up_front_and_clear(tiny, monkeypatch):
+    rtpt = scc.defend(tiny, "rtpt")
+    for backend in ("compiled", "triton", "onnx"):
+        with pytest.raises(BackendUnavailable, match=f"backend {backend} cannot run rtpt: R-TPT tunes"):
+            make_runner(rtpt, backend, 1)
+    ttc = scc.defend(tiny, "ttc")
+    with pytest.raises(BackendUnavailable, match="backend onnx runs fp32 only"):
+        make_runner(ttc, "onnx", 1, dtype=torch.bfloat16)
+    with pytest.raises(SccError, match="the model is on cpu, not meta"):
+        make_runner(ttc, "eager", 1, device="meta")
+    with pytest.raises(SccError, match="batch size must be a positive integer, got 0"):
+        make_runner(ttc, "eager", 0)
+    with pytest.raises(SccError, match="unknown backend 'tensorrt'"):
+        make_runner(ttc, "tensorrt", 1)
+    monkeypatch.setitem(sys.modules, "scc.compiled", None)  # import scc.compiled -> ImportError
+    with pytest.raises(BackendUnavailable, match="backend compiled is not available") as err:
+        make_runner(ttc, "compiled", 1)
+    assert isinstance(err.value.__cause__, ImportError)
+
+
+def test_bf16_eager_runner_keeps_the_answers(tiny, digits):
+    """The reduced-precision tower (weights and activations bf16; perturbation, steps, losses fp32) on 64
+    held-out digits: top-1 agreement with fp32 at least 0.95 on identical draws."""
+    x = digits[0][:64]
+    defended = scc.defend(tiny, "ttc")
+    draws = defended.draws(x)
+    with torch.no_grad():
+        ref = defended(x, draws).argmax(1)
+        out = make_runner(defended, "eager", 64, dtype=torch.bfloat16)(x, draws).argmax(1)
+    agree = (out == ref).float().mean().item()
+    assert agree >= 0.95, agree
