@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", default="scc", help="none | ttc | scc | scc-latency | rtpt (default: %(default)s)")
     p.add_argument("--json", action="store_true")
     _add_model_args(p)
-    p.set_defaults(func=cmd_classify)
+    p.set_defaults(func=cmd_classify, seed=None)  # a served answer: secret per-image draws unless --seed is given
 
     p = sub.add_parser("eval", help="clean and robust accuracy of defenses on a dataset (TTC protocol)")
     _add_model_args(p)

@@ -238,11 +238,12 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None,
-                 trace: list | None = None) -> torch.Tensor:
-        """Logits (n, C) for pixels x (n, 3, S, S) in [0,1]. `trace`, a list, receives each step's gradient sign
-        (n, 3, S, S), as with the eager module (this runs a separate traced graph)."""
+                 trace: list | None = None, keys=None) -> torch.Tensor:
+        """Logits (n, C) for pixels x (n, 3, S, S) in [0,1]. Draws default to the defended module's per-image
+        draws (for `keys`, else its running index), exactly as in eager. `trace`, a list, receives each step's
+        gradient sign (n, 3, S, S), as with the eager module (this runs a separate traced graph)."""
         validate_pixels(x, self.classifier.image_size, dtype=torch.float32, device=self.device, values=False)
-        draws = self.defended.draws(x) if draws is None else draws
+        draws = self.defended.draws(x, keys) if draws is None else draws
         args = validate_draws(draws, self.draw_keys, x.shape[0], dtype=torch.float32, device=self.device,
                               what=self.defended.defense)
         traced = trace is not None

@@ -16,12 +16,13 @@ open_clip model name) -> the caller's overrides (`warmup__steps=1` reaches into 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+import secrets
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
-from .draws import Draw, draw_shapes, make_draws
+from .draws import Draw, draw_shapes, keyed_draws, make_draws
 from .models import SccError, TINY_NAME, ZeroShotClassifier
 from .plumbing import attention, validate_pixels
 from .rtpt import RTPT_DRAWS, RTPTConfig, rtpt
@@ -34,7 +35,9 @@ class NoDefenseConfig:
     pass
 
 
-def _none(clf, x, cfg, **_):
+def _none(clf, x, cfg, trace=None, record=None):
+    if record is not None:
+        record["perturbation"] = torch.zeros_like(x)
     return clf(x)
 
 
@@ -57,7 +60,12 @@ class Defense:
     why_not: str = ""  # why a backend refuses it (shown in the error)
 
     def draws(self, x: torch.Tensor, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Draws for a batch from one generator stream (example inputs for compiling and tracing)."""
         return make_draws(self.draw_specs, cfg, x, generator)
+
+    def keyed_draws(self, x: torch.Tensor, cfg, seed: int, keys: Sequence[Hashable]) -> dict[str, torch.Tensor]:
+        """Per-image draws: row b depends on (seed, keys[b]) only (scc.draws.keyed_draws)."""
+        return keyed_draws(self.draw_specs, cfg, x, seed, keys)
 
     def draw_shapes(self, cfg, image: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
         return draw_shapes(self.draw_specs, cfg, image)
@@ -123,19 +131,28 @@ def make_config(name: str, preset: str = "paper", model: str = "", **overrides) 
 
 
 class Defended(nn.Module):
-    """A test-time defended classifier: forward(x in [0,1], draws=None) -> logits.
+    """A test-time defended classifier: forward(x in [0,1], draws=None, keys=None) -> logits.
 
-    Unchanged torchattacks/AutoAttack usage: `torchattacks.PGD(defended, eps=...)`. Randomness comes from
-    `self.generator` (seeded by `seed`) unless `draws` is given (see `draws(x)` for its keys and shapes).
+    Unchanged torchattacks/AutoAttack usage: `torchattacks.PGD(defended, eps=...)`.
+
+    Randomness is per image and secret by default. Image b's draws are a function of (seed, keys[b]) only
+    (scc.draws.keyed_draws), never of its batch: served alone or at position 5 of 8, an image with the same key
+    gets the same draws and the same answer on every backend. `seed=None` (the default) takes a fresh secret
+    from the OS for this module, so an attacker who has the code still does not know the draws; pass an int for
+    reproducible runs (`self.seed` then records it; it stays None for a secret seed). `keys` defaults to a
+    running index: the i-th image this module sees (since construction or `reseed`) has key i, so a dataset
+    fed in order gets its dataset index, whatever the batch size. Give keys (a request id, a dataset index) to
+    pin an image's draws, or pass `draws` to replay exact draws.
     """
 
-    def __init__(self, classifier: ZeroShotClassifier, name: str, config: Any, seed: int = 0, preset: str = "paper"):
+    def __init__(self, classifier: ZeroShotClassifier, name: str, config: Any, seed: int | None = None,
+                 preset: str = "paper"):
         super().__init__()
         self.classifier = classifier
-        self.defense, self.preset, self.config, self.seed = name, preset, config, seed
+        self.defense, self.preset, self.config = name, preset, config
         self.spec: Defense = DEFENSES[name]
-        self.generator: torch.Generator | None = None
         self.validate = True  # check finiteness and the [0,1] range on every call (one host sync)
+        self.reseed(seed)
 
     @property
     def label(self) -> str:
@@ -143,31 +160,58 @@ class Defended(nn.Module):
         return self.defense if self.preset == "paper" else f"{self.defense}-{self.preset}"
 
     def reseed(self, seed: int | None = None) -> None:
-        self.seed = self.seed if seed is None else seed
-        self.generator = None
+        """A new seed (None: a fresh secret one) and the running key back to 0."""
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise SccError(f"seed must be an integer or None (a fresh secret seed), got {seed!r}")
+        self.seed = seed
+        self._secret = secrets.randbits(63) if seed is None else seed
+        self.next_key = 0
 
-    def draws(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.generator is None or self.generator.device != x.device:
-            self.generator = torch.Generator(device=x.device).manual_seed(self.seed)
-        return self.spec.draws(x, self.config, self.generator)
+    def keys_for(self, n: int, keys: Sequence[Hashable] | None = None) -> list:
+        """The keys of n images: the given ones (checked), else the next n of the running index."""
+        if keys is None:
+            keys = list(range(self.next_key, self.next_key + n))
+            self.next_key += n
+        keys = list(keys)
+        if len(keys) != n:
+            raise SccError(f"keys: one per image, got {len(keys)} keys for {n} images")
+        return keys
 
-    def forward(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None, trace: list | None = None):
+    def draws(self, x: torch.Tensor, keys: Sequence[Hashable] | None = None) -> dict[str, torch.Tensor]:
+        """This module's draws for the images x (B, 3, H, W): row b from (seed, keys[b])."""
+        return self.spec.keyed_draws(x, self.config, self._secret, self.keys_for(x.shape[0], keys))
+
+    def forward(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None, trace: list | None = None,
+                keys: Sequence[Hashable] | None = None, record: dict | None = None):
         # shape always; NaN/Inf or out-of-range pixels (one host sync) unless validate is off
         validate_pixels(x, self.classifier.image_size, values=self.validate)
-        draws = self.draws(x) if draws is None else draws
+        draws = self.draws(x, keys) if draws is None else draws
         extra = {"trace": trace} if trace is not None else {}
+        if record is not None:
+            extra["record"] = record
         # An adaptive attack differentiates through the defense's own gradient steps: double backward.
         purpose = "differentiable" if x.requires_grad and torch.is_grad_enabled() else "eager"
         with attention(purpose, x.device):
             return self.spec.procedure(self.classifier, x, self.config, **draws, **extra)
 
+    def perturbation(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None,
+                     keys: Sequence[Hashable] | None = None) -> torch.Tensor:
+        """The final corrective perturbation (B, 3, H, W) the defense adds to x before it predicts (zeros for
+        'none' and R-TPT), e.g. for BPDA-style attacks that hold it constant."""
+        record: dict = {}
+        self.forward(x, draws, keys=keys, record=record)
+        return record["perturbation"]
+
     def extra_repr(self) -> str:
-        return f"defense={self.defense}, preset={self.preset}, config={self.config}"
+        seed = "secret" if self.seed is None else self.seed
+        return f"defense={self.defense}, preset={self.preset}, seed={seed}, config={self.config}"
 
 
-def defend(classifier: ZeroShotClassifier, name: str = "scc", preset: str = "paper", seed: int = 0,
+def defend(classifier: ZeroShotClassifier, name: str = "scc", preset: str = "paper", seed: int | None = None,
            **overrides) -> Defended:
-    """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' (| 'rtpt')."""
+    """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt'.
+
+    seed=None (default): a fresh secret seed (production); an int: reproducible draws (see `Defended`)."""
     if "-" in name and preset == "paper":
         name, preset = split_defense_name(name)
     config = make_config(name, preset, classifier.name, **overrides)

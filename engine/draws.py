@@ -12,13 +12,23 @@ Distributions (`kind`):
     dirichlet   Exp(1) draws normalised over the last dimension (Dirichlet(1, ..., 1))     float
     sign        -1 where U[0, 1) > 0.5, else +1        float
 `low`/`high` may be functions of the config (e.g. R-TPT's AugMix severity). Shapes are per image; the
-batch dimension comes first. Draws are made key by key in declaration order from one generator, so a seed
-reproduces them exactly.
+batch dimension comes first.
+
+Per-image draws (what a defended module makes): an image's draws are a function of (seed, that image's key)
+alone, never of the batch it sits in:
+
+    draws = keyed_draws(specs, cfg, x, seed, keys=[17, 18, "req-9f2"])   # one CPU generator per image
+
+Each image's generator is seeded with a 63-bit BLAKE2b hash of (seed, key) and draws every key of `specs` in
+declaration order on the CPU (so CPU and CUDA runs, and every batch size, see the same numbers); the rows are
+then stacked and moved to the pixels' device. The eager module, the compiled engine, ONNX Runtime (draws as
+inputs) and a server therefore agree image by image, however the images are batched.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Union
+from typing import Any, Callable, Hashable, Mapping, Sequence, Union
 
 import torch
 
@@ -76,3 +86,30 @@ def make_draws(specs: Mapping[str, Draw], cfg, x: torch.Tensor,
 def draw_shapes(specs: Mapping[str, Draw], cfg, image: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     """key -> per-image shape (no batch dimension)."""
     return {k: tuple(d.shape(cfg, tuple(image))) for k, d in specs.items()}
+
+
+def image_seed(seed: int, key: Hashable) -> int:
+    """The 63-bit generator seed of the image with `key` under `seed` (BLAKE2b of both; keys: ints or strings)."""
+    digest = hashlib.blake2b(f"{int(seed)}\x1f{type(key).__name__}:{key}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def keyed_draws(specs: Mapping[str, Draw], cfg, x: torch.Tensor, seed: int, keys: Sequence[Hashable],
+                shapes: Mapping[str, tuple[int, ...]] | None = None) -> dict[str, torch.Tensor]:
+    """Per-image draws for x (B, 3, H, W): row b depends only on (seed, keys[b]). `shapes` overrides the
+    per-image shapes (a runtime that knows them from its inputs but not the config)."""
+    if len(keys) != x.shape[0]:
+        raise ValueError(f"need one key per image: {x.shape[0]} images, {len(keys)} keys")
+    image = tuple(x.shape[1:])
+    per_image = {k: tuple(shapes[k]) if shapes is not None else tuple(d.shape(cfg, image)) for k, d in specs.items()}
+    rows: dict[str, list[torch.Tensor]] = {k: [] for k in specs}
+    for key in keys:
+        gen = torch.Generator().manual_seed(image_seed(seed, key))
+        for k, d in specs.items():
+            rows[k].append(d.sample_shape((1, *per_image[k]), cfg, gen, "cpu", x.dtype))
+    out = {}
+    for k, d in specs.items():
+        stacked = torch.cat(rows[k]) if rows[k] else torch.empty((0, *per_image[k]),
+                                                                 dtype=torch.int64 if d.kind == "integers" else x.dtype)
+        out[k] = stacked.to(x.device)
+    return out

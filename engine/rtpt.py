@@ -456,8 +456,9 @@ def tune_and_predict(clf: ZeroShotClassifier, parts: PromptParts, feats: torch.T
 
 
 def rtpt(clf: ZeroShotClassifier, x: torch.Tensor, cfg: RTPTConfig, crop, flip, mix, blend, depth, ops, levels,
-         signs, trace: list | None = None) -> torch.Tensor:
+         signs, trace: list | None = None, record: dict | None = None) -> torch.Tensor:
     """(B, 3, S, S) in [0,1] -> (B, C) logits; each image is tuned from the initial prompt (episodic).
+    `record` receives a zero pixel perturbation: R-TPT tunes the prompt, never the pixels.
 
     `trace` is accepted for the Defended interface and stays empty: R-TPT takes no sign-gradient steps.
     """
@@ -468,4 +469,6 @@ def rtpt(clf: ZeroShotClassifier, x: torch.Tensor, cfg: RTPTConfig, crop, flip, 
             views = make_views(x[b], cfg, crop[b], flip[b], mix[b], blend[b], depth[b], ops[b], levels[b], signs[b])
             feats = F.normalize(clf.embed(views), dim=-1)  # (V, D): the only image-encoder pass
         out.append(tune_and_predict(clf, parts, feats, cfg))
+    if record is not None:
+        record["perturbation"] = torch.zeros_like(x)
     return torch.stack(out).to(x.dtype)

@@ -105,8 +105,11 @@ def margin(cos: torch.Tensor, t_soft_cos: torch.Tensor, y_hat: torch.Tensor, agg
 
 
 def scc(clf: ZeroShotClassifier, x: torch.Tensor, cfg: SCCConfig, start: torch.Tensor, noise: torch.Tensor,
-        trace: list | None = None) -> torch.Tensor:
+        trace: list | None = None, record: dict | None = None) -> torch.Tensor:
+    """Logits (B, C); `trace` collects each step's gradient sign, `record` the final perturbation (B, 3, H, W)
+    (the one Stage 3 predicts from)."""
     views, pviews = cfg.stage_views(), cfg.prototype_views()
+    record = {} if record is None else record
 
     # Stage 0: warm-up counterattack
     delta_w, tau = counterattack(clf, x, cfg.warmup, start, trace)
@@ -117,6 +120,7 @@ def scc(clf: ZeroShotClassifier, x: torch.Tensor, cfg: SCCConfig, start: torch.T
         return clf.logit_scale * view_cosines(clf, x + delta, views, noise, cfg.sigma).mean(1)
 
     if not cfg.semantic:
+        record["perturbation"] = delta_w
         return predict(delta_w)
 
     delta = delta_w if cfg.init == "warmup" else torch.zeros_like(delta_w)
@@ -154,8 +158,11 @@ def scc(clf: ZeroShotClassifier, x: torch.Tensor, cfg: SCCConfig, start: torch.T
             trace.append(g.sign())
         delta = sign_step(delta, g, x, cfg.alpha, cfg.eps, clf.kernels)
 
+    record["perturbation"] = delta
     logits = predict(delta)
     if not cfg.correct_clean:  # inputs that look clean (tau >= thres) keep TTC's output
         ttc_logits = clf.logits_from_embedding(clf.embed(x + delta_w))
-        logits = torch.where((tau < cfg.warmup.tau_thres)[:, None], logits, ttc_logits)
+        corrected = tau < cfg.warmup.tau_thres
+        logits = torch.where(corrected[:, None], logits, ttc_logits)
+        record["perturbation"] = torch.where(corrected.view(-1, 1, 1, 1), delta, delta_w)
     return logits

@@ -68,6 +68,9 @@ def counterattack(clf: ZeroShotClassifier, x: torch.Tensor, cfg: TTCConfig, star
 
 
 def ttc(clf: ZeroShotClassifier, x: torch.Tensor, cfg: TTCConfig, start: torch.Tensor,
-        trace: list | None = None) -> torch.Tensor:
+        trace: list | None = None, record: dict | None = None) -> torch.Tensor:
+    """Logits (B, C) of x + Delta; `record`, a dict, receives the perturbation Delta (B, 3, H, W)."""
     delta, _ = counterattack(clf, x, cfg, start, trace)
+    if record is not None:
+        record["perturbation"] = delta
     return clf.logits_from_embedding(clf.embed(x + delta))

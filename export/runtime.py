@@ -15,6 +15,7 @@ start, the session runs on CPU and a RuntimeWarning says so.
 from __future__ import annotations
 
 import json
+import secrets
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -59,12 +60,14 @@ class OrtDefended:
     """An exported defended classifier on ONNX Runtime: `__call__(x, draws=None, trace=None) -> logits`.
 
     `draws` (a dict like `Defended.draws(x)`, N rows) only for files exported with draws_as_inputs; when such a
-    file gets no draws they are made here with a torch generator seeded by `seed`. `trace`, a list, collects
-    each step's gradient sign for files exported with trace_outputs (as `Defended(x, trace=[])`).
+    file gets no draws they are made here per image, exactly as `scc.Defended` makes them: image b's draws from
+    (seed, keys[b]) (seed=None: a fresh secret one; keys: a running index unless given), so a file and the eager
+    module with the same seed and keys agree image by image. `trace`, a list, collects each step's gradient sign
+    for files exported with trace_outputs (as `Defended(x, trace=[])`).
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 seed: int = 0):
+                 seed: int | None = None):
         ort = import_onnxruntime()
         path = Path(path)
         if not path.is_file():
@@ -95,7 +98,9 @@ class OrtDefended:
         self.batch_size = shape[0] if isinstance(shape[0], int) else None  # None: dynamic batch
         self.image_shape = tuple(shape[1:])
         self.draw_names = [n for n in self.inputs if n != "pixels"]
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed = seed
+        self._secret = secrets.randbits(63) if seed is None else int(seed)
+        self.next_key = 0
 
     @staticmethod
     def _load(ort, path: Path, options, providers: list[str]):
@@ -137,34 +142,37 @@ class OrtDefended:
             validate_pixels(value)
         return value
 
-    def _make_draws(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Draws for a file with draw inputs, from the distributions its defense declares (scc.DEFENSES)."""
+    def _make_draws(self, pixels: torch.Tensor, keys=None) -> dict[str, torch.Tensor]:
+        """Per-image draws for a file with draw inputs, from the distributions its defense declares."""
         from scc.defenses import DEFENSES
+        from scc.draws import keyed_draws
 
         defense = DEFENSES.get(self.metadata.get("scc.defense", ""))
         unknown = [k for k in self.draw_names if defense is None or k not in defense.draw_specs]
         if unknown:
             raise SccError(f"{self.path} takes the draws {self.draw_names}, which its metadata's defense "
                            f"{self.metadata.get('scc.defense')!r} does not declare: pass draws=defended.draws(x)")
-        n, draws = pixels.shape[0], {}
-        for name in self.draw_names:
-            shape = (n, *self.inputs[name].shape[1:])
-            try:
-                draws[name] = defense.draw_specs[name].sample_shape(shape, None, self.generator, "cpu", torch.float32)
-            except AttributeError as err:  # a bound that depends on the config, which the file does not carry
-                raise SccError(f"{self.path}: draw {name!r} depends on the defense config: pass "
-                               "draws=defended.draws(x)") from err
-        return {k: v.to(pixels.device) for k, v in draws.items()}
+        n = pixels.shape[0]
+        if keys is None:
+            keys, self.next_key = list(range(self.next_key, self.next_key + n)), self.next_key + n
+        elif len(keys) != n:
+            raise SccError(f"keys: one per image, got {len(keys)} keys for {n} images")
+        specs = {k: defense.draw_specs[k] for k in self.draw_names}
+        shapes = {k: tuple(self.inputs[k].shape[1:]) for k in self.draw_names}
+        try:
+            return keyed_draws(specs, None, pixels, self._secret, list(keys), shapes=shapes)
+        except AttributeError as err:  # a bound that depends on the defense config, which the file does not carry
+            raise SccError(f"{self.path}: a draw depends on the defense config: pass draws=defended.draws(x)") from err
 
     # -- running -------------------------------------------------------------------------------------------
-    def __call__(self, x, draws: dict | None = None, trace: list | None = None) -> torch.Tensor:
+    def __call__(self, x, draws: dict | None = None, trace: list | None = None, keys=None) -> torch.Tensor:
         pixels = self._check("pixels", x, None)
         n = pixels.shape[0]
         if draws and not self.draw_names:
             raise SccError(f"{self.path} draws its random values inside the graph and takes no draws; "
                            "export with draws_as_inputs=True (--draws-as-inputs) to feed them")
         if draws is None or (not draws and self.draw_names):
-            draws = self._make_draws(pixels)
+            draws = self._make_draws(pixels, keys)
         missing = [k for k in self.draw_names if k not in draws]
         if missing:
             raise SccError(f"draws lack {missing}: this file needs {self.draw_names}")

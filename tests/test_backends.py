@@ -34,10 +34,18 @@ def test_runner_matches_eager_on_identical_draws(tiny, batch, backend):
     assert out.shape == ref.shape == (6, 10)
     assert torch.equal(out.argmax(1), ref.argmax(1)), (out.argmax(1), ref.argmax(1))
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=0)  # logits are 100 * cosine
-    defended.reseed(5)  # draws=None: the defended module's own generator, as in eager
+    defended.reseed(5)  # draws=None: the defended module's own per-image draws, as in eager
     a = runner(x)
     defended.reseed(5)
     assert torch.equal(a.argmax(1), defended(x).argmax(1))
+    if backend == "onnx":  # ORT makes the same per-image draws from (seed, key) as the eager module
+        from scc.export import OrtDefended
+
+        ort = OrtDefended(runner.details["onnx"], seed=9)
+        alone = scc.defend(tiny, "ttc", seed=9, steps=1)
+        torch.testing.assert_close(ort(x[5:6], keys=["k5"]), alone(x[5:6], keys=["k5"]), atol=1e-3, rtol=0)
+        torch.testing.assert_close(ort(x, keys=[f"k{i}" for i in range(6)])[5:6], alone(x[5:6], keys=["k5"]),
+                                   atol=1e-3, rtol=0)
 
 
 def test_eager_runner_is_the_module(tiny, batch):

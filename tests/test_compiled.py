@@ -78,6 +78,11 @@ def test_ttc_buckets_padding_and_splitting(tiny, digits):
             assert torch.equal(out.argmax(1), ref.argmax(1)), (n, out, ref)
             torch.testing.assert_close(out, ref, atol=1e-3, rtol=0, msg=lambda m: f"n={n}: {m}")
     assert list(engine.compile_seconds) == [2] and graph_breaks() == breaks
+    # per-image draws: an image alone (padded) and at position 5 of 8 (chunk 3 of 4) gets the same answer
+    x8, keys = images[:8], list(range(100, 108))
+    out8, out1 = engine(x8, keys=keys), engine(x8[5:6], keys=[105])
+    torch.testing.assert_close(out8[5:6], out1, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out8, defended(x8, keys=keys), atol=1e-3, rtol=0)
     # the default draws come from the defended module's generator, as in eager
     defended.reseed(3)
     a = engine(images[:2])

@@ -63,3 +63,50 @@ def test_a_new_defense_is_one_file_and_one_record(tiny, monkeypatch):
     torch.testing.assert_close(make_runner(d, "eager")(x, draws), want)
     with pytest.raises(SccError, match="backend compiled cannot run shift-wide: a test defense"):
         make_runner(d, "compiled")
+
+
+def test_default_randomness_is_secret_and_fresh(tiny):
+    x = torch.rand(2, 3, 32, 32)
+    a, b = scc.defend(tiny, "ttc"), scc.defend(tiny, "ttc")
+    assert a.seed is None and b.seed is None and "seed=secret" in repr(a)
+    assert not torch.equal(a.draws(x)["start"], b.draws(x)["start"])
+    c, d = scc.defend(tiny, "ttc", seed=3), scc.defend(tiny, "ttc", seed=3)
+    assert torch.equal(c.draws(x)["start"], d.draws(x)["start"])
+    with pytest.raises(SccError, match="seed must be an integer or None"):
+        scc.defend(tiny, "ttc", seed="abc")
+
+
+def test_draws_depend_on_seed_and_key_not_on_the_batch(tiny, digits):
+    """One image alone vs at position 5 of a batch of 8, same seed and key: same draws, same logits."""
+    x = digits[0][:8]
+    keys = [f"req-{i}" for i in range(8)]
+    for name in ("ttc", "scc"):
+        batch = scc.defend(tiny, name, seed=11)
+        alone = scc.defend(tiny, name, seed=11)
+        d8, d1 = batch.draws(x, keys), alone.draws(x[5:6], keys[5:6])
+        assert all(torch.equal(d8[k][5:6], d1[k]) for k in d8), name
+        with torch.no_grad():
+            out8, out1 = batch(x, d8), alone(x[5:6], d1)
+        torch.testing.assert_close(out8[5:6], out1, atol=1e-4, rtol=0)
+        assert out8[5].argmax() == out1[0].argmax()
+    # the running index: a dataset fed in order gets its index as key, whatever the batch size
+    a, b = scc.defend(tiny, "scc", seed=2), scc.defend(tiny, "scc", seed=2)
+    whole = a.draws(x)["noise"]
+    parts = torch.cat([b.draws(x[:3])["noise"], b.draws(x[3:])["noise"]])
+    assert torch.equal(whole, parts) and b.next_key == 8
+    with pytest.raises(SccError, match="one per image, got 2 keys for 8 images"):
+        a.draws(x, keys=[1, 2])
+
+
+def test_perturbation_is_the_one_the_prediction_uses(tiny, digits):
+    x = digits[0][:4]
+    for name, preset in (("ttc", "paper"), ("scc", "latency"), ("none", "paper")):
+        d = scc.defend(tiny, name, preset=preset, seed=0)
+        draws = d.draws(x)
+        delta = d.perturbation(x, draws)
+        assert delta.shape == x.shape and delta.abs().max() <= 4 / 255 + 1e-6
+        assert (x + delta).min() >= -1e-6 and (x + delta).max() <= 1 + 1e-6
+        if name == "ttc":  # TTC predicts from x + Delta with the plain classifier
+            torch.testing.assert_close(tiny(x + delta), d(x, draws))
+        if name == "none":
+            assert delta.abs().max() == 0
