@@ -215,8 +215,8 @@ def test_static_views_are_the_same_views_and_traceable(tiny, digits):
     static_views = make_views(x[0], static, *[draws[k][0] for k in keys])
     assert torch.allclose(grouped_views, static_views, atol=1e-6)
     with torch.no_grad():
-        graph = make_fx(lambda x, *v: scc.rtpt.rtpt(tiny, x, static, **dict(zip(keys, v))))(x, *draws.values())
-        assert torch.allclose(graph(x, *draws.values()), scc.rtpt.rtpt(tiny, x, static, **draws), atol=1e-4)
+        graph = make_fx(lambda x, *v: scc.rtpt.rtpt(tiny, x, static, **dict(zip(keys, v))))(x, *[draws[k] for k in keys])
+        assert torch.allclose(graph(x, *[draws[k] for k in keys]), scc.rtpt.rtpt(tiny, x, static, **draws), atol=1e-4)
 
 
 @pytest.mark.parametrize("height, width, scale", [(32, 32, (0.08, 1.0)), (224, 224, (0.08, 1.0)), (20, 40, (0.9, 1.0))])
