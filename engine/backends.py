@@ -29,7 +29,7 @@ from .models import SccError
 
 BACKENDS = ("eager", "compiled", "triton", "onnx")
 CAPABILITY = {"eager": None, "compiled": "compiles", "triton": "compiles", "onnx": "exports"}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class BackendUnavailable(SccError):
@@ -52,6 +52,37 @@ class Runner:
         return self.run(x, draws)
 
 
+def parse_dtypes(text: str) -> list[torch.dtype]:
+    """'fp32,bf16' -> [torch.float32, torch.bfloat16]."""
+    names = [d.strip().lower() for d in text.split(",") if d.strip()]
+    unknown = [d for d in names if d not in DTYPES]
+    if unknown or not names:
+        raise SccError(f"unknown dtype(s) {unknown or [text]}; choose from {', '.join(DTYPES)} (comma-separated)")
+    return [DTYPES[d] for d in names]
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The image-tower precision `--dtype auto` picks: bf16 on CUDA (the official TTC code runs fp16 autocast there;
+    bf16 keeps fp32's range), fp32 on CPU: the bundled tiny models are slower in bf16 on this project's CPUs
+    (scc bench --dtype fp32,bf16: 0.65-0.8x at batch 1) and fp32 keeps the reproduction numbers exact; ViT-B/32
+    gains ~2x from bf16 on CPUs with AVX-512 BF16 or AMX (opt in with --dtype bf16)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
+    """'auto' | 'fp32' | 'bf16' | 'fp16' -> a torch dtype for `device`."""
+    if name == "auto":
+        return default_dtype(device)
+    dtypes = parse_dtypes(name)
+    if len(dtypes) != 1:
+        raise SccError(f"one dtype here, got {name!r}; choose auto, {', '.join(DTYPES)}")
+    return dtypes[0]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
 def parse_backends(text: str) -> list[str]:
     names = [b.strip().lower() for b in text.split(",") if b.strip()]
     unknown = [b for b in names if b not in BACKENDS]
@@ -70,8 +101,8 @@ def make_runner(defended: Defended, backend: str, batch_size: int = 1, dtype: to
                 device: torch.device | str | None = None, workdir: str | Path | None = None,
                 mode: str | None = None) -> Runner:
     """Build `backend` for `defended` at `batch_size` (the compiled buckets up to it are compiled here; the ONNX
-    file has that fixed batch). `dtype` of the image tower: fp32 everywhere; bf16 (weights and activations, the perturbation and
-    losses fp32) on eager, compiled and triton.
+    file has that fixed batch). `dtype` of the image tower: fp32 everywhere; bf16 / fp16 (weights and
+    activations; the perturbation and losses fp32) on eager, compiled and triton (fp16 where matmuls are native).
     `device` must be the classifier's (move the classifier with `.to(device)` first). `workdir` holds the ONNX
     file (a temporary folder by default). `mode` is the compile mode of compiled/triton (see scc.compiled)."""
     if backend not in BACKENDS:
@@ -84,17 +115,14 @@ def make_runner(defended: Defended, backend: str, batch_size: int = 1, dtype: to
     if dtype not in DTYPES.values():
         raise SccError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype}")
     if dtype != torch.float32 and backend == "onnx":
-        raise BackendUnavailable("backend onnx runs fp32 only (ONNX Runtime's CPU provider has no bf16 kernels)")
+        raise BackendUnavailable("backend onnx runs fp32 files here (ONNX Runtime's CPU provider has no bf16 "
+                                 "kernels); reduced precision runs on eager, compiled and triton")
     what = defended.label
     if not supports(defended.spec, backend):
         raise BackendUnavailable(f"backend {backend} cannot run {what}: {defended.spec.why_not}")
     common = dict(backend=backend, defense=what, batch_size=batch_size, dtype=dtype, device=here)
     if backend == "eager":
-        if dtype != torch.float32:  # the compiled engine's reduced-precision tower, run eagerly
-            from .compiled import engine_classifier
-
-            defended = Defended(engine_classifier(defended.classifier, dtype), defended.defense, defended.config,
-                                 seed=defended.seed, preset=defended.preset)
+        defended = defended.with_dtype(dtype)  # a reduced-precision tower (same draws), or the module itself
         return Runner(run=lambda x, draws=None: defended(x, draws), **common)
     try:
         if backend in ("compiled", "triton"):
@@ -106,7 +134,8 @@ def make_runner(defended: Defended, backend: str, batch_size: int = 1, dtype: to
         raise BackendUnavailable(f"backend {backend} is not available: cannot import {module} ({err}); "
                                  "install the extra (pip install -e '.[onnx]') or use --backends eager") from err
     if backend in ("compiled", "triton"):
-        engine = Engine(defended, backend=backend, max_batch=batch_size, mode=mode, dtype=dtype)
+        engine = Engine(defended.with_dtype(torch.float32), backend=backend, max_batch=batch_size, mode=mode,
+                        dtype=dtype)
         seconds = float(engine.warmup(batch_size))
         return Runner(run=lambda x, draws=None: engine(x, draws), compile_seconds=seconds,
                       details={"kernels": engine.kernels, "buckets": engine.buckets}, **common)

@@ -26,7 +26,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from .backends import BACKENDS, BackendUnavailable, make_runner, parse_backends
+from .backends import BACKENDS, BackendUnavailable, dtype_name, make_runner, parse_backends, parse_dtypes
 from .cost import count_row, format_explain
 from .data import DTD_CLASSES, TEMPLATES, load_dataset
 from .defenses import DEFENSES, defend, split_defense_name
@@ -110,45 +110,85 @@ def agreement(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> flo
     return same / sum(len(r) for r in reference)
 
 
+def machine_limits(dtypes: Sequence[torch.dtype], device: str | torch.device, seconds: float = 1.0) -> dict:
+    """{"matmul_peak_gflops": {dtype name: GFLOP/s}, "memory_gbps": GB/s or None}, measured here and now with the
+    threads the benchmark uses (a few seconds; see scc.roofline)."""
+    from .roofline import check_dtype_on_device, matmul_peak, memory_bandwidth
+
+    peaks = {}
+    for dtype in dtypes:
+        check_dtype_on_device(dtype, device)
+        peaks[dtype_name(dtype)] = matmul_peak(dtype, device, seconds)
+    bandwidth = memory_bandwidth(device) if torch.device(device).type == "cuda" else None
+    return {"matmul_peak_gflops": peaks, "memory_gbps": bandwidth}
+
+
 def measure(clf: ZeroShotClassifier, specs: Sequence[str], backends: Sequence[str], x: torch.Tensor,
             batch_size: int = 1, warmup: int = 1, repeats: int = 1, seed: int = 0,
-            log: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict]]:
-    """(rows, skipped): one row per defense x backend; skipped lists what a backend cannot run, with the reason.
+            log: Callable[[str], None] | None = None, dtypes: Sequence[torch.dtype] = (torch.float32,),
+            limits: dict | None = None) -> tuple[list[dict], list[dict]]:
+    """(rows, skipped): one row per defense x backend x dtype; skipped lists what a backend cannot run, with
+    the reason.
 
-    `top1_agreement` compares a backend's top-1 with the eager backend's on the same images and draws; the
-    eager row is the reference itself (None)."""
+    `top1_agreement` compares a row's top-1 with the eager fp32 backend's on the same images and draws (the
+    eager fp32 row is the reference itself: None). Roofline columns (scc.roofline): FLOPs per image counted in
+    an eager run, the achieved GFLOP/s and its fraction of `limits`' measured matmul peak for the row's dtype;
+    on CUDA at batch 1 also the weight-streaming bound (sequential encoder rounds x weight bytes / bandwidth)."""
+    from .cost import count_passes
+    from .roofline import count_flops, roofline, weight_bytes
+
     batches = batches_of(x, batch_size)
     rows, skipped = [], []
+    limits = limits or {}
     for spec in specs:
         name, preset = split_defense_name(spec)
         defended = defend(clf, name, preset=preset, seed=seed)
         draws = [defended.draws(b) for b in batches]
+        flops = count_flops(defended, batches[0], draws[0]) / batch_size
+        with count_passes(clf, batch_size) as counter, torch.no_grad():
+            defended(batches[0], draws[0])
+        rounds = counter.image_rounds
         reference = None
-        for backend in (["eager"] if "eager" in backends else []) + [b for b in backends if b != "eager"]:
-            if any(s["backend"] == backend and s["defense"] == "*" for s in skipped):
-                continue  # its module is missing: said once
-            try:
-                runner = make_runner(defended, backend, batch_size)
-            except BackendUnavailable as err:
-                missing = isinstance(err.__cause__, ImportError)
-                skipped.append({"defense": "*" if missing else spec, "backend": backend, "reason": str(err)})
+        order = (["eager"] if "eager" in backends else []) + [b for b in backends if b != "eager"]
+        for backend in order:
+            for dtype in dtypes:
+                if any(s["backend"] == backend and s["defense"] == "*" for s in skipped):
+                    continue  # its module is missing: said once
+                try:
+                    runner = make_runner(defended, backend, batch_size, dtype=dtype)
+                except BackendUnavailable as err:
+                    missing = isinstance(err.__cause__, ImportError)
+                    skipped.append({"defense": "*" if missing else spec, "backend": backend,
+                                    "dtype": dtype_name(dtype), "reason": str(err)})
+                    if log:
+                        log(f"skipping {'every defense' if missing else spec} on {backend} "
+                            f"{dtype_name(dtype)}: {err}")
+                    continue
+                seconds, outputs, warmup_seconds = time_batches(runner, batches, draws, warmup, repeats)
+                is_reference = backend == "eager" and dtype == torch.float32
+                if is_reference:
+                    reference = outputs
+                elif reference is None:  # the eager fp32 reference on the same draws, untimed
+                    with torch.no_grad():
+                        reference = [defended(b, d).float().cpu() for b, d in zip(batches, draws)]
+                stats = summarize(seconds, per=batch_size)
+                peak = limits.get("matmul_peak_gflops", {}).get(dtype_name(dtype))
+                row = {"defense": name, "preset": preset, "spec": spec, "backend": backend,
+                       "dtype": dtype_name(dtype), "seconds_per_image": stats["median"], "p20": stats["p20"],
+                       "p80": stats["p80"], "compile_seconds": runner.compile_seconds,
+                       "warmup_seconds": warmup_seconds, "timed_calls": stats["calls"],
+                       "top1_agreement": None if is_reference else agreement(outputs, reference),
+                       **roofline(flops, stats["median"], peak), "encoder_rounds": rounds}
+                if limits.get("memory_gbps") and batch_size == 1:
+                    bound = rounds * weight_bytes(clf, dtype) / (limits["memory_gbps"] * 1e9)
+                    row.update(weight_streaming_bound_s=bound, weight_streaming_fraction=bound / stats["median"])
+                rows.append(row)
                 if log:
-                    log(f"skipping {'every defense' if missing else spec} on {backend}: {err}")
-                continue
-            seconds, outputs, warmup_seconds = time_batches(runner, batches, draws, warmup, repeats)
-            if backend == "eager":
-                reference = outputs
-            elif reference is None:  # the eager reference on the same draws, untimed
-                with torch.no_grad():
-                    reference = [defended(b, d).float().cpu() for b, d in zip(batches, draws)]
-            stats = summarize(seconds, per=batch_size)
-            rows.append({"defense": name, "preset": preset, "spec": spec, "backend": backend,
-                         "seconds_per_image": stats["median"], "p20": stats["p20"], "p80": stats["p80"],
-                         "compile_seconds": runner.compile_seconds, "warmup_seconds": warmup_seconds,
-                         "timed_calls": stats["calls"],
-                         "top1_agreement": None if backend == "eager" else agreement(outputs, reference)})
-            if log:
-                log(f"{spec:<14}{backend:<10}{rows[-1]['seconds_per_image']:.4f} s/image")
+                    log(f"{spec:<14}{backend:<10}{dtype_name(dtype):<6}{row['seconds_per_image']:.4f} s/image")
+    for r in rows:  # speed-up of reduced precision over fp32 on the same backend, same run
+        base = next((o["seconds_per_image"] for o in rows if o["spec"] == r["spec"] and o["backend"] == r["backend"]
+                     and o["dtype"] == "fp32"), None)
+        r["speedup_vs_fp32"] = base / r["seconds_per_image"] if base else None
     return rows, skipped
 
 
@@ -166,11 +206,13 @@ def format_table(report: dict) -> str:
     where = hw.get("gpu") or f"{hw.get('cpu', '?')} ({hw.get('cpu_cores', '?')} cores, {hw.get('torch_threads', '?')} threads)"
     lines = [f"{report.get('model')} on {where}, batch {report.get('batch_size')}, {report.get('n_images')} images"
              + (f" ({report['pixels']})" if report.get("pixels") else "")]
-    head = (f"{'defense':<14}{'backend':<10}{'s/image':>9}{'p20-p80':>17}{'compile s':>11}{'top1=':>7}"
-            f"{'x TTC':>8}{'R-TPT/x':>9}  | {'paper s':>8}{'x TTC':>7}{'R-TPT/x':>9}{'robust':>8}")
+    head = (f"{'defense':<14}{'backend':<10}{'dtype':<6}{'s/image':>9}{'p20-p80':>17}{'compile s':>11}{'top1=':>7}"
+            f"{'x fp32':>7}{'GFLOP':>8}{'GFLOP/s':>9}{'%peak':>7}{'x TTC':>8}{'R-TPT/x':>9}  | "
+            f"{'paper s':>8}{'x TTC':>7}{'R-TPT/x':>9}{'robust':>8}")
     lines += [head, "-" * len(head)]
     rows = report["rows"]
-    ref = {(r["defense"], r["backend"]): r["seconds_per_image"] for r in rows if r["preset"] == "paper"}
+    ref = {(r["defense"], r["backend"], r.get("dtype", "fp32")): r["seconds_per_image"] for r in rows
+           if r["preset"] == "paper"}
     p_ttc, p_rtpt = PAPER["ttc"][0], PAPER["rtpt"][0]
     for r in rows:
         spec = r.get("spec") or (r["defense"] if r["preset"] == "paper" else f"{r['defense']}-{r['preset']}")
@@ -178,24 +220,33 @@ def format_table(report: dict) -> str:
         p20_80 = f"{r['p20']:.4f}-{r['p80']:.4f}" if r.get("p20") is not None else "-"
         comp = f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else "-"
         agree = f"{r['top1_agreement']:.2f}" if r.get("top1_agreement") is not None else "-"
-        ttc, rtpt = ref.get(("ttc", r["backend"])), ref.get(("rtpt", r["backend"]))
-        line = (f"{spec:<14}{r['backend']:<10}{t:>9.4f}{p20_80:>17}{comp:>11}{agree:>7}"
-                f"{_ratio(t, ttc):>8}{_ratio(rtpt, t):>9}  |")
+        dt = r.get("dtype", "fp32")
+        ttc, rtpt = ref.get(("ttc", r["backend"], dt)), ref.get(("rtpt", r["backend"], dt))
+        fmt = lambda key, f: format(r[key], f) if r.get(key) is not None else "-"
+        pct = f"{100 * r['peak_fraction']:.1f}" if r.get("peak_fraction") is not None else "-"
+        line = (f"{spec:<14}{r['backend']:<10}{dt:<6}{t:>9.4f}{p20_80:>17}{comp:>11}{agree:>7}"
+                f"{fmt('speedup_vs_fp32', '.2f'):>7}{fmt('gflop_per_image', '.2f'):>8}{fmt('gflop_per_s', '.1f'):>9}"
+                f"{pct:>7}{_ratio(t, ttc):>8}{_ratio(rtpt, t):>9}  |")
         if r["defense"] in PAPER:
             ps, acc = PAPER[r["defense"]]
             line += f"{ps:>8g}{ps / p_ttc:>7.2f}{p_rtpt / ps:>9.1f}{acc:>8.1f}"
         lines.append(line)
     summary = []
-    for backend in dict.fromkeys(r["backend"] for r in rows):
-        get = lambda spec: next((r["seconds_per_image"] for r in rows
-                                 if r["backend"] == backend and (r.get("spec") or r["defense"]) == spec), None)
+    for backend, dt in dict.fromkeys((r["backend"], r.get("dtype", "fp32")) for r in rows):
+        get = lambda spec: next((r["seconds_per_image"] for r in rows if r["backend"] == backend
+                                 and r.get("dtype", "fp32") == dt and (r.get("spec") or r["defense"]) == spec), None)
         parts = [f"R-TPT/SCC {_ratio(get('rtpt'), get('scc'))} (paper {p_rtpt / PAPER['scc'][0]:.1f})",
                  f"SCC/TTC {_ratio(get('scc'), get('ttc'))} (paper {PAPER['scc'][0] / p_ttc:.2f})",
                  f"SCC-latency/TTC {_ratio(get('scc-latency'), get('ttc'))}",
                  f"R-TPT/TTC {_ratio(get('rtpt'), get('ttc'))} (paper {p_rtpt / p_ttc:.1f})"]
-        summary.append(f"  {backend}: " + ", ".join(parts))
+        summary.append(f"  {backend} {dt}: " + ", ".join(parts))
+    peaks = report.get("limits", {}).get("matmul_peak_gflops")
     lines += ["", "ratios of s/image:"] + summary + [
-              "paper = SCC project page Table 4 (DTD, hardware not stated); robust = its PGD-10 1/255 robust accuracy"]
+              "paper = SCC project page Table 4 (DTD, hardware not stated); robust = its PGD-10 1/255 robust accuracy",
+              "top1= agreement with eager fp32 on the same draws; x fp32 = speed-up over fp32, same backend, same run"]
+    if peaks:
+        lines.append("%peak = achieved GFLOP/s / measured matmul peak (" + ", ".join(
+            f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + f", {hw.get('torch_threads', '?')} threads)")
     for s in report.get("skipped", []):
         lines.append(f"skipped {'every defense' if s['defense'] == '*' else s['defense']} on {s['backend']}: "
                      f"{s['reason']}")
@@ -241,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="pretrained tag, checkpoint path, or none (random weights)")
     p.add_argument("--defenses", default=DEFAULT_DEFENSES, help="comma-separated (default: %(default)s)")
     p.add_argument("--backends", default="eager", help=f"comma-separated from {', '.join(BACKENDS)} (default: eager)")
+    p.add_argument("--dtype", default="fp32", help="comma-separated image-tower precisions from fp32, bf16, fp16 "
+                   "(fp16 only where matmuls are native, e.g. a GPU) (default: fp32)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--images", type=int, default=8, help="images timed, a multiple of --batch-size (default: 8)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls on the first batch (default: 1)")
@@ -267,6 +320,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     specs = parse_defenses(args.defenses)
     backends = parse_backends(args.backends)
+    dtypes = parse_dtypes(args.dtype)
     if args.images < 1 or args.warmup < 0 or args.repeats < 1:
         raise SccError(f"need --images >= 1, --warmup >= 0, --repeats >= 1; got {args.images}, {args.warmup}, "
                        f"{args.repeats}")
@@ -287,7 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     busy = busy_warning()
     if busy:
         log(busy)
-    rows, skipped = measure(clf, specs, backends, x, args.batch_size, args.warmup, args.repeats, args.seed, log)
+    limits = machine_limits(dtypes, args.device)
+    report["limits"] = limits
+    rows, skipped = measure(clf, specs, backends, x, args.batch_size, args.warmup, args.repeats, args.seed, log,
+                            dtypes, limits)
     if not rows:
         raise SccError("no backend could run: " + "; ".join(s["reason"] for s in skipped))
     report.update(rows=rows, skipped=skipped,

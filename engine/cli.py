@@ -26,6 +26,17 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = TINY_NAME) 
     p.add_argument("--seed", type=int, default=0, help="seed of the defenses' random draws and the attacks")
 
 
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", default="auto", help="image-tower precision: auto (bf16 on CUDA, fp32 on CPU), fp32, "
+                   "bf16, fp16 (GPU); the perturbation, its steps and the logits stay fp32 (default: %(default)s)")
+
+
+def resolve_dtype(name: str, device: str):
+    from .backends import resolve_dtype as resolve
+
+    return resolve(name, device)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluate import format_table, run
 
@@ -53,7 +64,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = run(args.model, args.pretrained, args.dataset, defenses=args.defenses.split(","), attacks=attacks,
                  n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
                  attack_steps=args.steps, progress=not args.quiet,
-                 templates=args.templates.split("|") if args.templates else None, backend=args.backend)
+                 templates=args.templates.split("|") if args.templates else None, backend=args.backend,
+                 dtype=resolve_dtype(args.dtype, args.device))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(format_table(report))
@@ -73,7 +85,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     templates = args.templates.split("|") if args.templates else None
     clf = load(args.model, args.pretrained, labels=labels, templates=templates, device=args.device)
     name, preset = split_defense_name(args.defense)
-    defended = defend(clf, name, preset=preset, seed=args.seed)
+    defended = defend(clf, name, preset=preset, seed=args.seed, dtype=resolve_dtype(args.dtype, args.device))
     images, results = [], []
     for path in args.images:
         try:
@@ -123,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", default="scc", help="none | ttc | scc | scc-latency | rtpt (default: %(default)s)")
     p.add_argument("--json", action="store_true")
     _add_model_args(p)
+    _add_dtype_arg(p)
     p.set_defaults(func=cmd_classify, seed=None)  # a served answer: secret per-image draws unless --seed is given
 
     p = sub.add_parser("eval", help="clean and robust accuracy of defenses on a dataset (TTC protocol)")
@@ -135,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="attack steps (default: %(default)s)")
     p.add_argument("--backend", default="eager", choices=("eager", "compiled", "triton", "onnx"),
                    help="how the defenses run (scc.backends; default: %(default)s)")
+    _add_dtype_arg(p)
     p.add_argument("--no-clean", dest="clean", action="store_false", help="skip the clean-accuracy rows")
     p.add_argument("--images", type=int, default=None, help="first N images")
     p.add_argument("--batch-size", type=int, default=64)

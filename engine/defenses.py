@@ -152,6 +152,7 @@ class Defended(nn.Module):
         self.defense, self.preset, self.config = name, preset, config
         self.spec: Defense = DEFENSES[name]
         self.validate = True  # check finiteness and the [0,1] range on every call (one host sync)
+        self.dtype = torch.float32  # of the image tower (see with_dtype)
         self.reseed(seed)
 
     @property
@@ -202,17 +203,36 @@ class Defended(nn.Module):
         self.forward(x, draws, keys=keys, record=record)
         return record["perturbation"]
 
+    def with_dtype(self, dtype: torch.dtype) -> "Defended":
+        """The same defense (config, seed, secret, running key) on a copy of the classifier whose image tower runs
+        in `dtype` (weights and activations; the perturbation, its steps, the losses and the logits stay fp32)."""
+        from .compiled import engine_classifier
+        from .roofline import check_dtype_on_device
+
+        if dtype == self.dtype:
+            return self
+        check_dtype_on_device(dtype, self.classifier.text.device)
+        base = self.base_classifier if self.dtype != torch.float32 else self.classifier
+        out = Defended(base if dtype == torch.float32 else engine_classifier(base, dtype), self.defense, self.config,
+                       seed=self.seed, preset=self.preset)
+        out._secret, out.next_key, out.validate, out.dtype = self._secret, self.next_key, self.validate, dtype
+        out.base_classifier = base
+        return out
+
     def extra_repr(self) -> str:
         seed = "secret" if self.seed is None else self.seed
         return f"defense={self.defense}, preset={self.preset}, seed={seed}, config={self.config}"
 
 
 def defend(classifier: ZeroShotClassifier, name: str = "scc", preset: str = "paper", seed: int | None = None,
-           **overrides) -> Defended:
+           dtype: torch.dtype = torch.float32, **overrides) -> Defended:
     """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt'.
 
-    seed=None (default): a fresh secret seed (production); an int: reproducible draws (see `Defended`)."""
+    seed=None (default): a fresh secret seed (production); an int: reproducible draws (see `Defended`).
+    dtype: the image tower's precision, torch.float32 (default), bfloat16 or float16 (GPU, or a CPU with native
+    fp16 matmuls); the perturbation, its sign steps and projection, the losses and the logits stay fp32."""
     if "-" in name and preset == "paper":
         name, preset = split_defense_name(name)
     config = make_config(name, preset, classifier.name, **overrides)
-    return Defended(classifier, name, config, seed=seed, preset=preset)
+    defended = Defended(classifier, name, config, seed=seed, preset=preset)
+    return defended if dtype == torch.float32 else defended.with_dtype(dtype)

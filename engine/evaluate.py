@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .attacks import attack as run_attack
-from .backends import make_runner
+from .backends import dtype_name, make_runner
 from .data import load_dataset
 from .defenses import defend, split_defense_name
 from .env import hardware, versions
@@ -42,7 +42,7 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
         defenses: Sequence[str] = ("none", "ttc", "scc"), attacks: Sequence[tuple[str, float]] = (("none", 0.0),),
         n_images: int | None = None, batch_size: int = 64, device: str = "cpu", seed: int = 0,
         attack_steps: int = 10, progress: bool = True, templates: Sequence[str] | None = None,
-        backend: str = "eager") -> dict:
+        backend: str = "eager", dtype: torch.dtype = torch.float32) -> dict:
     """Clean/robust accuracy and per-image defense time on `backend` (scc.backends); returns the JSON-ready
     result dict."""
     data = load_dataset(dataset, image_size_of(model), n_images)
@@ -65,7 +65,7 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
         for spec in defenses:
             name, preset = split_defense_name(spec)
             defended = defend(clf, name, preset=preset, seed=seed)
-            runner = make_runner(defended, backend, min(batch_size, len(y_all)))
+            runner = make_runner(defended, backend, min(batch_size, len(y_all)), dtype=dtype)
             correct, seconds = 0, 0.0
             for x, y in tqdm(batches, desc=f"{spec} on {attack_name}", disable=not progress, leave=False):
                 with torch.no_grad():
@@ -73,7 +73,8 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
                 pred = logits.argmax(1)
                 seconds += t
                 correct += (pred == y).sum().item()
-            results.append({"defense": name, "preset": preset, "backend": backend, "attack": attack_name, "eps": eps,
+            results.append({"defense": name, "preset": preset, "backend": backend, "dtype": dtype_name(dtype),
+                            "attack": attack_name, "eps": eps,
                             "accuracy": correct / len(y_all), "seconds_per_image": seconds / len(y_all)})
     return {"model": model, "pretrained": pretrained, "dataset": data.name, "n_images": len(y_all),
             "device": str(device), "seed": seed, "hardware": hardware(device), "versions": versions(),

@@ -63,7 +63,7 @@ def test_refusals_are_up_front_and_clear(tiny, monkeypatch):
         with pytest.raises(BackendUnavailable, match=f"backend {backend} cannot run rtpt: R-TPT tunes"):
             make_runner(rtpt, backend, 1)
     ttc = scc.defend(tiny, "ttc")
-    with pytest.raises(BackendUnavailable, match="backend onnx runs fp32 only"):
+    with pytest.raises(BackendUnavailable, match="backend onnx runs fp32 files here"):
         make_runner(ttc, "onnx", 1, dtype=torch.bfloat16)
     with pytest.raises(SccError, match="the model is on cpu, not meta"):
         make_runner(ttc, "eager", 1, device="meta")
