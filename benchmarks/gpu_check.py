@@ -16,9 +16,12 @@ Steps (--steps, comma-separated):
   tests    pytest tests/test_view_augment.py tests/test_sign_step.py on the GPU (fp32 and bf16).
   kernels  each hand kernel vs its torch reference run eagerly and compiled by Inductor (the honest baseline:
            Inductor fuses the same pointwise chains), 224x224, L=4 views, batch 1 and 64, fp32.
-  models   per-image latency of eager / compiled / triton at batch 1 and 64, fp32 and bf16; compiled and
+  models   per-image latency of eager / compiled / triton at batch 1 and 64, fp32, bf16 and fp16; compiled and
            triton run under --mode (default reduce-overhead: CUDA graphs captured at warm-up), and each row
-           reports its compile seconds and its top-1 agreement with eager fp32 on the same draws.
+           reports its compile seconds, its top-1 agreement with eager fp32 on the same draws, and its roofline
+           columns (scc.roofline): counted GFLOP per image, achieved GFLOP/s, the fraction of the GPU's measured
+           matmul peak for its dtype, and at batch 1 the weight-streaming bound (rounds x weight bytes /
+           measured bandwidth) and the fraction of the latency it explains.
 Results go to one JSON file (rewritten after every row, so a run cut short still leaves what it measured).
 Everything device-independent here (the classifier builder, the row runner) also runs on CPU:
 `python benchmarks/gpu_check.py --device cpu --vit tiny --steps models --batch-sizes 2 --dtypes fp32`.
@@ -35,7 +38,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # torchvision VisionTransformer settings: ViT-B/32 as in CLIP (width 768, 12 layers, 12 heads, embed 512), and
 # a tiny one for CPU smoke runs
 VITS = {"b32": dict(image_size=224, patch_size=32, num_layers=12, num_heads=12, hidden_dim=768, mlp_dim=3072, embed=512),
@@ -123,11 +126,14 @@ def step_kernels(report: dict, batch_sizes: list[int]) -> None:
 
 
 def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mode: str | None, device: str,
-            calls: int, reference: dict) -> dict:
-    """One latency row through scc.backends.make_runner and scc.timing; `reference` caches eager fp32 logits per
-    (defense, batch) for the agreement column."""
+            calls: int, reference: dict, limits: dict | None = None) -> dict:
+    """One latency row through scc.backends.make_runner and scc.timing; `reference` caches eager fp32 logits and
+    the counted FLOPs / encoder rounds per (defense, batch) for the agreement and roofline columns; `limits`
+    holds the measured matmul peaks per dtype and the memory bandwidth (scc.bench.machine_limits)."""
     import scc
     from scc.backends import make_runner
+    from scc.cost import count_passes
+    from scc.roofline import count_flops, roofline, weight_bytes
     from scc.timing import summarize, time_calls, warm_up
 
     x = images[:batch]
@@ -136,7 +142,12 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
     key = (defense, batch)
     if key not in reference:
         with torch.no_grad():
-            reference[key] = defended(x, draws)
+            logits = defended(x, draws)
+        with count_passes(clf, batch) as counter, torch.no_grad():
+            defended(x, draws)
+        reference[key] = logits
+        reference[key, "flops"] = count_flops(defended, x, draws) / batch
+        reference[key, "rounds"] = counter.image_rounds
     runner = make_runner(defended, backend, batch, dtype=DTYPES[dtype], mode=mode if backend != "eager" else None)
     row = {"defense": defense, "backend": backend, "dtype": dtype, "batch": batch,
            "mode": mode if backend != "eager" else None, "compile_s": round(runner.compile_seconds or 0.0, 2),
@@ -150,17 +161,36 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
                p80_ms_per_image=round(stats["p80"] * 1e3, 4), timed_calls=stats["calls"],
                top1_agreement_vs_eager_fp32=(out.argmax(1) == reference[key].argmax(1)).float().mean().item(),
                max_abs_logit_diff=(out.float() - reference[key]).abs().max().item())
+    limits = limits or {}
+    row.update(roofline(reference[key, "flops"], stats["median"], limits.get("matmul_peak_gflops", {}).get(dtype)))
+    if limits.get("memory_gbps") and batch == 1:  # each sequential encoder round streams every weight once
+        bound = reference[key, "rounds"] * weight_bytes(clf, DTYPES[dtype]) / (limits["memory_gbps"] * 1e9)
+        row.update(encoder_rounds=reference[key, "rounds"], weight_streaming_bound_ms=round(bound * 1e3, 4),
+                   weight_streaming_fraction=bound / stats["median"])
     return row
 
 
 def step_models(report: dict, args, write) -> None:
+    from scc.bench import machine_limits
     from scc.models import SccError
+    from scc.roofline import check_dtype_on_device
 
     clf = random_vit_classifier(args.vit, args.device)
     gen = torch.Generator(device=args.device).manual_seed(0)
     images = torch.rand(max(args.batch_sizes), 3, clf.image_size, clf.image_size, generator=gen, device=args.device)
     mode = None if args.mode == "none" else args.mode
     reference: dict = {}
+    dtypes = []
+    for name in args.dtypes:
+        try:
+            check_dtype_on_device(DTYPES[name], args.device)  # fp16 on a CPU without native fp16 matmuls
+            dtypes.append(name)
+        except SccError as err:
+            print(f"skipping {name}: {err}", flush=True)
+    limits = machine_limits([DTYPES[d] for d in dtypes], args.device)
+    report["limits"] = limits
+    print(json.dumps(limits), flush=True)
+    args.dtypes = dtypes
     report.setdefault("models", [])
     for defense in args.defenses:
         for batch in args.batch_sizes:
@@ -168,7 +198,7 @@ def step_models(report: dict, args, write) -> None:
                 for backend in args.backends:
                     try:
                         row = run_row(clf, images, defense, backend, dtype, batch, mode, args.device, args.calls,
-                                      reference)
+                                      reference, limits)
                     except (RuntimeError, torch._dynamo.exc.TorchDynamoException, SccError) as err:  # OOM, compile
                         row = {"defense": defense, "backend": backend, "dtype": dtype, "batch": batch,
                                "error": f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"}
@@ -185,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--vit", default="b32", choices=sorted(VITS))
     p.add_argument("--defenses", default="ttc,scc-latency,scc")
     p.add_argument("--backends", default="eager,compiled,triton")
-    p.add_argument("--dtypes", default="fp32,bf16")
+    p.add_argument("--dtypes", default="fp32,bf16,fp16")
     p.add_argument("--batch-sizes", default="1,64")
     p.add_argument("--mode", default="reduce-overhead", help="compile mode of compiled/triton rows (none: plain)")
     p.add_argument("--calls", type=int, default=20, help="timed calls per row (median reported)")
