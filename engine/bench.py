@@ -89,22 +89,6 @@ def batches_of(x: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [x[i: i + batch_size] for i in range(0, len(x), batch_size)]
 
 
-def time_batches(run: Callable, batches: list[torch.Tensor], draws: list[dict], warmup: int = 1,
-                 repeats: int = 1) -> tuple[list[float], list[torch.Tensor], float]:
-    """(seconds per call, logits of the first pass over the batches, warm-up seconds), via scc.timing."""
-    device = batches[0].device
-    warmup_seconds = warm_up(lambda: run(batches[0], draws[0]), device, warmup)
-    seconds, outputs = [], []
-    with torch.no_grad():
-        for rep in range(repeats):
-            for x, d in zip(batches, draws):
-                t, out = timed_call(lambda: run(x, d), device)
-                seconds.append(t)
-                if rep == 0:
-                    outputs.append(out.detach().float().cpu())
-    return seconds, outputs, warmup_seconds
-
-
 def agreement(outputs: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
     same = sum((o.argmax(-1) == r.argmax(-1)).sum().item() for o, r in zip(outputs, reference))
     return same / sum(len(r) for r in reference)
@@ -130,16 +114,21 @@ def measure(clf: ZeroShotClassifier, specs: Sequence[str], backends: Sequence[st
     """(rows, skipped): one row per defense x backend x dtype; skipped lists what a backend cannot run, with
     the reason.
 
-    `top1_agreement` compares a row's top-1 with the eager fp32 backend's on the same images and draws (the
-    eager fp32 row is the reference itself: None). Roofline columns (scc.roofline): FLOPs per image counted in
-    an eager run, the achieved GFLOP/s and its fraction of `limits`' measured matmul peak for the row's dtype;
-    on CUDA at batch 1 also the weight-streaming bound (sequential encoder rounds x weight bytes / bandwidth)."""
+    Per defense, every (backend, dtype) runner is built and warmed up first; then the timed calls interleave
+    them batch by batch (round-robin), so load that comes and goes on a shared machine hits every row alike and
+    the ratios between rows are measured in one run. `top1_agreement` compares a row's top-1 with the eager fp32
+    backend's on the same images and draws (the eager fp32 row is the reference itself: None). Roofline columns
+    (scc.roofline): FLOPs per image counted in an eager run, the achieved GFLOP/s and its fraction of `limits`'
+    measured matmul peak for the row's dtype; on CUDA at batch 1 also the weight-streaming bound (sequential
+    encoder rounds x weight bytes / measured bandwidth)."""
     from .cost import count_passes
     from .roofline import count_flops, roofline, weight_bytes
 
     batches = batches_of(x, batch_size)
+    device = batches[0].device
     rows, skipped = [], []
     limits = limits or {}
+    order = (["eager"] if "eager" in backends else []) + [b for b in backends if b != "eager"]
     for spec in specs:
         name, preset = split_defense_name(spec)
         defended = defend(clf, name, preset=preset, seed=seed)
@@ -148,8 +137,7 @@ def measure(clf: ZeroShotClassifier, specs: Sequence[str], backends: Sequence[st
         with count_passes(clf, batch_size) as counter, torch.no_grad():
             defended(batches[0], draws[0])
         rounds = counter.image_rounds
-        reference = None
-        order = (["eager"] if "eager" in backends else []) + [b for b in backends if b != "eager"]
+        runners = []
         for backend in order:
             for dtype in dtypes:
                 if any(s["backend"] == backend and s["defense"] == "*" for s in skipped):
@@ -164,27 +152,36 @@ def measure(clf: ZeroShotClassifier, specs: Sequence[str], backends: Sequence[st
                         log(f"skipping {'every defense' if missing else spec} on {backend} "
                             f"{dtype_name(dtype)}: {err}")
                     continue
-                seconds, outputs, warmup_seconds = time_batches(runner, batches, draws, warmup, repeats)
-                is_reference = backend == "eager" and dtype == torch.float32
-                if is_reference:
-                    reference = outputs
-                elif reference is None:  # the eager fp32 reference on the same draws, untimed
-                    with torch.no_grad():
-                        reference = [defended(b, d).float().cpu() for b, d in zip(batches, draws)]
-                stats = summarize(seconds, per=batch_size)
-                peak = limits.get("matmul_peak_gflops", {}).get(dtype_name(dtype))
-                row = {"defense": name, "preset": preset, "spec": spec, "backend": backend,
-                       "dtype": dtype_name(dtype), "seconds_per_image": stats["median"], "p20": stats["p20"],
-                       "p80": stats["p80"], "compile_seconds": runner.compile_seconds,
-                       "warmup_seconds": warmup_seconds, "timed_calls": stats["calls"],
-                       "top1_agreement": None if is_reference else agreement(outputs, reference),
-                       **roofline(flops, stats["median"], peak), "encoder_rounds": rounds}
-                if limits.get("memory_gbps") and batch_size == 1:
-                    bound = rounds * weight_bytes(clf, dtype) / (limits["memory_gbps"] * 1e9)
-                    row.update(weight_streaming_bound_s=bound, weight_streaming_fraction=bound / stats["median"])
-                rows.append(row)
-                if log:
-                    log(f"{spec:<14}{backend:<10}{dtype_name(dtype):<6}{row['seconds_per_image']:.4f} s/image")
+                warmup_seconds = warm_up(lambda: runner(batches[0], draws[0]), device, warmup)
+                runners.append((runner, warmup_seconds, [], []))
+        with torch.no_grad():
+            for rep in range(repeats):
+                for b, d in zip(batches, draws):
+                    for runner, _, seconds, outputs in runners:
+                        t, out = timed_call(lambda: runner(b, d), device)
+                        seconds.append(t)
+                        if rep == 0:
+                            outputs.append(out.detach().float().cpu())
+            reference = next((o for r, _, _, o in runners if r.backend == "eager" and r.dtype == torch.float32), None)
+            if reference is None:  # the eager fp32 reference on the same draws, untimed
+                reference = [defended(b, d).float().cpu() for b, d in zip(batches, draws)]
+        for runner, warmup_seconds, seconds, outputs in runners:
+            is_reference = runner.backend == "eager" and runner.dtype == torch.float32
+            stats = summarize(seconds, per=batch_size)
+            dt = dtype_name(runner.dtype)
+            peak = limits.get("matmul_peak_gflops", {}).get(dt)
+            row = {"defense": name, "preset": preset, "spec": spec, "backend": runner.backend, "dtype": dt,
+                   "seconds_per_image": stats["median"], "p20": stats["p20"], "p80": stats["p80"],
+                   "compile_seconds": runner.compile_seconds, "warmup_seconds": warmup_seconds,
+                   "timed_calls": stats["calls"],
+                   "top1_agreement": None if is_reference else agreement(outputs, reference),
+                   **roofline(flops, stats["median"], peak), "encoder_rounds": rounds}
+            if limits.get("memory_gbps") and batch_size == 1:
+                bound = rounds * weight_bytes(clf, runner.dtype) / (limits["memory_gbps"] * 1e9)
+                row.update(weight_streaming_bound_s=bound, weight_streaming_fraction=bound / stats["median"])
+            rows.append(row)
+            if log:
+                log(f"{spec:<14}{runner.backend:<10}{dt:<6}{row['seconds_per_image']:.4f} s/image")
     for r in rows:  # speed-up of reduced precision over fp32 on the same backend, same run
         base = next((o["seconds_per_image"] for o in rows if o["spec"] == r["spec"] and o["backend"] == r["backend"]
                      and o["dtype"] == "fp32"), None)
