@@ -222,7 +222,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from .defenses import parse_defense
-    from .env import busy_warning
     from .evaluate import format_table, parse_eps, run
 
     check_output(args.json)
@@ -245,9 +244,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         parse_defense(d)
     templates = parse_templates(args.templates)
     apply_threads(args.threads)
-    busy = busy_warning()
-    if busy and not args.quiet:
-        print(f"scc: {busy}", file=sys.stderr)
     report = run(args.model or TINY_NAME, args.pretrained, args.dataset, defenses=defenses, attacks=attacks,
                  n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
                  attack_steps=args.steps, progress=not args.quiet, templates=templates, backend=args.backend)

@@ -168,8 +168,10 @@ class Defended(nn.Module):
         return self.spec.draws(x, self.config, self.generator)
 
     def forward(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None, trace: list | None = None):
-        # shape always; NaN/Inf or out-of-range pixels (one host sync) unless validate is off
-        validate_pixels(x, self.classifier.image_size, values=self.validate)
+        # shape and dtype (the classifier's, float32) always; NaN/Inf or out-of-range pixels (one host sync)
+        # unless validate is off
+        dtype = self.classifier.mean.dtype if x.is_floating_point() else None  # uint8 gets its own message
+        validate_pixels(x, self.classifier.image_size, dtype=dtype, values=self.validate)
         draws = self.draws(x) if draws is None else draws
         extra = {"trace": trace} if trace is not None else {}
         # An adaptive attack differentiates through the defense's own gradient steps: double backward.

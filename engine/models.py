@@ -156,7 +156,10 @@ def describe_checkpoint(state: dict) -> str:
         return f"an unknown layout ({len(state)} tensors, e.g. {sorted(state)[:3]})"
     width, patch = conv[0], conv[-1]
     grid = round((pos[0] - 1) ** 0.5)
-    info = dict(embed_dim=embed, width=width, layers=layers, patch_size=patch, image_size=grid * patch)
+    info = dict(embed_dim=embed, width=width, layers=layers, patch_size=patch, image_size=grid * patch,
+                text_width=(shape("ln_final.weight") or (None,))[0],
+                context_length=(shape("positional_embedding") or (None,))[0],
+                vocab_size=(shape("token_embedding.weight") or (None,))[0])
     text = (f"a ViT with embed dim {embed}, width {width}, {layers} layers, patch {patch}, "
             f"image {grid * patch}")
     names = _models_like(info)
@@ -176,10 +179,15 @@ def _models_like(info: dict) -> list[str]:
         v = (cfg or {}).get("vision_cfg", {})
         size = v.get("image_size")
         size = size[0] if isinstance(size, (list, tuple)) else size
+        t = (cfg or {}).get("text_cfg", {})
+        text = (t.get("width", 512), t.get("context_length", 77), t.get("vocab_size", 49408))
         if (cfg.get("embed_dim"), v.get("width"), v.get("layers"), v.get("patch_size"), size) == (
                 info["embed_dim"], info["width"], info["layers"], info["patch_size"], info["image_size"]):
-            out.append(name)
-    return out
+            # an exact text tower first (plain CLIP keys), then image-tower-only matches
+            exact = text == (info["text_width"], info["context_length"], info["vocab_size"])
+            out.append((not exact, len(name), name))
+    out.sort()
+    return [name for inexact, _, name in out if not inexact] or [name for *_, name in out]
 
 
 def _load_state_dict(model: nn.Module, path: Path, name: str = "this model") -> None:
@@ -206,6 +214,7 @@ def _load_state_dict(model: nn.Module, path: Path, name: str = "this model") -> 
     state = {k.removeprefix("module."): v for k, v in state.items()}
     own = model.state_dict()
     wrong = [k for k, v in state.items() if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    wrong.sort(key=lambda k: (not k.startswith("visual.conv1"), not k.startswith("visual.")))  # the telling one first
     missing = [k for k in own if k not in state]
     if wrong or missing:
         detail = (f"{len(wrong)} tensors differ in shape, e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)} "
@@ -340,8 +349,9 @@ def check_prompt_lengths(tokenizer, labels: Sequence[str], templates: Sequence[s
             text = t.format(label)
             n = len(encode(text)) + 2  # <start_of_text> ... <end_of_text>
             if n > context:
-                raise SccError(f"label {label!r} is too long: the prompt {text!r} has {n} tokens, more than "
-                               f"{model}'s text context of {context}; shorten the label (it would be cut off)")
+                short = lambda t: repr(t if len(t) <= 60 else t[:40] + " ... " + t[-15:])
+                raise SccError(f"label {short(label)} is too long: its prompt {short(text)} has {n} tokens, more "
+                               f"than {model}'s text context of {context}; shorten the label (it would be cut off)")
 
 
 class ZeroShotClassifier(nn.Module):
