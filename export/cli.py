@@ -1,6 +1,6 @@
 """`scc export onnx ...`: write a defended classifier to an ONNX file.
 
-    scc export onnx --model scc-tiny-digits --defense scc --preset latency --batch-size 8 --out scc.onnx
+    scc export onnx --model scc-tiny-digits --defense scc-latency --batch-size 8 --out scc.onnx
     python -m scc.export.cli onnx --model ViT-B-32 --pretrained openai --defense ttc --labels cat,dog --out ttc.onnx
 
 `main(argv)` takes the arguments after `export` and returns the exit status (2 on a user error).
