@@ -38,7 +38,8 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if (action.default is argparse.SUPPRESS or action.nargs == 0 or action.required or "default" in text.lower()
+        if (not action.option_strings or action.default is argparse.SUPPRESS or action.nargs == 0 or action.required
+                or "default" in text.lower()
                 or isinstance(action, (argparse._HelpAction, argparse._VersionAction))):
             return text
         return text + " (default: %(default)s)"
@@ -213,8 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                  batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet)
     if args.json != "-":
         print(f"{TINY_NAME} on {report['n_images']} held-out digits (sklearn load_digits test split), "
-              f"PGD-10 against the undefended model, {report['device']}, "
-              f"{report['hardware']['torch_threads']} threads")
+              f"PGD-10 against the undefended model, {report['device']}")
         print(format_table(report))
     write_json(report, args.json)
     return 0

@@ -276,7 +276,8 @@ def create_open_clip(model_name: str, pretrained: str | None, seed: int = 0) -> 
         except (RuntimeError, OSError) as err:
             raise SccError(
                 f"could not fetch pretrained weights {model_name}/{tag} ({'no network' if offline else err}). "
-                f"Download the checkpoint elsewhere and pass its path: --pretrained /path/to/open_clip_model.safetensors"
+                "Download the checkpoint elsewhere and pass its path: pretrained='/path/to/open_clip_model.safetensors' "
+                "(command line: --pretrained /path/to/open_clip_model.safetensors)"
             ) from err
     else:
         with torch.random.fork_rng(devices=[]):
