@@ -239,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=TINY_NAME, help="open_clip model name or the bundled model")
     p.add_argument("--pretrained", default=None, help="pretrained tag, checkpoint path, or none (random weights "
                    "drawn with --seed) (default: bundled weights for the bundled model, random otherwise)")
-    p.add_argument("--defenses", default=DEFAULT_DEFENSES, help="comma-separated from none, ttc, scc, scc-latency, rtpt")
+    p.add_argument("--defenses", default=DEFAULT_DEFENSES,
+                   help="comma-separated from none, ttc, scc, scc-latency, rtpt")
     p.add_argument("--backends", default="eager", help=f"comma-separated from {', '.join(BACKENDS)}")
     p.add_argument("--batch-size", type=positive_int, default=1, help="images per timed call")
     p.add_argument("--images", type=positive_int, default=8, help="images timed, a multiple of --batch-size")

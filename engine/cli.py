@@ -386,7 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", default=None, help="'|'-separated prompt templates, each with one {} "
                                                      "(default: the dataset's)")
     p.add_argument("--dataset", default="digits",
-                   help="digits | imagefolder:PATH (one sub-folder per class) | cifar10:ROOT | stl10:ROOT | dtd:ROOT ...")
+                   help="digits | imagefolder:PATH (one sub-folder per class) | cifar10:ROOT | stl10:ROOT | "
+                        "dtd:ROOT ...")
     p.add_argument("--defenses", default="none,ttc,scc", help="comma-separated from none, ttc, scc, scc-latency, rtpt")
     p.add_argument("--attacks", default="pgd", help="comma-separated: pgd, cw (none for clean only)")
     p.add_argument("--eps", default="1/255", help="comma-separated attack radii: 1/255,4/255 or 0.0157 (see above)")

@@ -98,7 +98,8 @@ def create_tiny_model(load_weights: bool = True) -> nn.Module:
     if load_weights:
         weights = asset_path(f"{TINY_NAME}.safetensors")
         if not weights.exists():
-            raise SccError(f"bundled weights {weights} are missing; run `python -m scc.train_tiny` to rebuild them")
+            raise SccError(f"bundled weights {weights} are missing; run `scc train-tiny --replace-bundled` to "
+                           "rebuild them (or reinstall the package)")
         _load_state_dict(model, weights)
     return model
 
@@ -122,7 +123,7 @@ def check_device(device: str | torch.device) -> torch.device:
     """torch.device(device), or an SccError when it is malformed or not present on this machine."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
+    except (RuntimeError, TypeError):
         raise SccError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
@@ -276,7 +277,8 @@ def create_open_clip(model_name: str, pretrained: str | None, seed: int = 0) -> 
         except (RuntimeError, OSError) as err:
             raise SccError(
                 f"could not fetch pretrained weights {model_name}/{tag} ({'no network' if offline else err}). "
-                "Download the checkpoint elsewhere and pass its path: pretrained='/path/to/open_clip_model.safetensors' "
+                "Download the checkpoint elsewhere and pass its path: "
+                "pretrained='/path/to/open_clip_model.safetensors' "
                 "(command line: --pretrained /path/to/open_clip_model.safetensors)"
             ) from err
     else:

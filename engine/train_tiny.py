@@ -13,7 +13,6 @@ digits change meaning). One CPU thread trains such tiny steps faster than two.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
