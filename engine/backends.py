@@ -131,8 +131,10 @@ def make_runner(defended: Defended, backend: str, batch_size: int = 1, dtype: to
             from .export import OrtDefended, export_onnx
     except ImportError as err:
         module = "scc.compiled.Engine" if backend != "onnx" else "scc.export (onnx, onnxscript, onnxruntime)"
+        from .env import install_hint
+
         raise BackendUnavailable(f"backend {backend} is not available: cannot import {module} ({err}); "
-                                 "install the extra (pip install -e '.[onnx]') or use --backends eager") from err
+                                 f"{install_hint('onnx')}, or use the eager backend") from err
     if backend in ("compiled", "triton"):
         engine = Engine(defended.with_dtype(torch.float32), backend=backend, max_batch=batch_size, mode=mode,
                         dtype=dtype)
@@ -142,7 +144,7 @@ def make_runner(defended: Defended, backend: str, batch_size: int = 1, dtype: to
     folder = Path(workdir or tempfile.mkdtemp(prefix="scc-onnx-"))
     path = folder / f"{defended.classifier.name}-{what}-b{batch_size}.onnx"
     info = export_onnx(defended, str(path), batch_size=batch_size, draws_as_inputs=True)
-    session = OrtDefended(info.get("path", str(path)))
+    session = OrtDefended(info.get("path", str(path)), threads=torch.get_num_threads())  # as torch's --threads
 
     def run(x, draws=None):
         return torch.as_tensor(session(x, defended.draws(x) if draws is None else draws))

@@ -29,9 +29,9 @@ import torch
 from .backends import BACKENDS, BackendUnavailable, dtype_name, make_runner, parse_backends, parse_dtypes
 from .cost import count_row, format_explain
 from .data import DTD_CLASSES, TEMPLATES, load_dataset
-from .defenses import DEFENSES, defend, split_defense_name
+from .defenses import defend, parse_defense, split_defense_name
 from .env import busy_warning, hardware, versions
-from .models import SccError, TINY_NAME, ZeroShotClassifier, image_size_of, load
+from .models import SccError, TINY_NAME, ZeroShotClassifier, check_device, image_size_of, load
 from .timing import summarize, timed_call, warm_up
 
 DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
@@ -44,9 +44,7 @@ def parse_defenses(text: str) -> list[str]:
     if not specs:
         raise SccError(f"no defense in {text!r}; e.g. --defenses {DEFAULT_DEFENSES}")
     for spec in specs:
-        name, _ = split_defense_name(spec)
-        if name not in DEFENSES:
-            raise SccError(f"unknown defense {spec!r}; choose from {sorted(DEFENSES)} or name-preset, e.g. scc-latency")
+        parse_defense(spec)  # unknown name or preset: SccError listing every valid name
     return specs
 
 
@@ -57,8 +55,7 @@ def prepare(model: str = TINY_NAME, pretrained: str | None = None, n_images: int
             seed: int = 0, dataset: str | None = None, labels: Sequence[str] | None = None,
             templates: Sequence[str] | None = None) -> tuple[ZeroShotClassifier, torch.Tensor, torch.Tensor | None, str]:
     """(classifier, images (n, 3, S, S), targets or None, description of the pixels) for a benchmark."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise SccError(f"--device {device}: CUDA is not available here; use --device cpu")
+    check_device(device)
     if dataset is None and model == TINY_NAME:
         dataset = "digits"
     if dataset is not None:
@@ -66,15 +63,15 @@ def prepare(model: str = TINY_NAME, pretrained: str | None = None, n_images: int
         if len(data.targets) < n_images:
             raise SccError(f"dataset {dataset} has only {len(data.targets)} images, fewer than --images {n_images}")
         if model == TINY_NAME and dataset == "digits":
-            clf = load(model, pretrained, labels=labels, templates=templates, device=device)
+            clf = load(model, pretrained, labels=labels, templates=templates, device=device, seed=seed)
             what = "held-out digits (sklearn load_digits test split)"
         else:
             clf = load(model, pretrained, labels=labels or data.classes, templates=templates or data.templates,
-                       device=device)
+                       device=device, seed=seed)
             what = f"images of {data.name}"
         return clf, data.images.to(device), data.targets.to(device), what
     clf = load(model, pretrained, labels=labels or list(DTD_CLASSES), templates=templates or TEMPLATES["dtd"],
-               device=device)
+               device=device, seed=seed)
     gen = torch.Generator().manual_seed(seed)
     x = torch.rand(n_images, 3, clf.image_size, clf.image_size, generator=gen)
     return clf, x.to(device), None, f"uniform random pixels (seed {seed}), DTD labels"
@@ -284,60 +281,71 @@ def reports_from_benchmark_json(path: str | Path) -> list[dict]:
 # CLI
 # ----------------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="scc bench", description="Per-image latency of defenses x backends (Table 4).")
-    p.add_argument("--model", default=TINY_NAME, help="open_clip model name or %(default)s (default)")
-    p.add_argument("--pretrained", default=None, help="pretrained tag, checkpoint path, or none (random weights)")
-    p.add_argument("--defenses", default=DEFAULT_DEFENSES, help="comma-separated (default: %(default)s)")
-    p.add_argument("--backends", default="eager", help=f"comma-separated from {', '.join(BACKENDS)} (default: eager)")
+    from .cli import Parser, _labels_args, add_common, nonnegative_int, positive_int
+
+    p = Parser(prog="scc bench", description=__doc__)
+    p.add_argument("--model", default=TINY_NAME, help="open_clip model name or the bundled model")
+    p.add_argument("--pretrained", default=None, help="pretrained tag, checkpoint path, or none (random weights "
+                   "drawn with --seed) (default: bundled weights for the bundled model, random otherwise)")
+    p.add_argument("--defenses", default=DEFAULT_DEFENSES,
+                   help="comma-separated from none, ttc, scc, scc-latency, rtpt")
+    p.add_argument("--backends", default="eager", help=f"comma-separated from {', '.join(BACKENDS)}")
     p.add_argument("--dtype", default="fp32", help="comma-separated image-tower precisions from fp32, bf16, fp16 "
-                   "(fp16 only where matmuls are native, e.g. a GPU) (default: fp32)")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--images", type=int, default=8, help="images timed, a multiple of --batch-size (default: 8)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls on the first batch (default: 1)")
-    p.add_argument("--repeats", type=int, default=1, help="passes over the images (default: 1)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
+                   "(fp16 only where matmuls are native, e.g. a GPU)")
+    p.add_argument("--batch-size", type=positive_int, default=1, help="images per timed call")
+    p.add_argument("--images", type=positive_int, default=8, help="images timed, a multiple of --batch-size")
+    p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls on the first batch")
+    p.add_argument("--repeats", type=positive_int, default=1, help="passes over the images")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws, the random pixels and random weights")
     p.add_argument("--dataset", default=None, help="real images: digits | imagefolder:PATH | dtd:ROOT ... "
                    "(default: held-out digits for the bundled model, random pixels otherwise)")
-    p.add_argument("--labels", default=None, help="comma-separated class names (default: DTD's 47, or the digits)")
-    p.add_argument("--templates", default=None, help="'|'-separated templates (default: 'A surface with a {} texture.')")
-    p.add_argument("--json", default=None, help="write the report to this JSON file")
+    _labels_args(p, "DTD's 47, or the digits")
+    p.add_argument("--templates", default=None, help="'|'-separated templates, each with one {} "
+                   "(default: 'A surface with a {} texture.', or the dataset's)")
     p.add_argument("--explain", action="store_true", help="print the encoder passes per image of each defense, "
                    "counted in an eager run, beside spec section 5, and exit (status 1 on a mismatch)")
     p.add_argument("--from-benchmark-json", default=None, metavar="FILE",
-                   help="print the table of a pytest-benchmark JSON written by benchmarks/ and exit")
+                   help="print the table of a pytest-benchmark JSON written by benchmarks/ and exit "
+                        "(default: measure)")
+    add_common(p)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .cli import apply_threads, check_device_arg, check_output, parse_labels, parse_templates, write_json
+
     args = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     if args.from_benchmark_json:
         for report in reports_from_benchmark_json(args.from_benchmark_json):
             print(format_table(report))
         return 0
+    # every argument and the output path are checked before any work
+    check_output(args.json)
+    check_device_arg(args.device)
     specs = parse_defenses(args.defenses)
     backends = parse_backends(args.backends)
     dtypes = parse_dtypes(args.dtype)
-    if args.images < 1 or args.warmup < 0 or args.repeats < 1:
-        raise SccError(f"need --images >= 1, --warmup >= 0, --repeats >= 1; got {args.images}, {args.warmup}, "
-                       f"{args.repeats}")
-    labels = [l.strip() for l in args.labels.split(",")] if args.labels else None
-    templates = args.templates.split("|") if args.templates else None
+    if not args.explain and args.images % args.batch_size:
+        raise SccError(f"--images ({args.images}) must be a positive multiple of --batch-size ({args.batch_size})")
+    labels = parse_labels(args.labels, args.labels_file)
+    templates = parse_templates(args.templates)
+    apply_threads(args.threads)
     clf, x, _, pixels = prepare(args.model, args.pretrained, args.images, args.device, args.seed, args.dataset,
                                 labels, templates)
     report = {"hardware": hardware(args.device), "versions": versions(), "model": args.model,
               "pretrained": args.pretrained, "batch_size": args.batch_size, "n_images": args.images,
-              "pixels": pixels, "n_classes": clf.num_classes}
-    if args.explain:
+              "pixels": pixels, "n_classes": clf.num_classes, "seed": args.seed}
+    if args.explain:  # counts passes, times nothing: the machine's load does not matter here
         rows = [count_row(clf, spec, x, args.seed) for spec in specs]
-        print(format_explain(rows, args.model))
-        if args.json:
-            Path(args.json).write_text(json.dumps({**report, "explain": rows}, indent=2))
+        if args.json != "-":
+            print(format_explain(rows, args.model))
+        write_json({**report, "explain": rows}, args.json)
         return 0 if all(r["match"] is not False for r in rows) else 1
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     busy = busy_warning()
-    if busy:
-        log(busy)
+    if busy:  # a warning, printed even with --quiet
+        print(busy, file=sys.stderr, flush=True)
     limits = machine_limits(dtypes, args.device)
     report["limits"] = limits
     rows, skipped = measure(clf, specs, backends, x, args.batch_size, args.warmup, args.repeats, args.seed, log,
@@ -346,9 +354,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SccError("no backend could run: " + "; ".join(s["reason"] for s in skipped))
     report.update(rows=rows, skipped=skipped,
                   paper_table4={k: {"seconds_per_image": s, "robust_acc": a} for k, (s, a) in PAPER.items()})
-    print(format_table(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+    if args.json != "-":
+        print(format_table(report))  # before the file: a failing write never costs the results
+    write_json(report, args.json)
     return 0
 
 
@@ -356,5 +364,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except SccError as err:
-        print(f"scc bench: error: {err}", file=sys.stderr)
+        print(f"scc: error: {err}", file=sys.stderr)
         sys.exit(2)

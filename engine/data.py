@@ -5,6 +5,7 @@ the short side to S*256/224, centre crop S (for S = 224: Resize(256) -> CenterCr
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -97,15 +98,24 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
     """One image file -> (3, size, size) in [0,1]; SccError naming the file when it cannot be used."""
     from PIL import Image, UnidentifiedImageError
 
+    import warnings
+
     path = Path(path)
+    if path.is_dir():
+        raise SccError(f"{path}: is a directory, not an image file")
     if not path.is_file():
         raise SccError(f"{path}: no such file")
     try:
-        with Image.open(path) as img:
-            img.load()
-            if img.width < 1 or img.height < 1:
-                raise SccError(f"{path}: empty image ({img.width}x{img.height})")
-            x = pil_to_tensor(img)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refuse, never hang
+            with Image.open(path) as img:
+                img.load()
+                if img.width < 1 or img.height < 1:
+                    raise SccError(f"{path}: empty image ({img.width}x{img.height})")
+                x = pil_to_tensor(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise SccError(f"{path}: image too large for PIL's safety limit of {Image.MAX_IMAGE_PIXELS} pixels "
+                       f"({err}); skipped: downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         if isinstance(err, SccError):
             raise
@@ -166,6 +176,8 @@ def _torchvision(name: str, root: str, size: int):
 
 def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
     """`digits` | `imagefolder:PATH` | `<torchvision name>:ROOT` -> Dataset (first `limit` images)."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise SccError(f"limit must be a positive number of images or None (all), got {limit!r}")
     name, _, root = spec.partition(":")
     name = name.lower()
     if name == "digits":
@@ -182,7 +194,10 @@ def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
             raise SccError(f"image folder {folder} does not exist")
         classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
         if not classes:
-            raise SccError(f"image folder {folder} has no class sub-folders")
+            n = sum(p.is_file() for p in folder.iterdir())
+            raise SccError(f"image folder {folder} has no class sub-folders ({n} files directly inside): "
+                           f"imagefolder: needs one sub-folder per class, named after it, e.g. {folder}/cat/1.png, "
+                           f"{folder}/dog/2.png")
         files = [(p, i) for i, c in enumerate(classes) for p in sorted((folder / c).iterdir()) if p.is_file()]
         files = files[:limit] if limit else files
         imgs, ys = [], []
@@ -191,7 +206,7 @@ def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
                 imgs.append(read_image(path, size))
                 ys.append(label)
             except SccError as err:
-                print(f"skipping {err}")
+                print(f"scc: skipping {err}", file=sys.stderr)
         if not imgs:
             raise SccError(f"no readable images under {folder}")
         return Dataset(f"imagefolder:{folder}", torch.stack(imgs), torch.tensor(ys), classes, TEMPLATES["imagefolder"])

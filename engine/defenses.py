@@ -38,7 +38,7 @@ class NoDefenseConfig:
 def _none(clf, x, cfg, trace=None, record=None):
     if record is not None:
         record["perturbation"] = torch.zeros_like(x)
-    return clf(x)
+    return clf.logits_from_embedding(clf.embed(x))  # Defended.forward validated x already
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +107,25 @@ def split_defense_name(spec: str) -> tuple[str, str]:
     return name, preset or "paper"
 
 
+def defense_names() -> list[str]:
+    """Every name the CLI and `defend` accept: 'none', 'ttc', 'scc', 'scc-latency', 'rtpt' (name-preset)."""
+    return [n if p == "paper" else f"{n}-{p}" for n, d in DEFENSES.items() for p in d.presets]
+
+
+def parse_defense(spec: str) -> tuple[str, str]:
+    """'scc-latency' -> ('scc', 'latency') after checking both exist; SccError listing the valid names."""
+    name, preset = split_defense_name(str(spec).strip().lower())
+    if name not in DEFENSES:
+        raise SccError(f"unknown defense {spec!r}; choose from {', '.join(defense_names())}")
+    if preset not in PRESETS[name]:
+        raise SccError(f"unknown preset {preset!r} for {name}; choose from {sorted(PRESETS[name])} "
+                       f"(defense names: {', '.join(defense_names())})")
+    return name, preset
+
+
 def make_config(name: str, preset: str = "paper", model: str = "", **overrides) -> Any:
     if name not in DEFENSES:
-        raise SccError(f"unknown defense {name!r}; choose from {sorted(DEFENSES)}")
+        raise SccError(f"unknown defense {name!r}; choose from {', '.join(defense_names())}")
     if preset not in PRESETS[name]:
         raise SccError(f"unknown preset {preset!r} for {name}; choose from {sorted(PRESETS[name])}")
     values = {**PRESETS[name][preset], **MODEL_PRESETS.get(model, {}).get(name, {}), **overrides}
@@ -184,8 +200,10 @@ class Defended(nn.Module):
 
     def forward(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None, trace: list | None = None,
                 keys: Sequence[Hashable] | None = None, record: dict | None = None):
-        # shape always; NaN/Inf or out-of-range pixels (one host sync) unless validate is off
-        validate_pixels(x, self.classifier.image_size, values=self.validate)
+        # shape and dtype (the classifier's, float32) always; NaN/Inf or out-of-range pixels (one host sync)
+        # unless validate is off
+        dtype = self.classifier.mean.dtype if x.is_floating_point() else None  # uint8 gets its own message
+        validate_pixels(x, self.classifier.image_size, dtype=dtype, values=self.validate)
         draws = self.draws(x, keys) if draws is None else draws
         extra = {"trace": trace} if trace is not None else {}
         if record is not None:

@@ -3,6 +3,7 @@
     hardware("cpu")  -> {"cpu", "cpu_cores", "torch_threads", "load_average", "platform", "device", (gpu, cuda)}
     versions()       -> {"python", "torch", "torchvision", "open_clip", "triton", "onnxruntime", ...}
     busy_warning()   -> a line when the machine's load exceeds the cores torch does not use, else None
+    install_hint("onnx") -> how to install an extra, for a wheel and for a checkout
 """
 from __future__ import annotations
 
@@ -64,3 +65,9 @@ def busy_warning() -> str | None:
         return (f"warning: load average {load:.1f} on {cores} cores with {torch.get_num_threads()} torch threads: "
                 "other work competes for the cores; read ratios measured in one run, not absolute times")
     return None
+
+
+def install_hint(extra: str) -> str:
+    """The pip command for an optional extra, both for an installed wheel and for a source checkout."""
+    return (f"install the extra: pip install 'scc-defense[{extra}]' (from a source checkout: "
+            f"pip install -e '.[{extra}]')")

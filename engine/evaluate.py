@@ -23,18 +23,35 @@ from .timing import timed_call
 
 
 def parse_eps(text: str) -> float:
-    """'4/255' | '0.0157' | '4' (integers > 1 are read as /255) -> eps in [0,1] pixel units."""
+    """An attack radius in [0,1] pixel units, written so that its unit is never guessed:
+
+    - a fraction of 255 levels: `4/255` (any `a/b`);
+    - a pixel fraction below 1 with a decimal point: `0.0157`;
+    - `0` (no perturbation).
+    Bare integers (`4`) and values >= 1 (`1.0`) are refused with a hint (write 4/255); so are negative values
+    (on the command line a value starting with '-' needs '=': `--eps=-4/255`, which is then refused).
+    """
+    text = str(text).strip()
     try:
         if "/" in text:
             num, den = text.split("/")
             value = float(num) / float(den)
         else:
             value = float(text)
-            value = value / 255 if value >= 1 else value
-    except ValueError:
-        raise SccError(f"bad eps {text!r}: write e.g. 1/255 or 0.0039") from None
-    if not 0 <= value <= 1:
-        raise SccError(f"eps must be in [0,1] pixel units, got {text}")
+    except (ValueError, ZeroDivisionError):
+        raise SccError(f"bad eps {text!r}: write a fraction of 255 levels like 4/255, or a pixel fraction "
+                       "below 1 like 0.0157") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise SccError(f"bad eps {text!r}: write e.g. 4/255")
+    if value < 0:
+        raise SccError(f"eps must be >= 0, got {text}: an attack radius cannot be negative")
+    if "/" not in text and value != 0:
+        if value >= 1 or "." not in text:
+            levels = value if value >= 1 else value * 255
+            raise SccError(f"ambiguous eps {text!r}: write {levels:g}/255 for {levels:g} of 255 levels, or a pixel "
+                           "fraction below 1 with a decimal point (e.g. 0.0157)")
+    if value > 1:
+        raise SccError(f"eps must be in [0,1] pixel units, got {text} = {value:.4g}")
     return value
 
 
@@ -45,10 +62,15 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
         backend: str = "eager", dtype: torch.dtype = torch.float32) -> dict:
     """Clean/robust accuracy and per-image defense time on `backend` (scc.backends); returns the JSON-ready
     result dict."""
+    for key, value in (("n_images", n_images), ("batch_size", batch_size), ("attack_steps", attack_steps)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise SccError(f"{key} must be a positive integer" + (" or None (all images)" if key == "n_images" else "")
+                           + f", got {value!r}")
     data = load_dataset(dataset, image_size_of(model), n_images)
     if model == TINY_NAME and templates is None:
         templates = tiny_meta()["eval_templates"]  # its vocabulary is digits prompts only
-    clf = load(model, pretrained, labels=data.classes, templates=templates or data.templates, device=device)
+    clf = load(model, pretrained, labels=data.classes, templates=templates or data.templates, device=device,
+               seed=seed)
     x_all, y_all = data.images.to(device), data.targets.to(device)
     gen = torch.Generator(device=x_all.device).manual_seed(seed)
     results = []

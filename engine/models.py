@@ -9,6 +9,7 @@ L2-normalised) and stored as a buffer, so a defense never touches the text tower
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import logging
@@ -92,16 +93,13 @@ def create_tiny_model(load_weights: bool = True) -> nn.Module:
     import open_clip
 
     open_clip.add_model_config(asset_path(f"{TINY_NAME}.json"))
-    root = logging.getLogger()
-    level, root.level = root.level, logging.ERROR  # open_clip warns "initialized randomly": we load weights next
-    try:
+    with _quiet_open_clip():  # open_clip warns "initialized randomly": we load weights next
         model = open_clip.create_model(TINY_NAME, pretrained=None)
-    finally:
-        root.setLevel(level)
     if load_weights:
         weights = asset_path(f"{TINY_NAME}.safetensors")
         if not weights.exists():
-            raise SccError(f"bundled weights {weights} are missing; run `python -m scc.train_tiny` to rebuild them")
+            raise SccError(f"bundled weights {weights} are missing; run `scc train-tiny --replace-bundled` to "
+                           "rebuild them (or reinstall the package)")
         _load_state_dict(model, weights)
     return model
 
@@ -109,11 +107,102 @@ def create_tiny_model(load_weights: bool = True) -> nn.Module:
 # ----------------------------------------------------------------------------------------------------------
 # Loading open_clip models
 # ----------------------------------------------------------------------------------------------------------
-def _load_state_dict(model: nn.Module, path: Path) -> None:
+@contextlib.contextmanager
+def _quiet_open_clip():
+    """Silence open_clip's "No pretrained weights loaded ... initialized randomly" while we load weights ourselves."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """torch.device(device), or an SccError when it is malformed or not present on this machine."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SccError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"this torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else \
+                "torch sees no CUDA GPU (driver missing, or CUDA_VISIBLE_DEVICES hides it)"
+            raise SccError(f"device {str(device)!r} is not available: {build}; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SccError(f"device {str(device)!r} is not available: this machine has "
+                           f"{torch.cuda.device_count()} CUDA device(s); use cuda:0")
+    elif dev.type == "mps":
+        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise SccError(f"device {str(device)!r} is not available: MPS needs an Apple-silicon Mac with a "
+                           "torch build that has it; use cpu")
+    elif dev.type != "cpu":
+        raise SccError(f"device {str(device)!r} is not supported: use cpu, cuda or mps")
+    return dev
+
+
+def describe_checkpoint(state: dict) -> str:
+    """What architecture a CLIP state dict looks like, from its key names and shapes (ViT image towers)."""
+    def shape(key):
+        t = state.get(key)
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+    conv, pos = shape("visual.conv1.weight"), shape("visual.positional_embedding")
+    layers = len({k.split(".")[3] for k in state if k.startswith("visual.transformer.resblocks.")})
+    embed = (shape("visual.proj") or (None, None))[1] or (shape("text_projection") or (None, None))[-1]
+    if conv is None or pos is None or len(conv) != 4:
+        if any(k.startswith("visual.layer1.") for k in state):
+            return f"a ResNet CLIP (embed dim {embed})"
+        return f"an unknown layout ({len(state)} tensors, e.g. {sorted(state)[:3]})"
+    width, patch = conv[0], conv[-1]
+    grid = round((pos[0] - 1) ** 0.5)
+    info = dict(embed_dim=embed, width=width, layers=layers, patch_size=patch, image_size=grid * patch,
+                text_width=(shape("ln_final.weight") or (None,))[0],
+                context_length=(shape("positional_embedding") or (None,))[0],
+                vocab_size=(shape("token_embedding.weight") or (None,))[0])
+    text = (f"a ViT with embed dim {embed}, width {width}, {layers} layers, patch {patch}, "
+            f"image {grid * patch}")
+    names = _models_like(info)
+    return text + (f" (like {', '.join(names[:4])})" if names else "")
+
+
+def _models_like(info: dict) -> list[str]:
+    try:
+        import open_clip
+
+        configs = {n: open_clip.get_model_config(n) for n in open_clip.list_models()}
+        configs[TINY_NAME] = json.loads(asset_path(f"{TINY_NAME}.json").read_text())
+    except Exception:  # best effort: the description stands without names
+        return []
+    out = []
+    for name, cfg in configs.items():
+        v = (cfg or {}).get("vision_cfg", {})
+        size = v.get("image_size")
+        size = size[0] if isinstance(size, (list, tuple)) else size
+        t = (cfg or {}).get("text_cfg", {})
+        text = (t.get("width", 512), t.get("context_length", 77), t.get("vocab_size", 49408))
+        if (cfg.get("embed_dim"), v.get("width"), v.get("layers"), v.get("patch_size"), size) == (
+                info["embed_dim"], info["width"], info["layers"], info["patch_size"], info["image_size"]):
+            # an exact text tower first (plain CLIP keys), then image-tower-only matches
+            exact = text == (info["text_width"], info["context_length"], info["vocab_size"])
+            out.append((not exact, len(name), name))
+    out.sort()
+    return [name for inexact, _, name in out if not inexact] or [name for *_, name in out]
+
+
+def _load_state_dict(model: nn.Module, path: Path, name: str = "this model") -> None:
+    if not path.is_file():
+        raise SccError(f"checkpoint file {path} does not exist" + (" (it is a directory)" if path.is_dir() else ""))
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state = load_file(str(path))
+        try:
+            state = load_file(str(path))
+        except Exception as err:  # safetensors raises SafetensorError / OSError / ... for a damaged file
+            raise SccError(f"could not read checkpoint {path}: not a valid .safetensors file "
+                           f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+                           "re-download it or pass another file") from None
     else:
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -124,10 +213,17 @@ def _load_state_dict(model: nn.Module, path: Path) -> None:
     if not isinstance(state, dict):
         raise SccError(f"checkpoint {path} does not hold a state dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing:
-        raise SccError(f"checkpoint {path} does not fit this architecture: {len(missing)} missing keys, "
-                       f"e.g. {missing[:3]}")
+    own = model.state_dict()
+    wrong = [k for k, v in state.items() if k in own and isinstance(v, torch.Tensor) and v.shape != own[k].shape]
+    wrong.sort(key=lambda k: (not k.startswith("visual.conv1"), not k.startswith("visual.")))  # the telling one first
+    missing = [k for k in own if k not in state]
+    if wrong or missing:
+        detail = (f"{len(wrong)} tensors differ in shape, e.g. {wrong[0]}: checkpoint {tuple(state[wrong[0]].shape)} "
+                  f"vs model {tuple(own[wrong[0]].shape)}" if wrong else
+                  f"{len(missing)} missing keys, e.g. {missing[:3]}")
+        raise SccError(f"checkpoint {path} does not fit this architecture ({name}): {detail}; the checkpoint "
+                       f"looks like {describe_checkpoint(state)}: load it with that model name")
+    model.load_state_dict(state, strict=False)
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -138,14 +234,17 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def create_open_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module, object]:
-    """(model, tokenizer) for an open_clip name and a `pretrained` tag, a local checkpoint path, or None."""
+def create_open_clip(model_name: str, pretrained: str | None, seed: int = 0) -> tuple[nn.Module, object]:
+    """(model, tokenizer) for an open_clip name and a `pretrained` tag, a local checkpoint path, or None.
+
+    Random weights (`pretrained` None/"none") are drawn from torch's generator seeded with `seed` (the global
+    generator's state is restored afterwards), so the same seed gives the same model."""
     import open_clip
 
     if model_name == TINY_NAME:
         if pretrained not in (None, "", "none", "bundled"):
             model = create_tiny_model(load_weights=False)
-            _load_state_dict(model, Path(pretrained))
+            _load_state_dict(model, Path(pretrained), TINY_NAME)
         else:
             model = create_tiny_model(load_weights=True)
         return model, tiny_tokenizer()
@@ -159,8 +258,9 @@ def create_open_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module
         path = Path(tag)
         if not path.exists():
             raise SccError(f"checkpoint file {path} does not exist")
-        model = open_clip.create_model(model_name, pretrained=None)
-        _load_state_dict(model, path)
+        with _quiet_open_clip():  # "initialized randomly": we load the weights next
+            model = open_clip.create_model(model_name, pretrained=None)
+        _load_state_dict(model, path, model_name)
     elif tag is not None:
         tags = [t for n, t in open_clip.list_pretrained() if n == model_name]
         if tag not in tags:
@@ -177,10 +277,14 @@ def create_open_clip(model_name: str, pretrained: str | None) -> tuple[nn.Module
         except (RuntimeError, OSError) as err:
             raise SccError(
                 f"could not fetch pretrained weights {model_name}/{tag} ({'no network' if offline else err}). "
-                f"Download the checkpoint elsewhere and pass its path: --pretrained /path/to/open_clip_model.safetensors"
+                "Download the checkpoint elsewhere and pass its path: "
+                "pretrained='/path/to/open_clip_model.safetensors' "
+                "(command line: --pretrained /path/to/open_clip_model.safetensors)"
             ) from err
     else:
-        model = open_clip.create_model(model_name, pretrained=None)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = open_clip.create_model(model_name, pretrained=None)
     return model, open_clip.get_tokenizer(model_name)
 
 
@@ -198,18 +302,59 @@ def image_size_of(model_name: str) -> int:
     return size[0] if isinstance(size, (list, tuple)) else int(size)
 
 
-def check_labels(labels: Sequence[str] | None) -> list[str]:
+def check_labels(labels: Sequence[str] | None, what: str = "labels=") -> list[str]:
+    """The stripped class names, or an SccError. `what` names the argument in messages: `labels=` for the
+    Python API, `--labels` for the command line."""
+    example = "labels=['cat', 'dog']" if what.endswith("=") else f"{what} cat,dog"
+    if isinstance(labels, str):
+        raise SccError(f"{what} must be a list of class names, got the string {labels!r}; e.g. {example}")
     if labels is None or len(labels) == 0:
-        raise SccError("the label list is empty: give at least two class names, e.g. --labels cat,dog")
+        raise SccError(f"the label list is empty: give at least two class names, e.g. {example}")
     labels = [str(l).strip() for l in labels]
     if any(not l for l in labels):
         raise SccError(f"the label list {labels} contains an empty name")
-    dup = sorted({l for l in labels if labels.count(l) > 1})
+    # CLIP's tokenizers lowercase and collapse whitespace: such names would get the same text embedding
+    key = lambda l: " ".join(l.lower().split())
+    dup = sorted({l for l in labels if [key(m) for m in labels].count(key(l)) > 1})
     if dup:
-        raise SccError(f"duplicate labels {dup}: each class must be named once")
+        raise SccError(f"duplicate labels {dup}: each class must be named once (CLIP lowercases names, so "
+                       "names differing only in case are the same class)")
     if len(labels) < 2:
         raise SccError(f"only one label {labels}: zero-shot classification needs at least two")
     return labels
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    """Prompt templates with exactly one `{}` (the class name), or an SccError."""
+    if isinstance(templates, str):
+        templates = [templates]
+    templates = list(templates)
+    for t in templates:
+        n = str(t).count("{}")
+        try:
+            str(t).format("x")
+            ok = n == 1
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise SccError(f"template {t!r} has {n} '{{}}' placeholders: every template needs exactly one '{{}}' "
+                           "for the class name and no other braces, e.g. 'a photo of a {}.'")
+    return templates
+
+
+def check_prompt_lengths(tokenizer, labels: Sequence[str], templates: Sequence[str], model: str) -> None:
+    """Refuse a prompt longer than the text tower's context (open_clip's tokenizer would silently cut it)."""
+    encode, context = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
+    if encode is None or not isinstance(context, int):
+        return  # the bundled WordTokenizer checks its own lengths; HF tokenizers: not checked
+    for label in labels:
+        for t in templates:
+            text = t.format(label)
+            n = len(encode(text)) + 2  # <start_of_text> ... <end_of_text>
+            if n > context:
+                short = lambda t: repr(t if len(t) <= 60 else t[:40] + " ... " + t[-15:])
+                raise SccError(f"label {short(label)} is too long: its prompt {short(text)} has {n} tokens, more "
+                               f"than {model}'s text context of {context}; shorten the label (it would be cut off)")
 
 
 class ZeroShotClassifier(nn.Module):
@@ -236,6 +381,7 @@ class ZeroShotClassifier(nn.Module):
         # Hand kernels the defenses call through this classifier ({"sign_step": fn, "view_augment": fn}); empty =
         # the torch reference ops. Only an engine's own copy sets them (scc.compiled.engine_classifier).
         self.kernels: dict = {}
+        self.validate = True  # forward checks NaN/Inf and the [0,1] range (one host sync); False skips it
 
     @property
     def num_classes(self) -> int:
@@ -245,6 +391,16 @@ class ZeroShotClassifier(nn.Module):
         from .plumbing import validate_pixels
 
         validate_pixels(x, self.image_size, values=False)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """scc.plumbing.validate_pixels as the defended module does it: shape, float32 (uint8 and float64 get
+        a message saying how to convert), and with `self.validate` NaN/Inf and the [0,1] range (one host sync;
+        skipped inside torch.compile / tracing)."""
+        from .plumbing import validate_pixels
+
+        values = self.validate and not torch.compiler.is_compiling()
+        validate_pixels(x, self.image_size, dtype=self.mean.dtype if x.is_floating_point() else None,
+                        values=values)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """f(norm(x)): the raw (un-normalised) image embedding, (B, D)."""
@@ -256,7 +412,7 @@ class ZeroShotClassifier(nn.Module):
         return self.logit_scale * F.normalize(e, dim=-1) @ self.text.t()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_shape(x)
+        self.check_input(x)
         return self.logits_from_embedding(self.embed(x))
 
 
@@ -273,20 +429,23 @@ def text_embeddings(model: nn.Module, tokenizer, labels: Sequence[str], template
 
 
 def load(model: str = TINY_NAME, pretrained: str | None = None, labels: Sequence[str] | None = None,
-         templates: Sequence[str] | None = None, device: str | torch.device = "cpu") -> ZeroShotClassifier:
+         templates: Sequence[str] | None = None, device: str | torch.device = "cpu",
+         seed: int = 0) -> ZeroShotClassifier:
     """Zero-shot classifier for an open_clip model name (+ pretrained tag or checkpoint path, or none).
 
     For `scc-tiny-digits` the labels and the held-out evaluation template default to its ten digits.
+    Random weights (`pretrained=None`) are drawn with `seed`. Templates need exactly one `{}`; labels equal after
+    lowercasing and prompts longer than the text context are refused.
     """
     if model == TINY_NAME:
         meta = tiny_meta()
         labels = meta["labels"] if labels is None else labels
         templates = meta["eval_templates"] if templates is None else templates
     labels = check_labels(labels)
-    templates = list(templates or ["a photo of a {}."])
-    if any("{}" not in t for t in templates):
-        raise SccError(f"every template needs a '{{}}' placeholder for the class name, got {templates}")
-    clip, tokenizer = create_open_clip(model, pretrained)
+    templates = check_templates(templates or ["a photo of a {}."])
+    check_device(device)
+    clip, tokenizer = create_open_clip(model, pretrained, seed)
+    check_prompt_lengths(tokenizer, labels, templates, model)
     clip = clip.to(device).eval().requires_grad_(False)
     text = text_embeddings(clip, tokenizer, labels, templates)
     size = clip.visual.image_size

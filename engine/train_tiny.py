@@ -1,6 +1,9 @@
 """Train the bundled `scc-tiny-digits` CLIP on scikit-learn's digits (train split only).
 
-    python -m scc.train_tiny [--epochs 40] [--seed 0] [--out engine/assets]
+    scc train-tiny [--epochs 40] [--seed 0] [--out ./scc-tiny-out] [--replace-bundled]
+
+By default the weights go to ./scc-tiny-out/ (use them with `--pretrained scc-tiny-out/scc-tiny-digits.safetensors`);
+only --replace-bundled overwrites the model shipped inside the installed package.
 
 Recipe: images /16 -> [0,1], bilinear 8->32, 3 channels; the fixed stratified split of `scc.data.digits_arrays`
 (1347 train / 450 held-out test, never trained on). Each image is paired with one of ten training templates
@@ -10,7 +13,6 @@ digits change meaning). One CPU thread trains such tiny steps faster than two.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -55,21 +57,30 @@ def random_affine(x: torch.Tensor, gen: torch.Generator, max_shift: float = 0.08
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def train(epochs: int = 40, seed: int = 0, out: Path | None = None, verbose: bool = True) -> dict:
+DEFAULT_OUT = Path("scc-tiny-out")
+
+
+def bundled_dir() -> Path:
+    return Path(__file__).resolve().parent / "assets"
+
+
+def train(epochs: int = 40, seed: int = 0, out: Path | None = None, verbose: bool = True,
+          threads: int = 1) -> dict:
+    """Train and save the model to `out` (default ./scc-tiny-out; `bundled_dir()` replaces the shipped one)."""
     import open_clip
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
 
     from .models import TINY_NAME, WordTokenizer, ZeroShotClassifier, text_embeddings
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     words = build_vocab()
     tok = WordTokenizer(words, OPEN_CLIP_CONFIG["text_cfg"]["context_length"])
     cfg = json.loads(json.dumps(OPEN_CLIP_CONFIG))
     cfg["text_cfg"]["vocab_size"] = tok.vocab_size
-    out = Path(out) if out else Path(__file__).resolve().parent / "assets"
+    out = Path(out) if out else DEFAULT_OUT
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{TINY_NAME}.json").write_text(json.dumps(cfg, indent=2))
     open_clip.add_model_config(out / f"{TINY_NAME}.json")
@@ -117,6 +128,7 @@ def train(epochs: int = 40, seed: int = 0, out: Path | None = None, verbose: boo
             "recipe": {"epochs": epochs, "seed": seed, "optimizer": "AdamW lr 2e-3 wd 0.05 one-cycle", "batch": batch,
                        "split": "sklearn load_digits, train_test_split(test_size=450, stratify=y, random_state=0)"},
             "held_out_clean_accuracy": round(acc, 4), "train_seconds": round(time.time() - t0, 1),
+            "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in model.parameters())}
     (out / f"{TINY_NAME}.meta.json").write_text(json.dumps(meta, indent=2))
     if verbose:
@@ -124,14 +136,37 @@ def train(epochs: int = 40, seed: int = 0, out: Path | None = None, verbose: boo
     return meta
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=None)
+def main(argv=None) -> int:
+    from .cli import Parser, add_common, apply_threads, positive_int
+    from .models import SccError
+
+    ap = Parser(prog="scc train-tiny", description=__doc__)
+    ap.add_argument("--epochs", type=positive_int, default=40, help="training epochs")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the initialisation, batches and augmentation")
+    ap.add_argument("--out", type=Path, default=None, metavar="DIR",
+                    help=f"folder for the weights, config and meta (default: ./{DEFAULT_OUT})")
+    ap.add_argument("--replace-bundled", action="store_true",
+                    help="overwrite the bundled model inside the installed package instead of writing to --out")
+    add_common(ap, json_output=False, threads_default=1)
     args = ap.parse_args(argv)
-    train(args.epochs, args.seed, args.out)
+    if args.replace_bundled and args.out is not None:
+        raise SccError("give either --out DIR or --replace-bundled, not both")
+    out = bundled_dir() if args.replace_bundled else (args.out or DEFAULT_OUT)
+    if out.exists() and not out.is_dir():
+        raise SccError(f"--out {out} is a file: give a folder")
+    if not out.exists() and not out.parent.is_dir():
+        raise SccError(f"--out {out}: the folder {out.parent} does not exist; create it first")
+    threads = apply_threads(args.threads)
+    train(args.epochs, args.seed, out, verbose=not args.quiet, threads=threads)
+    if not args.replace_bundled and not args.quiet:
+        print(f"use it with: scc classify IMG --pretrained {out / 'scc-tiny-digits.safetensors'} "
+              "(the bundled model is unchanged; --replace-bundled overwrites it)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["train-tiny", *sys.argv[1:]]))

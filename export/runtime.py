@@ -37,7 +37,9 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as err:
-        raise SccError(f"ONNX Runtime is not installed ({err}); install the extra: pip install 'scc-defense[onnx]' "
+        from scc.env import install_hint
+
+        raise SccError(f"ONNX Runtime is not installed ({err}); {install_hint('onnx')} "
                        "(onnxruntime-gpu on Linux x86_64, onnxruntime elsewhere)") from err
     return onnxruntime
 
