@@ -149,7 +149,14 @@ def measure(clf: ZeroShotClassifier, specs: Sequence[str], backends: Sequence[st
                         log(f"skipping {'every defense' if missing else spec} on {backend} "
                             f"{dtype_name(dtype)}: {err}")
                     continue
-                warmup_seconds = warm_up(lambda: runner(batches[0], draws[0]), device, warmup)
+                try:
+                    warmup_seconds = warm_up(lambda: runner(batches[0], draws[0]), device, warmup)
+                except SccError as err:  # this row cannot run: say so, keep measuring the others
+                    skipped.append({"defense": spec, "backend": backend, "dtype": dtype_name(dtype),
+                                    "reason": str(err)})
+                    if log:
+                        log(f"skipping {spec} on {backend} {dtype_name(dtype)}: {err}")
+                    continue
                 runners.append((runner, warmup_seconds, [], []))
         with torch.no_grad():
             for rep in range(repeats):

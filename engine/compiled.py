@@ -136,6 +136,10 @@ def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float3
                              mean=tuple(clf.mean.flatten().tolist()), std=tuple(clf.std.flatten().tolist()))
     out.text = clf.text  # bit-exact (the constructor re-normalises)
     out.kernels = dict(kernels or {})
+    # the text tower and tokenizer stay the caller's (fp32, shared): prompt-tuning defenses (R-TPT) use them
+    # eagerly; a plain attribute, so the engine's graphs and state_dict do not carry them
+    object.__setattr__(out, "clip", clf.clip)
+    out.tokenizer, out.templates = clf.tokenizer, list(clf.templates)
     return out.to(clf.text.device)
 
 
