@@ -298,3 +298,32 @@ def test_end_to_end_on_loopback(images, tmp_path):
     left = [p for p in seen if alive(p)]
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
     assert not left, f"processes left running after shutdown: {left}"
+
+
+def test_engine_queue_coalesces_and_answers_everyone():
+    """Continuous batching without Ray: submits that arrive while the engine runs share its next call."""
+    import asyncio
+    import threading
+
+    from scc.serve import EngineQueue
+
+    calls, gate = [], threading.Event()
+
+    def handle(items):
+        calls.append([it.name for it in items])
+        gate.wait(5) if len(calls) == 1 else None  # the first call blocks until everyone has submitted
+        return [{"name": it.name, "batch_size": len(items)} for it in items]
+
+    async def main():
+        q = EngineQueue(handle, max_batch=4)
+        first = asyncio.ensure_future(q.submit([Item(name="a0")]))
+        await asyncio.sleep(0.05)
+        rest = [asyncio.ensure_future(q.submit([Item(name=f"b{i}"), Item(name=f"c{i}")])) for i in range(4)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        return await first, await asyncio.gather(*rest)
+
+    first, rest = asyncio.run(main())
+    assert first == [{"name": "a0", "batch_size": 1}]
+    assert [[r["name"] for r in res] for res in rest] == [[f"b{i}", f"c{i}"] for i in range(4)]
+    assert calls == [["a0"], ["b0", "c0", "b1", "c1"], ["b2", "c2", "b3", "c3"]]  # full batches, FIFO
