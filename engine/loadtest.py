@@ -9,7 +9,9 @@ p50/p95/p99 (ms, client side), the mean engine batch the service formed (from ea
 of b images answers b images, so batches = sum(1/b)), errors by status. Then the same images through the
 in-process batch handler (scc.serve.Service, the configuration GET /v1/info reports: model, defense, backend,
 dtype, threads) in chunks of the service's max batch: `overhead_ratio` = service throughput / in-process
-throughput at each level. A PNG plots latency against throughput.
+throughput at each level, and with --replicas R also `overhead_ratio_per_replica` = that / R (each replica owns
+one such runner). A PNG plots latency against throughput. Record the load: on a shared machine only ratios
+measured in one run mean anything.
 """
 from __future__ import annotations
 
@@ -259,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in report["levels"]:
             row["overhead_ratio"] = round(row["throughput_images_s"] / ref["throughput_images_s"], 3) \
                 if row["throughput_images_s"] else None
+            if a.replicas and row["throughput_images_s"]:  # per replica: each replica runs one such runner
+                row["overhead_ratio_per_replica"] = round(row["overhead_ratio"] / a.replicas, 3)
         print(f"in-process batch handler, batch {ref['batch_size']}, {ref['threads']} thread(s): "
               f"{ref['throughput_images_s']:.1f} img/s; service/in-process: "
               + ", ".join(f"c={r['concurrency']} {r['overhead_ratio']}" for r in report["levels"]), flush=True)

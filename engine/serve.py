@@ -104,7 +104,9 @@ def decode_image(data: bytes, size: int, max_pixels: int, name: str = "image") -
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise RequestError(413, f"{name}: image exceeds the limit of {max_pixels} pixels (PIL: {err})") from err
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+    except UnidentifiedImageError as err:
+        raise RequestError(400, f"{name}: not a readable image (unknown or corrupt image format)") from err
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise RequestError(400, f"{name}: not a readable image ({type(err).__name__}: {err})") from err
     return resize_center_crop(x[None], size)[0]
 
@@ -382,11 +384,18 @@ def _jsonable(obj):
 
 
 def enable_compile_cache(folder: str) -> None:
-    """Inductor's on-disk caches (FX graph and autotuning) under `folder`, shared by every replica on the host."""
+    """Inductor's on-disk caches (FX graph, AOT autograd, compiled kernels) under `folder`, shared by every
+    replica on the host. Inductor keys each entry by the graph, its input shapes (= the bucket), dtypes, device
+    and the torch/triton versions, so one folder serves every model x defense x bucket safely."""
+    import torch._inductor.config as inductor_config
+
     os.makedirs(folder, exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(folder)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.abspath(folder)  # read when a cache path is needed
     os.environ["TORCHINDUCTOR_FX_GRAPH_CACHE"] = "1"
-    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    os.environ["TORCHINDUCTOR_AUTOGRAD_CACHE"] = "1"
+    inductor_config.fx_graph_cache = True  # the config module may have read the environment already
+    if hasattr(inductor_config, "autograd_cache"):
+        inductor_config.autograd_cache = True
 
 
 class EngineQueue:
@@ -561,7 +570,9 @@ def deployment_options(cfg: Mapping) -> dict:
     opts = {"max_ongoing_requests": max_ongoing,
             "ray_actor_options": {"num_cpus": cfg["threads"] if cfg["device"] == "cpu" else 1,
                                   "num_gpus": 0 if cfg["device"] == "cpu" else 1,
-                                  "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg["threads"])}}},
+                                  "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg["threads"]), **(
+                                      {"TORCHINDUCTOR_CACHE_DIR": os.path.abspath(cfg["compile_cache"]),
+                                       "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"} if cfg["compile_cache"] else {})}}},
             "health_check_period_s": 10, "graceful_shutdown_timeout_s": max(5.0, cfg["timeout_s"])}
     if cfg["min_replicas"] is not None or cfg["max_replicas"] is not None:
         lo = cfg["min_replicas"] if cfg["min_replicas"] is not None else 1
@@ -612,6 +623,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile-cache", default=None, help="folder for Inductor's compile caches (compiled backend)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (default: %(default)s; 0.0.0.0 to expose)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Ray's Prometheus endpoint port (local Ray; default: Ray picks one); metrics are ray_scc_*")
     p.add_argument("--address", default=None, help="an existing Ray cluster (ray://HOST:PORT or auto): deploy and exit")
     p.add_argument("--print-config", action="store_true", help="print the Ray Serve config YAML for `serve deploy`")
     return p
@@ -676,16 +689,19 @@ def main(argv: list[str] | None = None) -> int:
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
-    for sig in (signal.SIGTERM, signal.SIGINT):  # `kill PID` shuts down as cleanly as Ctrl-C (also when a
-        signal.signal(sig, _stop)               # background shell started us with SIGINT ignored)
     started = time.perf_counter()
     remote = a.address is not None
     if remote:
         ray.init(address=a.address)
     else:
         # the replicas' own thread count comes from --threads; Ray's processes stay off the terminal
+        extra = {} if a.metrics_port is None else {"_metrics_export_port": a.metrics_port}
         ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg["threads"])}})
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg["threads"])}}, **extra)
+    # after ray.init, which installs its own (aborting) SIGTERM handler: `kill PID` shuts down as cleanly as
+    # Ctrl-C, also when a background shell started us with SIGINT ignored
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _stop)
     try:
         serve.start(http_options={"host": a.host, "port": a.port, "request_timeout_s": a.timeout_s + 5})
         print(f"scc serve: deploying {cfg['model']} {cfg['defense']} on {cfg['backend']} "
