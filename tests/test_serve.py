@@ -230,6 +230,7 @@ def post(url: str, body: bytes, ctype: str = "image/png", timeout: float = 60):
         return err.code, json.loads(err.read())
 
 
+@pytest.mark.slow  # 63 s alone, 113 s beside another job on this 2-core machine (Ray start ~12 s, shutdown ~5 s)
 def test_end_to_end_on_loopback(images, tmp_path):
     pytest.importorskip("ray", reason="Ray Serve is not installed (pip install -e '.[serve]')")
     pytest.importorskip("fastapi", reason="Ray Serve's FastAPI ingress is not installed")
