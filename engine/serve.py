@@ -522,9 +522,14 @@ def _deployment_class():
             for it in items:
                 it.enqueued = time.perf_counter()
             try:
-                # shield: a timed-out request leaves its images in the batch, which completes for the others
-                futures = [asyncio.ensure_future(self.classify_batch(it)) for it in items]
-                results = await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)), self.cfg["timeout_s"])
+                # only readable images enter a batch; shield: a timed-out request leaves its images in their
+                # batch, which completes for the other requests in it
+                futures = [asyncio.ensure_future(self.classify_batch(it)) for it in items if it.error is None]
+                answers = iter(await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)),
+                                                      self.cfg["timeout_s"]))
+                results = [next(answers) if it.error is None else
+                           {"name": it.name, "error": it.error, "error_kind": it.error_kind or "decode"}
+                           for it in items]
             except asyncio.TimeoutError:
                 return self._fail(504, f"no answer within {self.cfg['timeout_s']} s", "timeout")
             except Exception as err:  # never a lost request: the client gets a reason
