@@ -267,9 +267,17 @@ def test_end_to_end_on_loopback(images, tmp_path):
         with ThreadPoolExecutor(n + 1) as pool:
             futures = [pool.submit(post, f"{url}/v1/classify?seed=42&key={i}&top_k=10", b) for i, b in jobs]
             corrupt = pool.submit(post, f"{url}/v1/classify", b"\x89PNG\r\n\x1a\n truncated", "image/png")
+            ctype, body = multipart([("image", "a.png", jobs[0][1]), ("image", "bad.png", b"junk"),
+                                     ("image", "c.png", jobs[1][1])])
+            mixed = pool.submit(post, f"{url}/v1/classify?seed=42&key=0,x,1&top_k=10", body, ctype)
             answers = [f.result() for f in futures]
             bad_status, bad_body = corrupt.result()
+            mixed_status, mixed_body = mixed.result()
         assert bad_status == 400 and "not a readable image" in bad_body["error"]
+        assert mixed_status == 200 and "bad.png" in mixed_body["results"][1]["error"]
+        for r, (status, body) in zip([mixed_body["results"][0], mixed_body["results"][2]], answers[:2]):
+            assert r["key"] == body["results"][0]["key"] and r["scores"] == pytest.approx(body["results"][0]["scores"],
+                                                                                       abs=1e-5)
         defended = scc.defend(scc.load("scc-tiny-digits"), "scc", seed=42)
         labels = defended.classifier.labels
         batch_sizes = []
