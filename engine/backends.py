@@ -47,6 +47,9 @@ class Runner:
     run: Callable[[torch.Tensor, dict | None], torch.Tensor] = field(repr=False)
     compile_seconds: float | None = None  # compile (compiled/triton) or export (onnx) time; None for eager
     details: dict = field(default_factory=dict)  # e.g. the kernels that run, the ONNX file
+    # compiled/triton: warmup(n) compiles the bucket that holds n images (make_runner compiles only the largest;
+    # a server compiles every bucket before it reports ready); None where nothing compiles per batch size
+    warmup: Callable[[int], float] | None = field(default=None, repr=False)
 
     def __call__(self, x: torch.Tensor, draws: dict | None = None) -> torch.Tensor:
         return self.run(x, draws)
@@ -140,7 +143,7 @@ def make_runner(defended: Defended, backend: str, batch_size: int = 1, dtype: to
                         dtype=dtype)
         seconds = float(engine.warmup(batch_size))
         return Runner(run=lambda x, draws=None: engine(x, draws), compile_seconds=seconds,
-                      details={"kernels": engine.kernels, "buckets": engine.buckets}, **common)
+                      details={"kernels": engine.kernels, "buckets": engine.buckets}, warmup=engine.warmup, **common)
     folder = Path(workdir or tempfile.mkdtemp(prefix="scc-onnx-"))
     path = folder / f"{defended.classifier.name}-{what}-b{batch_size}.onnx"
     info = export_onnx(defended, str(path), batch_size=batch_size, draws_as_inputs=True)

@@ -418,6 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="per-image latency of defenses x backends (Table 4); see `scc bench --help`",
                    add_help=False)
     sub.add_parser("export", help="export a defended model (ONNX); see `scc export --help`", add_help=False)
+    sub.add_parser("serve", help="serve a defended model over HTTP (Ray Serve); see `scc serve --help`",
+                   add_help=False)
+    sub.add_parser("loadtest", help="closed-loop load test of a running `scc serve`; see `scc loadtest --help`",
+                   add_help=False)
     sub.add_parser("train-tiny", help="retrain the bundled scc-tiny-digits model; see `scc train-tiny --help`",
                    add_help=False)
     return ap
@@ -434,6 +438,14 @@ def main(argv: list[str] | None = None) -> int:
             from .export.cli import main as export_main
 
             return export_main(argv[1:])
+        if argv and argv[0] == "serve":
+            from .serve import main as serve_main
+
+            return serve_main(argv[1:])
+        if argv and argv[0] == "loadtest":
+            from .loadtest import main as loadtest_main
+
+            return loadtest_main(argv[1:])
         if argv and argv[0] == "train-tiny":
             from .train_tiny import main as train_main
 
