@@ -10,17 +10,23 @@ view-averaged logits. The class text embeddings and all weights are constants (i
     with draws_as_inputs=True also the inputs of `Defended.draws(x)`: `start` (B, 3, S, S) ~ U(-1, 1) and,
     for SCC, `noise` (B, L, 3, S, S) ~ N(0, 1). Feed the draws of an eager run to get the eager result.
 
-Randomness. By default the draws are made inside the graph: `start` by RandomUniformLike(pixels, -1, 1) and
-`noise` by RandomNormal(shape=(B, L, 3, S, S)). They follow the same distributions as the torch draws but come
-from ONNX Runtime's own generator, so they never equal torch's: a file without draw inputs agrees with eager
-PyTorch in accuracy, not image by image. ORT seeds each random node when the session is created (from
-`onnxruntime.set_seed` if it was called, otherwise from a fresh seed) and advances it on every run.
+Batch size. By default (`batch_size=None`) B is symbolic: one file serves every batch size (metadata
+`scc.batch_size` = "dynamic"; ONNX Runtime and Triton's ONNX Runtime backend batch freely). `batch_size=N`
+writes a fixed-shape file (every dimension a number: TensorRT engines and ORT CUDA graphs want that);
+`scc.export.OrtDefended` splits larger inputs into chunks of N and pads the last one.
+How the batch stays symbolic: the procedure is traced with fake inputs whose first dimension is a symbol and
+every other dimension a number, and its input gradients are taken with torch.autograd.grad instead of
+torch.func.grad (`scc.grad.grad_route("autograd")`, entered only around this trace): under torch.func.grad,
+make_fx specialises the batch to the example's (a guard recorded in `F.linear`). The trace then checks that
+every input and output still has a symbolic batch.
 
-Batch size. The batch is fixed per file (`batch_size`, the leading dimension of every input and of the
-output). `scc.export.OrtDefended` splits larger inputs into chunks of that size and pads the last one. A
-dynamic batch dimension is not offered: under `torch.func.grad`, `make_fx(tracing_mode="symbolic")`
-specialises the batch to the example's (a guard recorded in `F.linear`), and make_fx's unbacked
-`dynamic_shapes` stops on a data-dependent guard in nn.MultiheadAttention's packed in-projection.
+Randomness. By default the draws are made inside the graph: `start` by RandomUniformLike(pixels, -1, 1) and
+`noise` by RandomNormal(shape=(B, L, 3, S, S)) in a fixed-batch file, RandomNormalLike of a (B, L, 3, S, S)
+tensor built from the pixels' batch in a dynamic one. Every element is drawn, so each row of a batch gets its
+own draws. They follow the same distributions as the torch draws but come from ONNX Runtime's own generator,
+so they never equal torch's: a file without draw inputs agrees with eager PyTorch in accuracy, not image by
+image. ORT seeds each random node when the session is created (from `onnxruntime.set_seed` if it was called,
+otherwise from a fresh seed) and advances it on every run.
 
 How. `torch.onnx.export(dynamo=True)` cannot export `torch.func.grad`. The procedure is first traced to a
 flat ATen graph with `make_fx` (forward and backward ops, no autograd left), under the math SDPA backend so
@@ -35,7 +41,8 @@ rewritten into ops that translate to cheap ONNX (see `_DECOMPOSITIONS`):
 and `F.one_hot`, whose range check reads tensor values, becomes a comparison with `arange`. After export,
 constants are folded (onnxscript), MatMul operands that are a 2-D constant broadcast over a batch (expand + bmm
 in the trace; materialised by ONNX) are replaced by the 2-D constant, and onnxoptimizer's fuse/eliminate passes
-run. Graph checks: no control flow (If/Loop/Scan), no Scatter* nodes; both are reported by `export_onnx`.
+run (when onnxoptimizer is installed: the `onnx` extra brings it; `export_onnx` reports skipped passes).
+Graph checks: no control flow (If/Loop/Scan), no Scatter* nodes; both are reported by `export_onnx`.
 """
 from __future__ import annotations
 
@@ -515,8 +522,8 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = N
         dynamic_shapes = tuple({0: batch} for _ in example)
     # torch's own optimize=True adds onnxscript's pattern rewriter, whose generic matcher takes most of the
     # export time on these ~5000-node graphs for no runtime gain; constant folding + onnxoptimizer do the job.
-    with warnings.catch_warnings():  # dynamic_shapes as a tuple for a GraphModule's positional inputs is fine
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings():  # every input's batch is the one "batch" axis: expected, not news
+        warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used")
         program = torch.onnx.export(graph, example, dynamo=True, input_names=input_names, output_names=output_names,
                                     opset_version=opset, optimize=False, verbose=False, dynamic_shapes=dynamic_shapes)
     model = program.model
