@@ -336,7 +336,7 @@ def validate_config(text: str, use_tritonclient: bool | None = None) -> dict[str
     _check(fields, _SCHEMA, "ModelConfig")
     for required in ("name", "max_batch_size", "input", "output"):
         if required not in fields:
-            raise SccError(f"config.pbtxt: ModelConfig needs {required!r}")
+            raise SccError(f"config.pbtxt: no {required!r} (an scc model configuration always has one)")
     if "platform" not in fields and "backend" not in fields:
         raise SccError("config.pbtxt: ModelConfig needs 'platform' or 'backend'")
     return fields

@@ -113,7 +113,7 @@ def test_config_errors():
         sample_config(max_batch=0)
     with pytest.raises(scc.SccError, match=r"device must be one of \['auto', 'cpu', 'gpu'\].*'tpu'"):
         sample_config(device="tpu")
-    with pytest.raises(scc.SccError, match="needs 'max_batch_size'"):
+    with pytest.raises(scc.SccError, match="no 'max_batch_size'"):
         validate_config('name: "m"\nplatform: "onnxruntime_onnx"\ninput [ { name: "x" } ]\noutput [ { name: "y" } ]',
                         use_tritonclient=False)
 
