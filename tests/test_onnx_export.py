@@ -176,7 +176,7 @@ def test_dynamic_max_batch_chunks_without_padding(dynamic):
     x = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     draws = defended.draws(x)
     torch.testing.assert_close(chunked(x, draws), ort_defended(x, draws), rtol=0, atol=1e-5)
-    with pytest.raises(scc.SccError, match="max_batch must be a positive integer or None, got 0"):
+    with pytest.raises(scc.SccError, match=r"max_batch must be a positive integer or None \(all images in one run\), got 0"):
         OrtDefended(ort_defended.path, max_batch=0)
 
 
