@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .draws import Draw
+from .grad import input_grad
 from .models import SccError, ZeroShotClassifier
 from .ttc import TTC_DRAWS, TTCConfig, counterattack
 from .views import View, apply_views, embed_views, parse_views, sign_step
@@ -143,7 +144,7 @@ def scc(clf: ZeroShotClassifier, x: torch.Tensor, cfg: SCCConfig, start: torch.T
     steps_left = cfg.steps
     can_fuse = cfg.fuse and cfg.init == "warmup" and pviews == views and cfg.steps > 0
     if can_fuse:
-        g, (t_soft, y_hat) = torch.func.grad(fused, has_aux=True)(delta)
+        g, (t_soft, y_hat) = input_grad(fused, has_aux=True)(delta)
         if trace is not None:
             trace.append(g.sign())
         delta = sign_step(delta, g, x, cfg.alpha, cfg.eps, clf.kernels)
@@ -151,7 +152,7 @@ def scc(clf: ZeroShotClassifier, x: torch.Tensor, cfg: SCCConfig, start: torch.T
     else:  # Stage 1 on its own forward
         with torch.no_grad():
             t_soft, y_hat = soft_prototype(view_cosines(clf, x + delta_w, pviews, noise, cfg.sigma), clf, cfg)
-    grad_step = torch.func.grad(step_loss)
+    grad_step = input_grad(step_loss)
     for _ in range(steps_left):
         g = grad_step(delta, t_soft, y_hat)
         if trace is not None:

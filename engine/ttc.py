@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .draws import Draw, like_image
+from .grad import input_grad
 from .models import SccError, ZeroShotClassifier
 from .views import project, sign_step
 
@@ -49,7 +50,7 @@ def counterattack(clf: ZeroShotClassifier, x: torch.Tensor, cfg: TTCConfig, star
         e = clf.embed(x + d)
         return ((e - e0) ** 2).sum(), e
 
-    grad_fn = torch.func.grad(deviation, has_aux=True)
+    grad_fn = input_grad(deviation, has_aux=True)
     d = project(cfg.eps * start, x, cfg.eps)
     iterates = [d]
     tau = None

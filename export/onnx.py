@@ -10,17 +10,23 @@ view-averaged logits. The class text embeddings and all weights are constants (i
     with draws_as_inputs=True also the inputs of `Defended.draws(x)`: `start` (B, 3, S, S) ~ U(-1, 1) and,
     for SCC, `noise` (B, L, 3, S, S) ~ N(0, 1). Feed the draws of an eager run to get the eager result.
 
-Randomness. By default the draws are made inside the graph: `start` by RandomUniformLike(pixels, -1, 1) and
-`noise` by RandomNormal(shape=(B, L, 3, S, S)). They follow the same distributions as the torch draws but come
-from ONNX Runtime's own generator, so they never equal torch's: a file without draw inputs agrees with eager
-PyTorch in accuracy, not image by image. ORT seeds each random node when the session is created (from
-`onnxruntime.set_seed` if it was called, otherwise from a fresh seed) and advances it on every run.
+Batch size. By default (`batch_size=None`) B is symbolic: one file serves every batch size (metadata
+`scc.batch_size` = "dynamic"; ONNX Runtime and Triton's ONNX Runtime backend batch freely). `batch_size=N`
+writes a fixed-shape file (every dimension a number: TensorRT engines and ORT CUDA graphs want that);
+`scc.export.OrtDefended` splits larger inputs into chunks of N and pads the last one.
+How the batch stays symbolic: the procedure is traced with fake inputs whose first dimension is a symbol and
+every other dimension a number, and its input gradients are taken with torch.autograd.grad instead of
+torch.func.grad (`scc.grad.grad_route("autograd")`, entered only around this trace): under torch.func.grad,
+make_fx specialises the batch to the example's (a guard recorded in `F.linear`). The trace then checks that
+every input and output still has a symbolic batch.
 
-Batch size. The batch is fixed per file (`batch_size`, the leading dimension of every input and of the
-output). `scc.export.OrtDefended` splits larger inputs into chunks of that size and pads the last one. A
-dynamic batch dimension is not offered: under `torch.func.grad`, `make_fx(tracing_mode="symbolic")`
-specialises the batch to the example's (a guard recorded in `F.linear`), and make_fx's unbacked
-`dynamic_shapes` stops on a data-dependent guard in nn.MultiheadAttention's packed in-projection.
+Randomness. By default the draws are made inside the graph: `start` by RandomUniformLike(pixels, -1, 1) and
+`noise` by RandomNormal(shape=(B, L, 3, S, S)) in a fixed-batch file, RandomNormalLike of a (B, L, 3, S, S)
+tensor built from the pixels' batch in a dynamic one. Every element is drawn, so each row of a batch gets its
+own draws. They follow the same distributions as the torch draws but come from ONNX Runtime's own generator,
+so they never equal torch's: a file without draw inputs agrees with eager PyTorch in accuracy, not image by
+image. ORT seeds each random node when the session is created (from `onnxruntime.set_seed` if it was called,
+otherwise from a fresh seed) and advances it on every run.
 
 How. `torch.onnx.export(dynamo=True)` cannot export `torch.func.grad`. The procedure is first traced to a
 flat ATen graph with `make_fx` (forward and backward ops, no autograd left), under the math SDPA backend so
@@ -35,13 +41,15 @@ rewritten into ops that translate to cheap ONNX (see `_DECOMPOSITIONS`):
 and `F.one_hot`, whose range check reads tensor values, becomes a comparison with `arange`. After export,
 constants are folded (onnxscript), MatMul operands that are a 2-D constant broadcast over a batch (expand + bmm
 in the trace; materialised by ONNX) are replaced by the 2-D constant, and onnxoptimizer's fuse/eliminate passes
-run. Graph checks: no control flow (If/Loop/Scan), no Scatter* nodes; both are reported by `export_onnx`.
+run (when onnxoptimizer is installed: the `onnx` extra brings it; `export_onnx` reports skipped passes).
+Graph checks: no control flow (If/Loop/Scan), no Scatter* nodes; both are reported by `export_onnx`.
 """
 from __future__ import annotations
 
 import collections
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -148,18 +156,48 @@ class _TraceableOneHot(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def trace_procedure(defended: Defended, batch_size: int = 1, trace_outputs: bool = False):
-    """(GraphModule, example inputs, input names, output names) for the defended procedure at a fixed batch.
+EXAMPLE_BATCH = 3  # the example batch a batch-dynamic trace runs with (any size >= 2 works; 0/1 would specialise)
 
-    The graph's inputs are the pixels and the draws (in `Defended.draws` order); its outputs are the logits
-    and, with `trace_outputs`, each sign-gradient step's `grad.sign()` (as `Defended(x, trace=[])` collects).
+
+def _batch_dynamic_inputs(tensors):
+    """Fake copies of `tensors` whose first dimension is a symbol and every other dimension is static.
+
+    make_fx's own tracing_mode="symbolic" turns every dimension into a symbol (image size, view count...);
+    here only the batch is one, so everything else traces exactly as in a fixed-shape export. The tensors'
+    batch symbols are separate at first; the first op that combines two inputs records that they are equal.
+    """
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    shape_env = ShapeEnv()
+    mode = FakeTensorMode(shape_env=shape_env, allow_non_fake_inputs=True)  # weights stay real constants
+    fakes = [mode.from_tensor(t, symbolic_context=StatelessSymbolicContext(
+        dynamic_sizes=[DimDynamic.DYNAMIC] + [DimDynamic.STATIC] * (t.dim() - 1))) for t in tensors]
+    return fakes, shape_env
+
+
+def trace_procedure(defended: Defended, batch_size: int | None = 1, trace_outputs: bool = False):
+    """(GraphModule, example inputs, input names, output names) for the defended procedure.
+
+    The graph's inputs are the pixels (B, 3, S, S) and the draws (in `Defended.draws` order, each with B
+    rows); its outputs are the logits (B, C) and, with `trace_outputs`, each sign-gradient step's
+    `grad.sign()` (B, 3, S, S) (as `Defended(x, trace=[])` collects).
+
+    `batch_size=N` traces with real tensors at batch N: every shape in the graph is a number. `batch_size=None`
+    traces with fake tensors whose batch is a symbol (example inputs of batch `EXAMPLE_BATCH`), so B stays a
+    symbol through the whole procedure; this takes the input gradients with torch.autograd.grad (`scc.grad`'s
+    "autograd" route), because torch.func.grad specialises the batch to the example's.
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
+    from scc.grad import grad_route
+
     clf = defended.classifier
-    pixels, draws = example_inputs(defended, batch_size)  # example values only; the graph is value-free
+    dynamic = batch_size is None
+    pixels, draws = example_inputs(defended, EXAMPLE_BATCH if dynamic else batch_size)  # values never matter
     procedure, config = defended.spec.procedure, defended.config
     names = list(draws)
+    example = (pixels, *draws.values())
 
     def run(x, *values):
         steps = [] if trace_outputs else None
@@ -172,13 +210,32 @@ def trace_procedure(defended: Defended, batch_size: int = 1, trace_outputs: bool
         raise SccError("export_onnx traces the torch reference ops: pass the scc.defend(...) module, not an "
                        "engine's classifier copy with kernels")
     with attention("trace", pixels.device), torch.no_grad():
-        graph = make_fx(run, decomposition_table=_DECOMPOSITIONS)(pixels, *draws.values())
+        if dynamic:
+            fakes, shape_env = _batch_dynamic_inputs(example)
+            with grad_route("autograd"):
+                graph = make_fx(run, decomposition_table=_DECOMPOSITIONS, tracing_mode="symbolic",
+                                _allow_non_fake_inputs=True)(*fakes)
+            _check_batch_symbolic(graph, shape_env)
+        else:
+            graph = make_fx(run, decomposition_table=_DECOMPOSITIONS)(*example)
     fast_path = [n for n in graph.graph.nodes if n.op == "call_function" and "_native_multi_head_attention" in str(n.target)]
     if fast_path:  # the fused inference kernel: no backward, and ~1e-6 off the autograd path
         raise RuntimeError(f"the trace took nn.MultiheadAttention's fast path ({len(fast_path)} nodes); "
                            "export needs the autograd path")
     outputs = ["logits"] + ([f"step_sign_{i}" for i in range(_count_outputs(graph) - 1)] if trace_outputs else [])
-    return graph.eval(), (pixels, *draws.values()), ["pixels", *names], outputs
+    return graph.eval(), example, ["pixels", *names], outputs
+
+
+def _check_batch_symbolic(graph: torch.fx.GraphModule, shape_env) -> None:
+    """Every input and output of a batch-dynamic trace must still have a symbolic first dimension."""
+    ends = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    out = next(n for n in graph.graph.nodes if n.op == "output").args[0]
+    ends += list(out) if isinstance(out, (tuple, list)) else [out]
+    frozen = [n.name for n in ends if not isinstance(n.meta["val"].shape[0], torch.SymInt)]
+    if frozen:
+        guards = [str(g.expr) for g in shape_env.guards]
+        raise RuntimeError(f"the batch dimension was specialised while tracing ({frozen} have a fixed batch; "
+                           f"guards {guards[:8]}); export with a fixed batch_size instead")
 
 
 def _count_outputs(graph: torch.fx.GraphModule) -> int:
@@ -190,27 +247,47 @@ def _count_outputs(graph: torch.fx.GraphModule) -> int:
 # ONNX graph edits
 # ----------------------------------------------------------------------------------------------------------
 def _draws_in_graph(model, defended: Defended, pixels_name: str, draw_names: list[str]) -> None:
-    """Replace the draw inputs by random nodes at the graph's top, from the defense's declared distributions:
-    a uniform draw shaped like the image -> RandomUniformLike(pixels, low, high); a normal draw -> RandomNormal."""
+    """Replace the draw inputs by random nodes at the graph's top, from the distributions the defense declares
+    (its `Defense.draw_specs`):
+
+    uniform, shaped like the image (B, 3, S, S): RandomUniformLike(pixels, low, high).
+    normal (B, ...): RandomNormal(shape) when B is a number; with a symbolic B,
+    RandomNormalLike(ConstantOfShape(Concat(Shape(pixels)[:1], [...]))). ORT fills every element of a
+    random node from the node's own generator, so each row of a batch gets its own draws either way.
+    """
+    import numpy as np
     import onnx_ir as ir
 
     graph = model.graph
     inputs = {v.name: v for v in graph.inputs}
     first = next(iter(graph))
+    pixels = inputs[pixels_name]
     for name in draw_names:
         value, draw = inputs[name], defended.spec.draw_specs[name]
+        nodes = []
         if draw.kind == "uniform" and draw.shape is like_image:
             low, high = draw.bounds(defended.config)
-            node = ir.node("RandomUniformLike", [inputs[pixels_name]],
-                           {"low": float(low), "high": float(high), "dtype": ir.DataType.FLOAT.value})
-        elif draw.kind == "normal":
-            node = ir.node("RandomNormal", [], {"shape": [int(d) for d in value.shape], "mean": 0.0, "scale": 1.0,
-                                                "dtype": ir.DataType.FLOAT.value})
+            nodes.append(ir.node("RandomUniformLike", [pixels],
+                                 {"low": float(low), "high": float(high), "dtype": ir.DataType.FLOAT.value}))
+        elif draw.kind == "normal" and all(isinstance(d, int) for d in value.shape):
+            nodes.append(ir.node("RandomNormal", [], {"shape": [int(d) for d in value.shape], "mean": 0.0,
+                                                      "scale": 1.0, "dtype": ir.DataType.FLOAT.value}))
+        elif draw.kind == "normal":  # a symbolic batch: the shape is built from the pixels' batch
+            rest = ir.Value(name=f"{name}_shape_rest", shape=ir.Shape([len(value.shape) - 1]),
+                            type=ir.TensorType(ir.DataType.INT64),
+                            const_value=ir.tensor(np.array([int(d) for d in value.shape[1:]], dtype=np.int64)))
+            graph.register_initializer(rest)
+            batch = ir.node("Shape", [pixels], {"start": 0, "end": 1})
+            shape = ir.node("Concat", [batch.outputs[0], rest], {"axis": 0})
+            zeros = ir.node("ConstantOfShape", [shape.outputs[0]])
+            nodes += [batch, shape, zeros, ir.node("RandomNormalLike", [zeros.outputs[0]],
+                                                   {"mean": 0.0, "scale": 1.0, "dtype": ir.DataType.FLOAT.value})]
         else:
             raise SccError(f"export cannot draw {name!r} ({draw.kind}) inside the graph; "
                            "export with draws_as_inputs=True and feed it")
-        graph.insert_before(first, node)
-        out = node.outputs[0]
+        for node in nodes:
+            graph.insert_before(first, node)
+        out = nodes[-1].outputs[0]
         out.name, out.shape, out.type = f"{name}_drawn", value.shape, value.type
         value.replace_all_uses_with(out)
         graph.inputs.remove(value)
@@ -340,9 +417,13 @@ _ONNXOPTIMIZER_SKIP = {"fuse_qkv", "rewrite_where"}
 _PROTOBUF_LIMIT = 2**31 - 2**26  # one serialized ModelProto must stay under 2 GiB; keep a margin for the graph
 
 
-def _save(program, model, path: Path, optimize: bool) -> bool:
+ONNXOPTIMIZER_MISSING = "onnxoptimizer (not installed: pip install onnxoptimizer, or the extra scc-defense[onnx])"
+
+
+def _save(program, model, path: Path, optimize: bool) -> list[str]:
     """Write the model; with `optimize`, through onnxoptimizer's passes when it is installed and the model
-    fits in one protobuf. Returns whether onnxoptimizer ran."""
+    fits in one protobuf. Returns the optimizer passes that were skipped, each with the reason (empty when
+    onnxoptimizer ran or `optimize` was off)."""
     import onnx_ir as ir
 
     weights = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
@@ -350,15 +431,21 @@ def _save(program, model, path: Path, optimize: bool) -> bool:
         import onnxoptimizer
     except ImportError:
         onnxoptimizer = None
-    if not optimize or onnxoptimizer is None or weights > _PROTOBUF_LIMIT:
+    skipped = []
+    if optimize and onnxoptimizer is None:
+        skipped.append(ONNXOPTIMIZER_MISSING)
+    elif optimize and weights > _PROTOBUF_LIMIT:
+        skipped.append(f"onnxoptimizer (weights {weights / 2**30:.1f} GiB: over one protobuf's 2 GiB, saved "
+                       "with external data instead)")
+    if not optimize or skipped:
         program.save(str(path))  # large models: weights go to external data next to the file
-        return False
+        return skipped
     import onnx
 
     passes = [p for p in onnxoptimizer.get_fuse_and_elimination_passes() if p not in _ONNXOPTIMIZER_SKIP]
     proto = onnxoptimizer.optimize(ir.serde.serialize_model(model), passes)
     onnx.save(proto, str(path))
-    return True
+    return skipped
 
 
 def op_counts(model) -> dict[str, int]:
@@ -366,7 +453,7 @@ def op_counts(model) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
 
 
-def _metadata(defended: Defended, batch_size: int, draws_as_inputs: bool, draws: dict[str, list[int]]) -> dict:
+def _metadata(defended: Defended, batch_size: int | None, draws_as_inputs: bool, draws: dict[str, list]) -> dict:
     clf = defended.classifier
     return {
         "scc.format": "1",
@@ -376,8 +463,8 @@ def _metadata(defended: Defended, batch_size: int, draws_as_inputs: bool, draws:
         "scc.config": repr(defended.config),
         "scc.labels": json.dumps(clf.labels),
         "scc.image_size": str(clf.image_size),
-        "scc.batch_size": str(batch_size),
-        "scc.draws": json.dumps(draws),  # name -> shape, inputs or made in the graph
+        "scc.batch_size": "dynamic" if batch_size is None else str(batch_size),
+        "scc.draws": json.dumps(draws),  # name -> shape ("batch" for a dynamic batch), inputs or made in the graph
         "scc.draws_as_inputs": json.dumps(draws_as_inputs),
     }
 
@@ -394,22 +481,29 @@ def _check_exporter() -> None:
                            "install the extra: pip install 'scc-defense[onnx]'") from err
 
 
-def export_onnx(defended: Defended, path: str | Path, batch_size: int = 1, draws_as_inputs: bool = False,
+def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = None, draws_as_inputs: bool = False,
                 opset: int | None = None, optimize: bool = True, trace_outputs: bool = False) -> dict[str, Any]:
     """Write the whole defended procedure of `defended` to an ONNX file; see the module docstring.
 
-    Returns dict(path, seconds (whole export), trace_seconds, bytes (the .onnx file), batch_size, inputs,
-    outputs, nodes, ops ({op_type: count}), scatter_nodes, control_flow_nodes, opset, constants_unbroadcast,
-    onnxoptimizer (whether its passes ran)). `trace_outputs=True` adds one output per sign-gradient step
-    (`step_sign_0`, ...: each step's gradient sign, as `Defended(x, trace=[])` collects) for parity tests.
-    `optimize=False` skips the un-broadcasting of constants and onnxoptimizer's passes; constant folding
-    always runs (the raw export holds ops ORT cannot run). Models over 2 GB are saved with external data.
+    batch_size: None (default) writes one file for every batch size: the first dimension of `pixels`
+    (B, 3, S, S), of the draw inputs and of every output is the symbol "batch". An integer N writes a
+    fixed-shape file (every dimension a number), for runtimes that need static shapes (TensorRT engines,
+    ORT CUDA graphs).
+
+    Returns dict(path, seconds (whole export), trace_seconds, bytes (the .onnx file), batch_size (None when
+    dynamic), dynamic_batch, inputs, outputs, nodes, ops ({op_type: count}), scatter_nodes, control_flow_nodes,
+    opset, constants_unbroadcast, onnxoptimizer (whether its passes ran), skipped_passes (optimizer passes not
+    run, each with its reason; a UserWarning names them too)). `trace_outputs=True` adds one output per
+    sign-gradient step (`step_sign_0`, ...: each step's gradient sign, as `Defended(x, trace=[])` collects) for
+    parity tests. `optimize=False` skips the un-broadcasting of constants and onnxoptimizer's passes; constant
+    folding always runs (the raw export holds ops ORT cannot run). Models over 2 GB are saved with external data.
     """
     if not isinstance(defended, Defended):
         raise SccError(f"export_onnx needs a defended classifier from scc.defend(...), got {type(defended).__name__}")
     defended.spec.require("onnx", "exports")
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-        raise SccError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise SccError(f"batch_size must be a positive integer (a fixed-shape file) or None (a dynamic batch), "
+                       f"got {batch_size!r}")
     if opset is not None and (not isinstance(opset, int) or opset < MIN_OPSET):
         raise SccError(f"opset must be an integer >= {MIN_OPSET} (torch's ONNX exporter writes opset 18 and "
                        f"newer; Pad and other ops have no down-conversion), got {opset!r}")
@@ -417,23 +511,34 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int = 1, draws
     if not path.parent.is_dir():
         raise SccError(f"cannot write {path}: the folder {path.parent} does not exist")
     _check_exporter()
+    dynamic = batch_size is None
 
     t0 = time.perf_counter()
     graph, example, input_names, output_names = trace_procedure(defended, batch_size, trace_outputs)
     trace_seconds = time.perf_counter() - t0
+    dynamic_shapes = None
+    if dynamic:
+        batch = torch.export.Dim("batch")
+        dynamic_shapes = tuple({0: batch} for _ in example)
     # torch's own optimize=True adds onnxscript's pattern rewriter, whose generic matcher takes most of the
     # export time on these ~5000-node graphs for no runtime gain; constant folding + onnxoptimizer do the job.
-    program = torch.onnx.export(graph, example, dynamo=True, input_names=input_names, output_names=output_names,
-                                opset_version=opset, optimize=False, verbose=False)
+    with warnings.catch_warnings():  # every input's batch is the one "batch" axis: expected, not news
+        warnings.filterwarnings("ignore", message=r"# The axis name: batch will not be used")
+        program = torch.onnx.export(graph, example, dynamo=True, input_names=input_names, output_names=output_names,
+                                    opset_version=opset, optimize=False, verbose=False, dynamic_shapes=dynamic_shapes)
     model = program.model
     draw_names = input_names[1:]
     if not draws_as_inputs and draw_names:
         _draws_in_graph(model, defended, "pixels", draw_names)
     _fold(model)
-    draws = {name: list(t.shape) for name, t in zip(draw_names, example[1:])}
+    draws = {name: (["batch"] if dynamic else []) + list(t.shape)[1 if dynamic else 0:]
+             for name, t in zip(draw_names, example[1:])}
     shrunk = _shrink_broadcast_constants(model) if optimize else 0
     model.metadata_props.update(_metadata(defended, batch_size, draws_as_inputs, draws))
-    used_onnxoptimizer = _save(program, model, path, optimize)
+    skipped = _save(program, model, path, optimize)
+    if skipped:
+        warnings.warn(f"{path}: skipped optimizer passes: {'; '.join(skipped)} (the file is larger but correct)",
+                      UserWarning, stacklevel=2)
     seconds = time.perf_counter() - t0
     import onnx
 
@@ -445,6 +550,7 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int = 1, draws
         "trace_seconds": trace_seconds,
         "bytes": path.stat().st_size,
         "batch_size": batch_size,
+        "dynamic_batch": dynamic,
         "inputs": [v.name for v in saved.graph.input],
         "outputs": [v.name for v in saved.graph.output],
         "nodes": sum(ops.values()),
@@ -453,5 +559,6 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int = 1, draws
         "control_flow_nodes": sum(ops.get(op, 0) for op in ("If", "Loop", "Scan")),
         "opset": next((o.version for o in saved.opset_import if o.domain in ("", "ai.onnx")), None),
         "constants_unbroadcast": shrunk,
-        "onnxoptimizer": used_onnxoptimizer,
+        "onnxoptimizer": optimize and not skipped,
+        "skipped_passes": skipped,
     }

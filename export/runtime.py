@@ -1,16 +1,28 @@
 """Run an exported defense with ONNX Runtime: `OrtDefended("scc.onnx")(pixels) -> logits`.
 
 Same contract as `scc.Defended`: float32 pixels (N, 3, S, S) in [0, 1], numpy or torch, -> torch logits (N, C)
-on the input's device (validated like the eager module's: shape, dtype, NaN/Inf, range). A fixed-batch file
-runs N images in chunks of its size, the last chunk padded by repeating its last image
-(scc.plumbing.padded_chunks: padded rows cost compute and are dropped; every image is defended independently,
-so padding never changes the other rows). Draws it makes itself follow the distributions its defense declares.
+on the input's device (validated like the eager module's: shape, dtype, NaN/Inf, range). Draws it makes itself
+are per image, from (seed, key), following the distributions its defense declares, as `scc.Defended` makes them.
+
+Batch. A batch-dynamic file (the default export; input shape ("batch", 3, S, S)) runs N images as one batch
+(or in chunks of `max_batch` when given). A fixed-batch file (`--batch-size B`) runs N images in chunks of B,
+the last chunk padded by repeating its last image (scc.plumbing.padded_chunks: padded rows cost compute and are
+dropped; every image is defended independently, so padding never changes the other rows).
 
 Providers: the CUDA execution provider when the installed ONNX Runtime has it and torch sees a CUDA device,
 else the CPU provider; pass `providers=[...]` to choose. On CUDA, inputs and outputs go through IOBinding
 (torch CUDA tensors are bound in place, no host round trip). `onnxruntime-gpu` (Linux x86_64) and plain
 `onnxruntime` install the same `onnxruntime` module: with the plain one, or when the CUDA provider cannot
 start, the session runs on CPU and a RuntimeWarning says so.
+
+CUDA graphs (`cuda_graph=True`, GPU only). ORT's CUDA provider can capture the whole run as one CUDA graph and
+replay it (`enable_cuda_graph`): no per-node launch cost, which is what batch-1 latency on a GPU is made of. It
+needs static shapes, every node on the CUDA provider, no in-graph randomness (a replay would repeat the same
+draws) and inputs/outputs at the same device addresses on every run. So it takes a fixed-batch file exported
+with the draws as inputs (`scc export onnx --batch-size B --draws-as-inputs`); `OrtDefended` then binds
+persistent device buffers once (`StaticIOBinding`), copies each chunk into them and clones the outputs.
+Anything else is refused with an SccError before a session is made. `benchmark_cuda_graph(path)` measures it
+against plain IOBinding.
 """
 from __future__ import annotations
 
@@ -58,6 +70,94 @@ def default_providers(ort=None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _peek_inputs(path: Path) -> tuple[dict[str, list], dict[str, str]]:
+    """({input name: shape, a str for a symbolic dim}, metadata) of an ONNX file, without loading its weights
+    into a session."""
+    try:
+        import onnx
+    except ImportError as err:
+        raise SccError(f"reading {path} needs the onnx package ({err}); pip install 'scc-defense[onnx]'") from err
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {i.name for i in model.graph.initializer}
+    shapes = {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
+                       for d in v.type.tensor_type.shape.dim]
+              for v in model.graph.input if v.name not in inits}
+    return shapes, {p.key: p.value for p in model.metadata_props}
+
+
+def check_cuda_graph_file(path: str | Path, shapes: dict[str, list], metadata: dict[str, str]) -> None:
+    """SccError unless the file can be captured as one ORT CUDA graph: every input shape fixed (a number in
+    each dimension) and no random draws inside the graph. `shapes`: input name -> dims (str = symbolic)."""
+    dynamic = {name: dims for name, dims in shapes.items() if not all(isinstance(d, int) and d > 0 for d in dims)}
+    if dynamic:
+        name, dims = next(iter(dynamic.items()))
+        raise SccError(f"cuda_graph=True needs a fixed-shape file, but {path} has a dynamic input {name} "
+                       f"{tuple(dims)}; export one with `scc export onnx ... --batch-size N --draws-as-inputs`")
+    drawn = json.loads(metadata.get("scc.draws", "{}"))
+    if drawn and not json.loads(metadata.get("scc.draws_as_inputs", "false")):
+        raise SccError(f"cuda_graph=True cannot replay {path}: it draws {sorted(drawn)} inside the graph and a "
+                       "captured graph would repeat the same draws on every run; export with --draws-as-inputs "
+                       "(and --batch-size N)")
+
+
+def cuda_provider_options(device_id: int = 0, cuda_graph: bool = False) -> dict[str, str]:
+    """Options of ORT's CUDAExecutionProvider: the device, and `enable_cuda_graph` when capturing."""
+    options = {"device_id": str(int(device_id))}
+    if cuda_graph:
+        options["enable_cuda_graph"] = "1"
+    return options
+
+
+def with_provider_options(providers: Sequence, device_id: int = 0, cuda_graph: bool = False) -> list:
+    """`providers` with the CUDA provider given its options (a (name, options) pair, as InferenceSession takes)."""
+    out = []
+    for p in providers:
+        name, options = (p, {}) if isinstance(p, str) else (p[0], dict(p[1]))
+        if name == "CUDAExecutionProvider":
+            out.append((name, {**cuda_provider_options(device_id, cuda_graph), **options}))
+        else:
+            out.append(p)
+    return out
+
+
+class StaticIOBinding:
+    """IOBinding to buffers that never move: inputs and outputs are preallocated torch tensors on `device`
+    (fixed shapes), bound once; `run(feeds)` copies the feeds into the input buffers, runs, and returns clones
+    of the outputs. What ORT CUDA graph capture needs (the same addresses on every replay); on CPU it runs
+    the same way (used by the tests)."""
+
+    def __init__(self, session, device: torch.device):
+        self.session, self.device = session, torch.device(device)
+        kind, index = ("cuda", self.device.index or 0) if self.device.type == "cuda" else ("cpu", 0)
+        self.binding = session.io_binding()
+        self.inputs, self.outputs = {}, []
+        for meta in session.get_inputs():
+            if not all(isinstance(d, int) for d in meta.shape):
+                raise SccError(f"static IO binding needs fixed input shapes, {meta.name} has {meta.shape}")
+            buf = torch.zeros(meta.shape, dtype=_ORT_DTYPES.get(meta.type, torch.float32), device=self.device)
+            self.binding.bind_input(meta.name, kind, index, _NUMPY_DTYPES[buf.dtype], list(buf.shape), buf.data_ptr())
+            self.inputs[meta.name] = buf
+        for meta in session.get_outputs():
+            if not all(isinstance(d, int) for d in meta.shape):
+                raise SccError(f"static IO binding needs fixed output shapes, {meta.name} has {meta.shape}")
+            buf = torch.empty(meta.shape, dtype=_ORT_DTYPES.get(meta.type, torch.float32), device=self.device)
+            self.binding.bind_output(meta.name, kind, index, _NUMPY_DTYPES[buf.dtype], list(buf.shape), buf.data_ptr())
+            self.outputs.append(buf)
+
+    def addresses(self) -> list[int]:
+        return [t.data_ptr() for t in (*self.inputs.values(), *self.outputs)]
+
+    def run(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        for name, buf in self.inputs.items():
+            buf.copy_(feeds[name])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the copies are complete before ORT's stream reads the buffers
+        self.session.run_with_iobinding(self.binding)
+        if self.device.type == "cuda":
+            self.binding.synchronize_outputs()
+        return [o.clone() for o in self.outputs]  # the next run overwrites the buffers
+
+
 class OrtDefended:
     """An exported defended classifier on ONNX Runtime: `__call__(x, draws=None, trace=None) -> logits`.
 
@@ -69,18 +169,30 @@ class OrtDefended:
     """
 
     def __init__(self, path: str | Path, providers: Sequence[str] | None = None, threads: int | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, max_batch: int | None = None, cuda_graph: bool = False,
+                 device_id: int = 0):
         ort = import_onnxruntime()
         path = Path(path)
         if not path.is_file():
             raise SccError(f"ONNX file {path} does not exist; write one with `scc export onnx ... --out {path}`")
+        if max_batch is not None and (not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 1):
+            raise SccError(f"max_batch must be a positive integer or None (all images in one run), got {max_batch!r}")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:
             options.intra_op_num_threads = int(threads)
         providers = list(providers) if providers is not None else default_providers(ort)
-        self.session = self._load(ort, path, options, providers)
-        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in self.session.get_providers():
+        names = [p if isinstance(p, str) else p[0] for p in providers]
+        if cuda_graph:
+            check_cuda_graph_file(path, *_peek_inputs(path))
+            if "CUDAExecutionProvider" not in names or not torch.cuda.is_available() or \
+                    "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise SccError(f"cuda_graph=True needs ONNX Runtime's CUDA provider and a CUDA device (onnxruntime-gpu "
+                               f"on a GPU machine); here torch.cuda.is_available()={torch.cuda.is_available()}, "
+                               f"requested providers {names}, installed {ort.get_available_providers()}")
+        providers = with_provider_options(providers, device_id, cuda_graph)
+        self.session = self._load(ort, path, options, providers, strict=cuda_graph)
+        if "CUDAExecutionProvider" in names and "CUDAExecutionProvider" not in self.session.get_providers():
             warnings.warn(f"ONNX Runtime could not start its CUDA provider for {path}; running on CPU "
                           f"(providers {self.session.get_providers()})", RuntimeWarning, stacklevel=2)
         self.path = path
@@ -103,21 +215,30 @@ class OrtDefended:
         self.seed = seed
         self._secret = secrets.randbits(63) if seed is None else int(seed)
         self.next_key = 0
+        self.max_batch = max_batch
+        self.cuda_graph = cuda_graph
+        # CUDA graphs: persistent device buffers at the file's batch, bound once (the first runs capture)
+        self.static_io = StaticIOBinding(self.session, torch.device("cuda", self.device_id)) if cuda_graph else None
 
     @staticmethod
-    def _load(ort, path: Path, options, providers: list[str]):
+    def _load(ort, path: Path, options, providers: list, strict: bool = False):
+        names = [p if isinstance(p, str) else p[0] for p in providers]
         try:
             return ort.InferenceSession(str(path), options, providers=providers)
         except Exception as err:  # ORT raises its own Fail/InvalidGraph/... types; its message says what failed
-            if providers != ["CPUExecutionProvider"] and "CPUExecutionProvider" in providers:
+            if strict:  # CUDA graph capture: no silent CPU fallback
+                raise SccError(f"ONNX Runtime could not load {path} for CUDA graph capture with {providers}: {err}; "
+                               "every node must run on the CUDA provider (retry without cuda_graph)") from err
+            if names != ["CPUExecutionProvider"] and "CPUExecutionProvider" in names:
                 warnings.warn(f"ONNX Runtime could not load {path} with {providers} ({err}); retrying on CPU",
                               RuntimeWarning, stacklevel=3)
                 return OrtDefended._load(ort, path, options, ["CPUExecutionProvider"])
             raise SccError(f"ONNX Runtime could not load {path} with providers {providers}: {err}") from err
 
     def __repr__(self) -> str:
-        return (f"OrtDefended({str(self.path)!r}, batch_size={self.batch_size}, providers={self.providers}, "
-                f"draws={'inputs ' + str(self.draw_names) if self.draw_names else 'in-graph'})")
+        return (f"OrtDefended({str(self.path)!r}, batch_size={self.batch_size or 'dynamic'}, providers={self.providers}, "
+                f"draws={'inputs ' + str(self.draw_names) if self.draw_names else 'in-graph'}"
+                f"{', cuda_graph' if self.cuda_graph else ''})")
 
     # -- input checks --------------------------------------------------------------------------------------
     def _expected(self, name: str) -> str:
@@ -181,9 +302,10 @@ class OrtDefended:
         feeds = {"pixels": pixels, **{k: self._check(k, draws[k], n) for k in self.draw_names}}
         if n == 0:
             return torch.empty((0, *self.session.get_outputs()[0].shape[1:]), dtype=torch.float32)
-        size = self.batch_size or n
+        size = self.batch_size or min(n, self.max_batch or n)  # dynamic file: one run (or max_batch rows)
+        pad = (lambda rows: size) if self.batch_size else (lambda rows: rows)  # only a fixed file is padded
         chunks = [[o[:rows] for o in self._run(dict(zip(feeds, part)))]
-                  for _, rows, part in padded_chunks(list(feeds.values()), size)]
+                  for _, rows, part in padded_chunks(list(feeds.values()), size, pad)]
         outputs = [torch.cat(parts).to(pixels.device) for parts in zip(*chunks)]
         if trace is not None:
             if len(outputs) == 1:
@@ -192,6 +314,8 @@ class OrtDefended:
         return outputs[0]
 
     def _run(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        if self.static_io is not None:
+            return self.static_io.run(feeds)
         if not self.on_cuda:
             arrays = {k: v.detach().cpu().contiguous().numpy() for k, v in feeds.items()}
             return [torch.from_numpy(o) for o in self.session.run(self.output_names, arrays)]
@@ -217,3 +341,57 @@ class OrtDefended:
         self.session.run_with_iobinding(binding)
         binding.synchronize_outputs()
         return outputs
+
+
+def benchmark_cuda_graph(path: str | Path, repeats: int = 50, warmup: int = 5, device_id: int = 0,
+                         seed: int = 0) -> dict:
+    """GPU only: per-run latency of a fixed-batch, draws-as-inputs file on ORT's CUDA provider with plain
+    IOBinding vs with CUDA graph capture, on the same random pixels and draws.
+
+    Returns dict(path, batch_size, repeats, iobinding_ms (median per run), cuda_graph_ms, speedup, the per-image
+    figures, max_abs_diff between the two paths' logits, top1_agreement, providers, onnxruntime version).
+    Raises SccError without a CUDA device / CUDA provider, or for a file CUDA graphs cannot take (see
+    `check_cuda_graph_file`). For benchmarks/gpu_check.py:
+        from scc.export.runtime import benchmark_cuda_graph
+        report["ort_cuda_graph"] = benchmark_cuda_graph("ttc-b1.onnx")
+    """
+    import statistics
+    import time
+
+    ort = import_onnxruntime()
+    check_cuda_graph_file(path, *_peek_inputs(Path(path)))
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise SccError("benchmark_cuda_graph needs a CUDA device and onnxruntime-gpu's CUDA provider; "
+                       f"here torch.cuda.is_available()={torch.cuda.is_available()}, "
+                       f"providers {ort.get_available_providers()}")
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    plain = OrtDefended(path, providers=providers, device_id=device_id, seed=seed)
+    graph = OrtDefended(path, providers=providers, device_id=device_id, seed=seed, cuda_graph=True)
+    device = torch.device("cuda", device_id)
+    generator = torch.Generator().manual_seed(seed)
+    b = plain.batch_size
+    pixels = torch.rand((b, *plain.image_shape), generator=generator).to(device)
+    draws = plain._make_draws(pixels)
+
+    def timed(runner) -> tuple[float, torch.Tensor]:
+        for _ in range(warmup):  # the first runs of the graph session capture the graph
+            out = runner(pixels, draws)
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            out = runner(pixels, draws)
+            torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3, out
+
+    plain_ms, plain_out = timed(plain)
+    graph_ms, graph_out = timed(graph)
+    return {
+        "path": str(path), "batch_size": b, "repeats": repeats,
+        "iobinding_ms": plain_ms, "cuda_graph_ms": graph_ms, "speedup": plain_ms / graph_ms,
+        "iobinding_ms_per_image": plain_ms / b, "cuda_graph_ms_per_image": graph_ms / b,
+        "max_abs_diff": (plain_out - graph_out).abs().max().item(),
+        "top1_agreement": (plain_out.argmax(1) == graph_out.argmax(1)).float().mean().item(),
+        "providers": graph.providers, "onnxruntime": ort.__version__,
+    }
