@@ -198,7 +198,8 @@ def _toy_draw_model(batch):
         [value("start_out", [batch, 3, 8, 8]), value("noise_out", [batch, 4, 3, 8, 8]),
          value("pixels_out", [batch, 3, 8, 8])])
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)], ir_version=10))
-    scc_onnx._draws_in_graph(model, "pixels", ["start", "noise"])
+    defended = scc.defend(scc.load("scc-tiny-digits"), "scc", seed=0)  # declares start ~ U(-1, 1), noise ~ N(0, 1)
+    scc_onnx._draws_in_graph(model, defended, "pixels", ["start", "noise"])
     proto = ir.serde.serialize_model(model)
     onnx.checker.check_model(proto)
     return proto
@@ -272,7 +273,7 @@ def test_user_errors(clf, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert export_main(["onnx", "--model", "scc-tiny-digits", "--defense", "scc", "--batch-size", "0",
                         "--out", str(tmp_path / "x.onnx")]) == 2
-    assert "--batch-size must be a positive integer, got 0" in capsys.readouterr().err
+    assert "--batch-size: must be a positive integer, got '0'" in capsys.readouterr().err
     with pytest.raises(scc.SccError, match="batch_size must be a positive integer .* or None .*, got 0"):
         export_onnx(scc.defend(clf, "ttc"), tmp_path / "x.onnx", batch_size=0)
     with pytest.raises(scc.SccError, match="does not exist"):

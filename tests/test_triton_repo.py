@@ -138,7 +138,7 @@ def test_cli_errors(tmp_path, capsys):
     assert "tensorrt needs GPU instances" in capsys.readouterr().err
     assert export_main(["triton", "--model", "scc-tiny-digits", "--defense", "ttc", "--max-batch", "0",
                         "--out", str(tmp_path / "repo")]) == 2
-    assert "max_batch must be a positive integer, got 0" in capsys.readouterr().err
+    assert "--max-batch: must be a positive integer, got '0'" in capsys.readouterr().err
 
 
 def test_cli_writes_a_servable_repository(tiny, digits, tmp_path, capsys):
