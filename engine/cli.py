@@ -44,6 +44,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import format_table, parse_eps, run
 
+    if args.protocol == "adaptive" or args.out or args.ray:  # scc.adaptive owns the adaptive protocol and --out
+        from .adaptive import cli_eval
+
+        return cli_eval(args)
     attacks = [("none", 0.0)] if args.clean else []
     for name in args.attacks.split(","):
         name = name.strip().lower()
@@ -57,6 +61,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     print(format_table(report))
+    if report.get("warning"):
+        print(report["warning"])
     return 0
 
 
@@ -140,6 +146,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default=None, help="write the JSON report to this file")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--protocol", default="paper", choices=("paper", "adaptive"),
+                   help="paper: attacks on the undefended classifier (TTC/SCC reproduction, not a robustness claim); "
+                        "adaptive: attacks through the defense, scored with known and fresh draws (scc.adaptive)")
+    p.add_argument("--out", default=None, help="folder for report.json, report.md and the PNG plots")
+    p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="adaptive protocol: shard the images over Ray tasks (pip install 'scc-defense[ray]')")
+    p.add_argument("--adaptive-attacks", default=None,
+                   help="adaptive protocol: comma-separated subset of pgd,apgd-ce,apgd-dlr,eot-pgd,bpda-pgd,"
+                        "transfer-nocorrect,square (default: all)")
+    p.add_argument("--queries", type=int, default=1000, help="Square's query budget (default: %(default)s)")
+    p.add_argument("--eot-samples", type=int, default=8, help="EOT draws per step (default: %(default)s)")
+    p.add_argument("--sanity", action="store_true",
+                   help="adaptive protocol: the PGD-20-at-16/255 check on every image (default: the first 32)")
     p.set_defaults(func=cmd_eval)
 
     sub.add_parser("bench", help="per-image latency of defenses x backends (Table 4); see `scc bench --help`",
