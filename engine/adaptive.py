@@ -235,7 +235,8 @@ def derived_seed(seed: int, what: str) -> int:
 def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: Sequence[int], eps: float,
                  suite: Suite, seed: int, batch_id: int) -> tuple[torch.Tensor, dict]:
     """Adversarial images for one batch (x, y, global keys) by `attack` on the defended module `defended` (whose
-    seed the attacker knows for 'known-draws' attacks)."""
+    seed the attacker knows for 'known-draws' attacks). `batch_id` (the batch's first global index) seeds the
+    attack's own randomness, so a batch computes the same in one process or in any Ray shard."""
     gen = torch.Generator(device=x.device).manual_seed(derived_seed(seed, f"{attack}:start:{batch_id}"))
     known = KnownDraws(defended, x, keys, eps)
     info: dict = {}
@@ -347,7 +348,7 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
         for spec, eps, attack in jobs:
             bar.set_postfix_str(f"{attack} {spec or 'clf'} eps={eps * 255:g}/255")
             if spec is None:
-                gen = torch.Generator(device=x.device).manual_seed(derived_seed(seed, f"paper:{b}"))
+                gen = torch.Generator(device=x.device).manual_seed(derived_seed(seed, f"paper:{lo}"))
                 t, adv = timed_call(lambda: paper_attack(clf, x, y, "pgd", eps=eps, alpha=1 / 255, steps=10,
                                                          generator=gen))
                 tick(("clf", eps, "paper-pgd"), t, len(keys))
@@ -355,7 +356,7 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
                     put((s2, eps, "paper-pgd", None), idx, (predict(defended_all[s2][0], adv, keys) == y).tolist())
             else:
                 known_d, fresh_d = defended_all[spec]
-                t, (adv, info) = timed_call(lambda: attack_batch(attack, known_d, x, y, keys, eps, suite, seed, b))
+                t, (adv, info) = timed_call(lambda: attack_batch(attack, known_d, x, y, keys, eps, suite, seed, lo))
                 tick((spec, eps, attack), t, len(keys))
                 put((spec, eps, attack, "known"), idx, (predict(known_d, adv, keys) == y).tolist())
                 put((spec, eps, attack, "fresh"), idx, (predict(fresh_d, adv, keys) == y).tolist())
@@ -373,7 +374,7 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
             for spec in defenses:
                 known_d = defended_all[spec][0]
                 xs, ys, ks = x[:m], y[:m], keys[:m]
-                gen = torch.Generator(device=x.device).manual_seed(derived_seed(seed, f"sanity:{b}"))
+                gen = torch.Generator(device=x.device).manual_seed(derived_seed(seed, f"sanity:{lo}"))
                 adv, _ = sign_pgd(ce_objective(KnownDraws(known_d, xs, ks, suite.sanity_eps), ys), xs, ys,
                                   suite.sanity_eps, suite.sanity_steps, generator=gen, keep_best=True)
                 out["sanity"].setdefault(spec, {}).update(
@@ -404,8 +405,12 @@ def merge(parts: Sequence[dict]) -> dict:
     return out
 
 
-def plan_batches(n: int, batch_size: int) -> list[tuple[int, int]]:
-    return [(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
+def plan_batches(n: int, batch_size: int, probe: int = 8) -> list[tuple[int, int]]:
+    """Global (start, stop) batches: a small probe batch first (the cost estimate times every attack on it before
+    the bulk of the work), then `batch_size` batches. Shards take whole batches, so a batch computes the same in
+    one process and on any Ray worker."""
+    first = min(probe, batch_size, n)
+    return ([(0, first)] if first else []) + [(i, min(i + batch_size, n)) for i in range(first, n, batch_size)]
 
 
 def _acc(d: dict) -> tuple[float, int]:
@@ -554,7 +559,8 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
 
     def estimate(per_image: dict) -> None:
         n = len(y_all)
-        lines = [f"estimated cost (first batch of {batches[0][1] - batches[0][0]} images, extrapolated to {n}):"]
+        lines = [f"estimated cost (timed on a first batch of {batches[0][1] - batches[0][0]} images, extrapolated to "
+                 f"{n}; an upper bound: larger batches cost less per image):"]
         total = 0.0
         for (spec, eps, attack), spi in sorted(per_image.items(), key=lambda kv: -kv[1]):
             lines.append(f"  {attack:<19} {spec:<12} eps={eps * 255:g}/255  {spi:8.3f} s/image  ~{spi * n:7.0f} s")
@@ -611,7 +617,15 @@ def _shard_task(load_kw: dict, defenses, eps_list, batches, seed, suite_dict, th
     x_all, y_all = data.images.to(load_kw["device"]), data.targets.to(load_kw["device"])
     suite = Suite(**{**suite_dict, "attacks": tuple(suite_dict["attacks"]),
                      "checkpoints": tuple(suite_dict["checkpoints"])})
-    raw = evaluate_batches(clf, defenses, eps_list, x_all, y_all, batches, seed, suite, progress=False)
+    n = sum(hi - lo for lo, hi in batches)
+
+    def estimate(per_image: dict) -> None:  # printed by the worker (Ray forwards it to the driver)
+        total = sum(per_image.values()) * n
+        print(f"shard of {n} images ({len(batches)} batches): estimated ~{total / 60:.1f} min; per image: "
+              + ", ".join(f"{a} {s}: {v:.2f} s" for (s, e, a), v in sorted(per_image.items())), flush=True)
+
+    raw = evaluate_batches(clf, defenses, eps_list, x_all, y_all, batches, seed, suite, progress=False,
+                           on_first=estimate)
     return _freeze(raw)
 
 
@@ -628,9 +642,9 @@ def _run_ray(address: str, load_kw: dict, defenses, eps_list, batches, seed, sui
     started_here = not ray.is_initialized()
     if started_here:
         if address == "auto" and not os.environ.get("RAY_ADDRESS"):
-            ray.init(address="local", include_dashboard=False, log_to_driver=False)
+            ray.init(address="local", include_dashboard=False)
         else:
-            ray.init(address=address, log_to_driver=False)
+            ray.init(address=address)
     try:
         slots = int(ray.available_resources().get("GPU", 0)) if load_kw["device"].startswith("cuda") else 0
         slots = slots or max(1, int(ray.available_resources().get("CPU", 1)))
