@@ -641,6 +641,9 @@ def _run_ray(address: str, load_kw: dict, defenses, eps_list, batches, seed, sui
         raise SccError("--ray needs Ray: pip install 'scc-defense[ray]'") from None
     started_here = not ray.is_initialized()
     if started_here:
+        # Ray starts its workers at niceness 15 by default: on a shared machine they then crawl behind every other
+        # job while the driver waits. The workers are the evaluation here, so run them at the normal priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
         if address == "auto" and not os.environ.get("RAY_ADDRESS"):
             ray.init(address="local", include_dashboard=False)
         else:
