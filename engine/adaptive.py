@@ -304,7 +304,7 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
     from .timing import timed_call
 
     n_classes = clf.num_classes
-    out = {"correct": {}, "curves": {}, "seconds": {}, "sanity": {}, "defense_seconds": {}}
+    out = {"correct": {}, "curves": {}, "seconds": {}, "cpu_seconds": {}, "sanity": {}, "defense_seconds": {}}
     put = lambda key, idx, vals: out["correct"].setdefault(key, {}).update(
         {int(i): bool(v) for i, v in zip(idx, vals)})
     defended_all = {}
@@ -314,10 +314,13 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
         fresh_d = defend(clf, name, preset=preset, seed=derived_seed(seed, "fresh-draws"))
         defended_all[spec] = (known_d, fresh_d)
 
-    def tick(key, seconds, n):
+    def tick(key, seconds, n, cpu):
         s = out["seconds"].setdefault(key, [0.0, 0])
         s[0] += seconds
         s[1] += n
+        c = out["cpu_seconds"].setdefault(key, [0.0, 0])
+        c[0] += cpu
+        c[1] += n
 
     jobs = []  # (spec, eps, attack)
     for eps in eps_list:
@@ -349,15 +352,17 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
             bar.set_postfix_str(f"{attack} {spec or 'clf'} eps={eps * 255:g}/255")
             if spec is None:
                 gen = torch.Generator(device=x.device).manual_seed(derived_seed(seed, f"paper:{lo}"))
+                cpu = time.process_time()
                 t, adv = timed_call(lambda: paper_attack(clf, x, y, "pgd", eps=eps, alpha=1 / 255, steps=10,
                                                          generator=gen))
-                tick(("clf", eps, "paper-pgd"), t, len(keys))
+                tick(("clf", eps, "paper-pgd"), t, len(keys), time.process_time() - cpu)
                 for s2 in defenses:
                     put((s2, eps, "paper-pgd", None), idx, (predict(defended_all[s2][0], adv, keys) == y).tolist())
             else:
                 known_d, fresh_d = defended_all[spec]
+                cpu = time.process_time()
                 t, (adv, info) = timed_call(lambda: attack_batch(attack, known_d, x, y, keys, eps, suite, seed, lo))
-                tick((spec, eps, attack), t, len(keys))
+                tick((spec, eps, attack), t, len(keys), time.process_time() - cpu)
                 put((spec, eps, attack, "known"), idx, (predict(known_d, adv, keys) == y).tolist())
                 put((spec, eps, attack, "fresh"), idx, (predict(fresh_d, adv, keys) == y).tolist())
                 if attack == "pgd":
@@ -381,22 +386,22 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
                     {i: bool(v) for i, v in zip(ks, (predict(known_d, adv, ks) == ys).tolist())})
         if not first_done and on_first is not None:
             first_done = True
-            on_first({key: s / n for key, (s, n) in out["seconds"].items()})
+            on_first({key: (s / n, out["cpu_seconds"][key][0] / n) for key, (s, n) in out["seconds"].items()})
     bar.close()
     return out
 
 
 def merge(parts: Sequence[dict]) -> dict:
     """Merge evaluate_batches outputs of disjoint shards."""
-    out = {"correct": {}, "curves": {}, "seconds": {}, "sanity": {}, "defense_seconds": {}}
+    out = {"correct": {}, "curves": {}, "seconds": {}, "cpu_seconds": {}, "sanity": {}, "defense_seconds": {}}
     for p in parts:
         for key, d in p["correct"].items():
             out["correct"].setdefault(key, {}).update(d)
         for key, ks in p["curves"].items():
             for k, d in ks.items():
                 out["curves"].setdefault(key, {}).setdefault(k, {}).update(d)
-        for field in ("seconds", "defense_seconds"):
-            for key, (s, n) in p[field].items():
+        for field in ("seconds", "cpu_seconds", "defense_seconds"):
+            for key, (s, n) in p.get(field, {}).items():
                 acc = out[field].setdefault(key, [0.0, 0])
                 acc[0] += s
                 acc[1] += n
@@ -428,17 +433,22 @@ def build_rows(raw: dict, defenses: Sequence[str], eps_list: Sequence[float], su
         name, preset = split_defense_name(spec)
         dsec = raw["defense_seconds"].get(spec, [0.0, 1])
         for eps in eps_list:
-            def row(attack, draws, protocol, d, sec=None, n_steps=None):
+            def cpu_of(key):
+                c = raw.get("cpu_seconds", {}).get(key)
+                return c and c[0] / c[1]
+
+            def row(attack, draws, protocol, d, sec=None, n_steps=None, cpu=None):
                 p, n = _acc(d)
                 return {"defense": name, "preset": preset, "backend": "eager", "protocol": protocol, "draws": draws,
                         "attack": attack, "eps": eps, "steps": n_steps if n_steps is not None else steps.get(attack),
                         "accuracy": p,
                         "stderr": stderr(p, n), "n": n, "seconds_per_image": dsec[0] / max(dsec[1], 1),
-                        "attack_seconds_per_image": sec}
+                        "attack_seconds_per_image": sec, "attack_cpu_seconds_per_image": cpu}
             paper = raw["correct"].get((spec, eps, "paper-pgd", None))
             if paper is not None:
                 sec = raw["seconds"].get(("clf", eps, "paper-pgd"))
-                rows.append(row("pgd", None, "paper", paper, sec and sec[0] / sec[1], n_steps=10))
+                rows.append(row("pgd", None, "paper", paper, sec and sec[0] / sec[1], n_steps=10,
+                                cpu=cpu_of(("clf", eps, "paper-pgd"))))
             for draws in ("known", "fresh"):
                 clean = raw["correct"][(spec, eps, "none", draws)]
                 rows.append({**row("none", draws, "adaptive", clean), "eps": 0.0})
@@ -448,7 +458,8 @@ def build_rows(raw: dict, defenses: Sequence[str], eps_list: Sequence[float], su
                     if d is None:
                         continue
                     sec = raw["seconds"].get((spec, eps, attack))
-                    rows.append(row(attack, draws, "adaptive", d, sec and sec[0] / sec[1]))
+                    rows.append(row(attack, draws, "adaptive", d, sec and sec[0] / sec[1],
+                                    cpu=cpu_of((spec, eps, attack))))
                     survived = {i: survived[i] and d[i] for i in survived}
                 rows.append(row("worst", draws, "adaptive", survived))
     # one clean row per (defense, draws): drop duplicates made per eps
@@ -562,8 +573,9 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
         lines = [f"estimated cost (timed on a first batch of {batches[0][1] - batches[0][0]} images, extrapolated to "
                  f"{n}; an upper bound: larger batches cost less per image):"]
         total = 0.0
-        for (spec, eps, attack), spi in sorted(per_image.items(), key=lambda kv: -kv[1]):
-            lines.append(f"  {attack:<19} {spec:<12} eps={eps * 255:g}/255  {spi:8.3f} s/image  ~{spi * n:7.0f} s")
+        for (spec, eps, attack), (spi, cpu) in sorted(per_image.items(), key=lambda kv: -kv[1][0]):
+            lines.append(f"  {attack:<19} {spec:<12} eps={eps * 255:g}/255  {spi:8.3f} s/image ({cpu:.3f} CPU s)"
+                         f"  ~{spi * n:7.0f} s")
             total += spi * n
         lines.append(f"  total ~{total / 60:.1f} min of attack time on {torch.get_num_threads()} thread(s)"
                      + (" (split over the Ray workers)" if ray_address else ""))
@@ -620,9 +632,10 @@ def _shard_task(load_kw: dict, defenses, eps_list, batches, seed, suite_dict, th
     n = sum(hi - lo for lo, hi in batches)
 
     def estimate(per_image: dict) -> None:  # printed by the worker (Ray forwards it to the driver)
-        total = sum(per_image.values()) * n
-        print(f"shard of {n} images ({len(batches)} batches): estimated ~{total / 60:.1f} min; per image: "
-              + ", ".join(f"{a} {s}: {v:.2f} s" for (s, e, a), v in sorted(per_image.items())), flush=True)
+        total = sum(v for v, _ in per_image.values()) * n
+        print(f"shard of {n} images ({len(batches)} batches): estimated ~{total / 60:.1f} min; wall (CPU) seconds "
+              "per image: " + ", ".join(f"{a} {s} {e * 255:g}/255: {v:.2f} ({c:.2f})"
+                                        for (s, e, a), (v, c) in sorted(per_image.items())), flush=True)
 
     raw = evaluate_batches(clf, defenses, eps_list, x_all, y_all, batches, seed, suite, progress=False,
                            on_first=estimate)
@@ -741,9 +754,10 @@ def format_markdown(report: dict) -> str:
         out.append(f"| {lab} | " + " | ".join(cells.get(c, "-") for c in cols) + " |")
     costs = [r for r in report["results"] if r.get("attack_seconds_per_image") and r["draws"] != "fresh"]
     if costs:
-        out += ["", "Attack cost (seconds per image):", ""]
-        out += [f"- {_label(r)} {_col_name(r)} @{r['eps'] * 255:g}/255: {r['attack_seconds_per_image']:.3f}"
-                for r in costs]
+        out += ["", "Attack cost, seconds per image: wall (CPU time of the process; on a shared machine the wall "
+                "time includes waiting for the cores):", ""]
+        out += [f"- {_label(r)} {_col_name(r)} @{r['eps'] * 255:g}/255: {r['attack_seconds_per_image']:.3f} "
+                f"({(r.get('attack_cpu_seconds_per_image') or 0):.3f})" for r in costs]
     if report.get("sanity"):
         out += ["", "Sanity checks:", ""] + [f"- {f}" for f in report["sanity"]]
     if report.get("warning"):
