@@ -237,15 +237,23 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     check_output(args.json)
     check_device_arg(args.device)
+    if args.protocol == "adaptive" or args.out or args.ray:  # scc.adaptive owns the adaptive protocol and --out
+        from .adaptive import cli_eval
+
+        args.model = args.model or TINY_NAME
+        apply_threads(args.threads)
+        return cli_eval(args)
     attacks = [("none", 0.0)] if args.clean else []
     eps = [parse_eps(e) for e in args.eps.split(",")]
     for name in args.attacks.split(","):
         name = name.strip().lower()
         if name in ("", "none"):
             continue
-        if name not in ("pgd", "cw"):
-            raise SccError(f"unknown attack {name!r} in --attacks; choose pgd, cw or none")
-        attacks += [(name, e) for e in eps]
+        known = ("pgd", "cw", "apgd-ce", "apgd-dlr", "pgd100", "autoattack")
+        if name not in known:
+            raise SccError(f"unknown attack {name!r} in --attacks; choose from {', '.join(known)} or none")
+        for n in (("apgd-ce", "apgd-dlr") if name == "autoattack" else (name,)):
+            attacks += [(n, e) for e in eps]
     if not attacks:
         raise SccError("nothing to evaluate: --attacks none with --no-clean")
     defenses = [d.strip().lower() for d in args.defenses.split(",") if d.strip()]
@@ -262,6 +270,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json != "-":
         print(format_table(report))  # before the file: a failing write never costs the results
     write_json(report, args.json)
+    if report.get("warning"):
+        print(report["warning"], file=sys.stderr if args.json == "-" else sys.stdout)
     return 0
 
 
@@ -413,6 +423,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=positive_int, default=None, help="first N images (default: all)")
     p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
     add_common(p)
+    p.add_argument("--protocol", default="paper", choices=("paper", "adaptive"),
+                   help="paper: attacks on the undefended classifier (TTC/SCC reproduction, not a robustness claim); "
+                        "adaptive: attacks through the defense, scored with known and fresh draws (scc.adaptive)")
+    p.add_argument("--out", default=None, help="folder for report.json, report.md and the PNG plots")
+    p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="adaptive protocol: shard the images over Ray tasks (pip install 'scc-defense[ray]')")
+    p.add_argument("--adaptive-attacks", default=None,
+                   help="adaptive protocol: comma-separated subset of pgd,apgd-ce,apgd-dlr,eot-pgd,bpda-pgd,"
+                        "transfer-nocorrect,square (default: all)")
+    p.add_argument("--queries", type=positive_int, default=1000, help="Square's query budget")
+    p.add_argument("--eot-samples", type=positive_int, default=8, help="EOT draws per step")
+    p.add_argument("--sanity", action="store_true",
+                   help="adaptive protocol: the PGD-20-at-16/255 check on every image (default: the first 32)")
     p.set_defaults(func=cmd_eval)
 
     sub.add_parser("bench", help="per-image latency of defenses x backends (Table 4); see `scc bench --help`",

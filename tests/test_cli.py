@@ -110,7 +110,8 @@ def test_demo_json(capsys):
     got = {(r["defense"], r["attack"], round(r["eps"] * 255)) for r in report["results"]}
     assert got == {(d, a, e) for d in ("none", "ttc", "scc") for a, e in (("none", 0), ("pgd", 1), ("pgd", 4))}
     assert set(report["results"][0]) == {"defense", "preset", "backend", "dtype", "attack", "eps", "accuracy",
-                                         "seconds_per_image"}
+                                         "seconds_per_image", "protocol", "draws", "steps", "stderr"}
+    assert {(r["protocol"], r["draws"]) for r in report["results"]} == {("paper", None)}
     clean = {r["defense"]: r["accuracy"] for r in report["results"] if r["attack"] == "none"}
     assert clean["none"] >= 0.9 and clean["scc"] >= 0.9, clean  # the bundled model on held-out digits
 

@@ -1,0 +1,249 @@
+"""The adaptive protocol (scc.adaptive): each attack on a handful of digits with few steps, checked for a property
+that can fail; the worst case, the report files, the CLI's warning line and the Ray sharding."""
+import json
+import signal
+
+import pytest
+import torch
+
+import scc
+from scc.adaptive import (KnownDraws, Suite, attack_batch, bpda_objective, build_rows, ce_objective, eot_objective,
+                          evaluate, format_adaptive_table, merge, plan_batches, sanity_flags, sign_pgd, write_report)
+from scc.attacks import pgd
+from scc.cli import main
+from scc.models import SccError
+
+EPS = 4 / 255
+TINY_SUITE = dict(pgd_steps=3, apgd_steps=3, eot_steps=2, eot_k=2, bpda_steps=2, transfer_steps=2, queries=5,
+                  sanity_images=2, sanity_steps=2, checkpoints=(0, 1, 3))
+
+
+@pytest.fixture(scope="module")
+def few(digits):
+    return digits[0][:6], digits[1][:6]
+
+
+def accuracy(model, x, y):
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_exact_pgd_through_none_equals_our_pgd(tiny, few):
+    x, y = few
+    d = scc.defend(tiny, "none", seed=0)
+    ours = pgd(tiny, x, y, eps=EPS, alpha=1 / 255, steps=4, generator=torch.Generator().manual_seed(3))
+    known = KnownDraws(d, x, range(len(y)), EPS)
+    adaptive, _ = sign_pgd(ce_objective(known, y), x, y, EPS, 4, alpha=1 / 255,
+                           generator=torch.Generator().manual_seed(3))
+    assert (adaptive - ours).abs().max() < 1e-6
+
+
+def test_known_draws_maps_sub_batches_to_keys(tiny, few):
+    x, y = few
+    d = scc.defend(tiny, "scc", preset="latency", seed=5)
+    keys = [100 + i for i in range(len(y))]
+    known = KnownDraws(d, x, keys, EPS)
+    adv = (x + EPS * torch.empty_like(x).uniform_(-1, 1)).clamp(0, 1)
+    rows = [4, 1, 5]
+    with torch.no_grad():
+        got = known(adv[rows])
+        want = d(adv[rows], keys=[keys[r] for r in rows])
+        other = d(adv[rows], keys=[keys[r] + 1000 for r in rows])
+    assert known.last_rows.tolist() == rows
+    assert torch.allclose(got, want, atol=1e-6)
+    assert not torch.allclose(got, other, atol=1e-6)  # the draws matter: a wrong key would show
+    with pytest.raises(SccError, match="exactly one"):
+        known(torch.rand_like(x[:2]))  # rows near no clean image
+
+
+def test_eot_with_one_known_draw_is_exact_pgd(tiny, few):
+    x, y = few
+    d = scc.defend(tiny, "ttc", seed=1)
+    known = KnownDraws(d, x, range(len(y)), EPS)
+    exact, _ = sign_pgd(ce_objective(known, y), x, y, EPS, 3, generator=torch.Generator().manual_seed(0),
+                        keep_best=True)
+    eot, _ = sign_pgd(eot_objective(d, y, 1, lambda rep: known.draws), x, y, EPS, 3,
+                      generator=torch.Generator().manual_seed(0), keep_best=True)
+    assert torch.equal(exact, eot)
+
+
+def test_bpda_clamp_term(tiny, few):
+    """Where x + Delta sits on the [0,1] boundary the clamp-aware BPDA gradient is 0 and identity BPDA's is not;
+    elsewhere they agree."""
+    x, y = few
+    d = scc.defend(tiny, "ttc", seed=2)
+    draws = d.draws(x, list(range(len(y))))
+    grads = {}
+    for clamp in (True, False):
+        xa = x.clone().requires_grad_(True)
+        loss, _ = bpda_objective(d, y, draws, clamp_grad=clamp)(xa)
+        grads[clamp], = torch.autograd.grad(loss.sum(), xa)
+    with torch.no_grad():
+        z = x + d.perturbation(x, draws=draws)
+    pinned = (z <= 0) | (z >= 1)
+    assert pinned.any() and (~pinned).any()
+    assert (grads[True][pinned] == 0).all()
+    assert (grads[False][pinned] != 0).any()
+    assert torch.allclose(grads[True][~pinned], grads[False][~pinned])
+
+
+def test_exact_gradient_flows_through_the_defense(tiny, few):
+    """The exact gradient of the defended module is not BPDA's identity gradient (the clamp Jacobian enters)."""
+    x, y = few
+    d = scc.defend(tiny, "ttc", seed=2)
+    known = KnownDraws(d, x, range(len(y)), EPS)
+    xa = x.clone().requires_grad_(True)
+    loss, _ = ce_objective(known, y)(xa)
+    exact, = torch.autograd.grad(loss.sum(), xa)
+    xb = x.clone().requires_grad_(True)
+    loss, _ = bpda_objective(d, y, known.draws, clamp_grad=False)(xb)
+    identity, = torch.autograd.grad(loss.sum(), xb)
+    assert exact.abs().sum() > 0 and not torch.allclose(exact, identity)
+
+
+def test_transfer_surrogate_semantic_off_equals_zero_steps(tiny, few):
+    """The transfer attack's surrogate (semantic=False) computes what steps=0 computes, one forward cheaper."""
+    x, _ = few
+    a = scc.defend(tiny, "scc", seed=4, semantic=False)
+    b = scc.defend(tiny, "scc", seed=4, steps=0)
+    with torch.no_grad():
+        assert torch.allclose(a(x, keys=range(len(x))), b(x, keys=range(len(x))), atol=1e-5)
+
+
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-dlr", "eot-pgd", "bpda-pgd", "transfer-nocorrect",
+                                    "square"])
+def test_each_attack_stays_in_the_ball(tiny, few, attack):
+    x, y = few
+    d = scc.defend(tiny, "scc", preset="latency", seed=0)
+    adv, _ = attack_batch(attack, d, x, y, list(range(len(y))), EPS, Suite(**TINY_SUITE), 0, 0)
+    assert adv.shape == x.shape and (adv - x).abs().max() <= EPS + 1e-6 and adv.min() >= 0 and adv.max() <= 1
+
+
+def test_apgd_ce_at_least_as_strong_as_pgd10(tiny, digits):
+    torchattacks = pytest.importorskip("torchattacks")
+    x, y = digits[0][:64], digits[1][:64]
+    pgd10 = accuracy(tiny, pgd(tiny, x, y, eps=EPS, alpha=1 / 255, steps=10,
+                               generator=torch.Generator().manual_seed(0)), y)
+    apgd = accuracy(tiny, torchattacks.APGD(tiny, norm="Linf", eps=EPS, steps=100, n_restarts=1, seed=0,
+                                            loss="ce")(x, y), y)
+    assert apgd <= pgd10 + 0.04, f"APGD-CE-100 {apgd:.3f} vs PGD-10 {pgd10:.3f}"
+
+
+def _raw():
+    c = lambda *bits: {i: bool(b) for i, b in enumerate(bits)}
+    return {"correct": {("ttc", EPS, "none", "known"): c(1, 1, 1, 0), ("ttc", EPS, "pgd", "known"): c(1, 0, 1, 0),
+                        ("ttc", EPS, "square", "known"): c(1, 1, 0, 1),
+                        ("ttc", EPS, "none", "fresh"): c(1, 1, 1, 1), ("ttc", EPS, "pgd", "fresh"): c(1, 1, 1, 1),
+                        ("ttc", EPS, "square", "fresh"): c(1, 1, 1, 1)},
+            "curves": {}, "seconds": {("ttc", EPS, "pgd"): [2.0, 4]}, "sanity": {}, "defense_seconds": {"ttc": [1, 4]}}
+
+
+def test_worst_case_is_and_over_attacks():
+    rows = build_rows(_raw(), ["ttc"], [EPS], Suite(attacks=("pgd", "square")))
+    worst = {r["draws"]: r for r in rows if r["attack"] == "worst"}
+    assert worst["known"]["accuracy"] == 0.25  # only image 0 is correct clean, under pgd and under square
+    assert worst["fresh"]["accuracy"] == 1.0
+    assert abs(worst["known"]["stderr"] - (0.25 * 0.75 / 4) ** 0.5) < 1e-12
+    pgd_known = next(r for r in rows if r["attack"] == "pgd" and r["draws"] == "known")
+    assert pgd_known["attack_seconds_per_image"] == 0.5 and pgd_known["steps"] == 50
+
+
+def test_merge_of_shards_equals_the_whole():
+    raw = _raw()
+    halves = [{**raw, "correct": {k: {i: v for i, v in d.items() if i % 2 == h} for k, d in raw["correct"].items()},
+               "seconds": {k: [s / 2, n / 2] for k, (s, n) in raw["seconds"].items()}} for h in (0, 1)]
+    merged = merge(halves)
+    assert merged["correct"] == raw["correct"] and merged["seconds"] == raw["seconds"]
+
+
+def test_sanity_flags_catch_masking_and_eps():
+    rows = [{"defense": "ttc", "preset": "paper", "protocol": "adaptive", "draws": "known", "attack": a, "eps": e,
+             "accuracy": acc, "stderr": 0.01} for a, e, acc in
+            [("pgd", EPS, 0.6), ("square", EPS, 0.3), ("worst", EPS, 0.2), ("worst", 8 / 255, 0.5)]]
+    flags = sanity_flags({"results": rows, "steps_curves": [
+        {"defense": "ttc", "eps": EPS, "draws": "fresh", "steps": [0, 10], "accuracy": [0.2, 0.9], "n": 100}],
+        "sanity_16": [{"defense": "ttc", "eps": 16 / 255, "steps": 20, "accuracy": 0.5, "n": 32}]})
+    text = "\n".join(flags)
+    assert "FLAG: Square" in text and "FLAG: accuracy rises with eps" in text
+    assert "FLAG: accuracy rises with PGD steps" in text and "FLAG: ttc keeps 50.0%" in text
+
+
+def test_evaluate_report_schema_and_files(tmp_path):
+    report = evaluate(defenses=["none", "scc-latency"], eps_list=[EPS], n_images=4, batch_size=4, seed=0,
+                      suite=Suite(**TINY_SUITE), progress=False, log=lambda line: None)
+    rows = report["results"]
+    attacks = {r["attack"] for r in rows}
+    assert attacks == {"none", "pgd", "apgd-ce", "apgd-dlr", "eot-pgd", "bpda-pgd", "transfer-nocorrect", "square",
+                       "worst"}
+    for r in rows:
+        assert r["protocol"] in ("paper", "adaptive") and r["draws"] in ("known", "fresh", None)
+        assert {"steps", "stderr", "accuracy", "eps", "defense", "preset"} <= set(r)
+    assert not any(r["attack"] == "transfer-nocorrect" and r["defense"] == "none" for r in rows)
+    assert report["seed"] == 0 and report["threads"] >= 1 and "torch" in report["versions"]
+    for r in rows:  # worst <= every attack of the same defense and draws
+        if r["attack"] == "worst":
+            same = [s for s in rows if s["draws"] == r["draws"] and s["defense"] == r["defense"]
+                    and s["preset"] == r["preset"] and s["protocol"] == "adaptive"]
+            assert r["accuracy"] <= min(s["accuracy"] for s in same)
+    assert "known / fresh" in format_adaptive_table(report)
+    names = sorted(p.name for p in write_report(report, tmp_path))
+    assert names[:2] == ["report.json", "report.md"] or "report.json" in names
+    assert (tmp_path / "report.md").read_text().startswith("# Robust accuracy")
+    pytest.importorskip("matplotlib")
+    for png in ("acc_vs_eps.png", "acc_vs_steps.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_paper_protocol_warns_and_writes(tmp_path, capsys):
+    code = main(["eval", "--defenses", "none", "--attacks", "pgd", "--eps", "1/255", "--images", "8", "--quiet",
+                 "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert sum("not a robustness claim" in line for line in out.splitlines()) == 1
+    assert "--protocol adaptive" in out
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["protocol"] == "paper" and all(r["draws"] is None for r in report["results"])
+
+
+def test_cli_adaptive_no_warning_and_unwritable_out(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert main(["eval", "--protocol", "adaptive", "--images", "2", "--out", str(blocker / "sub")]) == 2
+    assert "not a writable folder" in capsys.readouterr().err
+    code = main(["eval", "--protocol", "adaptive", "--defenses", "none", "--adaptive-attacks", "bpda-pgd,square",
+                 "--queries", "5", "--images", "3", "--eps", "4/255", "--quiet", "--json", str(tmp_path / "r.json")])
+    captured = capsys.readouterr()
+    assert code == 0 and "not a robustness claim" not in captured.out
+    assert "estimated cost" in captured.err
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert {r["attack"] for r in rows} == {"none", "pgd", "bpda-pgd", "square", "worst"}
+
+
+@pytest.fixture
+def local_ray(monkeypatch):
+    ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'scc-defense[ray]')")
+    monkeypatch.setenv("RAY_worker_niceness", "0")  # Ray's default (15) crawls on a shared machine
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1",
+             log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_shards_equal_one_process(local_ray):
+    def timeout(*_):
+        raise TimeoutError("the Ray evaluation took more than 240 s")
+
+    old = signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(240)
+    try:
+        kw = dict(defenses=["ttc"], eps_list=[EPS], n_images=4, batch_size=2, seed=7, progress=False,
+                  log=lambda line: None,
+                  suite=Suite(**{**TINY_SUITE, "attacks": ("pgd", "eot-pgd", "apgd-ce"), "sanity_images": 0}))
+        sharded = evaluate(ray_address="auto", **kw)
+        single = evaluate(**kw)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    acc = lambda rep: [(r["attack"], r["draws"], r["accuracy"]) for r in rep["results"]]
+    assert acc(sharded) == acc(single)
+    assert sharded["steps_curves"] == single["steps_curves"]
