@@ -413,7 +413,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits | imagefolder:PATH (one sub-folder per class) | cifar10:ROOT | stl10:ROOT | "
                         "dtd:ROOT ...")
     p.add_argument("--defenses", default="none,ttc,scc", help="comma-separated from none, ttc, scc, scc-latency, rtpt")
-    p.add_argument("--attacks", default="pgd", help="comma-separated: pgd, cw (none for clean only)")
+    p.add_argument("--attacks", default="pgd", help="comma-separated: pgd, cw, apgd-ce, apgd-dlr, pgd100, "
+                   "autoattack (= apgd-ce,apgd-dlr); none for clean only")
     p.add_argument("--eps", default="1/255", help="comma-separated attack radii: 1/255,4/255 or 0.0157 (see above)")
     p.add_argument("--steps", type=positive_int, default=10, help="attack steps")
     p.add_argument("--backend", default="eager", choices=("eager", "compiled", "triton", "onnx"),
