@@ -158,7 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"serve: tritonserver --model-repository={Path(info['repo']).resolve()}")
     else:
         print(f"wrote {info['path']}: {_describe(info)}")
-    for skipped in onnx_info["skipped_passes"]:
+    for skipped in onnx_info.get("skipped_passes", []):
         print(f"skipped: {skipped}")
     return 0
 

@@ -102,7 +102,7 @@ def test_bucket_policy(tiny):
 def test_engine_rejects_bad_settings_and_inputs(tiny, digits):
     defended = scc.defend(tiny, "scc")
     for kwargs, match in [(dict(backend="onnx"), "unknown backend"), (dict(mode="fast"), "unknown compile mode"),
-                          (dict(dtype=torch.float16), "dtype must be"), (dict(max_batch=0), "max_batch"),
+                          (dict(dtype=torch.float64), "dtype must be"), (dict(max_batch=0), "max_batch"),
                           (dict(mode="reduce-overhead"), "needs a CUDA model")]:
         with pytest.raises(SccError, match=match):
             Engine(defended, **kwargs)
@@ -210,7 +210,7 @@ def test_gpu_check_cpu_parts():
     reference = {}
     rows = {dtype: gpu_check.run_row(clf, images, "scc-latency", "eager", dtype, 2, None, "cpu", 2, reference)
             for dtype in ("fp32", "bf16")}
-    assert list(reference) == [("scc-latency", 2)]
+    assert [k for k in reference if isinstance(k[0], str)] == [("scc-latency", 2)]
     fp32, bf16 = rows["fp32"], rows["bf16"]
     assert fp32["top1_agreement_vs_eager_fp32"] == 1.0 and fp32["max_abs_logit_diff"] == 0.0, fp32  # same module
     assert bf16["dtype"] == "bf16" and 0 < bf16["max_abs_logit_diff"] < 5.0, bf16  # bf16 rounding, not garbage

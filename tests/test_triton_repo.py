@@ -177,9 +177,10 @@ def test_cli_writes_a_servable_repository(tiny, digits, tmp_path, capsys):
     (logits,) = session.run(["logits"], {"pixels": same})
     assert not np.allclose(logits[0], logits[1])
     ort_defended = OrtDefended(model_dir / "1" / "model.onnx", threads=1)
-    eager = (scc.defend(tiny, "ttc")(x).argmax(1) == y).float().mean().item()
-    onnx = (ort_defended(x).argmax(1) == y).float().mean().item()
-    assert abs(onnx - eager) <= 0.05 and onnx >= 0.9, (onnx, eager)
+    xa, ya = digits  # all 450 held-out digits: ORT's in-graph draws are not torch's, so compare accuracies
+    eager = (scc.defend(tiny, "ttc")(xa).argmax(1) == ya).float().mean().item()
+    onnx = (ort_defended(xa).argmax(1) == ya).float().mean().item()
+    assert abs(onnx - eager) <= 0.04 and onnx >= 0.9, (onnx, eager)
 
     assert export_main(["triton", "--model", "scc-tiny-digits", "--defense", "ttc", "--out", str(repo)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err
