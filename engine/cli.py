@@ -9,7 +9,11 @@ import json
 import sys
 from pathlib import Path
 
-from .models import SccError, TINY_NAME
+from .models import BUNDLED, SccError, TINY_NAME, bundled_dataset, is_bundled
+
+# How the demo's header names each bundled model's held-out images.
+DEMO_DATA = {"digits": "held-out digits (sklearn load_digits test split)",
+             "fashion": "held-out Fashion-MNIST test images (the bundled stratified subset)"}
 
 
 def _labels(text: str | None) -> list[str] | None:
@@ -19,7 +23,8 @@ def _labels(text: str | None) -> list[str] | None:
 
 
 def _add_model_args(p: argparse.ArgumentParser, default_model: str = TINY_NAME) -> None:
-    p.add_argument("--model", default=default_model, help=f"open_clip model name or {TINY_NAME} (default: %(default)s)")
+    p.add_argument("--model", default=default_model,
+                   help=f"open_clip model name or a bundled model ({', '.join(BUNDLED)}; default: %(default)s)")
     p.add_argument("--pretrained", default=None,
                    help="open_clip pretrained tag (e.g. openai), a local checkpoint path, or none (random weights)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
@@ -29,13 +34,17 @@ def _add_model_args(p: argparse.ArgumentParser, default_model: str = TINY_NAME) 
 def cmd_demo(args: argparse.Namespace) -> int:
     from .evaluate import format_table, run
 
-    report = run(TINY_NAME, None, "digits", defenses=["none", "ttc", "scc"],
+    dataset = bundled_dataset(args.model)
+    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    if not defenses:
+        raise SccError("--defenses is empty: name at least one of none, ttc, scc, scc-latency, rtpt")
+    report = run(args.model, None, dataset, defenses=defenses,
                  attacks=[("none", 0.0), ("pgd", 1 / 255), ("pgd", 4 / 255)], n_images=args.images,
                  batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.json)
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"{TINY_NAME} on {report['n_images']} held-out digits (sklearn load_digits test split), "
+        print(f"{args.model} on {report['n_images']} {DEMO_DATA[dataset]}, "
               f"PGD-10 against the undefended model, {report['device']}")
         print(format_table(report))
     return 0
@@ -68,7 +77,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     from .defenses import split_defense_name
 
     labels = _labels(args.labels)
-    if labels is None and args.model != TINY_NAME:
+    if labels is None and not is_bundled(args.model):
         raise SccError(f"--labels is required for {args.model}, e.g. --labels cat,dog,car")
     templates = args.templates.split("|") if args.templates else None
     clf = load(args.model, args.pretrained, labels=labels, templates=templates, device=args.device)
@@ -108,8 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="scc", description="Test-time adversarial defenses for CLIP (SCC, TTC, R-TPT)")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo", help="bundled model on held-out digits: clean and PGD accuracy, none/ttc/scc (offline)")
-    p.add_argument("--images", type=int, default=None, help="first N held-out images (default: all 450)")
+    p = sub.add_parser("demo", help="a bundled model on its held-out images: clean and PGD accuracy, none/ttc/scc "
+                                    "(offline)")
+    p.add_argument("--model", choices=list(BUNDLED), default=TINY_NAME,
+                   help="bundled model; the demo uses its held-out images (default: %(default)s)")
+    p.add_argument("--defenses", default="none,ttc,scc",
+                   help="comma-separated: none, ttc, scc, scc-latency, rtpt (default: %(default)s)")
+    p.add_argument("--images", type=int, default=None,
+                   help="first N held-out images (default: all: 450 digits, 1000 fashion)")
     p.add_argument("--batch-size", type=int, default=150)
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -118,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("classify", help="classify image files with a defended zero-shot classifier")
     p.add_argument("images", nargs="+", help="image files (any PIL format; grayscale/RGBA/16-bit are converted)")
-    p.add_argument("--labels", default=None, help="comma-separated class names (default for the bundled model: digits)")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated class names (default for a bundled model: its ten classes)")
     p.add_argument("--templates", default=None, help="'|'-separated prompt templates with {} (default: per model)")
     p.add_argument("--defense", default="scc", help="none | ttc | scc | scc-latency | rtpt (default: %(default)s)")
     p.add_argument("--json", action="store_true")
@@ -128,7 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="clean and robust accuracy of defenses on a dataset (TTC protocol)")
     _add_model_args(p)
     p.add_argument("--templates", default=None, help="'|'-separated prompt templates (default: the dataset's)")
-    p.add_argument("--dataset", default="digits", help="digits | imagefolder:PATH | cifar10:ROOT | stl10:ROOT | dtd:ROOT ...")
+    p.add_argument("--dataset", default="digits",
+                   help="digits | fashion | fashion-full | fashion-val | imagefolder:PATH | cifar10:ROOT | dtd:ROOT ...")
     p.add_argument("--defenses", default="none,ttc,scc", help="comma-separated, e.g. none,ttc,scc,scc-latency,rtpt")
     p.add_argument("--attacks", default="pgd", help="comma-separated: pgd, cw (none for clean only)")
     p.add_argument("--eps", default="1/255", help="comma-separated attack radii, e.g. 1/255,4/255")
@@ -143,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="per-image latency of defenses x backends (Table 4); see `scc bench --help`",
                    add_help=False)
     sub.add_parser("export", help="export a defended model (ONNX); see `scc export --help`", add_help=False)
-    sub.add_parser("train-tiny", help="retrain the bundled scc-tiny-digits model", add_help=False)
+    sub.add_parser("train-tiny", help="retrain a bundled model (--dataset digits|fashion); see `scc train-tiny --help`",
+                   add_help=False)
     return ap
 
 

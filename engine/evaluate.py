@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .attacks import attack as run_attack
 from .data import load_dataset
 from .defenses import defend, split_defense_name
-from .models import TINY_NAME, SccError, image_size_of, load, tiny_meta
+from .models import SccError, bundled_meta, image_size_of, is_bundled, load
 
 
 def parse_eps(text: str) -> float:
@@ -42,8 +42,8 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
         attack_steps: int = 10, progress: bool = True, templates: Sequence[str] | None = None) -> dict:
     """Clean/robust accuracy and per-image defense time; returns the JSON-ready result dict."""
     data = load_dataset(dataset, image_size_of(model), n_images)
-    if model == TINY_NAME and templates is None:
-        templates = tiny_meta()["eval_templates"]  # its vocabulary is digits prompts only
+    if is_bundled(model) and templates is None:
+        templates = bundled_meta(model)["eval_templates"]  # its vocabulary covers its own prompts only
     clf = load(model, pretrained, labels=data.classes, templates=templates or data.templates, device=device)
     x_all, y_all = data.images.to(device), data.targets.to(device)
     gen = torch.Generator(device=x_all.device).manual_seed(seed)
