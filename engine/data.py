@@ -172,16 +172,19 @@ def digits_arrays(size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def read_idx_gz(path: Path) -> np.ndarray:
     """One gzip-compressed idx file (the MNIST format) -> uint8 array, (N,) labels or (N, 28, 28) images."""
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise SccError(f"{path}: not a readable gzip idx file ({err})") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
         raise SccError(f"{path}: not an unsigned-byte idx file")
     ndim = raw[3]
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(shape)):
         raise SccError(f"{path}: truncated idx file ({data.size} bytes for shape {shape})")
-    return data.reshape(shape)
+    return data.reshape(shape).copy()
 
 
 def fashion_arrays(split: str = "test", root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
