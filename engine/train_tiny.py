@@ -12,7 +12,11 @@ fashion (`scc-tiny-fashion`): Fashion-MNIST from the Debian package dataset-fash
 training split is cut into 55000 training / 5000 validation images (`scc.data.fashion_train_val`); the model sees
 the 55000 only, every choice was made on the 5000, and the official test split is only scored at the end (the
 1000 shipped images and all 10000). 28x28 zero-padded to 32x32; ten training templates, "a photo of a {}." held
-out; the same loss and optimiser as digits, random affine + horizontal flips (label-preserving for clothes).
+out; ViT 32x32 patch 8 as for digits; CLIP's contrastive loss with every same-class image-text pair counted as a
+positive (`class_clip_loss`: with 10 classes a batch repeats each class ~25 times), AdamW lr 5e-4, wd 0.05, batch
+256, one-cycle, 4 epochs, horizontal flips (label-preserving for clothes), no affine augmentation. Chosen on the
+validation images (README): affine augmentation cost 6 points (75.7 vs 81.8 %), 48x48 input (80.8 %) and patch 4
+(75.5 %) did worse at the same CPU budget, 10 epochs did not help (80.7 %).
 
 The default output folder is the package's assets folder: write elsewhere with --out when experimenting.
 One CPU thread trains such tiny steps faster than two.
@@ -53,7 +57,7 @@ FASHION_EVAL_TEMPLATES = ["a photo of a {}."]  # held out; its words all occur i
 
 FASHION_CONFIG = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": 32, "patch_size": 4, "width": 64, "layers": 4, "head_width": 32},
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 4, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": None, "width": 64, "heads": 2, "layers": 2},
 }
 
@@ -81,7 +85,7 @@ class Recipe:
 RECIPES = {
     "digits": Recipe("scc-tiny-digits", DIGIT_WORDS, tuple(TRAIN_TEMPLATES), tuple(EVAL_TEMPLATES), OPEN_CLIP_CONFIG),
     "fashion": Recipe("scc-tiny-fashion", FASHION_CLASSES, tuple(FASHION_TRAIN_TEMPLATES),
-                      tuple(FASHION_EVAL_TEMPLATES), FASHION_CONFIG, epochs=10, lr=5e-4, batch=256, flip=True,
+                      tuple(FASHION_EVAL_TEMPLATES), FASHION_CONFIG, epochs=4, lr=5e-4, batch=256, flip=True,
                       max_shift=0.0, max_rot=0.0, max_scale=0.0, loss="clip_class"),
 }
 
@@ -121,9 +125,9 @@ def class_clip_loss(img_f: torch.Tensor, txt_f: torch.Tensor, y: torch.Tensor, s
     return 0.5 * (torch.sum(-target * logits.log_softmax(1), 1).mean() + torch.sum(-target * logits.log_softmax(0), 0).mean())
 
 
-def _splits(dataset: str, size: int, with_test: bool):
+def _splits(dataset: str, size: int):
     """(train batch fn(idx) -> (B,3,S,S), y_train, {split name: (x, y)} for evaluation, split description)."""
-    from .data import fashion_arrays, fashion_pixels, fashion_subset_indices, fashion_train_val
+    from .data import fashion_pixels, fashion_train_val
 
     if dataset == "digits":
         xtr, ytr, xte, yte = digits_arrays(size)
@@ -132,16 +136,22 @@ def _splits(dataset: str, size: int, with_test: bool):
     xtr8, ytr8, xva8, yva8 = fashion_train_val()
     xtr8 = torch.from_numpy(xtr8)
     evals = {"validation": (fashion_pixels(xva8, size), torch.from_numpy(yva8.astype("int64")))}
-    if with_test:
-        xte8, yte8 = fashion_arrays("test")
-        sub = fashion_subset_indices(yte8)
-        evals["held_out"] = (fashion_pixels(xte8[sub], size), torch.from_numpy(yte8[sub].astype("int64")))
-        evals["test_full"] = (fashion_pixels(xte8, size), torch.from_numpy(yte8.astype("int64")))
     split = ("Fashion-MNIST (Debian dataset-fashion-mnist): official train split cut by train_test_split("
              "test_size=5000, stratify=y, random_state=0) into 55000 train / 5000 validation; held-out test = the "
              "1000 shipped official test images (train_test_split(test_size=1000, stratify=y, random_state=0)); "
              "test_full = all 10000 official test images")
     return (lambda idx: fashion_pixels(xtr8[idx], size)), torch.from_numpy(ytr8.astype("int64")), evals, split
+
+
+def fashion_test_accuracy(clf) -> dict:
+    """Scored once, after every choice was made: accuracy on the 1000 shipped test images and on all 10000."""
+    from .data import fashion_arrays, fashion_pixels, fashion_subset_indices
+
+    x8, y8 = fashion_arrays("test")
+    x, y = fashion_pixels(x8, clf.image_size), torch.from_numpy(y8.astype("int64"))
+    sub = torch.from_numpy(fashion_subset_indices(y8))
+    return {"held_out_clean_accuracy": round(accuracy(clf, x[sub], y[sub]), 4),
+            "test_full_accuracy": round(accuracy(clf, x, y), 4)}
 
 
 @torch.no_grad()
@@ -181,7 +191,7 @@ def train(epochs: int | None = None, seed: int = 0, out: Path | None = None, ver
     open_clip.add_model_config(out / f"{name}.json")
     model = open_clip.create_model(name, pretrained=None)
 
-    batch_images, ytr, evals, split = _splits(dataset, size, with_test)
+    batch_images, ytr, evals, split = _splits(dataset, size)
     # (10 classes, 10 templates, context) token table; a batch picks one template per image
     tokens = torch.stack([tok([t.format(c) for t in recipe.train_templates]) for c in recipe.labels])
     mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
@@ -237,7 +247,7 @@ def train(epochs: int | None = None, seed: int = 0, out: Path | None = None, ver
     train_seconds = round(time.time() - t0, 1)
     model.eval()
     clf = classifier()
-    accs = {split_name: round(accuracy(clf, x, y), 4) for split_name, (x, y) in evals.items()}
+    accs = {f"{split_name}_accuracy": round(accuracy(clf, x, y), 4) for split_name, (x, y) in evals.items()}
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out / f"{name}.safetensors"))
     meta = {"words": words, "context_length": tok.context_length, "labels": list(recipe.labels),
@@ -248,7 +258,7 @@ def train(epochs: int | None = None, seed: int = 0, out: Path | None = None, ver
             "train_seconds": train_seconds, "params": sum(p.numel() for p in model.parameters())}
     if dataset == "digits":
         meta["recipe"]["split"] = split
-        meta["held_out_clean_accuracy"] = accs["held_out"]
+        meta["held_out_clean_accuracy"] = accs["held_out_accuracy"]
         meta = {k: meta[k] for k in ("words", "context_length", "labels", "train_templates", "eval_templates",
                                       "recipe", "held_out_clean_accuracy", "train_seconds", "params")}
     else:
@@ -260,14 +270,15 @@ def train(epochs: int | None = None, seed: int = 0, out: Path | None = None, ver
             "loss": ("open_clip ClipLoss" if recipe.loss == "clip" else
                      "CLIP contrastive loss with every same-class image-text pair positive (class_clip_loss)")
                     + ", one random training template per image", "threads": 1})
-        meta["validation_accuracy"] = accs["validation"]
+        meta["validation_accuracy"] = accs["validation_accuracy"]
         meta["validation_history"] = history
-        if "held_out" in accs:
-            meta["held_out_clean_accuracy"] = accs["held_out"]
-            meta["test_full_accuracy"] = accs["test_full"]
+        if with_test:
+            accs.update(fashion_test_accuracy(clf))
+            meta.update(held_out_clean_accuracy=accs["held_out_clean_accuracy"],
+                        test_full_accuracy=accs["test_full_accuracy"])
     (out / f"{name}.meta.json").write_text(json.dumps(meta, indent=2))
     if verbose:
-        print(f"{name}: " + ", ".join(f"{k} accuracy {v:.4f}" for k, v in accs.items())
+        print(f"{name}: " + ", ".join(f"{k} {v:.4f}" for k, v in accs.items())
               + f", {meta['params']} params, {train_seconds:.0f}s, saved to {out}")
     return meta
 
@@ -277,7 +288,7 @@ def main(argv=None) -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dataset", choices=sorted(RECIPES), default="digits",
                     help="digits -> scc-tiny-digits (default), fashion -> scc-tiny-fashion")
-    ap.add_argument("--epochs", type=int, default=None, help="default: the recipe's (digits 40, fashion 12)")
+    ap.add_argument("--epochs", type=int, default=None, help="default: the recipe's (digits 40, fashion 4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: the package's assets folder)")
     args = ap.parse_args(argv)
