@@ -73,7 +73,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     import torch
 
     from . import defend, load
-    from .data import read_image
+    from .data import BORDER, read_image
     from .defenses import split_defense_name
 
     labels = _labels(args.labels)
@@ -83,10 +83,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
     clf = load(args.model, args.pretrained, labels=labels, templates=templates, device=args.device)
     name, preset = split_defense_name(args.defense)
     defended = defend(clf, name, preset=preset, seed=args.seed)
+    border = BORDER[bundled_dataset(args.model)] if is_bundled(args.model) else 0.0
     images, results = [], []
     for path in args.images:
         try:
-            images.append((len(results), read_image(path, clf.image_size)))
+            images.append((len(results), read_image(path, clf.image_size, border)))
             results.append({"path": path})
         except SccError as err:
             results.append({"path": path, "error": str(err)})

@@ -59,6 +59,9 @@ FASHION_SUBSET = "fashion-test-1000.npz"  # shipped in scc/assets: 100 test imag
 FASHION_SUBSET_SIZE = 1000
 FASHION_VAL_SIZE = 5000  # held out of the 60k training split for every modelling choice
 FASHION_SPLIT_SEED = 0
+# Black frame of each bundled dataset's images (fraction of a side): read_image(..., border=) fits image files
+# into the same layout, so `scc classify --model scc-tiny-fashion` on a 28x28 Fashion-MNIST file sees what training saw.
+BORDER = {"digits": 0.0, "fashion": 2 / 32}
 
 
 @dataclass
@@ -108,8 +111,11 @@ def pil_to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
-def read_image(path: str | Path, size: int) -> torch.Tensor:
-    """One image file -> (3, size, size) in [0,1]; SccError naming the file when it cannot be used."""
+def read_image(path: str | Path, size: int, border: float = 0.0) -> torch.Tensor:
+    """One image file -> (3, size, size) in [0,1]; SccError naming the file when it cannot be used.
+
+    border: the fraction of each side that is a black frame in the model's training images (Fashion-MNIST:
+    2/32): the image is fitted into the inner square, then zero-padded, as `fashion_pixels` does."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -125,6 +131,12 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
         if isinstance(err, SccError):
             raise
         raise SccError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+    pad = round(border * size)
+    if pad:
+        inner = size - 2 * pad
+        if tuple(x.shape[-2:]) != (inner, inner):
+            x = resize_center_crop(x[None], inner)[0]
+        return F.pad(x, (pad, pad, pad, pad))
     return resize_center_crop(x[None], size)[0]
 
 
