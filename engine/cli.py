@@ -18,7 +18,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from .models import SccError, TINY_NAME
+from .models import BUNDLED, SccError, TINY_NAME, bundled_dataset, is_bundled
+
+# How the demo's header names each bundled model's held-out images.
+DEMO_DATA = {"digits": "held-out digits (sklearn load_digits test split)",
+             "fashion": "held-out Fashion-MNIST test images (the bundled stratified subset)"}
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                   ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".dib", ".pcx", ".sgi", ".im", ".icns")
@@ -182,8 +186,9 @@ def parse_templates(text: str | Sequence[str] | None) -> list[str] | None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=f"open_clip model name (ViT-B-32, RN50, ...) or {TINY_NAME} "
-                                                 f"(default: {TINY_NAME}, the bundled handwritten-digits model)")
+    p.add_argument("--model", default=None, help=f"open_clip model name (ViT-B-32, RN50, ...) or a bundled model "
+                                                 f"({', '.join(BUNDLED)}) (default: {TINY_NAME}, the bundled "
+                                                 "handwritten-digits model)")
     p.add_argument("--pretrained", default=None,
                    help="open_clip pretrained tag (e.g. openai), a local checkpoint path (.safetensors/.pt), or none "
                         "(random weights drawn with --seed) (default: the bundled weights for "
@@ -219,12 +224,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     check_output(args.json)
     check_device_arg(args.device)
+    dataset = bundled_dataset(args.model)
+    defenses = [d.strip() for d in args.defenses.split(",") if d.strip()]
+    if not defenses:
+        raise SccError("--defenses is empty: name at least one of none, ttc, scc, scc-latency, rtpt")
     apply_threads(args.threads)
-    report = run(TINY_NAME, None, "digits", defenses=["none", "ttc", "scc"],
+    report = run(args.model, None, dataset, defenses=defenses,
                  attacks=[("none", 0.0), ("pgd", 1 / 255), ("pgd", 4 / 255)], n_images=args.images,
                  batch_size=args.batch_size, device=args.device, seed=args.seed, progress=not args.quiet)
     if args.json != "-":
-        print(f"{TINY_NAME} on {report['n_images']} held-out digits (sklearn load_digits test split), "
+        print(f"{args.model} on {report['n_images']} {DEMO_DATA[dataset]}, "
               f"PGD-10 against the undefended model, {report['device']}")
         print(format_table(report))
     write_json(report, args.json)
@@ -314,7 +323,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     check_output(args.json, inputs=files)
     check_device_arg(args.device)
     labels = parse_labels(args.labels, args.labels_file)
-    if labels is None and model != TINY_NAME:
+    if labels is None and not is_bundled(model):
         raise SccError(f"--labels is required for {model} (or --labels-file FILE), e.g. --labels cat,dog,car")
     name, preset = parse_defense(args.defense)
     templates = parse_templates(args.templates)
@@ -322,6 +331,9 @@ def cmd_classify(args: argparse.Namespace) -> int:
     clf = load(model, args.pretrained, labels=labels, templates=templates, device=args.device,
                seed=0 if args.seed is None else args.seed)  # random weights: reproducible even when draws are secret
     defended = defend(clf, name, preset=preset, seed=args.seed, dtype=resolve_dtype(args.dtype, args.device))
+    from .data import BORDER
+
+    border = BORDER[bundled_dataset(model)] if is_bundled(model) else 0.0
     results, photos = [], []
     bar = tqdm(total=len(files), desc=f"classify ({args.defense})", unit="img",
                disable=args.quiet or args.json is not None or len(files) <= args.batch_size)
@@ -329,7 +341,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
         images, rows = [], []
         for path in files[lo: lo + args.batch_size]:
             try:
-                x = read_image(path, clf.image_size)
+                x = read_image(path, clf.image_size, border)
                 images.append(x)
                 rows.append(len(results))
                 results.append({"path": path})
@@ -374,10 +386,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=version())
     sub = ap.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    p = sub.add_parser("demo", help="bundled model on held-out digits: clean and PGD accuracy, none/ttc/scc (offline)",
-                       description="The bundled scc-tiny-digits model on held-out digits: clean and PGD-10 "
-                                   "1/255, 4/255 accuracy of none, ttc and scc.")
-    p.add_argument("--images", type=positive_int, default=None, help="first N held-out images (default: all 450)")
+    p = sub.add_parser("demo", help="a bundled model on its held-out images: clean and PGD accuracy, none/ttc/scc "
+                                    "(offline)",
+                       description="A bundled model on its held-out images: clean and PGD-10 1/255, 4/255 "
+                                   "accuracy of none, ttc and scc (attacks made on the undefended model).")
+    p.add_argument("--model", choices=list(BUNDLED), default=TINY_NAME,
+                   help="bundled model; the demo uses its held-out images")
+    p.add_argument("--defenses", default="none,ttc,scc",
+                   help="comma-separated: none, ttc, scc, scc-latency, rtpt")
+    p.add_argument("--images", type=positive_int, default=None,
+                   help="first N held-out images (default: all: 450 digits, 1000 fashion)")
     p.add_argument("--batch-size", type=positive_int, default=150, help="images per batch")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | mps")
     p.add_argument("--seed", type=int, default=0, help="seed of the defenses' draws and the attacks")
@@ -410,8 +428,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--templates", default=None, help="'|'-separated prompt templates, each with one {} "
                                                      "(default: the dataset's)")
     p.add_argument("--dataset", default="digits",
-                   help="digits | imagefolder:PATH (one sub-folder per class) | cifar10:ROOT | stl10:ROOT | "
-                        "dtd:ROOT ...")
+                   help="digits | fashion | fashion-full | fashion-val | imagefolder:PATH (one sub-folder per "
+                        "class) | cifar10:ROOT | stl10:ROOT | dtd:ROOT ...")
     p.add_argument("--defenses", default="none,ttc,scc", help="comma-separated from none, ttc, scc, scc-latency, rtpt")
     p.add_argument("--attacks", default="pgd", help="comma-separated: pgd, cw, apgd-ce, apgd-dlr, pgd100, "
                    "autoattack (= apgd-ce,apgd-dlr); none for clean only")
@@ -446,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("loadtest", help="closed-loop load test of a running `scc serve`; see `scc loadtest --help`",
                    add_help=False)
-    sub.add_parser("train-tiny", help="retrain the bundled scc-tiny-digits model; see `scc train-tiny --help`",
+    sub.add_parser("train-tiny", help="retrain a bundled model (--dataset digits|fashion); see `scc train-tiny --help`",
                    add_help=False)
     return ap
 

@@ -1,7 +1,9 @@
-"""Images and datasets: the bundled digits split, image folders, torchvision datasets from a local root.
+"""Images and datasets: the bundled digits and Fashion-MNIST splits, image folders, torchvision sets from a root.
 
-Every loader returns pixels in [0,1], (N, 3, S, S), preprocessed as in the TTC protocol: bilinear resize of
-the short side to S*256/224, centre crop S (for S = 224: Resize(256) -> CenterCrop(224)).
+Every loader returns pixels in [0,1], (N, 3, S, S). Image folders and torchvision sets are preprocessed as in the
+TTC protocol: bilinear resize of the short side to S*256/224, centre crop S (for S = 224: Resize(256) ->
+CenterCrop(224)). The bundled sets are small grayscale images: digits are 8x8 upscaled bilinearly to S; Fashion-MNIST
+28x28 images are zero-padded to 32x32 (their background is black) and resized bilinearly to S when S != 32.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import gzip
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -34,6 +37,7 @@ TEMPLATES: dict[str, list[str]] = {
     "food101": ["A photo of {}, a type of food."],
     "oxfordpets": ["A photo of a {}, a type of pet."],
     "imagefolder": ["This is a photo of a {}."],
+    "fashion": ["a photo of a {}."],  # the bundled scc-tiny-fashion's held-out evaluation prompt (its vocabulary)
 }
 
 DTD_CLASSES = (
@@ -45,6 +49,20 @@ DTD_CLASSES = (
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGITS_TEST_SIZE = 450
 DIGITS_SPLIT_SEED = 0
+
+# Fashion-MNIST (Zalando, MIT licence): labels 0..9 in the official order, written so that the bundled model's
+# word tokenizer (letters, digits, single punctuation marks) reads them: "t-shirt" -> t - shirt.
+FASHION_CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                   "ankle boot")
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package dataset-fashion-mnist
+FASHION_APT = "apt-get install dataset-fashion-mnist"
+FASHION_SUBSET = "fashion-test-1000.npz"  # shipped in scc/assets: 100 test images per class
+FASHION_SUBSET_SIZE = 1000
+FASHION_VAL_SIZE = 5000  # held out of the 60k training split for every modelling choice
+FASHION_SPLIT_SEED = 0
+# Black frame of each bundled dataset's images (fraction of a side): read_image(..., border=) fits image files
+# into the same layout, so `scc classify --model scc-tiny-fashion` on a 28x28 Fashion-MNIST file sees what training saw.
+BORDER = {"digits": 0.0, "fashion": 2 / 32}
 
 
 @dataclass
@@ -94,8 +112,11 @@ def pil_to_tensor(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
 
 
-def read_image(path: str | Path, size: int) -> torch.Tensor:
-    """One image file -> (3, size, size) in [0,1]; SccError naming the file when it cannot be used."""
+def read_image(path: str | Path, size: int, border: float = 0.0) -> torch.Tensor:
+    """One image file -> (3, size, size) in [0,1]; SccError naming the file when it cannot be used.
+
+    border: the fraction of each side that is a black frame in the model's training images (Fashion-MNIST:
+    2/32): the image is fitted into the inner square, then zero-padded, as `fashion_pixels` does."""
     from PIL import Image, UnidentifiedImageError
 
     import warnings
@@ -120,6 +141,12 @@ def read_image(path: str | Path, size: int) -> torch.Tensor:
         if isinstance(err, SccError):
             raise
         raise SccError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
+    pad = round(border * size)
+    if pad:
+        inner = size - 2 * pad
+        if tuple(x.shape[-2:]) != (inner, inner):
+            x = resize_center_crop(x[None], inner)[0]
+        return F.pad(x, (pad, pad, pad, pad))
     return resize_center_crop(x[None], size)[0]
 
 
@@ -144,6 +171,93 @@ def digits_arrays(size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return x[tr].contiguous(), y[tr], x[te].contiguous(), y[te]
 
 
+def read_idx_gz(path: Path) -> np.ndarray:
+    """One gzip-compressed idx file (the MNIST format) -> uint8 array, (N,) labels or (N, 28, 28) images."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise SccError(f"{path}: not a readable gzip idx file ({err})") from err
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08 or len(raw) < 4 + 4 * raw[3]:
+        raise SccError(f"{path}: not an unsigned-byte idx file")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise SccError(f"{path}: truncated idx file ({data.size} bytes for shape {shape})")
+    return data.reshape(shape).copy()
+
+
+def fashion_arrays(split: str = "test", root: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The official Fashion-MNIST `train` (60k) or `test` (10k) split: uint8 images (N, 28, 28), labels (N,).
+
+    Read from the Debian package's idx files; a missing package is an SccError naming the apt command.
+    """
+    root = Path(root) if root is not None else FASHION_DIR
+    prefix = {"train": "train", "test": "t10k"}[split]
+    images, labels = root / f"{prefix}-images-idx3-ubyte.gz", root / f"{prefix}-labels-idx1-ubyte.gz"
+    if not (images.is_file() and labels.is_file()):
+        raise SccError(f"the Fashion-MNIST {split} files are not installed ({images} is missing): run "
+                       f"`{FASHION_APT}` (Debian package dataset-fashion-mnist), or use dataset `fashion`, the 1000 "
+                       f"test images bundled with scc")
+    x, y = read_idx_gz(images), read_idx_gz(labels)
+    if x.ndim != 3 or len(x) != len(y):
+        raise SccError(f"{images}: expected (N, 28, 28) images matching {len(y)} labels, got {x.shape}")
+    return x, y
+
+
+def fashion_train_val(root: Path | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The official training split cut into (x_train, y_train, x_val, y_val), uint8; stratified, fixed seed.
+
+    55000 training / 5000 validation images (500 per class). The bundled model trains on the first part only and
+    every modelling choice (architecture, epochs, augmentation, defense presets) is made on the second.
+    """
+    from sklearn.model_selection import train_test_split
+
+    x, y = fashion_arrays("train", root)
+    tr, va = train_test_split(np.arange(len(y)), test_size=FASHION_VAL_SIZE, stratify=y, random_state=FASHION_SPLIT_SEED)
+    tr, va = np.sort(tr), np.sort(va)
+    return x[tr], y[tr], x[va], y[va]
+
+
+def fashion_subset_indices(labels: np.ndarray) -> np.ndarray:
+    """Indices (sorted) of the shipped subset in the official test split: stratified, 100 per class, fixed seed."""
+    from sklearn.model_selection import train_test_split
+
+    _, idx = train_test_split(np.arange(len(labels)), test_size=FASHION_SUBSET_SIZE, stratify=labels,
+                              random_state=FASHION_SPLIT_SEED)
+    return np.sort(idx)
+
+
+def write_fashion_subset(path: Path, root: Path | None = None) -> Path:
+    """Build the shipped subset from the Debian test files: images (1000, 28, 28) uint8, labels, test indices."""
+    x, y = fashion_arrays("test", root)
+    idx = fashion_subset_indices(y)
+    np.savez_compressed(path, images=x[idx], labels=y[idx].astype(np.uint8), index=idx.astype(np.int32))
+    return Path(path)
+
+
+def fashion_subset() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bundled 1000 test images: uint8 images (1000, 28, 28), labels (1000,), indices into the test split."""
+    from .models import asset_path
+
+    path = asset_path(FASHION_SUBSET)
+    if not path.is_file():
+        raise SccError(f"the bundled Fashion-MNIST subset {path} is missing; reinstall scc")
+    with np.load(path) as f:
+        return f["images"], f["labels"].astype(np.int64), f["index"].astype(np.int64)
+
+
+def fashion_pixels(images: np.ndarray | torch.Tensor, size: int = 32) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> float (N, 3, size, size) in [0,1]: zero-pad 2 pixels per side to 32x32 (the
+    images' background is black, so this adds no edge), then a bilinear resize when size != 32."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    x = F.pad(x.float().div(255.0)[:, None], (2, 2, 2, 2))
+    if size != 32:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=size < 32)
+    return x.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
+
+
 def _torchvision(name: str, root: str, size: int):
     import torchvision.datasets as tvd
 
@@ -162,7 +276,8 @@ def _torchvision(name: str, root: str, size: int):
         "pcam": lambda: tvd.PCAM(root, split="test", download=False),
     }
     if name not in ctor:
-        raise SccError(f"unknown dataset {name!r}; known: digits, imagefolder:PATH, " + ", ".join(f"{k}:ROOT" for k in ctor))
+        raise SccError(f"unknown dataset {name!r}; known: digits, fashion, fashion-full, fashion-val, imagefolder:PATH, "
+                       + ", ".join(f"{k}:ROOT" for k in ctor))
     try:
         ds = ctor[name]()
     except (RuntimeError, FileNotFoundError, OSError) as err:
@@ -175,7 +290,13 @@ def _torchvision(name: str, root: str, size: int):
 
 
 def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
-    """`digits` | `imagefolder:PATH` | `<torchvision name>:ROOT` -> Dataset (first `limit` images)."""
+    """`digits` | `fashion` | `fashion-full` | `fashion-val` | `imagefolder:PATH` | `<torchvision name>:ROOT`
+    -> Dataset (first `limit` images), pixels (N, 3, size, size) in [0,1].
+
+    fashion: the 1000 Fashion-MNIST test images shipped with scc (stratified, 100 per class);
+    fashion-full: all 10000 official test images; fashion-val: the 5000 validation images held out of the training
+    split (both need the Debian package dataset-fashion-mnist).
+    """
     if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
         raise SccError(f"limit must be a positive number of images or None (all), got {limit!r}")
     name, _, root = spec.partition(":")
@@ -186,6 +307,18 @@ def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
             x = resize_center_crop(x, size)
         x, y = (x[:limit], y[:limit]) if limit else (x, y)
         return Dataset("digits", x, y, list(DIGIT_WORDS), ["a photo of the digit {}."])
+    if name in ("fashion", "fashion-full", "fashion-val"):
+        if root:
+            raise SccError(f"dataset {name} takes no location (got {spec!r}); it reads {FASHION_DIR} or the bundled subset")
+        if name == "fashion":
+            x8, y8, _ = fashion_subset()
+        elif name == "fashion-full":
+            x8, y8 = fashion_arrays("test")
+        else:
+            _, _, x8, y8 = fashion_train_val()
+        x8, y8 = (x8[:limit], y8[:limit]) if limit else (x8, y8)
+        return Dataset(name, fashion_pixels(x8, size), torch.from_numpy(y8.astype(np.int64)), list(FASHION_CLASSES),
+                       list(TEMPLATES["fashion"]))
     if not root:
         raise SccError(f"dataset {spec!r} needs a location: {name}:PATH")
     if name == "imagefolder":

@@ -1,4 +1,7 @@
-"""Zero-shot CLIP classifiers: open_clip models, local checkpoints, and the bundled `scc-tiny-digits`.
+"""Zero-shot CLIP classifiers: open_clip models, local checkpoints, and the bundled tiny models.
+
+The bundled models (`BUNDLED`: `scc-tiny-digits`, `scc-tiny-fashion`) ship their open_clip config, word
+vocabulary, labels, evaluation prompt and weights in scc/assets/ and load offline.
 
 `load(...)` returns a `ZeroShotClassifier`, the module every defense wraps:
 
@@ -26,7 +29,10 @@ import torch.nn.functional as F
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-TINY_NAME = "scc-tiny-digits"
+TINY_NAME = "scc-tiny-digits"  # the original bundled model (the default everywhere)
+FASHION_NAME = "scc-tiny-fashion"
+# Bundled model -> the scc.data dataset it was trained for (its held-out split is that dataset).
+BUNDLED: dict[str, str] = {TINY_NAME: "digits", FASHION_NAME: "fashion"}
 
 
 class SccError(ValueError):
@@ -34,10 +40,22 @@ class SccError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The bundled tiny model: its open_clip config, word-level tokenizer and weights live in scc/assets/.
+# The bundled tiny models: each one's open_clip config, word-level tokenizer and weights live in scc/assets/.
 # ----------------------------------------------------------------------------------------------------------
 def asset_path(name: str) -> Path:
     return Path(str(resources.files("scc") / "assets" / name))
+
+
+def is_bundled(name: str) -> bool:
+    """True for a model shipped with scc (loads offline, word tokenizer, labels from its meta file)."""
+    return name in BUNDLED
+
+
+def bundled_dataset(name: str) -> str:
+    """The scc.data dataset spec a bundled model was trained for: 'digits' | 'fashion'."""
+    if name not in BUNDLED:
+        raise SccError(f"{name!r} is not a bundled model; bundled: {', '.join(BUNDLED)}")
+    return BUNDLED[name]
 
 
 class WordTokenizer:
@@ -49,7 +67,8 @@ class WordTokenizer:
 
     _split = re.compile(r"[a-z]+|[0-9]+|[^\sa-z0-9]")
 
-    def __init__(self, words: Sequence[str], context_length: int):
+    def __init__(self, words: Sequence[str], context_length: int, name: str = TINY_NAME):
+        self.name = name  # the bundled model it belongs to (for error messages)
         self.words = list(words)
         self.index = {w: i + 1 for i, w in enumerate(self.words)}
         self.sot = len(self.words) + 1
@@ -69,7 +88,7 @@ class WordTokenizer:
             unknown = self.unknown_words(text)
             if unknown:
                 raise SccError(
-                    f"the bundled model {TINY_NAME!r} does not know the word(s) {unknown} in {text!r}; "
+                    f"the bundled model {self.name!r} does not know the word(s) {unknown} in {text!r}; "
                     f"it only knows: {' '.join(self.words)}. Use an open_clip model for other labels.")
             ids = [self.sot] + [self.index[w] for w in self.split(text)] + [self.eot]
             if len(ids) > self.context_length:
@@ -79,29 +98,44 @@ class WordTokenizer:
         return out
 
 
+def bundled_meta(name: str = TINY_NAME) -> dict:
+    """A bundled model's meta file: vocabulary, context length, labels, templates, recipe, accuracies."""
+    bundled_dataset(name)
+    return json.loads(asset_path(f"{name}.meta.json").read_text())
+
+
+def bundled_tokenizer(name: str = TINY_NAME) -> WordTokenizer:
+    meta = bundled_meta(name)
+    return WordTokenizer(meta["words"], meta["context_length"], name)
+
+
+def create_bundled_model(name: str = TINY_NAME, load_weights: bool = True) -> nn.Module:
+    """Build a bundled CLIP from its open_clip config (and load its shipped weights)."""
+    import open_clip
+
+    bundled_dataset(name)
+    open_clip.add_model_config(asset_path(f"{name}.json"))
+    with _quiet_open_clip():  # open_clip warns "initialized randomly": we load weights next
+        model = open_clip.create_model(name, pretrained=None)
+    if load_weights:
+        weights = asset_path(f"{name}.safetensors")
+        if not weights.exists():
+            raise SccError(f"bundled weights {weights} are missing; run `scc train-tiny --dataset "
+                           f"{BUNDLED[name]} --replace-bundled` to rebuild them (or reinstall the package)")
+        _load_state_dict(model, weights)
+    return model
+
+
 def tiny_meta() -> dict:
-    return json.loads(asset_path(f"{TINY_NAME}.meta.json").read_text())
+    return bundled_meta(TINY_NAME)
 
 
 def tiny_tokenizer() -> WordTokenizer:
-    meta = tiny_meta()
-    return WordTokenizer(meta["words"], meta["context_length"])
+    return bundled_tokenizer(TINY_NAME)
 
 
 def create_tiny_model(load_weights: bool = True) -> nn.Module:
-    """Build the bundled CLIP from its open_clip config (and load its shipped weights)."""
-    import open_clip
-
-    open_clip.add_model_config(asset_path(f"{TINY_NAME}.json"))
-    with _quiet_open_clip():  # open_clip warns "initialized randomly": we load weights next
-        model = open_clip.create_model(TINY_NAME, pretrained=None)
-    if load_weights:
-        weights = asset_path(f"{TINY_NAME}.safetensors")
-        if not weights.exists():
-            raise SccError(f"bundled weights {weights} are missing; run `scc train-tiny --replace-bundled` to "
-                           "rebuild them (or reinstall the package)")
-        _load_state_dict(model, weights)
-    return model
+    return create_bundled_model(TINY_NAME, load_weights)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -241,16 +275,16 @@ def create_open_clip(model_name: str, pretrained: str | None, seed: int = 0) -> 
     generator's state is restored afterwards), so the same seed gives the same model."""
     import open_clip
 
-    if model_name == TINY_NAME:
+    if is_bundled(model_name):
         if pretrained not in (None, "", "none", "bundled"):
-            model = create_tiny_model(load_weights=False)
-            _load_state_dict(model, Path(pretrained), TINY_NAME)
+            model = create_bundled_model(model_name, load_weights=False)
+            _load_state_dict(model, Path(pretrained), model_name)
         else:
-            model = create_tiny_model(load_weights=True)
-        return model, tiny_tokenizer()
+            model = create_bundled_model(model_name, load_weights=True)
+        return model, bundled_tokenizer(model_name)
     known = open_clip.list_models()
     if model_name not in known and not model_name.startswith(("hf-hub:", "local-dir:")):
-        close = difflib.get_close_matches(model_name, known + [TINY_NAME], n=3)
+        close = difflib.get_close_matches(model_name, known + list(BUNDLED), n=3)
         raise SccError(f"unknown model {model_name!r}" + (f"; did you mean {close}?" if close else "")
                        + " (see open_clip.list_models())")
     tag = None if pretrained in (None, "", "none") else pretrained
@@ -292,11 +326,11 @@ def image_size_of(model_name: str) -> int:
     """The input resolution of a model, from its config alone (no weights are built)."""
     import open_clip
 
-    if model_name == TINY_NAME:
-        return json.loads(asset_path(f"{TINY_NAME}.json").read_text())["vision_cfg"]["image_size"]
+    if is_bundled(model_name):
+        return json.loads(asset_path(f"{model_name}.json").read_text())["vision_cfg"]["image_size"]
     cfg = open_clip.get_model_config(model_name)
     if cfg is None:
-        close = difflib.get_close_matches(model_name, open_clip.list_models() + [TINY_NAME], n=3)
+        close = difflib.get_close_matches(model_name, open_clip.list_models() + list(BUNDLED), n=3)
         raise SccError(f"unknown model {model_name!r}" + (f"; did you mean {close}?" if close else ""))
     size = cfg["vision_cfg"].get("image_size", 224)
     return size[0] if isinstance(size, (list, tuple)) else int(size)
@@ -433,12 +467,13 @@ def load(model: str = TINY_NAME, pretrained: str | None = None, labels: Sequence
          seed: int = 0) -> ZeroShotClassifier:
     """Zero-shot classifier for an open_clip model name (+ pretrained tag or checkpoint path, or none).
 
-    For `scc-tiny-digits` the labels and the held-out evaluation template default to its ten digits.
-    Random weights (`pretrained=None`) are drawn with `seed`. Templates need exactly one `{}`; labels equal after
-    lowercasing and prompts longer than the text context are refused.
+    For a bundled model (`scc-tiny-digits`, `scc-tiny-fashion`) the labels and the held-out evaluation template
+    default to those in its meta file (its ten classes). Random weights (`pretrained=None`) are drawn with `seed`.
+    Templates need exactly one `{}`; labels equal after lowercasing and prompts longer than the text context are
+    refused.
     """
-    if model == TINY_NAME:
-        meta = tiny_meta()
+    if is_bundled(model):
+        meta = bundled_meta(model)
         labels = meta["labels"] if labels is None else labels
         templates = meta["eval_templates"] if templates is None else templates
     labels = check_labels(labels)
