@@ -25,19 +25,10 @@ import torch
 
 import scc
 from scc.data import load_dataset
+from scc.env import cpu_name
 
 from .onnx import export_onnx
 from .runtime import OrtDefended
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def environment() -> dict:
@@ -50,7 +41,7 @@ def environment() -> dict:
             pass
     return {"threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": 1,
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-            "cpu": _cpu_model(), "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions,
+            "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
