@@ -130,9 +130,8 @@ def measure(clf: ZeroShotClassifier, specs: Sequence[str], backends: Sequence[st
         name, preset = split_defense_name(spec)
         defended = defend(clf, name, preset=preset, seed=seed)
         draws = [defended.draws(b) for b in batches]
-        flops = count_flops(defended, batches[0], draws[0]) / batch_size
-        with count_passes(clf, batch_size) as counter, torch.no_grad():
-            defended(batches[0], draws[0])
+        with count_passes(clf, batch_size) as counter:  # one eager call counts FLOPs and encoder rounds
+            flops = count_flops(defended, batches[0], draws[0]) / batch_size
         rounds = counter.image_rounds
         runners = []
         for backend in order:

@@ -198,15 +198,15 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                                                        "random weights")
 
 
+def _dtype(args: argparse.Namespace):
+    from .backends import resolve_dtype  # lazy: `scc --help` imports no torch
+
+    return resolve_dtype(args.dtype, args.device)
+
+
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="image-tower precision: auto (bf16 on CUDA, fp32 on CPU), fp32, "
                    "bf16, fp16 (GPU); the perturbation, its steps and the logits stay fp32 (default: %(default)s)")
-
-
-def resolve_dtype(name: str, device: str):
-    from .backends import resolve_dtype as resolve
-
-    return resolve(name, device)
 
 
 def _labels_args(p: argparse.ArgumentParser, default: str) -> None:
@@ -275,7 +275,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     report = run(args.model or TINY_NAME, args.pretrained, args.dataset, defenses=defenses, attacks=attacks,
                  n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
                  attack_steps=args.steps, progress=not args.quiet, templates=templates, backend=args.backend,
-                 dtype=resolve_dtype(args.dtype, args.device))
+                 dtype=_dtype(args))
     if args.json != "-":
         print(format_table(report))  # before the file: a failing write never costs the results
     write_json(report, args.json)
@@ -330,7 +330,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     threads = apply_threads(args.threads)
     clf = load(model, args.pretrained, labels=labels, templates=templates, device=args.device,
                seed=0 if args.seed is None else args.seed)  # random weights: reproducible even when draws are secret
-    defended = defend(clf, name, preset=preset, seed=args.seed, dtype=resolve_dtype(args.dtype, args.device))
+    defended = defend(clf, name, preset=preset, seed=args.seed, dtype=_dtype(args))
     from .data import BORDER
 
     border = BORDER[bundled_dataset(model)] if is_bundled(model) else 0.0

@@ -130,10 +130,6 @@ def tiny_meta() -> dict:
     return bundled_meta(TINY_NAME)
 
 
-def tiny_tokenizer() -> WordTokenizer:
-    return bundled_tokenizer(TINY_NAME)
-
-
 def create_tiny_model(load_weights: bool = True) -> nn.Module:
     return create_bundled_model(TINY_NAME, load_weights)
 

@@ -126,27 +126,27 @@ def _one(query: Mapping[str, Sequence[str]], name: str) -> str | None:
     return values[0] if values else None
 
 
+def _int_query(query: Mapping[str, Sequence[str]], name: str, lo: int, hi: int, shown: str) -> int | None:
+    """The integer query parameter `name` in lo..hi (None when absent), or a 400 naming it."""
+    value = _one(query, name)
+    if value is None:
+        return None
+    try:
+        value = int(value)
+    except ValueError:
+        raise RequestError(400, f"{name} must be an integer, got {value!r}") from None
+    if not lo <= value <= hi:
+        raise RequestError(400, f"{name} must lie in {shown}, got {value}")
+    return value
+
+
 def parse_query(query: Mapping[str, Sequence[str]], max_top_k: int) -> tuple[int | None, list | None, int | None]:
     """(seed, keys or None, top_k) from the query parameters (each name -> its list of values)."""
-    seed = _one(query, "seed")
-    if seed is not None:
-        try:
-            seed = int(seed)
-        except ValueError:
-            raise RequestError(400, f"seed must be an integer, got {seed!r}") from None
-        if not 0 <= seed < 2 ** 63:
-            raise RequestError(400, f"seed must lie in [0, 2**63), got {seed}")
+    seed = _int_query(query, "seed", 0, 2 ** 63 - 1, "[0, 2**63)")
     keys = None
     if query.get("key"):
         keys = [parse_key(k) for v in query["key"] for k in v.split(",")]
-    top_k = _one(query, "top_k")
-    if top_k is not None:
-        try:
-            top_k = int(top_k)
-        except ValueError:
-            raise RequestError(400, f"top_k must be an integer, got {top_k!r}") from None
-        if not 1 <= top_k <= max_top_k:
-            raise RequestError(400, f"top_k must lie in 1..{max_top_k}, got {top_k}")
+    top_k = _int_query(query, "top_k", 1, max_top_k, f"1..{max_top_k}")
     return seed, keys, top_k
 
 
