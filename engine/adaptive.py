@@ -332,7 +332,6 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
     first_done = False
     order = [(b, j) for b in range(len(batches)) for j in jobs]
     bar = tqdm(total=len(order), desc="adaptive eval", disable=not progress)
-    paper_adv: dict = {}
     for b, (lo, hi) in enumerate(batches):
         x, y = x_all[lo:hi], y_all[lo:hi]
         keys = list(range(lo, hi))
@@ -552,18 +551,16 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
              suite: Suite | None = None, progress: bool = True, templates: Sequence[str] | None = None,
              ray_address: str | None = None, log: Callable[[str], None] = print) -> dict:
     """The adaptive protocol end to end; returns the JSON-ready report (see the module docstring)."""
-    from .data import load_dataset
+    from .data import classifier_for, load_dataset
     from .env import hardware, versions
-    from .models import TINY_NAME, image_size_of, load, tiny_meta
+    from .models import image_size_of
 
     suite = suite or Suite()
     unknown = [a for a in suite.attacks if a not in ADAPTIVE_ATTACKS]
     if unknown:
         raise SccError(f"unknown adaptive attack(s) {unknown}; choose from {', '.join(ADAPTIVE_ATTACKS)}")
     data = load_dataset(dataset, image_size_of(model), n_images)
-    if model == TINY_NAME and templates is None:
-        templates = tiny_meta()["eval_templates"]
-    clf = load(model, pretrained, labels=data.classes, templates=templates or data.templates, device=device)
+    clf = classifier_for(data, model, pretrained, templates, device)
     x_all, y_all = data.images.to(device), data.targets.to(device)
     batches = plan_batches(len(y_all), batch_size)
     started = time.perf_counter()
@@ -617,15 +614,12 @@ def _versions(versions) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 def _shard_task(load_kw: dict, defenses, eps_list, batches, seed, suite_dict, threads: int = 1) -> dict:
     torch.set_num_threads(threads)
-    from .data import load_dataset
-    from .models import TINY_NAME, image_size_of, load, tiny_meta
+    from .data import classifier_for, load_dataset
+    from .models import image_size_of
 
     templates = load_kw["templates"]
     data = load_dataset(load_kw["dataset"], image_size_of(load_kw["model"]), load_kw["n_images"])
-    if load_kw["model"] == TINY_NAME and templates is None:
-        templates = tiny_meta()["eval_templates"]
-    clf = load(load_kw["model"], load_kw["pretrained"], labels=data.classes, templates=templates or data.templates,
-               device=load_kw["device"])
+    clf = classifier_for(data, load_kw["model"], load_kw["pretrained"], templates, load_kw["device"])
     x_all, y_all = data.images.to(load_kw["device"]), data.targets.to(load_kw["device"])
     suite = Suite(**{**suite_dict, "attacks": tuple(suite_dict["attacks"]),
                      "checkpoints": tuple(suite_dict["checkpoints"])})

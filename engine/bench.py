@@ -28,10 +28,11 @@ import torch
 
 from .backends import BACKENDS, BackendUnavailable, dtype_name, make_runner, parse_backends, parse_dtypes
 from .cost import count_row, format_explain
-from .data import DTD_CLASSES, TEMPLATES, load_dataset
+from .data import DTD_CLASSES, TEMPLATES, classifier_for, load_dataset
 from .defenses import defend, parse_defense, split_defense_name
 from .env import busy_warning, hardware, versions
-from .models import SccError, TINY_NAME, ZeroShotClassifier, check_device, image_size_of, load
+from .models import (SccError, TINY_NAME, ZeroShotClassifier, bundled_dataset, check_device, image_size_of,
+                     is_bundled, load)
 from .timing import summarize, timed_call, warm_up
 
 DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
@@ -56,19 +57,18 @@ def prepare(model: str = TINY_NAME, pretrained: str | None = None, n_images: int
             templates: Sequence[str] | None = None) -> tuple[ZeroShotClassifier, torch.Tensor, torch.Tensor | None, str]:
     """(classifier, images (n, 3, S, S), targets or None, description of the pixels) for a benchmark."""
     check_device(device)
-    if dataset is None and model == TINY_NAME:
-        dataset = "digits"
+    if dataset is None and is_bundled(model):
+        dataset = bundled_dataset(model)
     if dataset is not None:
         data = load_dataset(dataset, image_size_of(model), n_images)
         if len(data.targets) < n_images:
             raise SccError(f"dataset {dataset} has only {len(data.targets)} images, fewer than --images {n_images}")
-        if model == TINY_NAME and dataset == "digits":
+        if labels is not None:
             clf = load(model, pretrained, labels=labels, templates=templates, device=device, seed=seed)
-            what = "held-out digits (sklearn load_digits test split)"
         else:
-            clf = load(model, pretrained, labels=labels or data.classes, templates=templates or data.templates,
-                       device=device, seed=seed)
-            what = f"images of {data.name}"
+            clf = classifier_for(data, model, pretrained, templates, device, seed)
+        what = {"digits": "held-out digits (sklearn load_digits test split)",
+                "fashion": "held-out Fashion-MNIST test images (the shipped 1000)"}.get(dataset, f"images of {data.name}")
         return clf, data.images.to(device), data.targets.to(device), what
     clf = load(model, pretrained, labels=labels or list(DTD_CLASSES), templates=templates or TEMPLATES["dtd"],
                device=device, seed=seed)

@@ -351,3 +351,16 @@ def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
         imgs.append(resize_center_crop(pil_to_tensor(img)[None], size)[0])
         ys.append(int(label))
     return Dataset(name, torch.stack(imgs), torch.tensor(ys), classes, TEMPLATES.get(name, TEMPLATES["imagefolder"]))
+
+
+def classifier_for(dataset: Dataset, model: str, pretrained: str | None = None,
+                   templates: Sequence[str] | None = None, device: str | torch.device = "cpu", seed: int = 0):
+    """The zero-shot classifier of `model` over `dataset`'s classes: the one place that picks the prompts.
+
+    A bundled model keeps its held-out evaluation template (its word vocabulary covers its own prompts only);
+    any other model gets the dataset's templates unless `templates` is given."""
+    from .models import bundled_meta, is_bundled, load
+
+    if templates is None:
+        templates = bundled_meta(model)["eval_templates"] if is_bundled(model) else dataset.templates
+    return load(model, pretrained, labels=dataset.classes, templates=templates, device=device, seed=seed)

@@ -23,10 +23,10 @@ import math
 
 from .attacks import attack as run_attack
 from .backends import dtype_name, make_runner
-from .data import load_dataset
+from .data import classifier_for, load_dataset
 from .defenses import defend, split_defense_name
 from .env import hardware, versions
-from .models import TINY_NAME, SccError, bundled_meta, image_size_of, is_bundled, load
+from .models import SccError, image_size_of
 from .timing import timed_call
 
 PAPER_ATTACKS = ("none", "pgd", "cw", "pgd100", "apgd-ce", "apgd-dlr")
@@ -80,10 +80,7 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
             raise SccError(f"{key} must be a positive integer" + (" or None (all images)" if key == "n_images" else "")
                            + f", got {value!r}")
     data = load_dataset(dataset, image_size_of(model), n_images)
-    if is_bundled(model) and templates is None:
-        templates = bundled_meta(model)["eval_templates"]  # its vocabulary covers its own prompts only
-    clf = load(model, pretrained, labels=data.classes, templates=templates or data.templates, device=device,
-               seed=seed)
+    clf = classifier_for(data, model, pretrained, templates, device, seed)
     x_all, y_all = data.images.to(device), data.targets.to(device)
     gen = torch.Generator(device=x_all.device).manual_seed(seed)
     results, skipped = [], []

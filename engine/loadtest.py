@@ -97,7 +97,7 @@ def get_json(url: str, path: str) -> dict:
 
 
 def run_level(url: str, images: list[tuple[str, bytes]], concurrency: int, requests: int, max_seconds: float,
-              seed: int | None = 0, timeout: float = 60.0) -> dict:
+              seed: int | None = None, timeout: float = 60.0) -> dict:
     """One closed-loop level: `concurrency` threads, `requests` single-image requests in all (or max_seconds)."""
     lock = threading.Lock()
     counter = [0]
@@ -115,7 +115,7 @@ def run_level(url: str, images: list[tuple[str, bytes]], concurrency: int, reque
                         return
                     counter[0] += 1
                 name, data = images[i % len(images)]
-                query = f"?seed={seed}&key={i}" if seed is not None else ""
+                query = f"?key={i}" + (f"&seed={seed}" if seed is not None else "")
                 start = time.perf_counter()
                 try:
                     status, body = client.request("POST", "/v1/classify" + query, data,
@@ -225,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels (default: %(default)s)")
     p.add_argument("--requests", type=int, default=256, help="requests per level (default: %(default)s)")
     p.add_argument("--max-seconds", type=float, default=120.0, help="time bound per level (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="request seed; each request's key is its index (-1: none)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="request seed (the server needs --client-seeds); each request's key is its index")
     p.add_argument("--replicas", type=int, default=None, help="recorded in the report (the service's replicas)")
     p.add_argument("--no-in-process", dest="in_process", action="store_false", help="skip the in-process reference")
     p.add_argument("--json", default=None, help="write the report here")
@@ -242,7 +243,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SccError("--concurrency takes positive integers and --requests a positive count")
     info = get_json(a.url, "/v1/info")
     images = load_images(a.images, limit=max(a.requests, 1))
-    seed = None if a.seed < 0 else a.seed
+    seed = a.seed
+    if seed is not None and not info.get("client_seeds", False):
+        raise SccError(f"{a.url} refuses client-chosen seeds: drop --seed, or restart it with --client-seeds")
     load_before = os.getloadavg()
     run_level(a.url, images, 1, min(4, a.requests), 30, seed)  # connections and caches, not reported
     report = {"url": a.url, "service": {k: info.get(k) for k in ("model", "defense", "backend", "dtype", "max_batch",

@@ -2,7 +2,7 @@
 
     pip install -e '.[serve]'
     scc serve --model scc-tiny-digits --defense scc --backend compiled --replicas 2 --port 8000
-    curl -s -X POST --data-binary @seven.png -H 'Content-Type: image/png' 'http://127.0.0.1:8000/v1/classify?seed=0&key=7'
+    curl -s -X POST --data-binary @seven.png -H 'Content-Type: image/png' 'http://127.0.0.1:8000/v1/classify?key=7'
 
 Layers (the first two are plain Python, tested without Ray):
     parse_request(...)       HTTP body + query -> `Item`s (one per image; a part that cannot be decoded is an Item
@@ -14,8 +14,9 @@ Layers (the first two are plain Python, tested without Ray):
     main(argv)               the CLI: local Ray (or --address), serve until Ctrl-C, clean shutdown
 
 Randomness: image b's draws are a function of (seed, key) only (scc.draws.keyed_draws). The service's seed is a
-fresh secret unless --seed; a request may pass `seed` and `key` (then the answer equals
-`scc.defend(clf, defense, seed=seed)(x, keys=[key])` on the eager module, whatever batch it was served in).
+fresh secret unless --seed. A request may pass `key`, and `seed` only where the server was started with
+--client-seeds (off by default: whoever picks the seed knows the draws; such requests get 403); then the answer
+equals `scc.defend(clf, defense, seed=seed)(x, keys=[key])` on the eager module, whatever batch it was served in.
 Keys that are decimal integers are ints (as a dataset index), any other key is a string. Images without a key get
 a fresh uuid4 key under the service's seed.
 """
@@ -41,7 +42,7 @@ DEFAULTS = {
     "backend": "eager", "dtype": "auto", "device": "cpu", "max_batch": 8, "batch_wait_ms": 5.0, "seed": None,
     "threads": 1, "top_k": 5, "max_body_bytes": 16 * 2 ** 20, "max_pixels": 40_000_000, "max_images": 64,
     "timeout_s": 30.0, "replicas": 1, "min_replicas": None, "max_replicas": None, "target_ongoing": None,
-    "max_ongoing": None, "compile_cache": None,
+    "max_ongoing": None, "compile_cache": None, "client_seeds": False,
 }
 IMAGE_FIELD = "image"
 
@@ -140,8 +141,14 @@ def _int_query(query: Mapping[str, Sequence[str]], name: str, lo: int, hi: int, 
     return value
 
 
-def parse_query(query: Mapping[str, Sequence[str]], max_top_k: int) -> tuple[int | None, list | None, int | None]:
-    """(seed, keys or None, top_k) from the query parameters (each name -> its list of values)."""
+def parse_query(query: Mapping[str, Sequence[str]], max_top_k: int,
+                client_seeds: bool = True) -> tuple[int | None, list | None, int | None]:
+    """(seed, keys or None, top_k) from the query parameters (each name -> its list of values). A `seed` is
+    refused (403) unless the server lets clients choose seeds: whoever picks the seed knows every draw."""
+    if query.get("seed") and not client_seeds:
+        raise RequestError(403, "this server keeps its draws secret and refuses client-chosen seeds (a known seed "
+                                "is a known-draws attack); drop ?seed=, or start it with --client-seeds for "
+                                "reproducible answers")
     seed = _int_query(query, "seed", 0, 2 ** 63 - 1, "[0, 2**63)")
     keys = None
     if query.get("key"):
@@ -169,7 +176,8 @@ def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, str | Non
 
 
 def parse_request(content_type: str | None, body: bytes, query: Mapping[str, Sequence[str]], size: int,
-                  max_pixels: int, max_body_bytes: int, max_images: int = 64, max_top_k: int = 1000) -> list[Item]:
+                  max_pixels: int, max_body_bytes: int, max_images: int = 64, max_top_k: int = 1000,
+                  client_seeds: bool = True) -> list[Item]:
     """An HTTP request -> its Items (one per image, in order). RequestError (4xx) when the request as a whole is
     unusable: too large, no body, an unsupported type, bad query, or not one readable image."""
     if len(body) > max_body_bytes:
@@ -177,7 +185,7 @@ def parse_request(content_type: str | None, body: bytes, query: Mapping[str, Seq
     if not body:
         raise RequestError(400, "empty body: send one image (Content-Type image/*) or a multipart form with "
                                 f"'{IMAGE_FIELD}' parts")
-    seed, keys, top_k = parse_query(query, max_top_k)
+    seed, keys, top_k = parse_query(query, max_top_k, client_seeds)
     ctype = (content_type or "application/octet-stream").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         parts = [(filename or f"{IMAGE_FIELD}[{i}]", data)
@@ -231,6 +239,11 @@ def service_config(args: Mapping | None = None, **overrides) -> dict:
     for k in ("batch_wait_ms", "timeout_s", "target_ongoing"):
         if cfg[k] is not None:
             cfg[k] = float(cfg[k])
+    if isinstance(cfg["client_seeds"], str):  # a `serve deploy` YAML may hold strings
+        if cfg["client_seeds"].strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise SccError(f"serve setting client_seeds must be true or false, got {cfg['client_seeds']!r}")
+        cfg["client_seeds"] = cfg["client_seeds"].strip().lower() in ("true", "1", "yes")
+    cfg["client_seeds"] = bool(cfg["client_seeds"])
     for k in ("labels", "templates"):
         if isinstance(cfg[k], str):
             cfg[k] = [t.strip() for t in cfg[k].split("|" if k == "templates" else ",")]
@@ -280,7 +293,7 @@ class Service:
             "config": _jsonable(self.defended.config), "backend": self.backend, "dtype": dtype_name(self.dtype),
             "device": cfg["device"], "buckets": self.buckets, "max_batch": self.max_batch,
             "batch_wait_ms": cfg["batch_wait_ms"], "seed": "secret" if cfg["seed"] is None else cfg["seed"],
-            "threads": cfg["threads"],
+            "threads": cfg["threads"], "client_seeds": cfg["client_seeds"],
             "limits": {k: cfg[k] for k in ("max_body_bytes", "max_pixels", "max_images", "timeout_s")},
         }
         self.stats = {"batches": 0, "images": 0, "errors": 0}
@@ -515,9 +528,10 @@ def _deployment_class():
             try:
                 items = parse_request(request.headers.get("content-type"), bytes(body), query,
                                       self.service.classifier.image_size, self.cfg["max_pixels"], limit,
-                                      self.cfg["max_images"], len(self.service.classifier.labels))
+                                      self.cfg["max_images"], len(self.service.classifier.labels),
+                                      self.cfg["client_seeds"])
             except RequestError as err:
-                kind = {413: "too_large", 415: "bad_type"}.get(err.status, "bad_request")
+                kind = {413: "too_large", 415: "bad_type", 403: "seed_refused"}.get(err.status, "bad_request")
                 return self._fail(err.status, str(err), kind)
             for it in items:
                 it.enqueued = time.perf_counter()
@@ -612,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto", help="auto | fp32 | bf16 | fp16 (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu | cuda (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="the service's seed (default: a fresh secret per replica)")
+    p.add_argument("--client-seeds", action="store_true",
+                   help="let requests choose ?seed= (reproducible answers, e.g. for tests; whoever picks the seed "
+                        "knows the draws, so leave it off in production: such requests get 403)")
     p.add_argument("--max-batch", type=int, default=8, help="largest engine bucket = @serve.batch max_batch_size")
     p.add_argument("--batch-wait-ms", type=float, default=5.0, help="@serve.batch batch_wait_timeout_s in ms")
     p.add_argument("--replicas", type=int, default=1, help="fixed number of replicas (default: %(default)s)")
@@ -642,7 +659,7 @@ def args_to_config(a: argparse.Namespace) -> dict:
         batch_wait_ms=a.batch_wait_ms, replicas=a.replicas, min_replicas=a.min_replicas,
         max_replicas=a.max_replicas, target_ongoing=a.target_ongoing, max_ongoing=a.max_ongoing, threads=a.threads,
         top_k=a.top_k, max_body_bytes=int(a.max_body_mb * 2 ** 20), max_pixels=a.max_pixels,
-        max_images=a.max_images, timeout_s=a.timeout_s, compile_cache=a.compile_cache)
+        max_images=a.max_images, timeout_s=a.timeout_s, compile_cache=a.compile_cache, client_seeds=a.client_seeds)
 
 
 def serve_config_yaml(cfg: Mapping, host: str, port: int, timeout_s: float) -> str:

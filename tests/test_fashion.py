@@ -175,3 +175,62 @@ def test_classify_raw_fashion_mnist_files(fashion_clf, fashion, tmp_path, capsys
     with torch.no_grad():
         want = [FASHION_CLASSES[i] for i in fashion_clf(fashion.images[:6]).argmax(1)]
     assert got == want
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Everywhere the digits model works: bench, export, serve, the adaptive evaluation
+# ----------------------------------------------------------------------------------------------------------
+def test_bench_defaults_to_its_own_images(tmp_path, capsys):
+    from scc.bench import main as bench_main
+
+    out = tmp_path / "bench.json"
+    assert bench_main(["--model", FASHION_NAME, "--images", "2", "--defenses", "none,ttc", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["model"] == FASHION_NAME and "Fashion-MNIST" in report["pixels"]
+    assert [r["defense"] for r in report["rows"]] == ["none", "ttc"]
+
+
+def test_onnx_export_keeps_eager_signs_and_top1(fashion_clf, fashion, tmp_path):
+    """TTC exported from the fashion model: same draws -> same per-step signs and top-1 as the eager module."""
+    from scc.export import OrtDefended, export_onnx
+
+    defended = scc.defend(fashion_clf, "ttc", seed=0)
+    path = tmp_path / "fashion-ttc.onnx"
+    export_onnx(defended, path, batch_size=None, draws_as_inputs=True, trace_outputs=True)
+    ort_defended = OrtDefended(path, threads=1)
+    x = fashion.images[:16]
+    draws = defended.draws(x, keys=range(16))
+    trace_eager, trace_ort = [], []
+    eager = defended(x, draws, trace=trace_eager)
+    got = ort_defended(x, draws, trace=trace_ort)
+    assert (got.argmax(1) == eager.argmax(1)).all()
+    assert len(trace_ort) == len(trace_eager) > 0
+    for step, (a, b) in enumerate(zip(trace_eager, trace_ort)):
+        assert (a == b).float().mean().item() >= 0.999, f"step {step}: signs differ"
+
+
+def test_serve_handler_answers_like_the_eager_module(fashion):
+    from scc.serve import Item, Service, service_config
+
+    service = Service(service_config(model=FASHION_NAME, defense="scc-latency", backend="eager", max_batch=2))
+    assert service.classifier.labels == list(FASHION_CLASSES)
+    items = [Item(name=f"i{j}", x=fashion.images[j], seed=3, key=j, top_k=10) for j in range(3)]
+    answers = service.handle_batch(items)
+    reference = scc.defend(scc.load(FASHION_NAME), "scc", preset="latency", seed=3)
+    with torch.no_grad():
+        probs = reference(fashion.images[:3], keys=[0, 1, 2]).softmax(-1)
+    for j, r in enumerate(answers):
+        got = torch.tensor([r["scores"][lab] for lab in FASHION_CLASSES])
+        assert r["index"] == int(probs[j].argmax()) and torch.allclose(got, probs[j], atol=1e-5)
+
+
+def test_adaptive_protocol_runs_on_fashion(tmp_path):
+    from scc.adaptive import Suite, evaluate
+
+    suite = Suite(attacks=("pgd", "square"), pgd_steps=3, queries=5, checkpoints=(0, 3), sanity_images=0)
+    report = evaluate(FASHION_NAME, dataset="fashion", defenses=["none", "ttc"], n_images=4, batch_size=4,
+                      seed=0, suite=suite, progress=False, log=lambda line: None)
+    assert report["dataset"] == "fashion" and report["n_images"] == 4
+    worst = {(r["defense"], r["draws"]): r for r in report["results"] if r["attack"] == "worst"}
+    assert set(worst) == {("none", "known"), ("none", "fresh"), ("ttc", "known"), ("ttc", "fresh")}
+    assert all(0 <= r["accuracy"] <= 1 for r in worst.values())

@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import scc
+from scc.models import SccError
 from scc.serve import Item, RequestError, Service, decode_image, parse_request, serve_config_yaml, service_config
 
 SIZE, MAX_PIXELS, MAX_BODY = 32, 1_000_000, 1_000_000
@@ -99,6 +100,19 @@ def test_refused_requests(ctype, body, query, status, words):
         parse(ctype, body, query)
     assert err.value.status == status and words in str(err.value) and "\n" not in str(err.value)
     assert time.perf_counter() - start < 1.0  # the bomb is refused from its header, never decoded
+
+
+def test_client_seeds_are_refused_unless_allowed(images):
+    body = png_bytes(images[0])
+    with pytest.raises(RequestError, match="refuses client-chosen seeds.*--client-seeds") as err:
+        parse_request("image/png", body, {"seed": ["3"]}, SIZE, 10**6, MAX_BODY, client_seeds=False)
+    assert err.value.status == 403
+    items = parse_request("image/png", body, {"key": ["4"]}, SIZE, 10**6, MAX_BODY, client_seeds=False)
+    assert (items[0].seed, items[0].key) == (None, 4)  # keys stay: their draws come from the secret seed
+    assert service_config()["client_seeds"] is False
+    assert service_config(client_seeds="true")["client_seeds"] is True
+    with pytest.raises(SccError, match="client_seeds must be true or false"):
+        service_config(client_seeds="maybe")
 
 
 def test_multipart_refusals():
@@ -239,7 +253,8 @@ def test_end_to_end_on_loopback(images, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "scc.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
-                             "--defense", "scc", "--backend", "eager", "--max-batch", "8", "--batch-wait-ms", "20"],
+                             "--defense", "scc", "--backend", "eager", "--max-batch", "8", "--batch-wait-ms", "20",
+                             "--client-seeds"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     seen: set[int] = set()
     try:
