@@ -22,6 +22,10 @@ Steps (--steps, comma-separated):
            columns (scc.roofline): counted GFLOP per image, achieved GFLOP/s, the fraction of the GPU's measured
            matmul peak for its dtype, and at batch 1 the weight-streaming bound (rounds x weight bytes /
            measured bandwidth) and the fraction of the latency it explains.
+  onnx     ORT on the GPU: TTC and SCC-latency exported at a fixed batch (1, draws as inputs) in fp32 and fp16
+           (`scc export onnx --dtype fp16`), each timed with plain IOBinding vs CUDA graph capture
+           (scc.export.runtime.benchmark_cuda_graph, same pixels and draws; logits diff and top-1 agreement).
+           Needs onnx, onnxscript and onnxruntime-gpu; a missing one is recorded as the row's "skipped" reason.
 Results go to one JSON file (rewritten after every row, so a run cut short still leaves what it measured).
 Everything device-independent here (the classifier builder, the row runner) also runs on CPU:
 `python benchmarks/gpu_check.py --device cpu --vit tiny --steps models --batch-sizes 2 --dtypes fp32`.
@@ -206,9 +210,39 @@ def step_models(report: dict, args, write) -> None:
                     write()
 
 
+def step_onnx(report: dict, args, write) -> None:
+    """ORT CUDA provider, IOBinding vs CUDA graph, fp32 and fp16 files of TTC and SCC-latency at batch 1."""
+    import tempfile
+
+    from scc.defenses import defend, split_defense_name
+    from scc.models import SccError
+
+    clf = random_vit_classifier(args.vit, "cpu")  # traced on the CPU: the weights become the file's constants
+    report.setdefault("onnx", [])
+    folder = Path(tempfile.mkdtemp(prefix="scc-gpu-onnx-"))
+    for spec in ("ttc", "scc-latency"):
+        name, preset = split_defense_name(spec)
+        for dtype in ("fp32", "fp16"):
+            row = {"defense": spec, "dtype": dtype, "batch": 1, "model": clf.name}
+            try:
+                from scc.export import export_onnx
+                from scc.export.runtime import benchmark_cuda_graph
+
+                path = folder / f"{spec}-{dtype}.onnx"
+                info = export_onnx(defend(clf, name, preset=preset, seed=0), path, batch_size=1,
+                                   draws_as_inputs=True, dtype=DTYPES[dtype])
+                row["export_seconds"] = round(info["seconds"], 1)
+                row.update(benchmark_cuda_graph(path))
+            except (ImportError, SccError, RuntimeError) as err:
+                row["skipped"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300]}"
+            report["onnx"].append(row)
+            print(json.dumps(row), flush=True)
+            write()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", default="env,tests,kernels,models")
+    p.add_argument("--steps", default="env,tests,kernels,models,onnx")
     p.add_argument("--device", default="cuda")
     p.add_argument("--vit", default="b32", choices=sorted(VITS))
     p.add_argument("--defenses", default="ttc,scc-latency,scc")
@@ -254,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             write()
     if "models" in steps:
         step_models(report, args, write)
+    if "onnx" in steps:
+        step_onnx(report, args, write)
     write()
     print(f"wrote {out}")
     return 1 if report.get("tests", {}).get("returncode", 0) else 0

@@ -105,6 +105,20 @@ class Fp32Stem(nn.Module):
         return self.stem(x.float()).to(self.dtype)
 
 
+class Fp32LayerNorm(nn.Module):
+    """A LayerNorm computed in fp32 (its weights kept fp32) inside a reduced-precision tower, output in `dtype`,
+    as autocast does. The ONNX export of a reduced tower uses it: torch's exporter types an fp16 layer norm's
+    saved statistics fp16 where ONNX Runtime expects fp32 and refuses the file."""
+
+    def __init__(self, norm: nn.LayerNorm, dtype: torch.dtype):
+        super().__init__()
+        self.weight, self.bias = norm.weight, norm.bias  # fp32 Parameters (shared with the source tower)
+        self.shape, self.eps, self.dtype = norm.normalized_shape, norm.eps, dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x.float(), self.shape, self.weight, self.bias, self.eps).to(self.dtype)
+
+
 class PackedSelfAttention(nn.Module):
     """nn.MultiheadAttention (batch_first, self-attention, no mask) as linear -> SDPA -> linear on contiguous
     (N, L, E) tensors, with the same weights.
@@ -135,9 +149,10 @@ def is_packable_attention(m: nn.Module) -> bool:
 
 
 def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float32,
-                      kernels: dict | None = None) -> ZeroShotClassifier:
+                      kernels: dict | None = None, fp32_norms: bool = False) -> ZeroShotClassifier:
     """The engine's classifier: the image tower re-assembled (patch convs as matmuls, `dtype`), text buffer as
-    is, and the hand kernels its defenses call (`kernels`, see scc.views.embed_views; none = torch ops)."""
+    is, and the hand kernels its defenses call (`kernels`, see scc.views.embed_views; none = torch ops).
+    `fp32_norms`: a reduced tower's LayerNorms run in fp32 (Fp32LayerNorm; the ONNX export needs it)."""
     memo = {id(t): t for t in (*clf.visual.parameters(), *clf.visual.buffers())}
     visual = copy.deepcopy(clf.visual, memo)  # copy the module tree, share every tensor
     stems = 0
@@ -149,6 +164,8 @@ def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float3
     if dtype != torch.float32:  # the converted weights are the engine's own; a single patch stem stays fp32
         stem = next((m for m in visual.modules() if isinstance(m, PatchMatmul)), None) if stems == 1 else None
         keep = {id(t) for t in stem.parameters()} if stem is not None else set()
+        norms = [m for m in visual.modules() if isinstance(m, nn.LayerNorm)] if fp32_norms else []
+        keep |= {id(t) for m in norms for t in m.parameters()}
         for module in visual.modules():
             for key, param in list(module._parameters.items()):
                 if param is not None and id(param) not in keep:
@@ -160,6 +177,8 @@ def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float3
             for name, child in list(parent.named_children()):
                 if stem is not None and child is stem:
                     setattr(parent, name, Fp32Stem(stem, dtype))
+                elif any(child is m for m in norms):
+                    setattr(parent, name, Fp32LayerNorm(child, dtype))
                 elif is_packable_attention(child):
                     setattr(parent, name, PackedSelfAttention(child))
         visual = CastVisual(visual, dtype, cast_input=stem is None)

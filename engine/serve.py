@@ -277,8 +277,13 @@ class Service:
         self.defended = defend(self.classifier, name, preset=preset, seed=cfg["seed"])
         self.defended.validate = False  # decoded pixels are in [0,1] by construction
         self.max_batch = cfg["max_batch"]
-        self.runner = make_runner(self.defended, cfg["backend"], batch_size=self.max_batch, dtype=self.dtype)
         self.backend = cfg["backend"]
+        self.artifacts = None  # the compile-cache artifact file of this exact replica (compiled/triton with a cache)
+        self.artifacts_loaded = False
+        if cfg["compile_cache"] and self.backend in ("compiled", "triton"):
+            self.artifacts = artifact_path(cfg["compile_cache"], self.cache_key(dtype_name(self.dtype)))
+            self.artifacts_loaded = load_compile_artifacts(self.artifacts)
+        self.runner = make_runner(self.defended, cfg["backend"], batch_size=self.max_batch, dtype=self.dtype)
         if self.backend == "onnx":
             self.buckets = [self.max_batch]  # one fixed-batch file
         else:
@@ -313,7 +318,21 @@ class Service:
                 self.runner.warmup(b)
             self.handle_batch(items, count=False)
             self.bucket_seconds[b] = time.perf_counter() - start
+        if self.artifacts is not None and not self.artifacts_loaded:
+            save_compile_artifacts(self.artifacts)
         self.ready = True
+
+    def cache_key(self, dtype: str) -> dict:
+        """What a compiled replica's graphs depend on: model, defense and its config, buckets, dtype, device,
+        backend and versions. Its hash names the artifact file, so a change of any of them is a miss."""
+        from .env import versions
+        from .plumbing import power_of_two_buckets
+
+        cfg = self.cfg
+        return {"model": cfg["model"], "pretrained": cfg["pretrained"], "labels": list(self.classifier.labels),
+                "templates": cfg["templates"], "defense": self.defended.label,
+                "config": _jsonable(self.defended.config), "backend": self.backend, "dtype": dtype,
+                "device": cfg["device"], "buckets": power_of_two_buckets(self.max_batch), "versions": versions()}
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n) if self.pad else n
@@ -322,6 +341,7 @@ class Service:
         from .env import versions
 
         return {**self.info_static, "ready": self.ready, "load_seconds": round(self.load_seconds, 3),
+                "compile_artifacts": self.artifacts, "compile_artifacts_loaded": self.artifacts_loaded,
                 "bucket_warm_seconds": {str(b): round(t, 3) for b, t in self.bucket_seconds.items()},
                 "compile_seconds": self.runner.compile_seconds, "stats": dict(self.stats), "versions": versions()}
 
@@ -409,6 +429,52 @@ def enable_compile_cache(folder: str) -> None:
     inductor_config.fx_graph_cache = True  # the config module may have read the environment already
     if hasattr(inductor_config, "autograd_cache"):
         inductor_config.autograd_cache = True
+
+
+def artifact_path(folder: str, key: Mapping) -> str:
+    """`folder/scc-<hash of key>.bin`, with the key beside it as JSON (what the file was built for)."""
+    import hashlib
+
+    text = json.dumps(key, sort_keys=True, default=str)
+    digest = hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
+    path = os.path.join(folder, f"scc-{digest}.bin")
+    if not os.path.exists(path + ".json"):
+        os.makedirs(folder, exist_ok=True)
+        with open(path + ".json", "w") as f:
+            f.write(json.dumps(key, indent=2, sort_keys=True, default=str))
+    return path
+
+
+def load_compile_artifacts(path: str) -> bool:
+    """Preload torch's compile caches from one artifact file (torch.compiler.load_cache_artifacts): True when it
+    existed and loaded. A replica on a host whose local caches are empty starts warm from this one file."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        blob = f.read()
+    try:
+        info = torch.compiler.load_cache_artifacts(blob)  # None when the bytes do not deserialize
+        reason = None if info is not None else "not a torch compile-cache artifact (checksum or format)"
+    except Exception as err:  # a truncated or foreign file must not stop the replica: it compiles instead
+        reason = f"{type(err).__name__}: {err}"
+    if reason is not None:
+        print(f"scc serve: ignoring the compile-cache artifact {path} ({reason}); compiling from scratch",
+              file=sys.stderr)
+        return False
+    return True
+
+
+def save_compile_artifacts(path: str) -> bool:
+    """Write what this process compiled (torch.compiler.save_cache_artifacts) to `path`, atomically."""
+    saved = torch.compiler.save_cache_artifacts()
+    if not saved:
+        return False
+    blob = saved[0]
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(blob)
+    os.replace(tmp, path)
+    return True
 
 
 class EngineQueue:

@@ -37,6 +37,9 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
     parser.add_argument("--no-optimize", dest="optimize", action="store_false", help="skip the ONNX optimizer passes")
     parser.add_argument("--seed", type=int, default=0, help="seed of random weights (--pretrained none)")
+    parser.add_argument("--dtype", default="fp32",
+                        help="the image tower's precision in the file: fp32 (default) | fp16 (GPU runtimes: ORT CUDA, "
+                             "TensorRT) | bf16; patch stem, LayerNorms, perturbation, losses and logits stay fp32")
     add_common(parser, json_output=False)
 
 
@@ -105,6 +108,15 @@ def _defended(args: argparse.Namespace):
     return scc.defend(clf, name, preset=preset)
 
 
+def _export_dtype(args: argparse.Namespace):
+    from scc.backends import parse_dtypes
+
+    dtypes = parse_dtypes(args.dtype)
+    if len(dtypes) != 1:
+        raise SccError(f"--dtype takes one of fp32, bf16, fp16, got {args.dtype!r}")
+    return dtypes[0]
+
+
 def export_command(args: argparse.Namespace) -> dict:
     from scc.cli import check_output
 
@@ -113,7 +125,7 @@ def export_command(args: argparse.Namespace) -> dict:
     from scc.export import export_onnx
 
     return export_onnx(defended, args.out, batch_size=args.batch_size, draws_as_inputs=args.draws_as_inputs,
-                       opset=args.opset, optimize=args.optimize)
+                       opset=args.opset, optimize=args.optimize, dtype=_export_dtype(args))
 
 
 def triton_command(args: argparse.Namespace) -> dict:
@@ -127,13 +139,13 @@ def triton_command(args: argparse.Namespace) -> dict:
     return export_triton(_defended(args), repo, name=args.name, max_batch=args.max_batch, instances=args.instances,
                          device=args.device, tensorrt=args.tensorrt, queue_delay_us=args.queue_delay_us,
                          draws_as_inputs=args.draws_as_inputs, opset=args.opset, optimize=args.optimize,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, dtype=_export_dtype(args))
 
 
 def _describe(info: dict) -> str:
     draws = "inputs " + ", ".join(info["inputs"][1:]) if len(info["inputs"]) > 1 else "drawn in the graph"
     batch = "dynamic" if info["batch_size"] is None else info["batch_size"]
-    return (f"{info['bytes'] / 1e6:.1f} MB, {info['nodes']} nodes, opset {info['opset']}, batch {batch}, "
+    return (f"{info['bytes'] / 1e6:.1f} MB, {info['dtype']}, {info['nodes']} nodes, opset {info['opset']}, batch {batch}, "
             f"random draws {draws}, {info['seconds']:.1f} s")
 
 

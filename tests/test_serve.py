@@ -351,3 +351,23 @@ def test_engine_queue_coalesces_and_answers_everyone():
     assert first == [{"name": "a0", "batch_size": 1}]
     assert [[r["name"] for r in res] for res in rest] == [[f"b{i}", f"c{i}"] for i in range(4)]
     assert calls == [["a0"], ["b0", "c0", "b1", "c1"], ["b2", "c2", "b3", "c3"]]  # full batches, FIFO
+
+
+def test_compile_artifacts_are_written_once_and_keyed(tmp_path, capsys):
+    """A compiled replica with --compile-cache leaves one torch.compiler artifact file keyed by what its graphs
+    depend on; a replica with the same key loads it, another defense misses, a corrupt file is ignored."""
+    from scc.serve import artifact_path, load_compile_artifacts
+
+    cfg = service_config(defense="none", backend="compiled", max_batch=1, compile_cache=str(tmp_path))
+    first = Service(cfg)
+    assert first.artifacts and not first.artifacts_loaded
+    assert Path(first.artifacts).stat().st_size > 0
+    key = json.loads(Path(first.artifacts + ".json").read_text())
+    assert key["defense"] == "none" and key["buckets"] == [1] and key["dtype"] == "fp32" and "torch" in key["versions"]
+    assert artifact_path(str(tmp_path), first.cache_key("fp32")) == first.artifacts  # same replica, same file
+    assert artifact_path(str(tmp_path), {**key, "defense": "ttc"}) != first.artifacts
+    assert load_compile_artifacts(first.artifacts)
+    bad = tmp_path / "scc-bad.bin"
+    bad.write_bytes(b"not an artifact")
+    assert not load_compile_artifacts(str(bad)) and "ignoring the compile-cache artifact" in capsys.readouterr().err
+    assert not load_compile_artifacts(str(tmp_path / "missing.bin"))
