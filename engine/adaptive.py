@@ -219,9 +219,10 @@ class Suite:
                 "eot-pgd": self.eot_steps, "bpda-pgd": self.bpda_steps, "transfer-nocorrect": self.transfer_steps,
                 "square": self.queries}[attack]
 
-    def applies(self, attack: str, defended, n_classes: int) -> bool:
+    def applies(self, attack: str, defense: str, n_classes: int) -> bool:
+        """Whether `attack` runs against `defense` (a name: none, ttc, scc, ...) on an n_classes task."""
         if attack == "transfer-nocorrect":
-            return defended.defense == "scc"
+            return defense == "scc"
         if attack == "apgd-dlr":
             return n_classes >= 3
         return True
@@ -290,15 +291,33 @@ def stderr(p: float, n: int) -> float:
     return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
 
 
+def jobs_of(defenses: Sequence[str], eps_list: Sequence[float], suite: Suite,
+            n_classes: int) -> list[tuple[str | None, float, str]]:
+    """The (defense spec or None, eps, attack) jobs run on every batch, in order; None = the non-adaptive
+    PGD-10 on the undefended classifier, kept for reference."""
+    from .defenses import split_defense_name
+
+    jobs = []
+    for eps in eps_list:
+        jobs.append((None, eps, "paper-pgd"))
+        for spec in defenses:
+            for attack in suite.attacks:
+                if suite.applies(attack, split_defense_name(spec)[0], n_classes):
+                    jobs.append((spec, eps, attack))
+    return jobs
+
+
 def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_all: torch.Tensor,
                      y_all: torch.Tensor, batches: Sequence[tuple[int, int]], seed: int, suite: Suite,
-                     progress: bool = True, on_first: Callable[[dict], None] | None = None) -> dict:
+                     progress: bool = True, on_first: Callable[[dict], None] | None = None,
+                     on_job: Callable[[str], None] | None = None) -> dict:
     """Run the suite on the given batches (global (start, stop) index ranges; keys = dataset indices).
 
     Returns per-image results that merge across shards: {"correct": {(defense, eps, attack, draws): {index:
     bool}}, "curves": {(defense, eps, draws): {k: {index: bool}}}, "seconds": {(defense, eps, attack): [s, n]},
     "sanity": {defense: {index: bool}}, "defense_seconds": {defense: [s, n]}}.
-    on_first(estimates) is called once after the first batch of every attack has run (cost estimate)."""
+    on_first(estimates) is called once after the first batch of every attack has run (cost estimate); on_job(label)
+    after each (batch, attack) job (a worker process reports its progress to the driver with it)."""
     from .attacks import attack as paper_attack
     from .defenses import defend, split_defense_name
     from .timing import timed_call
@@ -322,13 +341,7 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
         c[0] += cpu
         c[1] += n
 
-    jobs = []  # (spec, eps, attack)
-    for eps in eps_list:
-        jobs.append((None, eps, "paper-pgd"))  # non-adaptive PGD-10 on the undefended classifier, for reference
-        for spec in defenses:
-            for attack in suite.attacks:
-                if suite.applies(attack, defended_all[spec][0], n_classes):
-                    jobs.append((spec, eps, attack))
+    jobs = jobs_of(defenses, eps_list, suite, n_classes)
     first_done = False
     order = [(b, j) for b in range(len(batches)) for j in jobs]
     bar = tqdm(total=len(order), desc="adaptive eval", disable=not progress)
@@ -372,6 +385,8 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
                         out["curves"].setdefault((spec, eps, "fresh"), {}).setdefault(k, {}).update(
                             {i: bool(v) for i, v in zip(idx, (pred == y).tolist())})
             bar.update(1)
+            if on_job is not None:
+                on_job(f"{attack} {spec or 'clf'} eps={eps * 255:g}/255")
         # sanity: PGD-20 at 16/255 through each defense (known draws) on the first suite.sanity_images images
         if suite.sanity_images and lo < suite.sanity_images:
             m = min(hi, suite.sanity_images) - lo
@@ -549,7 +564,8 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
              defenses: Sequence[str] = ("none", "ttc", "scc"), eps_list: Sequence[float] = (4 / 255,),
              n_images: int | None = None, batch_size: int = 64, device: str = "cpu", seed: int = 0,
              suite: Suite | None = None, progress: bool = True, templates: Sequence[str] | None = None,
-             ray_address: str | None = None, log: Callable[[str], None] = print) -> dict:
+             ray_address: str | None = None, log: Callable[[str], None] = print, workers: int = 1,
+             threads: int | None = None) -> dict:
     """The adaptive protocol end to end; returns the JSON-ready report (see the module docstring)."""
     from .data import classifier_for, load_dataset
     from .env import hardware, versions
@@ -562,6 +578,10 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
     data = load_dataset(dataset, image_size_of(model), n_images)
     clf = classifier_for(data, model, pretrained, templates, device)
     x_all, y_all = data.images.to(device), data.targets.to(device)
+    if workers < 1:
+        raise SccError(f"workers must be a positive number of processes, got {workers!r}")
+    if workers > 1 and not ray_address:  # batches small enough that every worker gets several: the pool balances
+        batch_size = max(1, min(batch_size, math.ceil(len(y_all) / (2 * workers))))
     batches = plan_batches(len(y_all), batch_size)
     started = time.perf_counter()
 
@@ -574,21 +594,32 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
             lines.append(f"  {attack:<19} {spec:<12} eps={eps * 255:g}/255  {spi:8.3f} s/image ({cpu:.3f} CPU s)"
                          f"  ~{spi * n:7.0f} s")
             total += spi * n
-        lines.append(f"  total ~{total / 60:.1f} min of attack time on {torch.get_num_threads()} thread(s)"
-                     + (" (split over the Ray workers)" if ray_address else ""))
+        if workers > 1 and not ray_address:
+            lines.append(f"  total ~{total / 60:.1f} min of attack time in one process; ~{total / 60 / workers:.1f} "
+                         f"min of wall time over {workers} worker processes ({threads or 1} thread(s) each)")
+        else:
+            lines.append(f"  total ~{total / 60:.1f} min of attack time on {torch.get_num_threads()} thread(s)"
+                         + (" (split over the Ray workers)" if ray_address else ""))
         log("\n".join(lines))
 
     if ray_address:
         raw = _run_ray(ray_address, dict(model=model, pretrained=pretrained, dataset=dataset, n_images=n_images,
                                          templates=templates, device=device), defenses, eps_list, batches, seed,
                        suite, progress, estimate)
+    elif workers > 1:
+        n_jobs = len(jobs_of(defenses, eps_list, suite, clf.num_classes))
+        raw = _run_local(workers, dict(model=model, pretrained=pretrained, dataset=dataset, n_images=n_images,
+                                       templates=templates, device=device), defenses, eps_list, batches, seed,
+                         suite, progress, estimate, n_jobs, threads or 1)
     else:
         raw = evaluate_batches(clf, defenses, eps_list, x_all, y_all, batches, seed, suite, progress, estimate)
     report = {"protocol": "adaptive", "model": model, "pretrained": pretrained, "dataset": data.name,
               "n_images": len(y_all), "device": str(device), "seed": seed,
               "fresh_seed": "derived from seed (blake2b of seed and 'fresh-draws'); never seen by the attacker",
-              "threads": torch.get_num_threads(), "hardware": hardware(device), "versions": _versions(versions),
-              "batch_size": batch_size, "ray": ray_address, "wall_seconds": time.perf_counter() - started,
+              "threads": (threads or 1) if workers > 1 and not ray_address else torch.get_num_threads(),
+              "hardware": hardware(device), "versions": _versions(versions),
+              "batch_size": batch_size, "ray": ray_address, "workers": 1 if ray_address else workers,
+              "wall_seconds": time.perf_counter() - started,
               "suite": dataclasses.asdict(suite),
               "results": build_rows(raw, defenses, eps_list, suite), "steps_curves": curves_of(raw),
               "sanity_16": [{"defense": s, "eps": suite.sanity_eps, "steps": suite.sanity_steps,
@@ -612,7 +643,10 @@ def _versions(versions) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 # Ray: whole batches per task, so every batch is computed exactly as in one process
 # ----------------------------------------------------------------------------------------------------------
-def _shard_task(load_kw: dict, defenses, eps_list, batches, seed, suite_dict, threads: int = 1) -> dict:
+def _shard_task(load_kw: dict, defenses, eps_list, batches, seed, suite_dict, threads: int = 1,
+                ticks=None) -> dict:
+    """One worker's share (Ray task or local process): whole batches, computed exactly as in one process.
+    `ticks`: a queue that gets one label per finished (batch, attack) job (local workers' progress bar)."""
     torch.set_num_threads(threads)
     from .data import classifier_for, load_dataset
     from .models import image_size_of
@@ -626,14 +660,75 @@ def _shard_task(load_kw: dict, defenses, eps_list, batches, seed, suite_dict, th
     n = sum(hi - lo for lo, hi in batches)
 
     def estimate(per_image: dict) -> None:  # printed by the worker (Ray forwards it to the driver)
+        if ticks is not None:  # a local worker: the driver prints one estimate for the whole run
+            return
         total = sum(v for v, _ in per_image.values()) * n
         print(f"shard of {n} images ({len(batches)} batches): estimated ~{total / 60:.1f} min; wall (CPU) seconds "
               "per image: " + ", ".join(f"{a} {s} {e * 255:g}/255: {v:.2f} ({c:.2f})"
                                         for (s, e, a), (v, c) in sorted(per_image.items())), flush=True)
 
     raw = evaluate_batches(clf, defenses, eps_list, x_all, y_all, batches, seed, suite, progress=False,
-                           on_first=estimate)
+                           on_first=estimate, on_job=None if ticks is None else ticks.put)
     return _freeze(raw)
+
+
+def default_workers(device: str) -> int:
+    """Local worker processes for `--workers auto`: one per usable CPU core on the CPU (one torch thread each;
+    two threads in one process were measured no faster than one on this suite's small batches), one on a GPU."""
+    if str(device).startswith("cuda"):
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def _run_local(workers: int, load_kw: dict, defenses, eps_list, batches, seed, suite: Suite, progress,
+               estimate, n_jobs: int, threads: int = 1) -> dict:
+    """Batches over `workers` local processes (spawned, `threads` torch threads each), one task per batch so the
+    pool balances itself; the first batch to finish (the small probe batch) makes the run's estimate."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    manager = ctx.Manager()
+    ticks = manager.Queue()
+    bar = tqdm(total=len(batches) * n_jobs, desc=f"adaptive eval ({workers} workers)", disable=not progress)
+    stop = threading.Event()
+
+    def drain():
+        import queue
+
+        while not stop.is_set():
+            try:
+                label = ticks.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    parts, estimated = [], False
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            args = (load_kw, list(defenses), list(eps_list))
+            suite_dict = dataclasses.asdict(suite)
+            pending = {pool.submit(_shard_task, *args, [b], seed, suite_dict, threads, ticks): b for b in batches}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    lo, hi = pending.pop(fut)
+                    part = fut.result()
+                    parts.append(part)
+                    if not estimated:
+                        estimated = True
+                        estimate({key: (sec / n, part["cpu_seconds"][key][0] / n)
+                                  for key, (sec, n) in part["seconds"].items()})
+    finally:
+        stop.set()
+        reader.join()
+        bar.close()
+        manager.shutdown()
+    return merge(parts)
 
 
 def _freeze(raw: dict) -> dict:
@@ -873,10 +968,21 @@ def cli_eval(args) -> int:
             raise SccError("--queries and --eot-samples must be positive")
         suite = Suite(attacks=attacks, queries=args.queries, eot_k=args.eot_samples,
                       sanity_images=(args.images or 10**9) if args.sanity else 32)
+        threads = torch.get_num_threads() if args.threads is not None else 1
+        if args.workers == "auto":
+            workers = max(1, default_workers(args.device) // threads)
+        else:
+            try:
+                workers = int(args.workers)
+            except ValueError:
+                workers = 0
+            if workers < 1:
+                raise SccError(f"--workers takes auto or a positive number of processes, got {args.workers!r}")
         report = evaluate(args.model, args.pretrained, args.dataset, defenses=args.defenses.split(","),
                           eps_list=eps_list, n_images=args.images, batch_size=args.batch_size, device=args.device,
                           seed=args.seed, suite=suite, progress=not args.quiet, templates=templates,
-                          ray_address=args.ray, log=lambda line: print(line, file=sys.stderr))
+                          ray_address=args.ray, log=lambda line: print(line, file=sys.stderr), workers=workers,
+                          threads=threads)
         text = format_adaptive_table(report) + "\n" + "\n".join(report["sanity"])
     if args.json == "-":
         print(json.dumps(report, indent=2))

@@ -448,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="folder for report.json, report.md and the PNG plots")
     p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
                    help="adaptive protocol: shard the images over Ray tasks (pip install 'scc-defense[ray]')")
+    p.add_argument("--workers", default="auto", metavar="auto|N",
+                   help="adaptive protocol: local worker processes, each with --threads threads (default auto: "
+                        "usable CPU cores // threads, 1 on a GPU); the merged report equals a one-process run")
     p.add_argument("--adaptive-attacks", default=None,
                    help="adaptive protocol: comma-separated subset of pgd,apgd-ce,apgd-dlr,eot-pgd,bpda-pgd,"
                         "transfer-nocorrect,square (default: all)")

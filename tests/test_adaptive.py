@@ -247,3 +247,19 @@ def test_ray_shards_equal_one_process(local_ray):
     acc = lambda rep: [(r["attack"], r["draws"], r["accuracy"]) for r in rep["results"]]
     assert acc(sharded) == acc(single)
     assert sharded["steps_curves"] == single["steps_curves"]
+
+
+def test_local_workers_equal_one_process(capsys):
+    """`--workers 2`: batches over two spawned processes, merged; same accuracies and curves as one process."""
+    kw = dict(defenses=["ttc"], eps_list=[EPS], n_images=5, batch_size=2, seed=7, progress=False,
+              suite=Suite(**{**TINY_SUITE, "attacks": ("pgd", "square"), "sanity_images": 0}))
+    lines = []
+    pooled = evaluate(workers=2, log=lines.append, **kw)
+    single = evaluate(log=lambda line: None, **kw)
+    acc = lambda rep: [(r["attack"], r["draws"], r["accuracy"], r["n"]) for r in rep["results"]]
+    assert acc(pooled) == acc(single)
+    assert pooled["steps_curves"] == single["steps_curves"]
+    assert pooled["workers"] == 2 and single["workers"] == 1
+    assert len(lines) == 1 and "over 2 worker processes" in lines[0]
+    with pytest.raises(SccError, match="positive number of processes"):
+        evaluate(workers=0, log=lambda line: None, **kw)
