@@ -159,7 +159,8 @@ def run_level(url: str, images: list[tuple[str, bytes]], concurrency: int, reque
             "stopped_by_time": len(samples) < requests}
 
 
-def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_seconds: float) -> dict:
+def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_seconds: float,
+               compile_cache: str | None = None) -> dict:
     """The same images through scc.serve.Service in this process (the service's configuration and threads), in
     chunks of its max batch: images/s of the batch handler alone (no HTTP, no Ray, no decoding)."""
     import torch
@@ -169,7 +170,8 @@ def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_s
     threads = int(info.get("threads") or 1)
     cfg = service_config(model=info["model"], pretrained=info.get("pretrained"), labels=info["labels"],
                          defense=info["defense"], backend=info["backend"], dtype=info["dtype"],
-                         device=info.get("device", "cpu"), max_batch=info["max_batch"], threads=threads)
+                         device=info.get("device", "cpu"), max_batch=info["max_batch"], threads=threads,
+                         compile_cache=compile_cache)
     start = time.perf_counter()
     service = Service(cfg)
     start_s = time.perf_counter() - start
@@ -229,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="request seed (the server needs --client-seeds); each request's key is its index")
     p.add_argument("--replicas", type=int, default=None, help="recorded in the report (the service's replicas)")
     p.add_argument("--no-in-process", dest="in_process", action="store_false", help="skip the in-process reference")
+    p.add_argument("--compile-cache", default=None,
+                   help="the server's --compile-cache folder: the in-process reference of a compiled service loads "
+                        "its graphs from there instead of compiling every bucket again")
     p.add_argument("--json", default=None, help="write the report here")
     p.add_argument("--png", default=None, help="latency vs throughput plot (default: the --json path with .png)")
     return p
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
               f"p95 {lat.get('p95', float('nan')):8.1f}  p99 {lat.get('p99', float('nan')):8.1f}  "
               f"batch {row['mean_batch_size']}  errors {row['error_count']}", flush=True)
     if a.in_process:
-        ref = in_process(info, images, a.requests, a.max_seconds)
+        ref = in_process(info, images, a.requests, a.max_seconds, a.compile_cache)
         report["in_process"] = ref
         for row in report["levels"]:
             row["overhead_ratio"] = round(row["throughput_images_s"] / ref["throughput_images_s"], 3) \

@@ -3,6 +3,7 @@
     python -m scc.export.measure                                  # bundled model: TTC and SCC-latency
     python -m scc.export.measure --vit                             # + ViT-B-32 TTC (random weights), once
     python -m scc.export.measure --out benchmarks/results/onnx-dynamic-cpu.json
+    python -m scc.export.measure --fp16 --batches 8 --out benchmarks/results/onnx-fp16-cpu.json   # + fp16 files
 
 One thread everywhere (torch and ONNX Runtime intra-op). Every file takes the draws as inputs, so eager and ORT
 run on identical draws (top-1 agreement is reported). Latency: per image, median over `--repeats` calls, eager
@@ -45,9 +46,11 @@ def environment() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 
-def _export(defended, folder: Path, tag: str, batch_size: int | None) -> tuple[dict, OrtDefended]:
-    path = folder / f"{tag}-{'dynamic' if batch_size is None else f'b{batch_size}'}.onnx"
-    info = export_onnx(defended, path, batch_size=batch_size, draws_as_inputs=True)
+def _export(defended, folder: Path, tag: str, batch_size: int | None,
+            dtype: torch.dtype = torch.float32) -> tuple[dict, OrtDefended]:
+    suffix = "" if dtype == torch.float32 else "-fp16"
+    path = folder / f"{tag}-{'dynamic' if batch_size is None else f'b{batch_size}'}{suffix}.onnx"
+    info = export_onnx(defended, path, batch_size=batch_size, draws_as_inputs=True, dtype=dtype)
     return {"export_s": round(info["seconds"], 2), "trace_s": round(info["trace_seconds"], 2),
             "mb": round(info["bytes"] / 1e6, 3), "nodes": info["nodes"], "skipped_passes": info["skipped_passes"]}, \
         OrtDefended(path, threads=1)
@@ -67,7 +70,9 @@ def _latency(runners: dict, x: torch.Tensor, draws: dict, repeats: int) -> dict[
 
 
 def measure_model(model: str, defenses: list[tuple[str, str]], batches: list[int], repeats: int, folder: Path,
-                  latency: bool = True) -> list[dict]:
+                  latency: bool = True, fp16: bool = False) -> list[dict]:
+    """fp16: also a fixed-batch fp16 file per batch (`--dtype fp16`), timed beside the others ("ort_fixed_fp16")
+    with its top-1 agreement with the fp32 eager module on the same draws."""
     if model == "scc-tiny-digits":
         clf, pool = scc.load(model), load_dataset("digits", 32).images
     else:
@@ -83,6 +88,10 @@ def measure_model(model: str, defenses: list[tuple[str, str]], batches: list[int
         for b in batches:
             fixed_info, fixed = _export(defended, folder, tag, b)
             row["fixed"][str(b)] = fixed_info
+            runs = {"dynamic": dynamic, "fixed": fixed}
+            if fp16:
+                half_info, runs["fixed_fp16"] = _export(defended, folder, tag, b, torch.float16)
+                row.setdefault("fixed_fp16", {})[str(b)] = half_info
             if not latency:
                 continue
             x = pool[:b]
@@ -90,12 +99,13 @@ def measure_model(model: str, defenses: list[tuple[str, str]], batches: list[int
             with torch.no_grad():
                 eager = defended(x, draws)
             agreement = {k: (run(x, draws).argmax(1) == eager.argmax(1)).float().mean().item()
-                         for k, run in (("dynamic", dynamic), ("fixed", fixed))}
-            ms = _latency({"eager": lambda x, d: defended(x, d), "ort_dynamic": dynamic, "ort_fixed": fixed},
+                         for k, run in runs.items()}
+            ms = _latency({"eager": lambda x, d: defended(x, d), **{f"ort_{k}": r for k, r in runs.items()}},
                           x, draws, repeats)
             row.setdefault("latency_ms_per_image", {})[str(b)] = {
                 **ms, "eager_over_ort_dynamic": round(ms["eager"] / ms["ort_dynamic"], 2),
                 "ort_fixed_over_ort_dynamic": round(ms["ort_fixed"] / ms["ort_dynamic"], 3),
+                **({"ort_fixed_fp16_over_ort_fixed": round(ms["ort_fixed_fp16"] / ms["ort_fixed"], 3)} if fp16 else {}),
                 "top1_agreement_with_eager": agreement}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -108,6 +118,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--vit", action="store_true", help="also ViT-B-32 TTC (random weights): export only")
     parser.add_argument("--only-vit", action="store_true", help="ViT-B-32 only, merged into an existing --out")
+    parser.add_argument("--batches", default="1,8", help="fixed batch sizes (default: %(default)s)")
+    parser.add_argument("--fp16", action="store_true", help="also fp16 fixed-batch files (`--dtype fp16`)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -116,8 +128,9 @@ def main(argv=None) -> int:
                    "env": environment(), "load_average_start": os.getloadavg()})
     with tempfile.TemporaryDirectory() as tmp:
         if not args.only_vit:
-            report["rows"] = measure_model("scc-tiny-digits", [("ttc", "paper"), ("scc", "latency")], [1, 8],
-                                           args.repeats, Path(tmp))
+            report["rows"] = measure_model("scc-tiny-digits", [("ttc", "paper"), ("scc", "latency")],
+                                           [int(b) for b in args.batches.split(",")], args.repeats, Path(tmp),
+                                           fp16=args.fp16)
         if args.vit or args.only_vit:
             report["vit_b32"] = measure_model("ViT-B-32", [("ttc", "paper")], [1], 0, Path(tmp), latency=False)
     report["load_average_end"] = os.getloadavg()
