@@ -284,7 +284,7 @@ def test_export_speaks_the_same_defense_and_template_language(capsys, tmp_path, 
     def fake_export(defended, path, **kw):
         seen.update(label=defended.label, templates=defended.classifier.templates)
         return {"path": str(path), "bytes": 1, "nodes": 1, "opset": 18, "batch_size": 1, "inputs": ["pixels"],
-                "seconds": 0.0}
+                "seconds": 0.0, "dtype": "fp32"}
 
     monkeypatch.setattr(scc.export, "export_onnx", fake_export)
     out = tmp_path / "x.onnx"
