@@ -361,7 +361,8 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
                     s[0] += t
                     s[1] += len(keys)
         for spec, eps, attack in jobs:
-            bar.set_postfix_str(f"{attack} {spec or 'clf'} eps={eps * 255:g}/255")
+            label = f"{attack} {spec or 'clf'} eps={eps * 255:g}/255"
+            bar.set_postfix_str(label)
             if spec is None:
                 gen = torch.Generator(device=x.device).manual_seed(derived_seed(seed, f"paper:{lo}"))
                 cpu = time.process_time()
@@ -386,7 +387,7 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
                             {i: bool(v) for i, v in zip(idx, (pred == y).tolist())})
             bar.update(1)
             if on_job is not None:
-                on_job(f"{attack} {spec or 'clf'} eps={eps * 255:g}/255")
+                on_job(label)
         # sanity: PGD-20 at 16/255 through each defense (known draws) on the first suite.sanity_images images
         if suite.sanity_images and lo < suite.sanity_images:
             m = min(hi, suite.sanity_images) - lo
@@ -602,15 +603,15 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
                          + (" (split over the Ray workers)" if ray_address else ""))
         log("\n".join(lines))
 
+    # what a worker process or Ray task needs to rebuild the classifier and images (loaded above: fail fast here)
+    load_kw = dict(model=model, pretrained=pretrained, dataset=dataset, n_images=n_images, templates=templates,
+                   device=device)
     if ray_address:
-        raw = _run_ray(ray_address, dict(model=model, pretrained=pretrained, dataset=dataset, n_images=n_images,
-                                         templates=templates, device=device), defenses, eps_list, batches, seed,
-                       suite, progress, estimate)
+        raw = _run_ray(ray_address, load_kw, defenses, eps_list, batches, seed, suite, progress, estimate)
     elif workers > 1:
         n_jobs = len(jobs_of(defenses, eps_list, suite, clf.num_classes))
-        raw = _run_local(workers, dict(model=model, pretrained=pretrained, dataset=dataset, n_images=n_images,
-                                       templates=templates, device=device), defenses, eps_list, batches, seed,
-                         suite, progress, estimate, n_jobs, threads or 1)
+        raw = _run_local(workers, load_kw, defenses, eps_list, batches, seed, suite, progress, estimate, n_jobs,
+                         threads or 1)
     else:
         raw = evaluate_batches(clf, defenses, eps_list, x_all, y_all, batches, seed, suite, progress, estimate)
     report = {"protocol": "adaptive", "model": model, "pretrained": pretrained, "dataset": data.name,

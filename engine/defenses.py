@@ -221,18 +221,23 @@ class Defended(nn.Module):
         self.forward(x, draws, keys=keys, record=record)
         return record["perturbation"]
 
-    def with_dtype(self, dtype: torch.dtype) -> "Defended":
+    def with_dtype(self, dtype: torch.dtype, export: bool = False) -> "Defended":
         """The same defense (config, seed, secret, running key) on a copy of the classifier whose image tower runs
-        in `dtype` (weights and activations; the perturbation, its steps, the losses and the logits stay fp32)."""
+        in `dtype` (weights and activations; the perturbation, its steps, the losses and the logits stay fp32).
+
+        export=True: the tower the ONNX export traces: its LayerNorms also run in fp32 (torch's exporter types an
+        fp16 layer norm's saved statistics fp16 and ONNX Runtime refuses the file), and fp16 is allowed on a CPU
+        (the trace only records it; the file runs elsewhere)."""
         from .compiled import engine_classifier
         from .roofline import check_dtype_on_device
 
-        if dtype == self.dtype:
+        if dtype == self.dtype and (dtype == torch.float32 or not export):
             return self
-        check_dtype_on_device(dtype, self.classifier.text.device)
+        if not export:
+            check_dtype_on_device(dtype, self.classifier.text.device)
         base = self.base_classifier if self.dtype != torch.float32 else self.classifier
-        out = Defended(base if dtype == torch.float32 else engine_classifier(base, dtype), self.defense, self.config,
-                       seed=self.seed, preset=self.preset)
+        clf = base if dtype == torch.float32 else engine_classifier(base, dtype, fp32_norms=export)
+        out = Defended(clf, self.defense, self.config, seed=self.seed, preset=self.preset)
         out._secret, out.next_key, out.validate, out.dtype = self._secret, self.next_key, self.validate, dtype
         out.base_classifier = base
         return out

@@ -278,16 +278,17 @@ class Service:
         self.defended.validate = False  # decoded pixels are in [0,1] by construction
         self.max_batch = cfg["max_batch"]
         self.backend = cfg["backend"]
-        self.artifacts = None  # the compile-cache artifact file of this exact replica (compiled/triton with a cache)
-        self.artifacts_loaded = False
-        if cfg["compile_cache"] and self.backend in ("compiled", "triton"):
-            self.artifacts = artifact_path(cfg["compile_cache"], self.cache_key(dtype_name(self.dtype)))
-            self.artifacts_loaded = load_compile_artifacts(self.artifacts)
-        self.runner = make_runner(self.defended, cfg["backend"], batch_size=self.max_batch, dtype=self.dtype)
         if self.backend == "onnx":
             self.buckets = [self.max_batch]  # one fixed-batch file
         else:
             self.buckets = power_of_two_buckets(self.max_batch)
+        self.artifacts = None  # the compile-cache artifact file of this exact replica (compiled/triton with a cache)
+        self.artifacts_loaded = False
+        if cfg["compile_cache"] and self.backend in ("compiled", "triton"):
+            self.artifact_key = self.cache_key(dtype_name(self.dtype))
+            self.artifacts = artifact_path(cfg["compile_cache"], self.artifact_key)
+            self.artifacts_loaded = load_compile_artifacts(self.artifacts)
+        self.runner = make_runner(self.defended, cfg["backend"], batch_size=self.max_batch, dtype=self.dtype)
         self.pad = self.backend != "eager"  # eager runs any batch size as it is
         self.load_seconds = time.perf_counter() - start
         self.bucket_seconds: dict[int, float] = {}
@@ -319,20 +320,19 @@ class Service:
             self.handle_batch(items, count=False)
             self.bucket_seconds[b] = time.perf_counter() - start
         if self.artifacts is not None and not self.artifacts_loaded:
-            save_compile_artifacts(self.artifacts)
+            save_compile_artifacts(self.artifacts, self.artifact_key)
         self.ready = True
 
     def cache_key(self, dtype: str) -> dict:
         """What a compiled replica's graphs depend on: model, defense and its config, buckets, dtype, device,
         backend and versions. Its hash names the artifact file, so a change of any of them is a miss."""
         from .env import versions
-        from .plumbing import power_of_two_buckets
 
         cfg = self.cfg
         return {"model": cfg["model"], "pretrained": cfg["pretrained"], "labels": list(self.classifier.labels),
                 "templates": cfg["templates"], "defense": self.defended.label,
                 "config": _jsonable(self.defended.config), "backend": self.backend, "dtype": dtype,
-                "device": cfg["device"], "buckets": power_of_two_buckets(self.max_batch), "versions": versions()}
+                "device": cfg["device"], "buckets": self.buckets, "versions": versions()}
 
     def bucket_for(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n) if self.pad else n
@@ -432,17 +432,11 @@ def enable_compile_cache(folder: str) -> None:
 
 
 def artifact_path(folder: str, key: Mapping) -> str:
-    """`folder/scc-<hash of key>.bin`, with the key beside it as JSON (what the file was built for)."""
+    """`folder/scc-<hash of key>.bin`: the artifact file of the replica that `key` describes."""
     import hashlib
 
     text = json.dumps(key, sort_keys=True, default=str)
-    digest = hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
-    path = os.path.join(folder, f"scc-{digest}.bin")
-    if not os.path.exists(path + ".json"):
-        os.makedirs(folder, exist_ok=True)
-        with open(path + ".json", "w") as f:
-            f.write(json.dumps(key, indent=2, sort_keys=True, default=str))
-    return path
+    return os.path.join(folder, f"scc-{hashlib.blake2b(text.encode(), digest_size=12).hexdigest()}.bin")
 
 
 def load_compile_artifacts(path: str) -> bool:
@@ -464,16 +458,19 @@ def load_compile_artifacts(path: str) -> bool:
     return True
 
 
-def save_compile_artifacts(path: str) -> bool:
-    """Write what this process compiled (torch.compiler.save_cache_artifacts) to `path`, atomically."""
+def save_compile_artifacts(path: str, key: Mapping) -> bool:
+    """Write what this process compiled (torch.compiler.save_cache_artifacts) to `path`, atomically, and `key`
+    beside it as `path.json` (what the file was built for)."""
     saved = torch.compiler.save_cache_artifacts()
     if not saved:
         return False
-    blob = saved[0]
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(blob)
-    os.replace(tmp, path)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    for target, data in ((path + ".json", json.dumps(key, indent=2, sort_keys=True, default=str).encode()),
+                         (path, saved[0])):
+        tmp = f"{target}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
     return True
 
 

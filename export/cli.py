@@ -109,12 +109,9 @@ def _defended(args: argparse.Namespace):
 
 
 def _export_dtype(args: argparse.Namespace):
-    from scc.backends import parse_dtypes
+    from scc.backends import resolve_dtype
 
-    dtypes = parse_dtypes(args.dtype)
-    if len(dtypes) != 1:
-        raise SccError(f"--dtype takes one of fp32, bf16, fp16, got {args.dtype!r}")
-    return dtypes[0]
+    return resolve_dtype(args.dtype, "cpu")  # the trace runs on the CPU; "auto" is fp32 there
 
 
 def export_command(args: argparse.Namespace) -> dict:

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from scc.backends import dtype_name
 from scc.defenses import Defended
 from scc.draws import like_image
 from scc.models import SccError
@@ -453,33 +454,6 @@ def op_counts(model) -> dict[str, int]:
     return dict(collections.Counter(n.op_type for n in model.graph.node).most_common())
 
 
-def reduced_for_export(defended: Defended, dtype: torch.dtype) -> Defended:
-    """The module the export traces: `defended` itself in fp32, else the same defense (config, seed) on a tower
-    converted to `dtype` with an fp32 patch stem and fp32 LayerNorms (scc.compiled.engine_classifier)."""
-    from scc.compiled import engine_classifier
-
-    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise SccError(f"export dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
-    base = getattr(defended, "base_classifier", defended.classifier) if defended.dtype != torch.float32 \
-        else defended.classifier
-    if dtype == torch.float32:
-        if defended.dtype == torch.float32:
-            return defended
-        clf = base
-    else:
-        clf = engine_classifier(base, dtype, fp32_norms=True)
-    out = Defended(clf, defended.defense, defended.config, seed=defended.seed, preset=defended.preset)
-    out._secret, out.next_key, out.validate, out.dtype = defended._secret, defended.next_key, defended.validate, dtype
-    out.base_classifier = base
-    return out
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    from scc.backends import dtype_name
-
-    return dtype_name(dtype)
-
-
 def _metadata(defended: Defended, batch_size: int | None, draws_as_inputs: bool, draws: dict[str, list]) -> dict:
     clf = defended.classifier
     return {
@@ -493,7 +467,7 @@ def _metadata(defended: Defended, batch_size: int | None, draws_as_inputs: bool,
         "scc.batch_size": "dynamic" if batch_size is None else str(batch_size),
         "scc.draws": json.dumps(draws),  # name -> shape ("batch" for a dynamic batch), inputs or made in the graph
         "scc.draws_as_inputs": json.dumps(draws_as_inputs),
-        "scc.dtype": _dtype_name(defended.dtype),  # the image tower's; inputs and outputs are fp32
+        "scc.dtype": dtype_name(defended.dtype),  # the image tower's; inputs and outputs are fp32
     }
 
 
@@ -526,7 +500,7 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = N
     sign-gradient step (`step_sign_0`, ...: each step's gradient sign, as `Defended(x, trace=[])` collects) for
     parity tests. `dtype` (default: the module's own, fp32 unless `defended.with_dtype(...)`): torch.float16 or
     torch.bfloat16 writes the image tower's weights and activations in that type, with its patch stem and
-    LayerNorms in fp32 (`reduced_for_export`); pixels, draws, perturbation, sign steps, losses and logits stay
+    LayerNorms in fp32 (`Defended.with_dtype(dtype, export=True)`); pixels, draws, perturbation, sign steps, losses and logits stay
     fp32, as in the compiled engine. fp16 files are for GPU runtimes (ORT CUDA, TensorRT); ORT's CPU provider
     runs them too, slower than fp32. `optimize=False` skips the un-broadcasting of constants and onnxoptimizer's passes; constant
     folding always runs (the raw export holds ops ORT cannot run). Models over 2 GB are saved with external data.
@@ -545,7 +519,10 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = N
         raise SccError(f"cannot write {path}: the folder {path.parent} does not exist")
     _check_exporter()
     dynamic = batch_size is None
-    defended = reduced_for_export(defended, defended.dtype if dtype is None else dtype)
+    dtype = defended.dtype if dtype is None else dtype
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise SccError(f"export dtype must be torch.float32, torch.float16 or torch.bfloat16, got {dtype!r}")
+    defended = defended.with_dtype(dtype, export=True)  # the module itself in fp32
 
     t0 = time.perf_counter()
     graph, example, input_names, output_names = trace_procedure(defended, batch_size, trace_outputs)
@@ -585,7 +562,7 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = N
         "bytes": path.stat().st_size,
         "batch_size": batch_size,
         "dynamic_batch": dynamic,
-        "dtype": _dtype_name(defended.dtype),
+        "dtype": dtype_name(defended.dtype),
         "inputs": [v.name for v in saved.graph.input],
         "outputs": [v.name for v in saved.graph.output],
         "nodes": sum(ops.values()),

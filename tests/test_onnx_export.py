@@ -274,8 +274,6 @@ def test_fp16_export_keeps_the_reduced_modules_signs(clf, attacked, tmp_path):
     """`--dtype fp16`: the file runs the tower in fp16 with fp32 stem/LayerNorms; on identical draws its per-step
     signs and top-1 match the eager module with the same reduced tower (torch fp16 on the CPU), and stay as
     close to fp32 as that eager fp16 module does (its own reduced-precision error is the tolerance)."""
-    from scc.export.onnx import reduced_for_export
-
     x, y, x_adv = attacked
     x, x_adv = x[:48], x_adv[:48]
     defended = scc.defend(clf, "ttc", seed=0)
@@ -284,7 +282,7 @@ def test_fp16_export_keeps_the_reduced_modules_signs(clf, attacked, tmp_path):
     ort16 = OrtDefended(tmp_path / "ttc16.onnx", threads=1)
     assert info["dtype"] == "fp16" and ort16.metadata["scc.dtype"] == "fp16"
     assert ort16.inputs["pixels"].type == "tensor(float)"  # pixels in, logits out: fp32
-    eager16 = reduced_for_export(defended, torch.float16)
+    eager16 = defended.with_dtype(torch.float16, export=True)
     for images in (x, x_adv):
         draws = defended.draws(images, keys=range(len(images)))
         t32, t16, to = [], [], []
