@@ -3,7 +3,7 @@ and timed through `scc.timing` (warm-up apart, the device synchronised inside ev
 
     pytest benchmarks/                                    # every backend (one whose module is missing skips)
     pytest benchmarks/ -k eager --bench-images 8 --benchmark-json out.json
-    python -m scc.bench --from-benchmark-json out.json    # the Table 4 style table of that run
+    scc bench --from-benchmark-json out.json             # the Table 4 style table of that run
 
 Sizes (command-line option or environment variable; defaults finish in a few minutes on 2 CPU cores):
     --bench-models      SCC_BENCH_MODELS      scc-tiny-digits   comma-separated open_clip names
@@ -33,10 +33,10 @@ import pytest
 import torch
 
 from scc.backends import BackendUnavailable, make_runner, parse_backends, supports
-from scc.bench import batches_of, parse_defenses, prepare
-from scc.defenses import DEFENSES, defend, split_defense_name
-from scc.env import hardware, versions
-from scc.models import SccError
+from scc.bench.latency import batches_of, prepare
+from scc.defenses import DEFENSES, defend, parse_defenses, split_label
+from scc.provenance import hardware, versions
+from scc.errors import SccError
 from scc.timing import summarize, timed_call, warm_up
 
 OPTIONS = {  # option -> (environment variable, default, help)
@@ -77,21 +77,21 @@ def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         models = [m.strip() for m in _setting(metafunc.config, "models").split(",") if m.strip()]
         try:
-            specs = parse_defenses(_setting(metafunc.config, "defenses"))
+            labels = parse_defenses(_setting(metafunc.config, "defenses"))
         except SccError as err:
             raise pytest.UsageError(str(err)) from None
         try:
             backends = parse_backends(_setting(metafunc.config, "backends"))
         except SccError as err:
             raise pytest.UsageError(str(err)) from None
-        cases = [(m, s, b) for m in models for s in specs for b in backends
-                 if supports(DEFENSES[split_defense_name(s)[0]], b)]
+        cases = [(m, s, b) for m in models for s in labels for b in backends
+                 if supports(DEFENSES[split_label(s)[0]], b)]
         metafunc.parametrize("case", cases, ids=[f"{m}-{s}-{b}" for m, s, b in cases])
 
 
 @pytest.fixture(scope="session")
 def bench_settings(pytestconfig):
-    from scc.evaluate import parse_eps
+    from scc.eval.options import parse_eps
 
     pretrained = _setting(pytestconfig, "pretrained")
     return {"pretrained": None if pretrained in ("", "none") else pretrained,
@@ -139,11 +139,11 @@ def measure(benchmark, case, bench_settings, bench_data):
     """measure(): benchmark `case` = (model, defense, backend) via scc.backends.make_runner and scc.timing."""
 
     def run_case() -> None:
-        model, spec, backend = case
+        model, label, backend = case
         s = bench_settings
         data = bench_data(model)
         clf, bs = data["clf"], s["batch_size"]
-        name, preset = split_defense_name(spec)
+        name, preset = split_label(label)
         defended = defend(clf, name, preset=preset, seed=0)
         try:
             batches = batches_of(data["x"], bs)
@@ -177,7 +177,7 @@ def measure(benchmark, case, bench_settings, bench_data):
         if stats is not None and stats.data:
             summary = summarize(stats.data, per=bs)
             info.update(seconds_per_image=summary["median"], p20=summary["p20"], p80=summary["p80"])
-        info.update(model=model, pretrained=s["pretrained"], defense=name, preset=preset, spec=spec, backend=backend,
+        info.update(model=model, pretrained=s["pretrained"], defense=name, preset=preset, label=label, backend=backend,
                     batch_size=bs, n_images=len(batches) * bs, pixels=data["pixels"],
                     compile_seconds=run.compile_seconds, warmup_seconds=warmup_seconds, top1_agreement=agreement,
                     hardware=hardware(device), versions=versions())

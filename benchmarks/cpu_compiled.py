@@ -1,4 +1,4 @@
-"""Eager vs scc.compiled.Engine per-image latency on this CPU, same draws, answers compared.
+"""Eager vs scc.backends.compiled.Engine per-image latency on this CPU, same draws, answers compared.
 
     .venv/bin/python benchmarks/cpu_compiled.py                                   # bundled model, B = 1 and 8
     .venv/bin/python benchmarks/cpu_compiled.py --model ViT-B-32 --defenses ttc --batch-sizes 1 --calls 3
@@ -19,7 +19,7 @@ import torch
 import scc
 from scc.backends import make_runner
 from scc.data import DTD_CLASSES, load_dataset
-from scc.env import hardware, versions
+from scc.provenance import hardware, versions
 from scc.timing import summarize, time_calls
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -19,7 +19,7 @@ Steps (--steps, comma-separated):
   models   per-image latency of eager / compiled / triton at batch 1 and 64, fp32, bf16 and fp16; compiled and
            triton run under --mode (default reduce-overhead: CUDA graphs captured at warm-up), and each row
            reports its compile seconds, its top-1 agreement with eager fp32 on the same draws, and its roofline
-           columns (scc.roofline): counted GFLOP per image, achieved GFLOP/s, the fraction of the GPU's measured
+           columns (scc.bench.roofline): counted GFLOP per image, achieved GFLOP/s, the fraction of the GPU's measured
            matmul peak for its dtype, and at batch 1 the weight-streaming bound (rounds x weight bytes /
            measured bandwidth) and the fraction of the latency it explains.
   onnx     ORT on the GPU: TTC and SCC-latency exported at a fixed batch (1, draws as inputs) in fp32 and fp16
@@ -33,6 +33,7 @@ Everything device-independent here (the classifier builder, the row runner) also
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import subprocess
 import sys
@@ -70,7 +71,7 @@ def random_vit_classifier(vit: str = "b32", device: str = "cpu", seed: int = 0):
 
 # ----------------------------------------------------------------------------------------------------------
 def step_env(report: dict, device: str) -> None:
-    from scc.env import hardware, versions
+    from scc.provenance import hardware, versions
 
     env = {**versions(), **hardware(device), "cuda": torch.version.cuda}
     report["env"] = env
@@ -136,8 +137,8 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
     holds the measured matmul peaks per dtype and the memory bandwidth (scc.bench.machine_limits)."""
     import scc
     from scc.backends import make_runner
-    from scc.cost import count_passes
-    from scc.roofline import count_flops, roofline, weight_bytes
+    from scc.passes import count_passes
+    from scc.bench.roofline import count_flops, roofline, weight_bytes
     from scc.timing import summarize, time_calls, warm_up
 
     x = images[:batch]
@@ -173,9 +174,9 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
 
 
 def step_models(report: dict, args, write) -> None:
-    from scc.bench import machine_limits
-    from scc.models import SccError
-    from scc.roofline import check_dtype_on_device
+    from scc.bench.latency import machine_limits
+    from scc.errors import SccError
+    from scc.precision import check_dtype_on_device
 
     clf = random_vit_classifier(args.vit, args.device)
     gen = torch.Generator(device=args.device).manual_seed(0)
@@ -214,21 +215,21 @@ def step_onnx(report: dict, args, write) -> None:
     """ORT CUDA provider, IOBinding vs CUDA graph, fp32 and fp16 files of TTC and SCC-latency at batch 1."""
     import tempfile
 
-    from scc.defenses import defend, split_defense_name
-    from scc.models import SccError
+    from scc.defenses import defend, split_label
+    from scc.errors import SccError
 
     clf = random_vit_classifier(args.vit, "cpu")  # traced on the CPU: the weights become the file's constants
     report.setdefault("onnx", [])
     folder = Path(tempfile.mkdtemp(prefix="scc-gpu-onnx-"))
-    for spec in ("ttc", "scc-latency"):
-        name, preset = split_defense_name(spec)
+    for label in ("ttc", "scc-latency"):
+        name, preset = split_label(label)
         for dtype in ("fp32", "fp16"):
-            row = {"defense": spec, "dtype": dtype, "batch": 1, "model": clf.name}
+            row = {"defense": label, "dtype": dtype, "batch": 1, "model": clf.name}
             try:
                 from scc.export import export_onnx
                 from scc.export.runtime import benchmark_cuda_graph
 
-                path = folder / f"{spec}-{dtype}.onnx"
+                path = folder / f"{label}-{dtype}.onnx"
                 info = export_onnx(defend(clf, name, preset=preset, seed=0), path, batch_size=1,
                                    draws_as_inputs=True, dtype=DTYPES[dtype])
                 row["export_seconds"] = round(info["seconds"], 1)
@@ -269,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps(report, indent=1))
 
     try:
-        import scc  # noqa: F401
+        importlib.import_module("scc")
     except ImportError as err:
         print(f"cannot import scc ({err}): run `python3 -m pip install --no-deps --no-build-isolation -e .` "
               "in the repository first", file=sys.stderr)

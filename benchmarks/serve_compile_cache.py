@@ -21,7 +21,7 @@ import time
 CHILD = r"""
 import json, sys, time, torch
 start = time.perf_counter()
-from scc.serve import Service, service_config
+from scc.serve.service import Service, service_config
 cfg = service_config(json.loads(sys.argv[1]))
 s = Service(cfg)
 ready = time.perf_counter() - start
@@ -74,7 +74,7 @@ def main() -> int:
     ph = report["phases"]
     report["warm_over_cold"] = round(ph["warm"]["ready_seconds"] / ph["cold"]["ready_seconds"], 3)
     report["new_host_over_cold"] = round(ph["new-host"]["ready_seconds"] / ph["cold"]["ready_seconds"], 3)
-    from scc.env import hardware, versions
+    from scc.provenance import hardware, versions
 
     report["hardware"], report["versions"] = hardware("cpu"), versions()
     if a.json:

@@ -7,17 +7,18 @@ CenterCrop(224)). The bundled sets are small grayscale images: digits are 8x8 up
 """
 from __future__ import annotations
 
+import gzip
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import gzip
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .models import SccError
+from .errors import SccError
+from .models import asset_path, bundled_meta, is_bundled, load
 
 # Per-dataset prompt templates of the TTC evaluation code (spec section 1.4): one template, no ensembling.
 TEMPLATES: dict[str, list[str]] = {
@@ -63,6 +64,11 @@ FASHION_SPLIT_SEED = 0
 # Black frame of each bundled dataset's images (fraction of a side): read_image(..., border=) fits image files
 # into the same layout, so `scc classify --model scc-tiny-fashion` on a 28x28 Fashion-MNIST file sees what training saw.
 BORDER = {"digits": 0.0, "fashion": 2 / 32}
+
+
+# File suffixes read as images (folders given to `scc classify`, `scc loadtest --images DIR`, imagefolder: sets)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
+                  ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".dib", ".pcx", ".sgi", ".im", ".icns")
 
 
 @dataclass
@@ -239,8 +245,6 @@ def write_fashion_subset(path: Path, root: Path | None = None) -> Path:
 
 def fashion_subset() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The bundled 1000 test images: uint8 images (1000, 28, 28), labels (1000,), indices into the test split."""
-    from .models import asset_path
-
     path = asset_path(FASHION_SUBSET)
     if not path.is_file():
         raise SccError(f"the bundled Fashion-MNIST subset {path} is missing; reinstall scc")
@@ -359,8 +363,6 @@ def classifier_for(dataset: Dataset, model: str, pretrained: str | None = None,
 
     A bundled model keeps its held-out evaluation template (its word vocabulary covers its own prompts only);
     any other model gets the dataset's templates unless `templates` is given."""
-    from .models import bundled_meta, is_bundled, load
-
     if templates is None:
         templates = bundled_meta(model)["eval_templates"] if is_bundled(model) else dataset.templates
     return load(model, pretrained, labels=dataset.classes, templates=templates, device=device, seed=seed)

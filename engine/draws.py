@@ -88,8 +88,9 @@ def draw_shapes(specs: Mapping[str, Draw], cfg, image: tuple[int, ...]) -> dict[
     return {k: tuple(d.shape(cfg, tuple(image))) for k, d in specs.items()}
 
 
-def image_seed(seed: int, key: Hashable) -> int:
-    """The 63-bit generator seed of the image with `key` under `seed` (BLAKE2b of both; keys: ints or strings)."""
+def derive_seed(seed: int, key: Hashable) -> int:
+    """A 63-bit seed derived from (seed, key) by BLAKE2b (keys: ints or strings): the generator seed of the image with
+    `key`, and of every other purpose that needs its own stream (an attack's start on one batch, fresh draws)."""
     digest = hashlib.blake2b(f"{int(seed)}\x1f{type(key).__name__}:{key}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -104,7 +105,7 @@ def keyed_draws(specs: Mapping[str, Draw], cfg, x: torch.Tensor, seed: int, keys
     per_image = {k: tuple(shapes[k]) if shapes is not None else tuple(d.shape(cfg, image)) for k, d in specs.items()}
     rows: dict[str, list[torch.Tensor]] = {k: [] for k in specs}
     for key in keys:
-        gen = torch.Generator().manual_seed(image_seed(seed, key))
+        gen = torch.Generator().manual_seed(derive_seed(seed, key))
         for k, d in specs.items():
             rows[k].append(d.sample_shape((1, *per_image[k]), cfg, gen, "cpu", x.dtype))
     out = {}

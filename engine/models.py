@@ -27,16 +27,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import SccError
+from .validation import check_device, check_labels, check_templates, validate_pixels
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 TINY_NAME = "scc-tiny-digits"  # the original bundled model (the default everywhere)
 FASHION_NAME = "scc-tiny-fashion"
 # Bundled model -> the scc.data dataset it was trained for (its held-out split is that dataset).
 BUNDLED: dict[str, str] = {TINY_NAME: "digits", FASHION_NAME: "fashion"}
-
-
-class SccError(ValueError):
-    """A user error: bad input, unknown model, missing weights. The CLI prints its message on one line."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -82,18 +81,25 @@ class WordTokenizer:
     def unknown_words(self, text: str) -> list[str]:
         return [w for w in self.split(text) if w not in self.index]
 
+    def check(self, texts: Sequence[str]) -> None:
+        """SccError naming every unknown word (and every prompt over the context) of all `texts` at once."""
+        unknown = list(dict.fromkeys(w for text in texts for w in self.unknown_words(text)))
+        if unknown:
+            where = [t for t in texts if self.unknown_words(t)]
+            raise SccError(
+                f"the bundled model {self.name!r} does not know the word(s) {unknown} (in {where[:3]}"
+                f"{f' and {len(where) - 3} more prompts' if len(where) > 3 else ''}); it only knows: "
+                f"{' '.join(self.words)}. Use an open_clip model for other labels.")
+        long = [(t, len(self.split(t)) + 2) for t in texts if len(self.split(t)) + 2 > self.context_length]
+        if long:
+            raise SccError("; ".join(f"prompt {t!r} has {n} tokens" for t, n in long)
+                           + f", more than the bundled model's context of {self.context_length}")
+
     def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        self.check(texts)
         out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
         for row, text in enumerate(texts):
-            unknown = self.unknown_words(text)
-            if unknown:
-                raise SccError(
-                    f"the bundled model {self.name!r} does not know the word(s) {unknown} in {text!r}; "
-                    f"it only knows: {' '.join(self.words)}. Use an open_clip model for other labels.")
             ids = [self.sot] + [self.index[w] for w in self.split(text)] + [self.eot]
-            if len(ids) > self.context_length:
-                raise SccError(f"prompt {text!r} has {len(ids)} tokens, more than the bundled model's "
-                               f"context of {self.context_length}")
             out[row, : len(ids)] = torch.tensor(ids)
         return out
 
@@ -126,14 +132,6 @@ def create_bundled_model(name: str = TINY_NAME, load_weights: bool = True) -> nn
     return model
 
 
-def tiny_meta() -> dict:
-    return bundled_meta(TINY_NAME)
-
-
-def create_tiny_model(load_weights: bool = True) -> nn.Module:
-    return create_bundled_model(TINY_NAME, load_weights)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Loading open_clip models
 # ----------------------------------------------------------------------------------------------------------
@@ -147,29 +145,6 @@ def _quiet_open_clip():
         yield
     finally:
         root.setLevel(level)
-
-
-def check_device(device: str | torch.device) -> torch.device:
-    """torch.device(device), or an SccError when it is malformed or not present on this machine."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise SccError(f"unknown device {str(device)!r}: use cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            build = f"this torch {torch.__version__} is a CPU-only build" if torch.version.cuda is None else \
-                "torch sees no CUDA GPU (driver missing, or CUDA_VISIBLE_DEVICES hides it)"
-            raise SccError(f"device {str(device)!r} is not available: {build}; use cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise SccError(f"device {str(device)!r} is not available: this machine has "
-                           f"{torch.cuda.device_count()} CUDA device(s); use cuda:0")
-    elif dev.type == "mps":
-        if not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-            raise SccError(f"device {str(device)!r} is not available: MPS needs an Apple-silicon Mac with a "
-                           "torch build that has it; use cpu")
-    elif dev.type != "cpu":
-        raise SccError(f"device {str(device)!r} is not supported: use cpu, cuda or mps")
-    return dev
 
 
 def describe_checkpoint(state: dict) -> str:
@@ -264,6 +239,27 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def check_model_name(model_name: str) -> None:
+    """SccError (with close matches) for a name that is neither bundled, an open_clip model, nor hf-hub:/local-dir:."""
+    import open_clip
+
+    if is_bundled(model_name) or model_name.startswith(("hf-hub:", "local-dir:")):
+        return
+    known = open_clip.list_models()
+    if model_name not in known:
+        close = difflib.get_close_matches(model_name, known + list(BUNDLED), n=3)
+        raise SccError(f"unknown model {model_name!r}" + (f"; did you mean {close}?" if close else "")
+                       + " (see open_clip.list_models())")
+
+
+def tokenizer_for(model_name: str):
+    """The text tokenizer of a model, without building the model (so prompts are checked before weights load)."""
+    import open_clip
+
+    check_model_name(model_name)
+    return bundled_tokenizer(model_name) if is_bundled(model_name) else open_clip.get_tokenizer(model_name)
+
+
 def create_open_clip(model_name: str, pretrained: str | None, seed: int = 0) -> tuple[nn.Module, object]:
     """(model, tokenizer) for an open_clip name and a `pretrained` tag, a local checkpoint path, or None.
 
@@ -271,6 +267,7 @@ def create_open_clip(model_name: str, pretrained: str | None, seed: int = 0) -> 
     generator's state is restored afterwards), so the same seed gives the same model."""
     import open_clip
 
+    check_model_name(model_name)
     if is_bundled(model_name):
         if pretrained not in (None, "", "none", "bundled"):
             model = create_bundled_model(model_name, load_weights=False)
@@ -278,11 +275,6 @@ def create_open_clip(model_name: str, pretrained: str | None, seed: int = 0) -> 
         else:
             model = create_bundled_model(model_name, load_weights=True)
         return model, bundled_tokenizer(model_name)
-    known = open_clip.list_models()
-    if model_name not in known and not model_name.startswith(("hf-hub:", "local-dir:")):
-        close = difflib.get_close_matches(model_name, known + list(BUNDLED), n=3)
-        raise SccError(f"unknown model {model_name!r}" + (f"; did you mean {close}?" if close else "")
-                       + " (see open_clip.list_models())")
     tag = None if pretrained in (None, "", "none") else pretrained
     if tag is not None and (os.path.sep in tag or Path(tag).suffix in (".safetensors", ".pt", ".pth", ".bin")):
         path = Path(tag)
@@ -332,59 +324,27 @@ def image_size_of(model_name: str) -> int:
     return size[0] if isinstance(size, (list, tuple)) else int(size)
 
 
-def check_labels(labels: Sequence[str] | None, what: str = "labels=") -> list[str]:
-    """The stripped class names, or an SccError. `what` names the argument in messages: `labels=` for the
-    Python API, `--labels` for the command line."""
-    example = "labels=['cat', 'dog']" if what.endswith("=") else f"{what} cat,dog"
-    if isinstance(labels, str):
-        raise SccError(f"{what} must be a list of class names, got the string {labels!r}; e.g. {example}")
-    if labels is None or len(labels) == 0:
-        raise SccError(f"the label list is empty: give at least two class names, e.g. {example}")
-    labels = [str(l).strip() for l in labels]
-    if any(not l for l in labels):
-        raise SccError(f"the label list {labels} contains an empty name")
-    # CLIP's tokenizers lowercase and collapse whitespace: such names would get the same text embedding
-    key = lambda l: " ".join(l.lower().split())
-    dup = sorted({l for l in labels if [key(m) for m in labels].count(key(l)) > 1})
-    if dup:
-        raise SccError(f"duplicate labels {dup}: each class must be named once (CLIP lowercases names, so "
-                       "names differing only in case are the same class)")
-    if len(labels) < 2:
-        raise SccError(f"only one label {labels}: zero-shot classification needs at least two")
-    return labels
-
-
-def check_templates(templates: Sequence[str]) -> list[str]:
-    """Prompt templates with exactly one `{}` (the class name), or an SccError."""
-    if isinstance(templates, str):
-        templates = [templates]
-    templates = list(templates)
-    for t in templates:
-        n = str(t).count("{}")
-        try:
-            str(t).format("x")
-            ok = n == 1
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise SccError(f"template {t!r} has {n} '{{}}' placeholders: every template needs exactly one '{{}}' "
-                           "for the class name and no other braces, e.g. 'a photo of a {}.'")
-    return templates
-
-
-def check_prompt_lengths(tokenizer, labels: Sequence[str], templates: Sequence[str], model: str) -> None:
-    """Refuse a prompt longer than the text tower's context (open_clip's tokenizer would silently cut it)."""
+def check_prompts(tokenizer, labels: Sequence[str], templates: Sequence[str], model: str) -> None:
+    """Refuse, before any weights load, prompts the tokenizer cannot encode: unknown words of a bundled model
+    (all of them named) and prompts longer than the text context (open_clip's tokenizer would silently cut them)."""
+    if isinstance(tokenizer, WordTokenizer):
+        tokenizer.check([t.format(label) for label in labels for t in templates])
+        return
     encode, context = getattr(tokenizer, "encode", None), getattr(tokenizer, "context_length", None)
     if encode is None or not isinstance(context, int):
-        return  # the bundled WordTokenizer checks its own lengths; HF tokenizers: not checked
+        return  # HF tokenizers: not checked
+    short = lambda t: repr(t if len(t) <= 60 else t[:40] + " ... " + t[-15:])
+    too_long = []
     for label in labels:
         for t in templates:
-            text = t.format(label)
-            n = len(encode(text)) + 2  # <start_of_text> ... <end_of_text>
+            n = len(encode(t.format(label))) + 2  # <start_of_text> ... <end_of_text>
             if n > context:
-                short = lambda t: repr(t if len(t) <= 60 else t[:40] + " ... " + t[-15:])
-                raise SccError(f"label {short(label)} is too long: its prompt {short(text)} has {n} tokens, more "
-                               f"than {model}'s text context of {context}; shorten the label (it would be cut off)")
+                too_long.append((label, t.format(label), n))
+                break
+    if too_long:
+        raise SccError("label(s) too long: " + "; ".join(f"{short(l)} (prompt {short(text)} has {n} tokens)"
+                                                          for l, text, n in too_long)
+                       + f", more than {model}'s text context of {context}; shorten them (they would be cut off)")
 
 
 class ZeroShotClassifier(nn.Module):
@@ -407,9 +367,9 @@ class ZeroShotClassifier(nn.Module):
         self.image_size = int(image_size)
         self.labels = list(labels)
         self.name = name
-        self.counter = None  # a scc.cost.PassCounter while passes are being counted
+        self.counter = None  # a scc.passes.PassCounter while passes are being counted
         # Hand kernels the defenses call through this classifier ({"sign_step": fn, "view_augment": fn}); empty =
-        # the torch reference ops. Only an engine's own copy sets them (scc.compiled.engine_classifier).
+        # the torch reference ops. Only an engine's own copy sets them (scc.precision.engine_classifier).
         self.kernels: dict = {}
         self.validate = True  # forward checks NaN/Inf and the [0,1] range (one host sync); False skips it
 
@@ -417,17 +377,10 @@ class ZeroShotClassifier(nn.Module):
     def num_classes(self) -> int:
         return self.text.shape[0]
 
-    def check_shape(self, x: torch.Tensor) -> None:
-        from .plumbing import validate_pixels
-
-        validate_pixels(x, self.image_size, values=False)
-
     def check_input(self, x: torch.Tensor) -> None:
-        """scc.plumbing.validate_pixels as the defended module does it: shape, float32 (uint8 and float64 get
+        """scc.validation.validate_pixels as the defended module does it: shape, float32 (uint8 and float64 get
         a message saying how to convert), and with `self.validate` NaN/Inf and the [0,1] range (one host sync;
         skipped inside torch.compile / tracing)."""
-        from .plumbing import validate_pixels
-
         values = self.validate and not torch.compiler.is_compiling()
         validate_pixels(x, self.image_size, dtype=self.mean.dtype if x.is_floating_point() else None,
                         values=values)
@@ -475,8 +428,8 @@ def load(model: str = TINY_NAME, pretrained: str | None = None, labels: Sequence
     labels = check_labels(labels)
     templates = check_templates(templates or ["a photo of a {}."])
     check_device(device)
+    check_prompts(tokenizer_for(model), labels, templates, model)  # before any weights are built
     clip, tokenizer = create_open_clip(model, pretrained, seed)
-    check_prompt_lengths(tokenizer, labels, templates, model)
     clip = clip.to(device).eval().requires_grad_(False)
     text = text_embeddings(clip, tokenizer, labels, templates)
     size = clip.visual.image_size

@@ -7,7 +7,8 @@
     from scc.export import export_triton
     export_triton(scc.defend(clf, "scc", preset="latency"), "repo", max_batch=8)
 
-Command line: `scc export onnx|triton --model NAME --defense ttc|scc --out ...` (see `scc.export.cli`).
+Command line: `scc export onnx|triton --model NAME --defense ttc|scc --out ...` (scc.cli.export).
+The runtime layer: imports the algorithm and foundation layers, never scc.backends (which imports it).
 """
 from .onnx import export_onnx
 from .runtime import OrtDefended

@@ -51,17 +51,18 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from scc.backends import dtype_name
-from scc.defenses import Defended
-from scc.draws import like_image
-from scc.models import SccError
-from scc.plumbing import attention, example_inputs
+from ..attention import attention
+from ..defenses import Defended
+from ..draws import like_image
+from ..errors import SccError
+from ..grad import grad_route
+from ..precision import dtype_name
 
 aten = torch.ops.aten
 MIN_OPSET = 18
@@ -191,12 +192,10 @@ def trace_procedure(defended: Defended, batch_size: int | None = 1, trace_output
     """
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    from scc.grad import grad_route
-
     clf = defended.classifier
     dynamic = batch_size is None
-    pixels, draws = example_inputs(defended, EXAMPLE_BATCH if dynamic else batch_size)  # values never matter
-    procedure, config = defended.spec.procedure, defended.config
+    pixels, draws = defended.example_inputs(EXAMPLE_BATCH if dynamic else batch_size)  # values never matter
+    procedure, config = defended.record.procedure, defended.config
     names = list(draws)
     example = (pixels, *draws.values())
 
@@ -264,7 +263,7 @@ def _draws_in_graph(model, defended: Defended, pixels_name: str, draw_names: lis
     first = next(iter(graph))
     pixels = inputs[pixels_name]
     for name in draw_names:
-        value, draw = inputs[name], defended.spec.draw_specs[name]
+        value, draw = inputs[name], defended.record.draw_specs[name]
         nodes = []
         if draw.kind == "uniform" and draw.shape is like_image:
             low, high = draw.bounds(defended.config)
@@ -338,7 +337,6 @@ def _shrink_broadcast_constants(model) -> int:
     result. Returns the number of MatMul operands replaced (the expanded copies become dead and are removed).
     """
     import numpy as np
-    import onnx_ir as ir
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
     graph, shrunk = model.graph, 0
@@ -485,7 +483,7 @@ def _check_exporter() -> None:
 
 def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = None, draws_as_inputs: bool = False,
                 opset: int | None = None, optimize: bool = True, trace_outputs: bool = False,
-                dtype: torch.dtype | None = None) -> dict[str, Any]:
+                dtype: torch.dtype | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Write the whole defended procedure of `defended` to an ONNX file; see the module docstring.
 
     batch_size: None (default) writes one file for every batch size: the first dimension of `pixels`
@@ -504,10 +502,13 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = N
     fp32, as in the compiled engine. fp16 files are for GPU runtimes (ORT CUDA, TensorRT); ORT's CPU provider
     runs them too, slower than fp32. `optimize=False` skips the un-broadcasting of constants and onnxoptimizer's passes; constant
     folding always runs (the raw export holds ops ORT cannot run). Models over 2 GB are saved with external data.
+    `progress(line)` is told each stage as it starts (tracing, exporting, optimizing, saving): on ViT-B/32 the
+    whole export takes minutes.
     """
+    say = progress or (lambda line: None)
     if not isinstance(defended, Defended):
         raise SccError(f"export_onnx needs a defended classifier from scc.defend(...), got {type(defended).__name__}")
-    defended.spec.require("onnx", "exports")
+    defended.record.require("onnx", "exports")
     if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
         raise SccError(f"batch_size must be a positive integer (a fixed-shape file) or None (a dynamic batch), "
                        f"got {batch_size!r}")
@@ -525,8 +526,11 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = N
     defended = defended.with_dtype(dtype, export=True)  # the module itself in fp32
 
     t0 = time.perf_counter()
+    say(f"tracing {defended.label} on {defended.classifier.name} (forward and input-gradient passes, "
+        f"{'dynamic batch' if dynamic else f'batch {batch_size}'}, {dtype_name(dtype)})")
     graph, example, input_names, output_names = trace_procedure(defended, batch_size, trace_outputs)
     trace_seconds = time.perf_counter() - t0
+    say(f"traced {len(graph.graph.nodes)} ATen nodes in {trace_seconds:.1f} s; exporting to ONNX")
     dynamic_shapes = None
     if dynamic:
         batch = torch.export.Dim("batch")
@@ -541,11 +545,13 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = N
     draw_names = input_names[1:]
     if not draws_as_inputs and draw_names:
         _draws_in_graph(model, defended, "pixels", draw_names)
+    say("folding constants and optimizing the graph")
     _fold(model)
     draws = {name: (["batch"] if dynamic else []) + list(t.shape)[1 if dynamic else 0:]
              for name, t in zip(draw_names, example[1:])}
     shrunk = _shrink_broadcast_constants(model) if optimize else 0
     model.metadata_props.update(_metadata(defended, batch_size, draws_as_inputs, draws))
+    say(f"saving {path}")
     skipped = _save(program, model, path, optimize)
     if skipped:
         warnings.warn(f"{path}: skipped optimizer passes: {'; '.join(skipped)} (the file is larger but correct)",

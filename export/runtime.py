@@ -6,7 +6,7 @@ are per image, from (seed, key), following the distributions its defense declare
 
 Batch. A batch-dynamic file (the default export; input shape ("batch", 3, S, S)) runs N images as one batch
 (or in chunks of `max_batch` when given). A fixed-batch file (`--batch-size B`) runs N images in chunks of B,
-the last chunk padded by repeating its last image (scc.plumbing.padded_chunks: padded rows cost compute and are
+the last chunk padded by repeating its last image (scc.batching.padded_chunks: padded rows cost compute and are
 dropped; every image is defended independently, so padding never changes the other rows).
 
 Providers: the CUDA execution provider when the installed ONNX Runtime has it and torch sees a CUDA device,
@@ -35,8 +35,11 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from scc.models import SccError
-from scc.plumbing import padded_chunks, validate_pixels
+from ..batching import padded_chunks
+from ..defenses import DEFENSES
+from ..draws import keyed_draws
+from ..errors import SccError, install_hint
+from ..validation import validate_pixels
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
                "tensor(int64)": torch.int64, "tensor(int32)": torch.int32, "tensor(bool)": torch.bool}
@@ -49,8 +52,6 @@ def import_onnxruntime():
     try:
         import onnxruntime
     except ImportError as err:
-        from scc.env import install_hint
-
         raise SccError(f"ONNX Runtime is not installed ({err}); {install_hint('onnx')} "
                        "(onnxruntime-gpu on Linux x86_64, onnxruntime elsewhere)") from err
     return onnxruntime
@@ -267,9 +268,6 @@ class OrtDefended:
 
     def _make_draws(self, pixels: torch.Tensor, keys=None) -> dict[str, torch.Tensor]:
         """Per-image draws for a file with draw inputs, from the distributions its defense declares."""
-        from scc.defenses import DEFENSES
-        from scc.draws import keyed_draws
-
         defense = DEFENSES.get(self.metadata.get("scc.defense", ""))
         unknown = [k for k in self.draw_names if defense is None or k not in defense.draw_specs]
         if unknown:

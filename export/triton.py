@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from scc.models import SccError
+from ..errors import SccError
 
 from .onnx import export_onnx
 
@@ -364,12 +364,12 @@ def default_model_name(defended) -> str:
 def export_triton(defended, repo: str | Path, name: str | None = None, max_batch: int = 8, instances: int = 1,
                   device: str = "auto", tensorrt: bool = False, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
                   draws_as_inputs: bool = False, opset: int | None = None, optimize: bool = True,
-                  overwrite: bool = False, dtype=None) -> dict[str, Any]:
+                  overwrite: bool = False, dtype=None, progress=None) -> dict[str, Any]:
     """Write a Triton model repository entry for `defended` (see the module docstring) and validate its config.
 
     Returns dict(repo, name, model_dir, config (path), config_text, onnx (export_onnx's report), labels (path),
     validated_with (["scc"] or ["scc", "tritonclient"]), seconds). `repo` is created when its parent exists;
-    an existing `repo/name` is refused unless `overwrite` (then it is replaced).
+    an existing `repo/name` is refused unless `overwrite` (then it is replaced). `progress`: see export_onnx.
     """
     repo = Path(repo)
     name = name if name is not None else default_model_name(defended)
@@ -394,7 +394,7 @@ def export_triton(defended, repo: str | Path, name: str | None = None, max_batch
     t0 = time.perf_counter()
     (model_dir / "1").mkdir(parents=True)
     info = export_onnx(defended, model_dir / "1" / "model.onnx", batch_size=None, draws_as_inputs=draws_as_inputs,
-                       opset=opset, optimize=optimize, dtype=dtype)
+                       opset=opset, optimize=optimize, dtype=dtype, progress=progress)
     import onnx
 
     model = onnx.load(info["path"], load_external_data=False)

@@ -1,6 +1,6 @@
 """One projected sign-gradient step in one pass.
 
-    delta' = min(max(clamp(delta + alpha * sign(g), -eps, eps), -x), 1 - x)      (= scc.views.sign_step)
+    delta' = min(max(clamp(delta + alpha * sign(g), -eps, eps), -x), 1 - x)      (= scc.perturbation.sign_step)
 
 One program per image row (b, c, h): x, delta and g are read once and delta' is written once.
 No gradient flows through a sign step (sign has a zero derivative and the procedures step outside their
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from scc.models import SccError
-from scc.views import project
+from ..errors import SccError
+from ..perturbation import project
 
 from . import _launch as common
 from ._launch import constexpr, is_interpreted, jit, row_block, tl
@@ -59,7 +59,7 @@ def _(delta, grad, x, alpha, eps):
 
 
 def sign_step_ref(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
-    """The torch reference (the body of scc.views.sign_step); a NaN gradient entry takes no step."""
+    """The torch reference (the body of scc.perturbation.sign_step); a NaN gradient entry takes no step."""
     return project(delta + alpha * grad.sign().nan_to_num(0.0), x, eps)
 
 

@@ -1,13 +1,13 @@
 """All L views of an image batch, already CLIP-normalised, in one pass; and its adjoint (the backward).
 
-    out[b*L + l] = (u_l(z[b]) - mean) / std        (B*L, C, H, W), batch-major like scc.views.apply_views
+    out[b*L + l] = (u_l(z[b]) - mean) / std        (B*L, C, H, W), batch-major like scc.defenses.views.apply_views
     u_l(z)       = clip(flip_l(z) + sigma * noise[b, l], 0, 1)   on a noisy view,   flip_l(z) otherwise
     adjoint      : grad_z = sum_l flip_l(mask_l * grad_l) / std,  mask_l = [0 < flip_l(z) + sigma*noise_l < 1]
                    (1 on views without noise; like torch.clamp's backward, none passes at the bounds themselves)
 
 One program per image row (b, c, h): the row of z is read once and the L view rows are written from it (a
 flipped view writes the row reversed); the adjoint reads the L gradient rows of one image row and writes it
-once. Views with zoom are not handled here: scc.views keeps them on the torch path.
+once. Views with zoom are not handled here: scc.defenses.views keeps them on the torch path.
 
 `view_augment(...)` is the launcher (shape/dtype guards, Triton kernel or the reference `view_augment_ref`);
 `torch.ops.scc.view_augment` is the custom op it calls (fake + autograd registered, so torch.compile with
@@ -19,8 +19,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from scc.models import SccError
-from scc.views import View, apply_views
+from ..errors import SccError
+from ..defenses.views import View, apply_views
 
 from . import _launch as common
 from ._launch import constexpr, is_interpreted, jit, row_block, tl
@@ -162,7 +162,7 @@ view_augment_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------------------
 def view_augment_ref(z: torch.Tensor, flips: Sequence[bool], noisy: Sequence[bool], noise: torch.Tensor | None,
                      sigma: float, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """The torch reference: scc.views.apply_views, then the classifier's normalisation."""
+    """The torch reference: scc.defenses.views.apply_views, then the classifier's normalisation."""
     views = [View(flip=bool(f), noise=bool(n)) for f, n in zip(flips, noisy)]
     u = apply_views(z, views, noise, sigma)  # (B*L, C, H, W)
     return (u - mean.reshape(1, -1, 1, 1)) / std.reshape(1, -1, 1, 1)

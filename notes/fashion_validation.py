@@ -24,7 +24,8 @@ import torch
 import scc
 from scc.attacks import pgd
 from scc.data import load_dataset
-from scc.ttc import TTCConfig, counterattack, ttc_draws
+from scc.defenses.ttc import TTC_DRAWS, TTCConfig, counterattack
+from scc.draws import make_draws
 
 
 def attacked(clf, x, y, eps, seed=0, batch=250):
@@ -38,7 +39,7 @@ def taus(clf, x, seed=0, batch=250):
     out = []
     for i in range(0, len(x), batch):
         xb = x[i: i + batch]
-        out.append(counterattack(clf, xb, TTCConfig(), **ttc_draws(xb, gen))[1].detach())
+        out.append(counterattack(clf, xb, TTCConfig(), **make_draws(TTC_DRAWS, None, xb, gen))[1].detach())
     return torch.cat(out)
 
 

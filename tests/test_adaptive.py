@@ -1,4 +1,4 @@
-"""The adaptive protocol (scc.adaptive): each attack on a handful of digits with few steps, checked for a property
+"""The adaptive protocol (scc.eval.adaptive, scc.eval.suite, scc.attacks.adaptive): each attack on a handful of digits with few steps, checked for a property
 that can fail; the worst case, the report files, the CLI's warning line and the Ray sharding."""
 import json
 import signal
@@ -7,11 +7,13 @@ import pytest
 import torch
 
 import scc
-from scc.adaptive import (KnownDraws, Suite, attack_batch, bpda_objective, build_rows, ce_objective, eot_objective,
-                          evaluate, format_adaptive_table, merge, plan_batches, sanity_flags, sign_pgd, write_report)
+from scc.attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, sign_pgd
+from scc.eval.adaptive import evaluate
+from scc.eval.report import format_adaptive_table, write_report
+from scc.eval.suite import Suite, attack_batch, build_rows, merge, sanity_flags
 from scc.attacks import pgd
 from scc.cli import main
-from scc.models import SccError
+from scc.errors import SccError
 
 EPS = 4 / 255
 TINY_SUITE = dict(pgd_steps=3, apgd_steps=3, eot_steps=2, eot_k=2, bpda_steps=2, transfer_steps=2, queries=5,
@@ -186,10 +188,17 @@ def test_evaluate_report_schema_and_files(tmp_path):
                     and s["preset"] == r["preset"] and s["protocol"] == "adaptive"]
             assert r["accuracy"] <= min(s["accuracy"] for s in same)
     assert "known / fresh" in format_adaptive_table(report)
-    names = sorted(p.name for p in write_report(report, tmp_path))
-    assert names[:2] == ["report.json", "report.md"] or "report.json" in names
-    assert (tmp_path / "report.md").read_text().startswith("# Robust accuracy")
     pytest.importorskip("matplotlib")
+    written = write_report(report, tmp_path)
+    assert sorted(p.name for p in written) == ["acc_vs_eps.png", "acc_vs_steps.png", "report.json", "report.md"]
+    assert all(p.parent == tmp_path for p in written)
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))  # the whole report
+    md = (tmp_path / "report.md").read_text()
+    assert md.startswith("# Robust accuracy (adaptive protocol)")
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == ["none", "scc-latency"]  # one row per defense
+    worst = next(r for r in rows if r["attack"] == "worst" and r["draws"] == "known" and r["preset"] == "latency")
+    assert f"{100 * worst['accuracy']:.1f} / " in table[-1]  # the known-draws worst case reaches its cell
     for png in ("acc_vs_eps.png", "acc_vs_steps.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

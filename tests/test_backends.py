@@ -6,7 +6,7 @@ import torch
 
 import scc
 from scc.backends import BackendUnavailable, make_runner
-from scc.models import SccError
+from scc.errors import SccError
 
 
 @pytest.fixture(autouse=True)
@@ -71,7 +71,7 @@ def test_refusals_are_up_front_and_clear(tiny, monkeypatch):
         make_runner(ttc, "eager", 0)
     with pytest.raises(SccError, match="unknown backend 'tensorrt'"):
         make_runner(ttc, "tensorrt", 1)
-    monkeypatch.setitem(sys.modules, "scc.compiled", None)  # import scc.compiled -> ImportError
+    monkeypatch.setitem(sys.modules, "scc.backends.compiled", None)  # import scc.backends.compiled -> ImportError
     with pytest.raises(BackendUnavailable, match="backend compiled is not available") as err:
         make_runner(ttc, "compiled", 1)
     assert isinstance(err.value.__cause__, ImportError)

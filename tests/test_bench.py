@@ -1,5 +1,6 @@
-"""Smoke tests of `scc bench` (engine/bench.py) and of the pytest-benchmark suite in benchmarks/."""
+"""Smoke tests of `scc bench` (scc.bench.latency, scc.cli.bench) and of the pytest-benchmark suite in benchmarks/."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,11 +8,16 @@ from pathlib import Path
 import pytest
 
 from scc.backends import make_runner
-from scc.bench import format_table, main
-from scc.models import SccError
+from scc.bench.latency import format_table
+from scc.cli import main as cli_main
+from scc.errors import SccError
 from scc.timing import percentile, summarize
 
 ROOT = Path(__file__).resolve().parents[1]
+def main(argv):
+    return cli_main(["bench", *argv])
+
+
 ROW_KEYS = {"defense", "preset", "backend", "seconds_per_image", "p20", "p80", "compile_seconds", "top1_agreement"}
 
 
@@ -33,14 +39,12 @@ def test_bench_main_writes_the_json_schema(tmp_path, capsys):
     assert "x TTC" in table and "R-TPT/x" in table and "0.37" in table and "R-TPT/SCC" in table
 
 
-def test_unknown_backend_and_defense_are_clear_errors():
-    with pytest.raises(SccError, match="unknown backend.*tensorrt.*eager, compiled, triton, onnx"):
-        main(["--backends", "eager,tensorrt"])
-    with pytest.raises(SccError, match="unknown defense 'foo'"):
-        main(["--defenses", "ttc,foo"])
-    from scc.cli import main as cli_main
-
-    assert cli_main(["bench", "--backends", "tensorrt"]) == 2  # the top-level CLI prints one line, exit 2
+def test_unknown_backend_and_defense_are_clear_errors(capsys):
+    for argv, message in ((["--backends", "eager,tensorrt"], "unknown backend.*tensorrt.*eager, compiled, triton, onnx"),
+                          (["--defenses", "ttc,foo,bar"], r"unknown defense\(s\) \['foo', 'bar'\]")):
+        assert main(argv) == 2  # one line, exit 2, before any model loads
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("scc: error: ") and re.search(message, err), err
 
 
 def test_benchmark_suite_generates_only_supported_pairs():
@@ -58,7 +62,7 @@ def test_benchmark_suite_generates_only_supported_pairs():
 def test_missing_backend_module_says_so(tiny, monkeypatch):
     import scc
 
-    monkeypatch.setitem(sys.modules, "scc.compiled", None)  # import scc.compiled -> ImportError
+    monkeypatch.setitem(sys.modules, "scc.backends.compiled", None)  # import scc.backends.compiled -> ImportError
     with pytest.raises(SccError, match="backend compiled is not available"):
         make_runner(scc.defend(tiny, "ttc"), "compiled", 1)
     with pytest.raises(SccError, match="unknown backend"):
@@ -101,14 +105,14 @@ def test_benchmark_suite_runs_and_its_json_prints(tmp_path, capsys):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     infos = [b["extra_info"] for b in data["benchmarks"]]
-    assert sorted(i["spec"] for i in infos) == ["none", "rtpt", "ttc"]
+    assert sorted(i["label"] for i in infos) == ["none", "rtpt", "ttc"]
     for b in data["benchmarks"]:
         assert b["group"] == "scc-tiny-digits"
         info = b["extra_info"]
         assert {"hardware", "versions", "warmup_seconds", "compile_seconds", "p20", "p80"} <= set(info)
         assert info["hardware"]["torch_threads"] >= 1 and info["top1_agreement"] is None  # eager: the reference
         assert info["acc_images"] == 4 and info["robust_acc"] <= info["clean_acc"] + 0.25
-        if info["spec"] == "none":  # the undefended model is right on the first four held-out digits
+        if info["label"] == "none":  # the undefended model is right on the first four held-out digits
             assert info["clean_acc"] == 1.0
     assert main(["--from-benchmark-json", str(out)]) == 0
     table = capsys.readouterr().out

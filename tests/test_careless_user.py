@@ -125,7 +125,7 @@ def test_garbage_safetensors(capsys, files):
 def test_checkpoint_of_another_architecture_says_what_it_looks_like(capsys, tmp_path):
     from safetensors.torch import save_file
 
-    state = {k: v.contiguous() for k, v in scc.models.create_tiny_model().state_dict().items()}
+    state = {k: v.contiguous() for k, v in scc.models.create_bundled_model("scc-tiny-digits").state_dict().items()}
     state["visual.conv1.weight"] = torch.zeros(48, 3, 4, 4)
     state["visual.positional_embedding"] = torch.zeros(65, 48)
     save_file(state, str(tmp_path / "other.safetensors"))
@@ -196,7 +196,7 @@ def test_ambiguous_eps_is_refused_with_a_hint(eps, capsys):
 
 
 def test_eps_unit_rule():
-    from scc.evaluate import parse_eps
+    from scc.eval.options import parse_eps
 
     assert parse_eps("4/255") == pytest.approx(4 / 255)
     assert parse_eps("0.0157") == pytest.approx(0.0157)
@@ -232,7 +232,7 @@ def test_loaded_checkpoint_prints_no_random_init_warning(tmp_path, caplog):
     config = tmp_path / "tiny-clone.json"
     config.write_text(asset_path(f"{TINY_NAME}.json").read_text())
     open_clip.add_model_config(config)
-    state = {k: v.contiguous() for k, v in scc.models.create_tiny_model().state_dict().items()}
+    state = {k: v.contiguous() for k, v in scc.models.create_bundled_model("scc-tiny-digits").state_dict().items()}
     save_file(state, str(tmp_path / "w.safetensors"))
     with caplog.at_level("WARNING"):
         scc.models.create_open_clip("tiny-clone", str(tmp_path / "w.safetensors"))
@@ -257,9 +257,9 @@ def test_threads_are_set_and_recorded(capsys, files):
 
 
 def test_bench_prints_the_busy_warning(capsys, monkeypatch):
-    import scc.bench
+    import scc.provenance
 
-    monkeypatch.setattr(scc.bench, "busy_warning", lambda: "warning: load average 9.0 on 2 cores")
+    monkeypatch.setattr(scc.provenance, "busy_warning", lambda: "warning: load average 9.0 on 2 cores")
     code, out, err = run(capsys, "bench", "--images", "2", "--defenses", "none", "--quiet")
     assert code == 0 and "warning: load average 9.0" in err and "none" in out
 
@@ -311,37 +311,42 @@ def test_unknown_defense_lists_every_name(command, capsys):
     refused(capsys, *command, names=["'magic'", "scc-latency", "rtpt"])
 
 
+COMPUTES = {"demo", "classify", "eval", "bench", "onnx", "triton", "serve", "train-tiny"}  # these take --threads
+
+
 @pytest.mark.parametrize("command", [[], ["demo"], ["classify"], ["eval"], ["bench"], ["export"], ["export", "onnx"],
-                                     ["train-tiny"]])
+                                     ["export", "triton"], ["serve"], ["loadtest"], ["train-tiny"]])
 def test_version_and_quiet_everywhere(command, capsys):
     code, out, _ = run(capsys, *command, "--version")
     assert code == 0 and out.strip() == f"scc {scc.__version__}"
     if command and command != ["export"]:
         code, out, _ = run(capsys, *command, "--help")
-        assert code == 0 and "--quiet" in out and ("--threads" in out or not command)
+        assert code == 0 and "--quiet" in out
+        assert ("--threads" in out) == (command[-1] in COMPUTES), command
 
 
 def test_help_shows_every_default():
     import argparse
 
-    from scc import bench, train_tiny
-    from scc.cli import Formatter, build_parser
-    from scc.export import cli as export_cli
+    from scc.cli import build_parser
+    from scc.cli.args import Formatter
 
-    top = build_parser()
-    parsers = [a.choices[c] for a in top._actions if isinstance(a, argparse._SubParsersAction)
-               for c in ("demo", "classify", "eval")]
-    parsers += [bench.build_parser()]
-    parsers += [a.choices["onnx"] for a in export_cli.build_parser()._actions
-                if isinstance(a, argparse._SubParsersAction)]
+    def subparsers(parser):  # every command, nested ones (export onnx|triton) included
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    yield child
+                    yield from subparsers(child)
+
+    parsers = list(subparsers(build_parser()))
+    assert {p.prog for p in parsers} >= {"scc demo", "scc classify", "scc eval", "scc bench", "scc export onnx",
+                                         "scc export triton", "scc serve", "scc loadtest", "scc train-tiny"}
     fmt = Formatter("scc")
     for parser in parsers:
         for action in parser._actions:
             if action.nargs == 0 or action.required or action.default is argparse.SUPPRESS:
                 continue  # flags, required values, --help/--version
             assert "default" in fmt._get_help_string(action).lower(), (parser.prog, action.option_strings)
-    with pytest.raises(SystemExit):  # train-tiny builds its parser in main(); its help was checked above
-        train_tiny.main(["--help"])
 
 
 def test_classify_expands_a_folder_and_names_an_empty_one(capsys, files):

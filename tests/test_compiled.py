@@ -1,4 +1,4 @@
-"""scc.compiled.Engine: one compiled graph per bucket, against the eager defense on identical draws.
+"""scc.backends.compiled.Engine: one compiled graph per bucket, against the eager defense on identical draws.
 
 The graphs take ~10-90 s each to compile on 2 CPU cores (cold Inductor cache), so the tests share few of them:
 scc (paper) traced at bucket 8, a one-step ttc at bucket 2, and under the Triton interpreter (in a fresh process) a small
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import scc
-from scc.compiled import Engine
-from scc.models import SccError
+from scc.backends.compiled import Engine
+from scc.errors import SccError
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 KERNEL_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)

@@ -8,19 +8,27 @@ import scc
 from scc.backends import make_runner
 from scc.defenses import DEFENSES, Defense
 from scc.draws import Draw, draw_shapes, make_draws
-from scc.models import SccError
+from scc.errors import SccError
 
 
 def test_every_kind_has_its_distribution():
+    """Each kind's shape, support and first two moments: a wrong distribution (e.g. a normal where a uniform or an
+    Exp(1) belongs, an unnormalised Dirichlet, a biased sign) fails one of them."""
     specs = {"u": Draw("uniform", -2.0, 3.0), "n": Draw("normal"), "i": Draw("integers", 1, 4, lambda c, im: (50,)),
-             "d": Draw("dirichlet", shape=lambda c, im: (7, 3)), "s": Draw("sign", shape=lambda c, im: (40,))}
+             "d": Draw("dirichlet", shape=lambda c, im: (400, 3)), "s": Draw("sign", shape=lambda c, im: (400,))}
     x = torch.rand(6, 3, 5, 5)
     d = make_draws(specs, None, x, torch.Generator().manual_seed(0))
-    assert d["u"].shape == x.shape and -2 <= d["u"].min() and d["u"].max() < 3 and d["u"].std() > 0.5
+    u = d["u"]
+    assert u.shape == x.shape and -2 <= u.min() and u.max() < 3
+    assert abs(u.mean() - 0.5) < 0.2 and abs(u.std() - 5 / 12 ** 0.5) < 0.15  # U(-2, 3): mean 0.5, std 1.44
     assert d["n"].shape == x.shape and abs(d["n"].mean()) < 0.2 and 0.8 < d["n"].std() < 1.2
     assert d["i"].dtype == torch.int64 and set(d["i"].unique().tolist()) == {1, 2, 3}
-    torch.testing.assert_close(d["d"].sum(-1), torch.ones(6, 7)) and (d["d"] > 0).all()
-    assert set(d["s"].unique().tolist()) == {-1.0, 1.0}
+    dirichlet = d["d"]
+    assert dirichlet.shape == (6, 400, 3) and bool((dirichlet > 0).all())
+    torch.testing.assert_close(dirichlet.sum(-1), torch.ones(6, 400))
+    # Dirichlet(1, 1, 1): each weight has mean 1/3 and std sqrt(2/36) = 0.236
+    assert (dirichlet.mean((0, 1)) - 1 / 3).abs().max() < 0.03 and abs(dirichlet.std() - 0.236) < 0.02
+    assert set(d["s"].unique().tolist()) == {-1.0, 1.0} and abs(d["s"].mean()) < 0.1
     again = make_draws(specs, None, x, torch.Generator().manual_seed(0))
     assert all(torch.equal(d[k], again[k]) for k in d)  # declaration order + one generator = reproducible
     with pytest.raises(ValueError, match="unknown draw kind"):
@@ -110,3 +118,14 @@ def test_perturbation_is_the_one_the_prediction_uses(tiny, digits):
             torch.testing.assert_close(tiny(x + delta), d(x, draws))
         if name == "none":
             assert delta.abs().max() == 0
+
+
+def test_example_inputs_leave_the_module_generator_alone(tiny):
+    d = scc.defend(tiny, "scc", seed=3)
+    before = d.draws(torch.rand(2, 3, 32, 32))["start"]
+    d.reseed(3)
+    x, draws = d.example_inputs(4)
+    assert x.shape == (4, 3, 32, 32) and draws["noise"].shape == (4, 4, 3, 32, 32)
+    assert torch.equal(d.draws(torch.rand(2, 3, 32, 32))["start"], before)
+    x2, draws2 = d.example_inputs(4)
+    assert torch.equal(x, x2) and torch.equal(draws["start"], draws2["start"])  # reproducible

@@ -11,7 +11,8 @@ import scc.data as scc_data
 from scc.cli import main
 from scc.data import FASHION_CLASSES, fashion_arrays, fashion_subset, fashion_subset_indices, load_dataset
 from scc.defenses import make_config
-from scc.models import FASHION_NAME, TINY_NAME, SccError, bundled_dataset, bundled_meta, is_bundled
+from scc.errors import SccError
+from scc.models import FASHION_NAME, TINY_NAME, bundled_dataset, bundled_meta, is_bundled
 
 debian = pytest.mark.skipif(not (scc_data.FASHION_DIR / "t10k-images-idx3-ubyte.gz").is_file(),
                             reason="Debian package dataset-fashion-mnist not installed")
@@ -181,10 +182,8 @@ def test_classify_raw_fashion_mnist_files(fashion_clf, fashion, tmp_path, capsys
 # Everywhere the digits model works: bench, export, serve, the adaptive evaluation
 # ----------------------------------------------------------------------------------------------------------
 def test_bench_defaults_to_its_own_images(tmp_path, capsys):
-    from scc.bench import main as bench_main
-
     out = tmp_path / "bench.json"
-    assert bench_main(["--model", FASHION_NAME, "--images", "2", "--defenses", "none,ttc", "--json", str(out)]) == 0
+    assert main(["bench", "--model", FASHION_NAME, "--images", "2", "--defenses", "none,ttc", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["model"] == FASHION_NAME and "Fashion-MNIST" in report["pixels"]
     assert [r["defense"] for r in report["rows"]] == ["none", "ttc"]
@@ -210,7 +209,8 @@ def test_onnx_export_keeps_eager_signs_and_top1(fashion_clf, fashion, tmp_path):
 
 
 def test_serve_handler_answers_like_the_eager_module(fashion):
-    from scc.serve import Item, Service, service_config
+    from scc.serve.requests import Item
+    from scc.serve.service import Service, service_config
 
     service = Service(service_config(model=FASHION_NAME, defense="scc-latency", backend="eager", max_batch=2))
     assert service.classifier.labels == list(FASHION_CLASSES)
@@ -225,7 +225,8 @@ def test_serve_handler_answers_like_the_eager_module(fashion):
 
 
 def test_adaptive_protocol_runs_on_fashion(tmp_path):
-    from scc.adaptive import Suite, evaluate
+    from scc.eval.adaptive import evaluate
+    from scc.eval.suite import Suite
 
     suite = Suite(attacks=("pgd", "square"), pgd_steps=3, queries=5, checkpoints=(0, 3), sanity_images=0)
     report = evaluate(FASHION_NAME, dataset="fashion", defenses=["none", "ttc"], n_images=4, batch_size=4,

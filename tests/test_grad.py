@@ -8,7 +8,7 @@ import torch
 
 import scc
 from scc.grad import current_route, grad_route, input_grad
-from scc.ttc import TTCConfig, counterattack
+from scc.defenses.ttc import TTCConfig, counterattack
 
 
 @pytest.fixture(autouse=True)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import scc
-from scc.models import TINY_NAME, WordTokenizer, tiny_meta
+from scc.models import TINY_NAME, WordTokenizer, bundled_meta
 
 
 def test_tiny_contract(tiny, digits):
@@ -25,7 +25,7 @@ def test_tiny_held_out_accuracy(tiny, digits):
     with torch.no_grad():
         acc = (tiny(x).argmax(1) == y).float().mean().item()
     assert acc > 0.95, acc
-    assert abs(acc - tiny_meta()["held_out_clean_accuracy"]) < 0.01
+    assert abs(acc - bundled_meta(TINY_NAME)["held_out_clean_accuracy"]) < 0.01
 
 
 def test_random_weight_open_clip_model():
@@ -37,7 +37,7 @@ def test_random_weight_open_clip_model():
 def test_local_checkpoint_roundtrip(tmp_path):
     from safetensors.torch import save_file
 
-    model = scc.models.create_tiny_model()
+    model = scc.models.create_bundled_model("scc-tiny-digits")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(tmp_path / "w.safetensors"))
     torch.save(state, tmp_path / "w.pt")

@@ -21,7 +21,7 @@ import scc.attacks
 from scc.export import OrtDefended, export_onnx
 from scc.export import onnx as scc_onnx
 from scc.export import runtime
-from scc.export.cli import main as export_main
+from scc.cli import main as cli_main
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -65,6 +65,10 @@ def dynamic(clf, tmp_path_factory):
     path = tmp_path_factory.mktemp("onnx") / "scc-dynamic.onnx"
     info = export_onnx(defended, path, draws_as_inputs=True, trace_outputs=True)  # batch_size=None: dynamic
     return defended, info, OrtDefended(path, threads=1)
+
+
+def export_main(argv):
+    return cli_main(["export", *argv])
 
 
 def accuracy(logits, y):

@@ -7,7 +7,7 @@ import torch
 import scc
 from scc.attacks import pgd
 from scc.backends import make_runner
-from scc.models import SccError
+from scc.errors import SccError
 
 
 @pytest.fixture(autouse=True)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import scc
-from scc.cost import count_passes
-from scc.rtpt import (AUGMIX_OPS, RTPTConfig, adamw_step, confident_views, crop_boxes, crop_flip, encode_prompts,
+from scc.passes import count_passes
+from scc.defenses.rtpt import (AUGMIX_OPS, RTPTConfig, adamw_step, confident_views, crop_boxes, crop_flip, encode_prompts,
                       entropy, geometric_theta, intensity_op, make_views, prompt_parts, reliability_weights, resample,
                       rtpt_draws)
 
@@ -134,7 +134,7 @@ def test_one_step_hand_computed(tiny, digits):
     cfg = RTPTConfig()
     x = digits[0][:1]
     draws = rtpt_draws(x, cfg, torch.Generator().manual_seed(1))
-    got = scc.rtpt.rtpt(tiny, x, cfg, **draws)[0]
+    got = scc.defenses.rtpt.rtpt(tiny, x, cfg, **draws)[0]
     with torch.no_grad():
         views = make_views(x[0], cfg, *[draws[k][0] for k in ("crop", "flip", "mix", "blend", "depth", "ops",
                                                                 "levels", "signs")])
@@ -215,8 +215,8 @@ def test_static_views_are_the_same_views_and_traceable(tiny, digits):
     static_views = make_views(x[0], static, *[draws[k][0] for k in keys])
     assert torch.allclose(grouped_views, static_views, atol=1e-6)
     with torch.no_grad():
-        graph = make_fx(lambda x, *v: scc.rtpt.rtpt(tiny, x, static, **dict(zip(keys, v))))(x, *[draws[k] for k in keys])
-        assert torch.allclose(graph(x, *[draws[k] for k in keys]), scc.rtpt.rtpt(tiny, x, static, **draws), atol=1e-4)
+        graph = make_fx(lambda x, *v: scc.defenses.rtpt.rtpt(tiny, x, static, **dict(zip(keys, v))))(x, *[draws[k] for k in keys])
+        assert torch.allclose(graph(x, *[draws[k] for k in keys]), scc.defenses.rtpt.rtpt(tiny, x, static, **draws), atol=1e-4)
 
 
 @pytest.mark.parametrize("height, width, scale", [(32, 32, (0.08, 1.0)), (224, 224, (0.08, 1.0)), (20, 40, (0.9, 1.0))])

@@ -5,10 +5,9 @@ import pytest
 import torch
 
 import scc
-from scc.cost import count_passes
+from scc.passes import count_passes
 from scc.defenses import make_config
-from scc.scc_defense import SCCConfig
-from scc.ttc import ttc
+from scc.defenses.ttc import ttc
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +68,7 @@ def test_presets():
 @pytest.mark.parametrize("bad, match", [
     (dict(name="nope"), "unknown defense"),
     (dict(preset="fast"), "unknown preset"),
-    (dict(stepz=3), "no setting 'stepz'"),
+    (dict(stepz=3), r"no setting\(s\) \['stepz'\]"),
     (dict(views=("id", "twirl")), "unknown view part"),
     (dict(sharpen=2.0), "sharpening temperature"),
 ])

@@ -22,8 +22,10 @@ import pytest
 import torch
 
 import scc
-from scc.models import SccError
-from scc.serve import Item, RequestError, Service, decode_image, parse_request, serve_config_yaml, service_config
+from scc.errors import SccError
+from scc.serve.app import serve_config_yaml
+from scc.serve.requests import Item, RequestError, decode_image, parse_request
+from scc.serve.service import Service, service_config
 
 SIZE, MAX_PIXELS, MAX_BODY = 32, 1_000_000, 1_000_000
 
@@ -194,7 +196,7 @@ def test_print_config_is_a_serve_config():
     cfg = service_config(defense="scc-latency", backend="compiled", replicas=2, seed=3)
     doc = yaml.safe_load(serve_config_yaml(cfg, "127.0.0.1", 8000, 30))
     app = doc["applications"][0]
-    assert app["import_path"] == "scc.serve:build_app" and doc["http_options"]["port"] == 8000
+    assert app["import_path"] == "scc.serve.app:build_app" and doc["http_options"]["port"] == 8000
     assert app["args"] == {"defense": "scc-latency", "backend": "compiled", "replicas": 2, "seed": 3}
     assert service_config(app["args"])["replicas"] == 2
 
@@ -329,7 +331,7 @@ def test_engine_queue_coalesces_and_answers_everyone():
     import asyncio
     import threading
 
-    from scc.serve import EngineQueue
+    from scc.serve.service import EngineQueue
 
     calls, gate = [], threading.Event()
 
@@ -356,7 +358,7 @@ def test_engine_queue_coalesces_and_answers_everyone():
 def test_compile_artifacts_are_written_once_and_keyed(tmp_path, capsys):
     """A compiled replica with --compile-cache leaves one torch.compiler artifact file keyed by what its graphs
     depend on; a replica with the same key loads it, another defense misses, a corrupt file is ignored."""
-    from scc.serve import artifact_path, load_compile_artifacts
+    from scc.backends.artifacts import artifact_path, load_compile_artifacts
 
     cfg = service_config(defense="none", backend="compiled", max_batch=1, compile_cache=str(tmp_path))
     first = Service(cfg)

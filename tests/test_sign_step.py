@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from scc.models import SccError
-from scc.views import sign_step as eager_sign_step
+from scc.errors import SccError
+from scc.perturbation import sign_step as eager_sign_step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)

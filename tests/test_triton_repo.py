@@ -13,7 +13,7 @@ import torch
 
 import scc
 from scc.export import OrtDefended
-from scc.export.cli import main as export_main
+from scc.cli import main as cli_main
 from scc.export.triton import (export_triton, parse_pbtxt, preferred_batch_sizes, to_pbtxt, triton_config,
                                validate_config)
 
@@ -32,6 +32,10 @@ VALIDATORS = [False, pytest.param(True, marks=pytest.mark.skipif(
 def _threads():  # overrides conftest's: one thread (a shared 2-core machine)
     torch.set_num_threads(1)
     yield
+
+
+def export_main(argv):
+    return cli_main(["export", *argv])
 
 
 def sample_config(**kwargs) -> str:
@@ -169,7 +173,7 @@ def test_cli_writes_a_servable_repository(tiny, digits, tmp_path, capsys):
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
     (pixels,) = session.get_inputs()
     assert pixels.name == "pixels" and isinstance(pixels.shape[0], str) and pixels.shape[1:] == [3, 32, 32]
-    x, y = digits[0][:100], digits[1][:100]
+    x = digits[0][:100]
     for batch in (1, 8):
         (logits,) = session.run(["logits"], {"pixels": x[:batch].numpy()})
         assert logits.shape == (batch, 10) and np.isfinite(logits).all()

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import scc
 from scc.models import ZeroShotClassifier
-from scc.ttc import TTCConfig, counterattack, ttc
+from scc.defenses.ttc import TTCConfig, counterattack, ttc
 
 
 def linear_classifier(W: np.ndarray, T: np.ndarray) -> ZeroShotClassifier:

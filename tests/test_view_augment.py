@@ -3,13 +3,14 @@
 Runs on CUDA when there is a GPU, else on CPU under triton's interpreter: on a CPU-only machine without
 TRITON_INTERPRET=1 the whole module re-runs itself in a fresh process that has it (see conftest.py).
 """
+import importlib
 import os
 
 import pytest
 import torch
 
-from scc.models import SccError
-from scc.views import apply_views, parse_views
+from scc.errors import SccError
+from scc.defenses.views import apply_views, parse_views
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
@@ -114,7 +115,7 @@ def test_clamp_bounds_block_gradient():
 @kernel_only
 @pytest.mark.parametrize("L", [1, 4])
 def test_opcheck(L):
-    from scc.kernels import view_augment as va
+    importlib.import_module("scc.kernels.view_augment")  # registers torch.ops.scc.view_augment
 
     z, flips, noisy, noise, sigma, mean, std = inputs(3, L, 5, 7, torch.float32)
     torch.library.opcheck(torch.ops.scc.view_augment.default, (z, noise, mean.reshape(3), std.reshape(3), flips, noisy, sigma))

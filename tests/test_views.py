@@ -1,9 +1,10 @@
-"""scc.views: zoom/flip matrices against torch's own bilinear resize, and the projected sign step."""
+"""scc.defenses.views and scc.perturbation: zoom/flip matrices against torch's own bilinear resize, and the projected sign step."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from scc.views import View, apply_views, parse_views, project, sign_step, zoom_matrix
+from scc.defenses.views import View, apply_views, parse_views, zoom_matrix
+from scc.perturbation import project, sign_step
 
 
 @pytest.mark.parametrize("size, zoom", [(32, 0.85), (33, 0.5), (224, 0.9), (7, 1.0)])

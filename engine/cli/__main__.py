@@ -1,0 +1,6 @@
+"""`python -m scc.cli ...` is `scc ...`."""
+import sys
+
+from . import main
+
+sys.exit(main())

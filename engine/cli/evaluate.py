@@ -1,0 +1,156 @@
+"""`scc eval`: clean and robust accuracy of defenses on a dataset, one parser and one path into both protocols.
+
+    --protocol paper      attacks on the undefended classifier, then each defense (scc.eval.paper; the TTC/SCC
+                          reproduction protocol, not a robustness claim)
+    --protocol adaptive   attacks through the defense, scored with known and fresh draws (scc.eval.adaptive)
+
+--dtype, --templates, --attacks, --threads and --backend mean the same in both and reach the run: the image tower's
+precision, the prompt templates, the protocol's attacks, torch's threads (per worker process in the adaptive
+protocol), and the backend that runs the defense (in the adaptive protocol the attacks differentiate through the
+eager module at --dtype; the backend scores the adversarial images). eps: write 4/255 (levels of 255) or a pixel
+fraction below 1 with a decimal point (0.0157); bare integers and values >= 1 are refused as ambiguous.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import SccError
+from .args import (DEFENSE_CHOICES, TINY_NAME, add_common, add_dtype_arg, add_model_args, add_templates_arg,
+                   apply_threads, check_device_arg, check_folder, check_output, parse_templates, positive_int,
+                   status, write_json)
+
+PAPER_HELP = "pgd, cw, pgd100, apgd-ce, apgd-dlr, autoattack (= apgd-ce,apgd-dlr)"
+ADAPTIVE_HELP = "pgd, apgd-ce, apgd-dlr, eot-pgd, bpda-pgd, transfer-nocorrect, square"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("eval", help="clean and robust accuracy of defenses on a dataset (paper or adaptive protocol)",
+                       description=__doc__)
+    add_model_args(p)
+    add_templates_arg(p, "the dataset's; a bundled model's own")
+    p.add_argument("--dataset", default="digits",
+                   help="digits | fashion | fashion-full | fashion-val | imagefolder:PATH (one sub-folder per "
+                        "class) | cifar10:ROOT | stl10:ROOT | dtd:ROOT ...")
+    p.add_argument("--defenses", default="none,ttc,scc", help=f"comma-separated from {DEFENSE_CHOICES}")
+    p.add_argument("--protocol", default="paper", choices=("paper", "adaptive"),
+                   help="paper: attacks on the undefended classifier (TTC/SCC reproduction, not a robustness claim); "
+                        "adaptive: attacks through the defense, scored with known and fresh draws")
+    p.add_argument("--attacks", default=None,
+                   help=f"comma-separated attacks of the protocol; paper: {PAPER_HELP}, or none for clean only "
+                        f"(default: pgd); adaptive: {ADAPTIVE_HELP} (default: all)")
+    p.add_argument("--adaptive-attacks", default=None, help="the same as --attacks with --protocol adaptive")
+    p.add_argument("--eps", default="1/255", help="comma-separated attack radii: 1/255,4/255 or 0.0157 (see above)")
+    p.add_argument("--steps", type=positive_int, default=10, help="paper protocol: PGD / CW steps")
+    p.add_argument("--backend", default="eager", choices=("eager", "compiled", "triton", "onnx"),
+                   help="how the defenses run (scc.backends); adaptive protocol: the backend that scores")
+    add_dtype_arg(p)
+    p.add_argument("--no-clean", dest="clean", action="store_false", help="paper protocol: skip the clean rows")
+    p.add_argument("--images", type=positive_int, default=None, help="first N images (default: all)")
+    p.add_argument("--batch-size", type=positive_int, default=64, help="images per batch")
+    add_common(p)
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="folder for report.json, report.md and the PNG plots (created if missing)")
+    p.add_argument("--ray", default=None, metavar="auto|ADDRESS",
+                   help="adaptive protocol: shard the images over Ray tasks (pip install 'scc-defense[ray]')")
+    p.add_argument("--workers", default="auto", metavar="auto|N",
+                   help="adaptive protocol: local worker processes, each with --threads threads (default auto: "
+                        "usable CPU cores // threads, 1 on a GPU); the merged report equals a one-process run")
+    p.add_argument("--queries", type=positive_int, default=1000, help="adaptive protocol: Square's query budget")
+    p.add_argument("--eot-samples", type=positive_int, default=8, help="adaptive protocol: EOT draws per step")
+    p.add_argument("--sanity", action="store_true",
+                   help="adaptive protocol: the PGD-20-at-16/255 check on every image (default: the first 32)")
+    p.set_defaults(func=run)
+
+
+def _workers(text: str, device: str, threads: int) -> int:
+    from ..eval.sharding import default_workers
+
+    if text == "auto":
+        return max(1, default_workers(device) // threads)
+    try:
+        workers = int(text)
+    except ValueError:
+        workers = 0
+    if not 1 <= workers <= 1024:
+        raise SccError(f"--workers takes auto or a number of processes in 1..1024, got {text!r}")
+    return workers
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..defenses import parse_defenses
+    from ..errors import require_extra
+    from ..eval.options import TORCHATTACKS, parse_attacks, parse_eps_list
+    from ..precision import check_dtype_on_device, resolve_dtype
+
+    # every argument, extra and output path is checked before any work
+    adaptive = args.protocol == "adaptive"
+    if args.adaptive_attacks is not None:
+        if not adaptive:
+            raise SccError("--adaptive-attacks belongs to --protocol adaptive; the paper protocol takes --attacks")
+        if args.attacks is not None and args.attacks != args.adaptive_attacks:
+            raise SccError("--attacks and --adaptive-attacks disagree; give one of them")
+        args.attacks = args.adaptive_attacks
+    if args.ray and not adaptive:
+        raise SccError("--ray shards the adaptive protocol: add --protocol adaptive (the paper protocol runs in one "
+                       "process)")
+    check_output(args.json)
+    check_device_arg(args.device)
+    model = args.model or TINY_NAME
+    defenses = parse_defenses(args.defenses)
+    eps_list = parse_eps_list(args.eps)
+    attacks = parse_attacks(args.attacks, args.protocol)
+    templates = parse_templates(args.templates)
+    dtype = resolve_dtype(args.dtype, args.device)
+    check_dtype_on_device(dtype, args.device)
+    if not attacks and not (args.clean and not adaptive):
+        raise SccError("nothing to evaluate: --attacks none" + (" with --no-clean" if not adaptive else ""))
+    needs = [a for a in attacks if a in TORCHATTACKS]
+    if needs:
+        require_extra("adaptive", ["torchattacks"], what=f"the attack(s) {', '.join(needs)}")
+    if args.out:
+        require_extra("adaptive", ["matplotlib"], what="--out (its plots)")
+    if args.ray:
+        require_extra("ray", what="--ray")
+    if args.backend == "onnx":
+        require_extra("onnx", what="--backend onnx")
+    out = check_folder(args.out, parents=True) if args.out else None
+    apply_threads(args.threads)
+
+    if not adaptive:
+        from ..eval.paper import format_table, run as evaluate
+
+        pairs = ([("none", 0.0)] if args.clean else []) + [(a, e) for a in attacks for e in eps_list]
+        report = evaluate(model, args.pretrained, args.dataset, defenses=defenses, attacks=pairs,
+                          n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                          attack_steps=args.steps, progress=not args.quiet, templates=templates,
+                          backend=args.backend, dtype=dtype)
+        text = format_table(report)
+    else:
+        from ..eval.adaptive import evaluate
+        from ..eval.report import format_adaptive_table
+        from ..eval.suite import Suite
+
+        threads = torch.get_num_threads() if args.threads is not None else 1
+        workers = _workers(args.workers, args.device, threads)
+        suite = Suite(attacks=tuple(attacks), queries=args.queries, eot_k=args.eot_samples,
+                      sanity_images=(args.images or 10**9) if args.sanity else 32)
+        report = evaluate(model, args.pretrained, args.dataset, defenses=defenses, eps_list=eps_list,
+                          n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                          suite=suite, progress=not args.quiet, templates=templates, ray_address=args.ray,
+                          log=lambda line: print(line, file=sys.stderr), workers=workers, threads=threads,
+                          dtype=dtype, backend=args.backend)
+        text = format_adaptive_table(report) + "\n" + "\n".join(report["sanity"])
+    if args.json != "-":
+        print(text)  # before any file: a failing write never costs the results
+    if report.get("warning"):
+        print(report["warning"], file=sys.stderr if args.json == "-" else sys.stdout)
+    write_json(report, args.json)
+    if out is not None:
+        from ..eval.report import write_report
+
+        written = write_report(report, out)
+        status(args, "wrote " + ", ".join(str(p) for p in written))
+    return 0

@@ -1,0 +1,152 @@
+"""`scc export onnx|triton ...`: write a defended classifier to an ONNX file or a Triton model repository.
+
+    scc export onnx --model scc-tiny-digits --defense scc-latency --out scc.onnx                  # any batch size
+    scc export onnx --model scc-tiny-digits --defense ttc --batch-size 8 --draws-as-inputs --out ttc-b8.onnx
+    scc export triton --model scc-tiny-digits --defense scc-latency --out repo --max-batch 8
+    scc export onnx --model ViT-B-32 --pretrained openai --defense ttc --labels cat,dog --out ttc.onnx
+
+Progress lines (loading, tracing, exporting, optimizing, saving) go to stderr unless --quiet: a ViT-B/32 export
+takes minutes.
+"""
+from __future__ import annotations
+
+import argparse
+import warnings
+from pathlib import Path
+
+from ..errors import SccError
+from .args import (Parser, add_common, add_labels_args, add_templates_arg, apply_threads, check_output, parse_labels,
+                   parse_templates, positive_int, seed_int, status, version)
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True,
+                        help="open_clip model name (ViT-B-32, RN50, ...) or a bundled model (scc-tiny-digits, ...)")
+    parser.add_argument("--pretrained", default=None,
+                        help="open_clip pretrained tag or checkpoint path (default: none; bundled for a bundled model)")
+    parser.add_argument("--defense", required=True, help="ttc | scc | scc-latency (name-preset, as in the other "
+                                                         "commands)")
+    parser.add_argument("--preset", default=None, help="paper | latency (default: the one in --defense, else paper)")
+    add_labels_args(parser, "the model's own, bundled models only")
+    add_templates_arg(parser, "the model's own, 'a photo of a {}.' for open_clip models (space-separated arguments "
+                              "are accepted too)", nargs="+")
+    parser.add_argument("--draws-as-inputs", action="store_true",
+                        help="take the random draws (start, noise) as inputs instead of drawing them in the graph")
+    parser.add_argument("--opset", type=positive_int, default=None, help="ONNX opset (default: the exporter's)")
+    parser.add_argument("--no-optimize", dest="optimize", action="store_false", help="skip the ONNX optimizer passes")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of random weights (--pretrained none)")
+    parser.add_argument("--dtype", default="fp32",
+                        help="the image tower's precision in the file: fp32 (default) | fp16 (GPU runtimes: ORT CUDA, "
+                             "TensorRT) | bf16; patch stem, LayerNorms, perturbation, losses and logits stay fp32")
+    add_common(parser, json_output=False)
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("export", help="export a defended model: one ONNX file or a Triton model repository",
+                            description=__doc__)
+    parser.add_argument("--version", action="version", version=version())
+    formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True, parser_class=Parser)
+    onnx = formats.add_parser("onnx", help="the whole defended procedure as one ONNX graph",
+                              description="Write the whole defended procedure (counterattack, views, corrective "
+                                          "steps and their gradients, logits) as one ONNX file: input `pixels` "
+                                          "(B, 3, S, S) float32 in [0,1], output `logits` (B, C). B is dynamic "
+                                          "unless --batch-size fixes it.")
+    _model_arguments(onnx)
+    onnx.add_argument("--batch-size", type=positive_int, default=None,
+                      help="write a fixed-shape file for this batch size (TensorRT engines, CUDA graphs) "
+                           "(default: one file for every batch size)")
+    onnx.add_argument("--out", required=True, help="output .onnx file (its folder must exist)")
+    onnx.set_defaults(func=run)
+
+    triton = formats.add_parser("triton", help="a ready NVIDIA Triton Inference Server model repository",
+                                description="Write REPO/NAME/config.pbtxt, REPO/NAME/labels.txt and "
+                                            "REPO/NAME/1/model.onnx (batch-dynamic) for Triton's ONNX Runtime "
+                                            "backend, with dynamic batching.")
+    _model_arguments(triton)
+    triton.add_argument("--out", required=True, metavar="REPO", help="the model repository folder (created if "
+                                                                     "its parent exists)")
+    triton.add_argument("--name", default=None,
+                        help="model name = its folder (default: MODEL-DEFENSE[-PRESET], e.g. scc-tiny-digits-ttc)")
+    triton.add_argument("--max-batch", type=positive_int, default=8, help="max_batch_size")
+    triton.add_argument("--instances", type=positive_int, default=1, help="model instances per device")
+    triton.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"],
+                        help="instance kind: auto = KIND_AUTO (GPUs when present, else CPU), "
+                             "gpu = KIND_GPU, cpu = KIND_CPU")
+    triton.add_argument("--tensorrt", action="store_true",
+                        help="add ONNX Runtime's TensorRT execution provider as GPU accelerator (FP32)")
+    triton.add_argument("--queue-delay-us", type=int, default=500,
+                        help="dynamic batching max_queue_delay_microseconds")
+    triton.add_argument("--overwrite", action="store_true", help="replace an existing REPO/NAME")
+    triton.set_defaults(func=run)
+
+
+def _defended(args: argparse.Namespace):
+    """The defended model the arguments name (one SccError line for a bad defense, label or template)."""
+    from ..defenses import DEFENSES, defend, parse_defense
+    from ..errors import require_extra
+    from ..models import load
+
+    name, preset = parse_defense(args.defense)
+    if args.preset is not None:
+        if "-" in args.defense and preset != args.preset:
+            raise SccError(f"--defense {args.defense} and --preset {args.preset} disagree; give one of them")
+        name, preset = parse_defense(f"{name}-{args.preset}")
+    if not DEFENSES[name].exports:
+        raise SccError(f"defense {name!r} cannot be exported: {DEFENSES[name].why_not}")
+    labels = parse_labels(args.labels, args.labels_file)
+    templates = parse_templates(args.templates)
+    require_extra("onnx", ["onnx", "onnxscript"], what="ONNX export")
+    apply_threads(args.threads)
+    status(args, f"export: loading {args.model}")
+    clf = load(args.model, args.pretrained, labels, templates, seed=args.seed)
+    return defend(clf, name, preset=preset)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..precision import resolve_dtype
+
+    dtype = resolve_dtype(args.dtype, "cpu")  # the trace runs on the CPU; "auto" is fp32 there
+    progress = None if args.quiet else (lambda line: status(args, f"export: {line}"))
+    with warnings.catch_warnings():  # skipped optimizer passes are printed below instead
+        warnings.filterwarnings("ignore", message=".*skipped optimizer passes.*")
+        if args.format == "triton":
+            from ..export.triton import export_triton, model_repository_tree, triton_config
+
+            repo = Path(args.out)
+            if not repo.parent.is_dir():  # fail before loading the model
+                raise SccError(f"cannot write the repository {repo}: the folder {repo.parent} does not exist")
+            triton_config("check", {"pixels": [3, 1, 1]}, {"logits": [1]}, args.max_batch, args.instances,
+                          args.device, args.tensorrt, queue_delay_us=args.queue_delay_us)  # bad numbers: fail now
+            info = export_triton(_defended(args), repo, name=args.name, max_batch=args.max_batch,
+                                 instances=args.instances, device=args.device, tensorrt=args.tensorrt,
+                                 queue_delay_us=args.queue_delay_us, draws_as_inputs=args.draws_as_inputs,
+                                 opset=args.opset, optimize=args.optimize, overwrite=args.overwrite, dtype=dtype,
+                                 progress=progress)
+            onnx_info = info["onnx"]
+        else:
+            check_output(args.out, "--out")  # fail before loading the model
+            defended = _defended(args)
+            from ..export import export_onnx
+
+            info = onnx_info = export_onnx(defended, args.out, batch_size=args.batch_size,
+                                           draws_as_inputs=args.draws_as_inputs, opset=args.opset,
+                                           optimize=args.optimize, dtype=dtype, progress=progress)
+    if args.format == "triton":
+        print(f"wrote the Triton model {info['name']!r} in {info['repo']} ({info['seconds']:.1f} s; config checked "
+              f"with {' + '.join(info['validated_with'])}):")
+        for path in model_repository_tree(info["model_dir"]):
+            print(f"  {path}")
+        print(f"model.onnx: {_describe(onnx_info)}")
+        print(f"serve: tritonserver --model-repository={Path(info['repo']).resolve()}")
+    else:
+        print(f"wrote {info['path']}: {_describe(info)}")
+    for skipped in onnx_info.get("skipped_passes", []):
+        print(f"skipped: {skipped}")
+    return 0
+
+
+def _describe(info: dict) -> str:
+    draws = "inputs " + ", ".join(info["inputs"][1:]) if len(info["inputs"]) > 1 else "drawn in the graph"
+    batch = "dynamic" if info["batch_size"] is None else info["batch_size"]
+    return (f"{info['bytes'] / 1e6:.1f} MB, {info['dtype']}, {info['nodes']} nodes, opset {info['opset']}, "
+            f"batch {batch}, random draws {draws}, {info['seconds']:.1f} s")

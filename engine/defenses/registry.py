@@ -1,0 +1,180 @@
+"""The defenses the engine knows: one `Defense` record each, their presets and per-model overrides.
+
+A defense is one `Defense` record: its config dataclass (frozen: a compiled graph captures it), its procedure
+(a pure function of the classifier, the pixels, the config and the random draws), its draws (declared once as
+`key -> scc.draws.Draw`), its presets with their expected encoder passes, and what the other backends can do
+with it. Every backend (eager, compiled, Triton, ONNX) can then be fed identical draws.
+
+Adding a defense = its file (config, procedure, draws) + one entry in DEFENSES, e.g.
+    "mine": Defense("mine", MyConfig, my_procedure, {"start": Draw("uniform", -1.0, 1.0)},
+                    presets={"paper": {}}, passes={"paper": (4, 2, 0, 0, 4)}),
+
+Names: a defense's *label* is "name" for its paper preset and "name-preset" otherwise ("scc-latency").
+Config resolution: the preset (`paper`, `latency`) -> the model's own overrides (MODEL_PRESETS, keyed by
+model name) -> the caller's overrides (`warmup__steps=1` reaches into the nested warm-up config).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Hashable, Mapping, Sequence
+
+import torch
+
+from ..draws import Draw, draw_shapes, keyed_draws, make_draws
+from ..errors import SccError
+from ..models import TINY_NAME
+from .rtpt import RTPT_DRAWS, RTPTConfig, rtpt
+from .scc import SCC_DRAWS, SCCConfig, scc
+from .ttc import TTC_DRAWS, TTCConfig, ttc
+
+# Encoder passes per image (spec section 5): image forwards, image backwards, text forwards, text backwards,
+# sequential rounds. A backward shares its forward's round. `scc bench --explain` counts them in a real run.
+PASS_KEYS = ("image_forwards", "image_backwards", "text_forwards", "text_backwards", "rounds")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoDefenseConfig:
+    pass
+
+
+def _none(clf, x, cfg, trace=None, record=None):
+    if record is not None:
+        record["perturbation"] = torch.zeros_like(x)
+    return clf.logits_from_embedding(clf.embed(x))  # Defended.forward validated x already
+
+
+@dataclasses.dataclass(frozen=True)
+class Defense:
+    """One test-time defense and what each backend may do with it.
+
+    procedure(clf, x (B,3,S,S), cfg, **draws, trace=None, record=None) -> logits (B, C); `draw_specs` declares
+    every random input (distribution and per-image shape); `presets` maps a preset name to config overrides and
+    `passes` the same names to the expected encoder passes per image (PASS_KEYS order; None where the spec has no
+    figure); `compiles`: one fullgraph torch.compile graph (scc.backends.compiled.Engine); `exports`: one ONNX
+    graph (scc.export); `why_not` says why a backend refuses it.
+    """
+    name: str
+    config_cls: type
+    procedure: Callable[..., torch.Tensor]
+    draw_specs: Mapping[str, Draw]
+    presets: Mapping[str, Mapping[str, Any]]
+    passes: Mapping[str, tuple[float, ...] | None] = dataclasses.field(default_factory=dict)
+    compiles: bool = True
+    exports: bool = True
+    why_not: str = ""  # why a backend refuses it (shown in the error)
+
+    def draws(self, x: torch.Tensor, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Draws for a batch from one generator stream (example inputs for compiling and tracing)."""
+        return make_draws(self.draw_specs, cfg, x, generator)
+
+    def keyed_draws(self, x: torch.Tensor, cfg, seed: int, keys: Sequence[Hashable]) -> dict[str, torch.Tensor]:
+        """Per-image draws: row b depends on (seed, keys[b]) only (scc.draws.keyed_draws)."""
+        return keyed_draws(self.draw_specs, cfg, x, seed, keys)
+
+    def draw_shapes(self, cfg, image: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+        return draw_shapes(self.draw_specs, cfg, image)
+
+    def require(self, backend: str, capability: str) -> None:
+        """Raise SccError up front when `backend` (needing `capability`: 'compiles' | 'exports') cannot run it."""
+        if not getattr(self, capability):
+            raise SccError(f"defense {self.name!r} does not run on the {backend} backend: {self.why_not}; "
+                           "use the eager backend for it")
+
+
+DEFENSES: dict[str, Defense] = {
+    "none": Defense("none", NoDefenseConfig, _none, {}, presets={"paper": {}}, passes={"paper": (1, 0, 0, 0, 1)}),
+    # the official run script's defaults: reference, 2 steps, final forward
+    "ttc": Defense("ttc", TTCConfig, ttc, TTC_DRAWS, presets={"paper": {}}, passes={"paper": (4, 2, 0, 0, 4)}),
+    "scc": Defense("scc", SCCConfig, scc, SCC_DRAWS, presets={
+        "paper": {},  # K_w = 2, S = 3, L = 4 (spec section 3.4)
+        # same number of sequential rounds as TTC (4): K_w = 1, S = 1, Stage 1 fused with the first step
+        "latency": {"warmup__steps": 1, "steps": 1, "fuse": True},
+    }, passes={"paper": (19, 14, 0, 0, 7), "latency": (10, 5, 0, 0, 4)}),
+    # 64 views, "a photo of a", AdamW lr 5e-3, 1 step, p = 0.1, top-20, T = 0.01; the "minimal equivalent" of
+    # spec section 5: 1 image round, then text forward + backward (the tuning step) and the tuned text forward
+    "rtpt": Defense("rtpt", RTPTConfig, rtpt, RTPT_DRAWS, presets={"paper": {}}, passes={"paper": (64, 0, 2, 1, 3)},
+                    compiles=False, exports=False,
+                    why_not="R-TPT tunes the text prompt with the open_clip text tower and an optimizer, which the "
+                            "compiled engine's classifier copy and the exporter do not carry"),
+}
+
+PRESETS: dict[str, Mapping[str, Mapping[str, Any]]] = {name: d.presets for name, d in DEFENSES.items()}
+
+# Per-model overrides on top of every preset. Digits are not flip-invariant (a flipped 2 or 7 is another
+# glyph), so the bundled model's views replace the flip by a 0.85 centre zoom; see README "Bundled model".
+MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    TINY_NAME: {"scc": {"views": ("id", "zoom0.85", "noise", "zoom0.85+noise"), "sigma": 0.02},
+                "rtpt": {"flip": False}},  # R-TPT's RandomResizedCrop+flip views: no flip for digits
+}
+
+
+def split_label(label: str) -> tuple[str, str]:
+    """'scc-latency' -> ('scc', 'latency'); 'ttc' -> ('ttc', 'paper')."""
+    name, _, preset = label.partition("-")
+    return name, preset or "paper"
+
+
+def label_of(name: str, preset: str) -> str:
+    """('scc', 'latency') -> 'scc-latency'; ('ttc', 'paper') -> 'ttc'."""
+    return name if preset == "paper" else f"{name}-{preset}"
+
+
+def defense_labels() -> list[str]:
+    """Every label the CLI and `defend` accept: 'none', 'ttc', 'scc', 'scc-latency', 'rtpt'."""
+    return [label_of(n, p) for n, d in DEFENSES.items() for p in d.presets]
+
+
+def parse_defense(label: str) -> tuple[str, str]:
+    """'scc-latency' -> ('scc', 'latency') after checking both exist; SccError listing the valid labels."""
+    name, preset = split_label(str(label).strip().lower())
+    if name not in DEFENSES:
+        raise SccError(f"unknown defense {label!r}; choose from {', '.join(defense_labels())}")
+    if preset not in PRESETS[name]:
+        raise SccError(f"unknown preset {preset!r} for {name}; choose from {sorted(PRESETS[name])} "
+                       f"(defenses: {', '.join(defense_labels())})")
+    return name, preset
+
+
+def parse_defenses(text: str | Sequence[str]) -> list[str]:
+    """'none,ttc,scc-latency' -> the labels, lower-cased; one SccError naming every unknown one."""
+    labels = [d.strip().lower() for d in (text.split(",") if isinstance(text, str) else text) if d.strip()]
+    if not labels:
+        raise SccError(f"no defense given; choose from {', '.join(defense_labels())} (comma-separated)")
+    bad = []
+    for label in labels:
+        try:
+            parse_defense(label)
+        except SccError:
+            bad.append(label)
+    if bad:
+        raise SccError(f"unknown defense(s) {bad}; choose from {', '.join(defense_labels())}")
+    return labels
+
+
+def make_config(name: str, preset: str = "paper", model: str = "", **overrides) -> Any:
+    """The frozen config of `name` under `preset`, the model's overrides and the caller's (SccError on any
+    unknown setting, all of them named)."""
+    parse_defense(label_of(name, preset))
+    values = {**PRESETS[name][preset], **MODEL_PRESETS.get(model, {}).get(name, {}), **overrides}
+    cls = DEFENSES[name].config_cls
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted({key.partition("__")[0] for key in values} - set(fields))
+    if unknown:
+        raise SccError(f"{name} has no setting(s) {unknown}; settings: {sorted(fields)}")
+    top, nested = {}, {}
+    for key, value in values.items():
+        head, _, sub = key.partition("__")
+        (nested.setdefault(head, {}).__setitem__(sub, value) if sub else top.__setitem__(head, value))
+    for head, sub in nested.items():
+        base = top.get(head) or fields[head].default_factory()
+        top[head] = dataclasses.replace(base, **sub)
+    try:
+        return cls(**top)
+    except TypeError as err:
+        raise SccError(f"bad settings for {name}: {err}") from err
+
+
+def expected_passes(name: str, preset: str) -> dict | None:
+    """The spec's encoder passes per image for a defense preset ({PASS_KEYS: value}), or None."""
+    passes = DEFENSES[name].passes.get(preset)
+    return dict(zip(PASS_KEYS, passes)) if passes else None

@@ -1,0 +1,141 @@
+"""The adaptive evaluation sharded over worker processes or Ray tasks: whole batches per task, so every batch is
+computed exactly as in one process (the merged report equals a one-process run, tested).
+
+    raw = run_local(workers=2, load_kw=..., ...)      # local spawned processes, one torch thread each by default
+    raw = run_ray("auto", load_kw=..., ...)           # Ray tasks (the `ray` extra)
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+from tqdm import tqdm
+
+from ..data import classifier_for, load_dataset
+from ..errors import require_extra
+from ..models import image_size_of
+from ..precision import DTYPES
+from .suite import Suite, evaluate_batches, merge
+
+
+def shard_task(load_kw: dict, defenses, eps_list, batches, seed, suite_dict, threads: int = 1,
+               ticks=None) -> dict:
+    """One worker's share (Ray task or local process): whole batches, computed exactly as in one process.
+    `load_kw` rebuilds the classifier and images (model, pretrained, dataset, n_images, templates, device) and says
+    how the defenses run (dtype name, backend). `ticks`: a queue that gets one label per finished (batch, attack)
+    job (local workers' progress bar)."""
+    torch.set_num_threads(threads)
+    templates = load_kw["templates"]
+    data = load_dataset(load_kw["dataset"], image_size_of(load_kw["model"]), load_kw["n_images"])
+    clf = classifier_for(data, load_kw["model"], load_kw["pretrained"], templates, load_kw["device"])
+    x_all, y_all = data.images.to(load_kw["device"]), data.targets.to(load_kw["device"])
+    suite = Suite(**{**suite_dict, "attacks": tuple(suite_dict["attacks"]),
+                     "checkpoints": tuple(suite_dict["checkpoints"])})
+    n = sum(hi - lo for lo, hi in batches)
+
+    def estimate(per_image: dict) -> None:  # printed by the worker (Ray forwards it to the driver)
+        if ticks is not None:  # a local worker: the driver prints one estimate for the whole run
+            return
+        total = sum(v for v, _ in per_image.values()) * n
+        print(f"shard of {n} images ({len(batches)} batches): estimated ~{total / 60:.1f} min; wall (CPU) seconds "
+              "per image: " + ", ".join(f"{a} {s} {e * 255:g}/255: {v:.2f} ({c:.2f})"
+                                        for (s, e, a), (v, c) in sorted(per_image.items())), flush=True)
+
+    return evaluate_batches(clf, defenses, eps_list, x_all, y_all, batches, seed, suite, progress=False,
+                            on_first=estimate, on_job=None if ticks is None else ticks.put,
+                            dtype=DTYPES[load_kw["dtype"]], backend=load_kw["backend"])
+
+
+def default_workers(device: str) -> int:
+    """Local worker processes for `--workers auto`: one per usable CPU core on the CPU (one torch thread each;
+    two threads in one process were measured no faster than one on this suite's small batches), one on a GPU."""
+    if str(device).startswith("cuda"):
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def run_local(workers: int, load_kw: dict, defenses, eps_list, batches, seed, suite: Suite, progress,
+               estimate, n_jobs: int, threads: int = 1) -> dict:
+    """Batches over `workers` local processes (spawned, `threads` torch threads each), one task per batch so the
+    pool balances itself; the first batch to finish (the small probe batch) makes the run's estimate."""
+    import multiprocessing
+    import threading
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    ctx = multiprocessing.get_context("spawn")
+    manager = ctx.Manager()
+    ticks = manager.Queue()
+    bar = tqdm(total=len(batches) * n_jobs, desc=f"adaptive eval ({workers} workers)", disable=not progress)
+    stop = threading.Event()
+
+    def drain():
+        import queue
+
+        while not stop.is_set():
+            try:
+                label = ticks.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            bar.set_postfix_str(label)
+            bar.update(1)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    parts, estimated = [], False
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            args = (load_kw, list(defenses), list(eps_list))
+            suite_dict = dataclasses.asdict(suite)
+            pending = {pool.submit(shard_task, *args, [b], seed, suite_dict, threads, ticks): b for b in batches}
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    lo, hi = pending.pop(fut)
+                    part = fut.result()
+                    parts.append(part)
+                    if not estimated:
+                        estimated = True
+                        estimate({key: (sec / n, part["cpu_seconds"][key][0] / n)
+                                  for key, (sec, n) in part["seconds"].items()})
+    finally:
+        stop.set()
+        reader.join()
+        bar.close()
+        manager.shutdown()
+    return merge(parts)
+
+
+def run_ray(address: str, load_kw: dict, defenses, eps_list, batches, seed, suite: Suite, progress, estimate):
+    require_extra("ray", what="--ray")
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        # Ray starts its workers at niceness 15 by default: on a shared machine they then crawl behind every other
+        # job while the driver waits. The workers are the evaluation here, so run them at the normal priority.
+        os.environ.setdefault("RAY_worker_niceness", "0")
+        if address == "auto" and not os.environ.get("RAY_ADDRESS"):
+            ray.init(address="local", include_dashboard=False)
+        else:
+            ray.init(address=address)
+    try:
+        slots = int(ray.available_resources().get("GPU", 0)) if load_kw["device"].startswith("cuda") else 0
+        slots = slots or max(1, int(ray.available_resources().get("CPU", 1)))
+        # sanity batches (the first images) are spread like the others; shards = round-robin whole batches
+        shards = [batches[i::slots] for i in range(min(slots, len(batches)))]
+        resources = {"num_gpus": 1} if load_kw["device"].startswith("cuda") else {"num_cpus": 1}
+        task = ray.remote(**resources)(shard_task)
+        futures = [task.remote(load_kw, list(defenses), list(eps_list), shard, seed, dataclasses.asdict(suite))
+                   for shard in shards]
+        parts = []
+        with tqdm(total=len(futures), desc=f"ray shards ({len(futures)} tasks)", disable=not progress) as bar:
+            pending = list(futures)
+            while pending:
+                done, pending = ray.wait(pending, num_returns=1)
+                parts.append(ray.get(done[0]))
+                bar.update(1)
+        return merge(parts)
+    finally:
+        if started_here:
+            ray.shutdown()

@@ -1,0 +1,386 @@
+"""The adaptive protocol's suite and per-batch evaluation (scc.eval.adaptive drives it; sharding runs it in
+worker processes or Ray tasks): attacks through the defense, scored with the attacker's draws and fresh ones,
+merged per image into rows, the worst case and AutoAttack-style sanity flags.
+
+The suite (scc.eval.options.ADAPTIVE_ATTACKS; every step size is 2.5 eps / steps, Madry et al.):
+  pgd                 PGD-50 on the summed cross-entropy, exact gradients through the defense with known draws;
+                      per image it keeps the iterate that fooled the attacker's view (else the highest loss).
+  apgd-ce, apgd-dlr   APGD (scc.attacks.autoattack; 100 iterations, 1 restart) on the known-draws module. APGD calls
+                      the model on sub-batches (x[ind]), so `KnownDraws` maps every row back to its image by matching
+                      it against the batch's clean images (L_inf distance <= eps + 1e-6 to exactly one of them).
+  eot-pgd             EOT-PGD, 20 steps, each step's gradient averaged over k = 8 fresh draws (an attacker who
+                      does not know the draws); final iterate.
+  bpda-pgd            BPDA-PGD, 50 steps: logits = classifier(x + stopgrad(Delta(x))) with the gradient of the
+                      [0,1] clamp kept (zero where x + Delta sits on the box boundary); Delta with known draws.
+  transfer-nocorrect  SCC only: exact PGD-50 on the same defense with `semantic=False` (Stages 1-2 off: the
+                      warm-up counterattack and the view-averaged prediction stay, the corrective steps go;
+                      `steps=0` gives the same logits but still pays for Stage 1's forward), transferred.
+  square              Square (scc.attacks.autoattack; L_inf, margin loss, --queries, default 1000) on the
+                      known-draws module: a black-box check for gradient masking.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ..attacks import apgd, attack as paper_attack, square
+from ..attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, sign_pgd
+from ..backends import make_runner
+from ..defenses import Defended, defend, split_label
+from ..draws import derive_seed
+from ..errors import SccError
+from ..precision import dtype_name
+from ..timing import timed_call
+from .options import ADAPTIVE_ATTACKS, stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The suite
+# ----------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Suite:
+    """Attack budgets of the adaptive protocol (the CLI's flags set these)."""
+    attacks: tuple[str, ...] = ADAPTIVE_ATTACKS
+    pgd_steps: int = 50
+    apgd_steps: int = 100
+    eot_steps: int = 20
+    eot_k: int = 8
+    bpda_steps: int = 50
+    transfer_steps: int = 50
+    queries: int = 1000
+    checkpoints: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100)
+    sanity_images: int = 32  # PGD-20 at 16/255 through each defense on the first N images (0: off)
+    sanity_eps: float = 16 / 255
+    sanity_steps: int = 20
+
+    def steps_of(self, attack: str) -> int:
+        return {"pgd": self.pgd_steps, "apgd-ce": self.apgd_steps, "apgd-dlr": self.apgd_steps,
+                "eot-pgd": self.eot_steps, "bpda-pgd": self.bpda_steps, "transfer-nocorrect": self.transfer_steps,
+                "square": self.queries}[attack]
+
+    def applies(self, attack: str, defense: str, n_classes: int) -> bool:
+        """Whether `attack` runs against `defense` (a name: none, ttc, scc, ...) on an n_classes task."""
+        if attack == "transfer-nocorrect":
+            return defense == "scc"
+        if attack == "apgd-dlr":
+            return n_classes >= 3
+        return True
+
+
+def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: Sequence[int], eps: float,
+                 suite: Suite, seed: int, batch_id: int) -> tuple[torch.Tensor, dict]:
+    """Adversarial images for one batch (x, y, global keys) by `attack` on the defended module `defended` (whose
+    seed the attacker knows for 'known-draws' attacks). `batch_id` (the batch's first global index) seeds the
+    attack's own randomness, so a batch computes the same in one process or in any Ray shard."""
+    gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, f"{attack}:start:{batch_id}"))
+    known = KnownDraws(defended, x, keys, eps)
+    info: dict = {}
+    if attack == "pgd":
+        adv, info = sign_pgd(ce_objective(known, y), x, y, eps, suite.pgd_steps, generator=gen, keep_best=True,
+                             checkpoints=[c for c in suite.checkpoints if c <= suite.pgd_steps])
+    elif attack in ("apgd-ce", "apgd-dlr"):
+        adv = apgd(known, x, y, eps, loss=attack.split("-")[1], steps=suite.apgd_steps,
+                   seed=derive_seed(seed, f"{attack}:{batch_id}"))
+    elif attack == "eot-pgd":
+        draw_gen = torch.Generator().manual_seed(derive_seed(seed, f"eot:draws:{batch_id}"))
+        draws_for = lambda rep: {k: v.to(rep.device) for k, v in
+                                 defended.record.draws(rep.cpu(), defended.config, draw_gen).items()}
+        adv, info = sign_pgd(eot_objective(defended, y, suite.eot_k, draws_for), x, y, eps, suite.eot_steps,
+                             generator=gen)
+    elif attack == "bpda-pgd":
+        adv, info = sign_pgd(bpda_objective(defended, y, known.draws), x, y, eps, suite.bpda_steps, generator=gen)
+    elif attack == "transfer-nocorrect":
+        surrogate = Defended(defended.classifier, defended.defense,
+                             dataclasses.replace(defended.config, semantic=False), seed=defended.seed,
+                             preset=defended.preset)
+        surrogate._secret, surrogate.dtype = defended._secret, defended.dtype  # the same draws (a leaked seed)
+        sknown = KnownDraws(surrogate, x, keys, eps, draws=known.draws)
+        adv, info = sign_pgd(ce_objective(sknown, y), x, y, eps, suite.transfer_steps, generator=gen)
+    elif attack == "square":
+        adv = square(known, x, y, eps, queries=suite.queries, seed=derive_seed(seed, f"square:{batch_id}"))
+    else:
+        raise SccError(f"unknown adaptive attack {attack!r}; choose from {', '.join(ADAPTIVE_ATTACKS)}")
+    adv = torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(0, 1)  # never trust a library's projection
+    return adv.detach(), info
+
+
+class Scorer:
+    """Predictions of one defense with known and fresh draws on `backend` (its tower in the defense's dtype):
+    `scorer(x, keys, "known" | "fresh") -> top-1 (B,)`. The attacks always differentiate through the eager module;
+    a compiled or ONNX backend is fed the same per-image draws the eager module would use."""
+
+    def __init__(self, known: Defended, fresh: Defended, backend: str, batch_size: int):
+        self.modules = {"known": known, "fresh": fresh}
+        self.runner = None
+        if backend != "eager":
+            self.runner = make_runner(known.with_dtype(torch.float32), backend, batch_size, dtype=known.dtype)
+
+    def __call__(self, x: torch.Tensor, keys: Sequence[int], draws: str = "known") -> torch.Tensor:
+        defended = self.modules[draws]
+        with torch.no_grad():
+            if self.runner is None:
+                return defended(x, keys=keys).argmax(1)
+            if self.runner.warmup is not None:  # a compiled bucket for this chunk size, compiled once
+                self.runner.warmup(min(len(x), self.runner.batch_size))
+            return self.runner(x, defended.draws(x, keys)).argmax(1)
+
+
+def jobs_of(defenses: Sequence[str], eps_list: Sequence[float], suite: Suite,
+            n_classes: int) -> list[tuple[str | None, float, str]]:
+    """The (defense label or None, eps, attack) jobs run on every batch, in order; None = the non-adaptive
+    PGD-10 on the undefended classifier, kept for reference."""
+    jobs = []
+    for eps in eps_list:
+        jobs.append((None, eps, "paper-pgd"))
+        for label in defenses:
+            for attack in suite.attacks:
+                if suite.applies(attack, split_label(label)[0], n_classes):
+                    jobs.append((label, eps, attack))
+    return jobs
+
+
+def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_all: torch.Tensor,
+                     y_all: torch.Tensor, batches: Sequence[tuple[int, int]], seed: int, suite: Suite,
+                     progress: bool = True, on_first: Callable[[dict], None] | None = None,
+                     on_job: Callable[[str], None] | None = None, dtype: torch.dtype = torch.float32,
+                     backend: str = "eager") -> dict:
+    """Run the suite on the given batches (global (start, stop) index ranges; keys = dataset indices).
+
+    Returns per-image results that merge across shards: {"correct": {(defense, eps, attack, draws): {index:
+    bool}}, "curves": {(defense, eps, draws): {k: {index: bool}}}, "seconds": {(defense, eps, attack): [s, n]},
+    "sanity": {defense: {index: bool}}, "defense_seconds": {defense: [s, n]}}.
+    on_first(estimates) is called once after the first batch of every attack has run (cost estimate); on_job(label)
+    after each (batch, attack) job (a worker process reports its progress to the driver with it)."""
+    n_classes = clf.num_classes
+    out = {"correct": {}, "curves": {}, "seconds": {}, "cpu_seconds": {}, "sanity": {}, "defense_seconds": {}}
+    put = lambda key, idx, vals: out["correct"].setdefault(key, {}).update(
+        {int(i): bool(v) for i, v in zip(idx, vals)})
+    modules, score = {}, {}
+    largest = max(hi - lo for lo, hi in batches)
+    for label in defenses:
+        name, preset = split_label(label)
+        known = defend(clf, name, preset=preset, seed=seed, dtype=dtype)
+        fresh = defend(clf, name, preset=preset, seed=derive_seed(seed, "fresh-draws"), dtype=dtype)
+        modules[label] = known
+        score[label] = Scorer(known, fresh, backend, largest)
+
+    def tick(key, seconds, n, cpu):
+        for field, value in (("seconds", seconds), ("cpu_seconds", cpu)):
+            acc = out[field].setdefault(key, [0.0, 0])
+            acc[0] += value
+            acc[1] += n
+
+    jobs = jobs_of(defenses, eps_list, suite, n_classes)
+    first_done = False
+    bar = tqdm(total=len(batches) * len(jobs), desc="adaptive eval", disable=not progress)
+    for lo, hi in batches:
+        x, y = x_all[lo:hi], y_all[lo:hi]
+        keys = list(range(lo, hi))
+        # clean rows (and the defense's own time per image, on the scoring backend)
+        for label in defenses:
+            for draws in ("known", "fresh"):
+                t, pred = timed_call(lambda: score[label](x, keys, draws))
+                for eps in eps_list:
+                    put((label, eps, "none", draws), keys, (pred == y).tolist())
+                if draws == "known":
+                    acc = out["defense_seconds"].setdefault(label, [0.0, 0])
+                    acc[0] += t
+                    acc[1] += len(keys)
+        for label, eps, attack in jobs:
+            job = f"{attack} {label or 'clf'} eps={eps * 255:g}/255"
+            bar.set_postfix_str(job)
+            cpu = time.process_time()
+            if label is None:
+                gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, f"paper:{lo}"))
+                t, adv = timed_call(lambda: paper_attack(clf, x, y, "pgd", eps=eps, alpha=1 / 255, steps=10,
+                                                         generator=gen))
+                tick(("clf", eps, "paper-pgd"), t, len(keys), time.process_time() - cpu)
+                for other in defenses:
+                    put((other, eps, "paper-pgd", None), keys, (score[other](adv, keys) == y).tolist())
+            else:
+                t, (adv, info) = timed_call(lambda: attack_batch(attack, modules[label], x, y, keys, eps, suite,
+                                                                 seed, lo))
+                tick((label, eps, attack), t, len(keys), time.process_time() - cpu)
+                for draws in ("known", "fresh"):
+                    put((label, eps, attack, draws), keys, (score[label](adv, keys, draws) == y).tolist())
+                if attack == "pgd":
+                    for k, fooled in info["fooled_at"].items():
+                        out["curves"].setdefault((label, eps, "known"), {}).setdefault(k, {}).update(
+                            {i: not bool(f) for i, f in zip(keys, fooled.tolist())})
+                        pred = score[label]((x + info["deltas"][k]).clamp(0, 1), keys, "fresh")
+                        out["curves"].setdefault((label, eps, "fresh"), {}).setdefault(k, {}).update(
+                            {i: bool(v) for i, v in zip(keys, (pred == y).tolist())})
+            bar.update(1)
+            if on_job is not None:
+                on_job(job)
+        # sanity: PGD-20 at 16/255 through each defense (known draws) on the first suite.sanity_images images
+        if suite.sanity_images and lo < suite.sanity_images:
+            m = min(hi, suite.sanity_images) - lo
+            for label in defenses:
+                xs, ys, ks = x[:m], y[:m], keys[:m]
+                gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, f"sanity:{lo}"))
+                adv, _ = sign_pgd(ce_objective(KnownDraws(modules[label], xs, ks, suite.sanity_eps), ys), xs, ys,
+                                  suite.sanity_eps, suite.sanity_steps, generator=gen, keep_best=True)
+                out["sanity"].setdefault(label, {}).update(
+                    {i: bool(v) for i, v in zip(ks, (score[label](adv, ks) == ys).tolist())})
+        if not first_done and on_first is not None:
+            first_done = True
+            on_first({key: (s / n, out["cpu_seconds"][key][0] / n) for key, (s, n) in out["seconds"].items()})
+    bar.close()
+    return out
+
+
+def merge(parts: Sequence[dict]) -> dict:
+    """Merge evaluate_batches outputs of disjoint shards."""
+    out = {"correct": {}, "curves": {}, "seconds": {}, "cpu_seconds": {}, "sanity": {}, "defense_seconds": {}}
+    for p in parts:
+        for key, d in p["correct"].items():
+            out["correct"].setdefault(key, {}).update(d)
+        for key, ks in p["curves"].items():
+            for k, d in ks.items():
+                out["curves"].setdefault(key, {}).setdefault(k, {}).update(d)
+        for field in ("seconds", "cpu_seconds", "defense_seconds"):
+            for key, (s, n) in p.get(field, {}).items():
+                acc = out[field].setdefault(key, [0.0, 0])
+                acc[0] += s
+                acc[1] += n
+        for key, d in p["sanity"].items():
+            out["sanity"].setdefault(key, {}).update(d)
+    return out
+
+
+def plan_batches(n: int, batch_size: int, probe: int = 8) -> list[tuple[int, int]]:
+    """Global (start, stop) batches: a small probe batch first (the cost estimate times every attack on it before
+    the bulk of the work), then `batch_size` batches. Shards take whole batches, so a batch computes the same in
+    one process and on any Ray worker."""
+    first = min(probe, batch_size, n)
+    return ([(0, first)] if first else []) + [(i, min(i + batch_size, n)) for i in range(first, n, batch_size)]
+
+
+def accuracy_of(d: dict) -> tuple[float, int]:
+    n = len(d)
+    return (sum(d.values()) / n if n else float("nan")), n
+
+
+def build_rows(raw: dict, defenses: Sequence[str], eps_list: Sequence[float], suite: Suite,
+               backend: str = "eager", dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Per (defense, eps, attack, draws) rows with accuracy and standard error, plus the worst case per draws."""
+    rows = []
+    steps = {"none": 0, "paper-pgd": 10, **{a: suite.steps_of(a) for a in ADAPTIVE_ATTACKS}}
+    for label in defenses:
+        name, preset = split_label(label)
+        dsec = raw["defense_seconds"].get(label, [0.0, 1])
+        for eps in eps_list:
+            def cpu_of(key):
+                c = raw.get("cpu_seconds", {}).get(key)
+                return c and c[0] / c[1]
+
+            def row(attack, draws, protocol, d, sec=None, n_steps=None, cpu=None):
+                p, n = accuracy_of(d)
+                return {"defense": name, "preset": preset, "backend": backend, "dtype": dtype_name(dtype),
+                        "protocol": protocol, "draws": draws,
+                        "attack": attack, "eps": eps, "steps": n_steps if n_steps is not None else steps.get(attack),
+                        "accuracy": p,
+                        "stderr": stderr(p, n), "n": n, "seconds_per_image": dsec[0] / max(dsec[1], 1),
+                        "attack_seconds_per_image": sec, "attack_cpu_seconds_per_image": cpu}
+            paper = raw["correct"].get((label, eps, "paper-pgd", None))
+            if paper is not None:
+                sec = raw["seconds"].get(("clf", eps, "paper-pgd"))
+                rows.append(row("pgd", None, "paper", paper, sec and sec[0] / sec[1], n_steps=10,
+                                cpu=cpu_of(("clf", eps, "paper-pgd"))))
+            for draws in ("known", "fresh"):
+                clean = raw["correct"][(label, eps, "none", draws)]
+                rows.append({**row("none", draws, "adaptive", clean), "eps": 0.0})
+                survived = dict(clean)
+                for attack in suite.attacks:
+                    d = raw["correct"].get((label, eps, attack, draws))
+                    if d is None:
+                        continue
+                    sec = raw["seconds"].get((label, eps, attack))
+                    rows.append(row(attack, draws, "adaptive", d, sec and sec[0] / sec[1],
+                                    cpu=cpu_of((label, eps, attack))))
+                    survived = {i: survived[i] and d[i] for i in survived}
+                rows.append(row("worst", draws, "adaptive", survived))
+    # one clean row per (defense, draws): drop duplicates made per eps
+    seen, unique = set(), []
+    for r in rows:
+        key = (r["defense"], r["preset"], r["protocol"], r["draws"], r["attack"], r["eps"])
+        if key not in seen:
+            seen.add(key)
+            unique.append(r)
+    return unique
+
+
+def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
+    """AutoAttack-style checks, one line each ("ok: ..." or "FLAG: ...")."""
+    flags = []
+    rows = [r for r in report["results"] if r["protocol"] == "adaptive"]
+    label = lambda r: r["defense"] + ("" if r["preset"] == "paper" else f"-{r['preset']}")
+    # accuracy non-increasing in eps (worst case, per draws)
+    by = {}
+    for r in rows:
+        if r["attack"] == "worst":
+            by.setdefault((label(r), r["draws"]), []).append(r)
+    bad = []
+    for (lab, draws), rs in by.items():
+        rs = sorted(rs, key=lambda r: r["eps"])
+        for a, b in zip(rs, rs[1:]):
+            if b["accuracy"] > a["accuracy"] + 2 * max(a["stderr"], b["stderr"], 1e-9):
+                bad.append(f"{lab} ({draws}) {a['accuracy']:.1%} at {a['eps'] * 255:g}/255 -> {b['accuracy']:.1%} "
+                           f"at {b['eps'] * 255:g}/255")
+    if len({r["eps"] for r in rows if r["attack"] == "worst"}) > 1:
+        flags.append(("FLAG: accuracy rises with eps: " + "; ".join(bad)) if bad else
+                     "ok: worst-case accuracy is non-increasing in eps")
+    # accuracy non-increasing in steps (PGD trajectory, fresh draws; known is monotone by construction)
+    bad = []
+    for c in report.get("steps_curves", []):
+        accs = c["accuracy"]
+        for (k1, a), (k2, b) in zip(zip(c["steps"], accs), zip(c["steps"][1:], accs[1:])):
+            if b > a + 2 * max(stderr(a, c["n"]), stderr(b, c["n"]), 1e-9):
+                bad.append(f"{c['defense']} eps={c['eps'] * 255:g}/255 ({c['draws']}) {a:.1%} after {k1} -> "
+                           f"{b:.1%} after {k2} steps")
+    if report.get("steps_curves"):
+        flags.append(("FLAG: accuracy rises with PGD steps: " + "; ".join(bad)) if bad else
+                     "ok: PGD accuracy is non-increasing in steps (known and fresh draws)")
+    # about 0% at 16/255
+    for c in report.get("sanity_16", []):
+        if c["accuracy"] > 0.10:
+            flags.append(f"FLAG: {c['defense']} keeps {c['accuracy']:.1%} under exact PGD-{c['steps']} at "
+                         f"{c['eps'] * 255:g}/255 on {c['n']} images (expected about 0%): the gradient may be masked")
+        else:
+            flags.append(f"ok: {c['defense']} {c['accuracy']:.1%} under exact PGD-{c['steps']} at "
+                         f"{c['eps'] * 255:g}/255 ({c['n']} images)")
+    # black box beating white box
+    for (lab, eps, draws), rs in _group(rows, lambda r: (label(r), r["eps"], r["draws"])).items():
+        sq = next((r for r in rs if r["attack"] == "square"), None)
+        wb = [r for r in rs if r["attack"] in ("pgd", "apgd-ce", "apgd-dlr", "eot-pgd", "bpda-pgd")]
+        if sq is None or not wb:
+            continue
+        best = min(wb, key=lambda r: r["accuracy"])
+        if sq["accuracy"] < best["accuracy"] - 2 * max(sq["stderr"], best["stderr"], 1e-9):
+            flags.append(f"FLAG: Square ({sq['accuracy']:.1%}) beats every white-box attack (best {best['attack']} "
+                         f"{best['accuracy']:.1%}) on {lab} at {eps * 255:g}/255 ({draws} draws): gradient masking")
+    if not any("Square" in f for f in flags) and any(r["attack"] == "square" for r in rows):
+        flags.append("ok: no black-box (Square) result beats the white-box attacks")
+    return flags
+
+
+def _group(rows, key):
+    out = {}
+    for r in rows:
+        out.setdefault(key(r), []).append(r)
+    return out
+
+
+def curves_of(raw: dict) -> list[dict]:
+    out = []
+    for (label, eps, draws), ks in sorted(raw["curves"].items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        steps = sorted(ks)
+        accs = [accuracy_of(ks[k])[0] for k in steps]
+        out.append({"defense": label, "eps": eps, "draws": draws, "attack": "pgd", "steps": steps, "accuracy": accs,
+                    "n": accuracy_of(ks[steps[0]])[1] if steps else 0})
+    return out

@@ -1,0 +1,71 @@
+"""What a result was measured on: hardware, threads, load and library versions (recorded on every benchmark row).
+
+    hardware("cpu")  -> {"cpu", "cpu_cores", "torch_threads", "load_average", "platform", "device", (gpu, cuda)}
+    versions()       -> {"python", "torch", "torchvision", "open_clip", "triton", "onnxruntime", ...}
+    busy_warning()   -> a line when the machine's load exceeds the cores torch does not use, else None
+"""
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+# report key -> the distributions that provide it (the first installed one is reported)
+PACKAGES = {"torchvision": ["torchvision"], "open_clip": ["open_clip_torch"], "triton": ["triton"],
+            "onnxruntime": ["onnxruntime-gpu", "onnxruntime"], "onnx": ["onnx"], "numpy": ["numpy"],
+            "scc": ["scc-defense"]}
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def hardware(device: str | torch.device = "cpu") -> dict:
+    info = {"cpu": cpu_name(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "load_average": load_average(), "platform": platform.platform(), "device": str(device)}
+    if torch.device(device).type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+        info["gpu_count"] = torch.cuda.device_count()
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def versions(extra: Sequence[str] = ()) -> dict:
+    """Python, torch and the libraries a result depends on; `extra` names more distributions (e.g. "ray")."""
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "torch": torch.__version__}
+    for key, packages in [*PACKAGES.items(), *((name, [name]) for name in extra)]:
+        for package in packages:
+            try:
+                out[key] = md.version(package)
+                break
+            except md.PackageNotFoundError:
+                continue
+    return out
+
+
+def busy_warning() -> str | None:
+    """One line when other work competes for the cores torch uses (timings are then unreliable)."""
+    load, cores = load_average(), os.cpu_count() or 1
+    free = cores - torch.get_num_threads()
+    if load is not None and load > max(free, 0) + 0.5:
+        return (f"warning: load average {load:.1f} on {cores} cores with {torch.get_num_threads()} torch threads: "
+                "other work competes for the cores; read ratios measured in one run, not absolute times")
+    return None
