@@ -22,6 +22,22 @@ def digits():
     return ds.images, ds.targets
 
 
+@pytest.fixture(scope="session")
+def onnx_dynamic(tiny, tmp_path_factory):
+    """(defended, export info) of the default suite's one ONNX export of the tiny architecture: SCC-latency (which
+    runs TTC's warm-up too), batch-dynamic, draws as inputs, one output per sign step. Tests that need another file
+    of this architecture reuse it (a CLI wiring test copies it) or are marked slow: an export costs 20-60 s here."""
+    pytest.importorskip("onnxruntime")
+    from scc.export import export_onnx
+
+    torch.set_num_threads(1)
+    defended = scc.defend(tiny, "scc", preset="latency", seed=0)
+    path = tmp_path_factory.mktemp("onnx") / "scc-latency-dynamic.onnx"
+    progress = []
+    info = export_onnx(defended, path, draws_as_inputs=True, trace_outputs=True, progress=progress.append)
+    return defended, {**info, "progress_lines": progress}
+
+
 @pytest.fixture(autouse=True)
 def _threads():
     """One intra-op thread: on a 2-core machine shared with other work, a second OpenMP thread that gets

@@ -219,13 +219,39 @@ def test_cli_adaptive_no_warning_and_unwritable_out(tmp_path, capsys):
     blocker.write_text("x")
     assert main(["eval", "--protocol", "adaptive", "--images", "2", "--out", str(blocker / "sub")]) == 2
     assert "not a writable folder" in capsys.readouterr().err
-    code = main(["eval", "--protocol", "adaptive", "--defenses", "none", "--adaptive-attacks", "bpda-pgd,square",
-                 "--queries", "5", "--images", "3", "--eps", "4/255", "--quiet", "--json", str(tmp_path / "r.json")])
+    code = main(["eval", "--protocol", "adaptive", "--defenses", "none", "--attacks", "bpda-pgd,square", "--dtype",
+                 "bf16", "--queries", "5", "--images", "3", "--eps", "4/255", "--quiet", "--workers", "1",
+                 "--json", str(tmp_path / "r.json")])
     captured = capsys.readouterr()
     assert code == 0 and "not a robustness claim" not in captured.out
     assert "estimated cost" in captured.err
-    rows = json.loads((tmp_path / "r.json").read_text())["results"]
-    assert {r["attack"] for r in rows} == {"none", "pgd", "bpda-pgd", "square", "worst"}
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert {r["attack"] for r in report["results"]} == {"none", "pgd", "bpda-pgd", "square", "worst"}
+    # --dtype reaches the adaptive run: the attacks and the scoring ran the bf16 tower, and the report says so
+    assert report["dtype"] == "bf16" and {r["dtype"] for r in report["results"]} == {"bf16"}
+    assert report["backend"] == "eager"
+
+
+def test_one_eval_parser_for_both_protocols(capsys, monkeypatch):
+    """--attacks names the protocol's attacks (every unknown one named); --adaptive-attacks is its adaptive alias;
+    a missing extra is named with its pip command before any work."""
+    assert main(["eval", "--attacks", "pgd,eot-pgd,magic"]) == 2
+    assert "unknown paper-protocol attack(s) ['eot-pgd', 'magic']" in capsys.readouterr().err
+    assert main(["eval", "--protocol", "adaptive", "--attacks", "cw"]) == 2
+    assert "unknown adaptive-protocol attack(s) ['cw']" in capsys.readouterr().err
+    assert main(["eval", "--protocol", "adaptive", "--attacks", "pgd", "--adaptive-attacks", "square"]) == 2
+    assert "--attacks and --adaptive-attacks disagree" in capsys.readouterr().err
+    assert main(["eval", "--adaptive-attacks", "square"]) == 2
+    assert "belongs to --protocol adaptive" in capsys.readouterr().err
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else
+                        find_spec(name, *a))
+    for argv in (["eval", "--attacks", "apgd-ce"], ["eval", "--protocol", "adaptive"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "torchattacks" in err and "pip install 'scc-defense[adaptive]'" in err, err
 
 
 @pytest.fixture

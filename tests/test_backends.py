@@ -19,16 +19,9 @@ def batch(digits):
     return digits[0][:6], digits[1][:6]
 
 
-@pytest.mark.parametrize("backend", ["compiled", "onnx"])
-def test_runner_matches_eager_on_identical_draws(tiny, batch, backend):
-    """A one-step TTC (a small graph) at batch 4: 6 images run as a full chunk and a padded one."""
-    if backend == "onnx":
-        pytest.importorskip("onnxruntime")
-    x, _ = batch
-    defended = scc.defend(tiny, "ttc", seed=1, steps=1)
+def check_runner(runner, defended, x, tiny, backend):
+    assert runner.compile_seconds > 0 and runner.backend == backend and runner.defense == defended.label
     draws = defended.draws(x)
-    runner = make_runner(defended, backend, batch_size=4)
-    assert runner.compile_seconds > 0 and runner.backend == backend and runner.defense == "ttc"
     with torch.no_grad():
         out, ref = runner(x, draws), defended(x, draws)
     assert out.shape == ref.shape == (6, 10)
@@ -38,14 +31,41 @@ def test_runner_matches_eager_on_identical_draws(tiny, batch, backend):
     a = runner(x)
     defended.reseed(5)
     assert torch.equal(a.argmax(1), defended(x).argmax(1))
-    if backend == "onnx":  # ORT makes the same per-image draws from (seed, key) as the eager module
-        from scc.export import OrtDefended
 
-        ort = OrtDefended(runner.details["onnx"], seed=9)
-        alone = scc.defend(tiny, "ttc", seed=9, steps=1)
-        torch.testing.assert_close(ort(x[5:6], keys=["k5"]), alone(x[5:6], keys=["k5"]), atol=1e-3, rtol=0)
-        torch.testing.assert_close(ort(x, keys=[f"k{i}" for i in range(6)])[5:6], alone(x[5:6], keys=["k5"]),
-                                   atol=1e-3, rtol=0)
+
+def test_compiled_runner_matches_eager_on_identical_draws(tiny, batch):
+    """A one-step TTC (a small graph) at batch 4: 6 images run as a full chunk and a padded one."""
+    x, _ = batch
+    defended = scc.defend(tiny, "ttc", seed=1, steps=1)
+    check_runner(make_runner(defended, "compiled", batch_size=4), defended, x, tiny, "compiled")
+
+
+def test_onnx_runner_feeds_the_file_eager_draws(tiny, batch, onnx_dynamic, monkeypatch):
+    """make_runner's ONNX path around the session's exported SCC-latency file (copied, not exported again): the
+    runner feeds the eager module's draws, and ORT makes the same per-image draws from (seed, key)."""
+    import shutil
+
+    from scc.export import OrtDefended
+
+    _, info = onnx_dynamic
+    calls = []
+
+    def copy_export(defended, path, **kwargs):
+        calls.append(kwargs)
+        shutil.copy(info["path"], path)
+        return {**info, "path": str(path), "seconds": 1.0}
+
+    monkeypatch.setattr("scc.export.export_onnx", copy_export)
+    x, _ = batch
+    defended = scc.defend(tiny, "scc", preset="latency", seed=1)
+    runner = make_runner(defended, "onnx", batch_size=4)
+    assert calls == [{"batch_size": 4, "draws_as_inputs": True}]
+    check_runner(runner, defended, x, tiny, "onnx")
+    ort = OrtDefended(runner.details["onnx"], seed=9)
+    alone = scc.defend(tiny, "scc", preset="latency", seed=9)
+    torch.testing.assert_close(ort(x[5:6], keys=["k5"]), alone(x[5:6], keys=["k5"]), atol=1e-3, rtol=0)
+    torch.testing.assert_close(ort(x, keys=[f"k{i}" for i in range(6)])[5:6], alone(x[5:6], keys=["k5"]),
+                               atol=1e-3, rtol=0)
 
 
 def test_eager_runner_is_the_module(tiny, batch):

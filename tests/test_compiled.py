@@ -1,8 +1,8 @@
 """scc.backends.compiled.Engine: one compiled graph per bucket, against the eager defense on identical draws.
 
 The graphs take ~10-90 s each to compile on 2 CPU cores (cold Inductor cache), so the tests share few of them:
-scc (paper) traced at bucket 8, a one-step ttc at bucket 2, and under the Triton interpreter (in a fresh process) a small
-scc variant with the kernels inside the graph.
+scc-latency traced at bucket 8 (the paper preset in `pytest -m slow`), a one-step ttc at bucket 2, and under the
+Triton interpreter (in a fresh process) a small scc variant with the kernels inside the graph.
 """
 import os
 import warnings
@@ -34,11 +34,12 @@ def graph_breaks() -> int:
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
-def test_scc_compiled_matches_eager_on_heldout(tiny, digits):
-    """scc paper preset (K_w=2, S=3, 4 views) on 64 held-out digits: top-1 and per-step signs. (The whole
-    split of 450 agreed 100.0% top-1 and 0.99999 per step; 64 keep the test short.)"""
+@pytest.mark.parametrize("preset, steps", [("latency", 1 + 1), pytest.param("paper", 2 + 3, marks=pytest.mark.slow)])
+def test_scc_compiled_matches_eager_on_heldout(tiny, digits, preset, steps):
+    """scc (latency: K_w=1, S=1; paper: K_w=2, S=3; 4 views) on 62 held-out digits: top-1 and per-step signs. (The
+    whole split of 450 agreed 100.0% top-1 and 0.99999 per step for the paper preset; 62 keep the test short.)"""
     images = digits[0][:62]  # 7 chunks of 8 and one of 6, padded to 8
-    defended = scc.defend(tiny, "scc", seed=0)
+    defended = scc.defend(tiny, "scc", preset=preset, seed=0)
     draws = defended.draws(images)
     trace_eager, trace_engine = [], []
     eager = defended(images, draws, trace=trace_eager)
@@ -54,7 +55,7 @@ def test_scc_compiled_matches_eager_on_heldout(tiny, digits):
     signs = sign_agreement(trace_engine, trace_eager)
     report = f"top-1 agreement {agree:.4f}, per-step sign agreement {[round(s, 5) for s in signs]}"
     print(report)
-    assert len(signs) == 2 + 3, report  # warm-up steps + corrective steps
+    assert len(signs) == steps, report  # warm-up steps + corrective steps
     assert agree == 1.0, report
     assert min(signs) >= 0.999, report
     torch.testing.assert_close(compiled, eager, atol=0.5, rtol=0)  # logits are ~100 * cosine
@@ -130,20 +131,28 @@ def test_engine_refuses_an_unsupported_defense_up_front(tiny):
 
 def test_kernels_belong_to_the_engine(tiny, digits):
     """Kernel dispatch is the engine's own: a triton engine's classifier copy carries the launchers, a compiled
-    engine's and the caller's classifier carry none, so both engines can serve in one process."""
+    engine's and the caller's classifier carry none, and building either leaves the caller's classifier exactly as
+    it was (same modules, same answers), so both engines and the eager module can serve in one process."""
+    import torch.nn as nn
+
     from scc.kernels import sign_step
 
+    x = digits[0][:2]
+    defended = scc.defend(tiny, "ttc", seed=0)
+    draws = defended.draws(x)
+    before = defended(x, draws)
+    modules_before = [(name, type(m)) for name, m in tiny.visual.named_modules()]
     compiled = Engine(scc.defend(tiny, "ttc"), backend="compiled")
     with warnings.catch_warnings():  # on CPU without the interpreter the launchers fall back (and warn)
         warnings.simplefilter("ignore")
         triton = Engine(scc.defend(tiny, "ttc"), backend="triton")
     assert tiny.kernels == {} and compiled.classifier.kernels == {}
     assert triton.classifier.kernels["sign_step"] is sign_step.sign_step
-    x = digits[0][:2]
-    defended = scc.defend(tiny, "ttc")
-    draws = defended.draws(x)
-    # the eager module is untouched by the triton engine's existence
-    assert torch.equal(defended(x, draws), scc.defend(tiny, "ttc")(x, draws))
+    assert triton.classifier.visual is not tiny.visual and compiled.classifier.visual is not tiny.visual
+    # the engines re-assembled their own copies (patch conv -> matmul); the caller's tower keeps its Conv2d stem
+    assert [(name, type(m)) for name, m in tiny.visual.named_modules()] == modules_before
+    assert isinstance(tiny.visual.conv1, nn.Conv2d) and not isinstance(triton.classifier.visual.conv1, nn.Conv2d)
+    assert torch.equal(defended(x, draws), before)  # bit for bit: the eager module is untouched
 
 
 def test_triton_backend_on_cpu_falls_back_and_says_so(tiny, monkeypatch):

@@ -80,7 +80,7 @@ def test_default_randomness_is_secret_and_fresh(tiny):
     assert not torch.equal(a.draws(x)["start"], b.draws(x)["start"])
     c, d = scc.defend(tiny, "ttc", seed=3), scc.defend(tiny, "ttc", seed=3)
     assert torch.equal(c.draws(x)["start"], d.draws(x)["start"])
-    with pytest.raises(SccError, match="seed must be an integer or None"):
+    with pytest.raises(SccError, match=r"seed must be an integer in \[0, 2\*\*63\) or None"):
         scc.defend(tiny, "ttc", seed="abc")
 
 

@@ -189,6 +189,7 @@ def test_bench_defaults_to_its_own_images(tmp_path, capsys):
     assert [r["defense"] for r in report["rows"]] == ["none", "ttc"]
 
 
+@pytest.mark.slow  # the default suite exports the tiny architecture once (the digits model)
 def test_onnx_export_keeps_eager_signs_and_top1(fashion_clf, fashion, tmp_path):
     """TTC exported from the fashion model: same draws -> same per-step signs and top-1 as the eager module."""
     from scc.export import OrtDefended, export_onnx

@@ -1,12 +1,13 @@
 """ONNX export of the whole defended procedure (scc.export): parity with eager PyTorch on identical draws.
 
-Default run, bundled tiny model:
-  * fixed batch: TTC (paper) and SCC (latency) exported at batch 50 with the draws as inputs, on 100 held-out
-    digits, clean and under PGD-10 at eps 4/255 against the undefended classifier (robustness kept);
-  * dynamic batch: one SCC-latency file run at batch 1, 3, 8 and 50 (100 % top-1 agreement, per-step signs);
+Default run, bundled tiny model, ONE export (the session's `onnx_dynamic`: a batch-dynamic SCC-latency file with
+the draws as inputs, which covers TTC's warm-up too):
+  * run at batch 1, 3, 8 and 50 on 100 held-out digits, clean and under PGD-10 at eps 4/255 against the undefended
+    classifier: 100 % top-1 agreement, per-step sign agreement, robustness kept;
   * in-graph draws on a toy graph (fixed and symbolic batch), the skipped-optimizer report, the CLI wiring,
     ORT CUDA-graph option plumbing and refusals (the capture itself needs a GPU).
-`pytest -m slow` adds the full-size backbones (random weights, offline), each at batch 1, 3 and 8 from one file.
+`pytest -m slow` adds fixed-batch files (TTC and SCC-latency at batch 50: padding, static IO binding), the fp16 file,
+and the full-size backbones (random weights, offline), each at batch 1, 3 and 8 from one file.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ def attacked(clf, digits):
 
 @pytest.fixture(scope="module", params=[("ttc", "paper"), ("scc", "latency")], ids=["ttc", "scc-latency"])
 def exported(request, clf, tmp_path_factory):
+    """Fixed-batch files (slow tests only: the default suite exports the tiny architecture once)."""
     name, preset = request.param
     defended = scc.defend(clf, name, preset=preset)
     path = tmp_path_factory.mktemp("onnx") / f"{name}.onnx"
@@ -59,12 +61,10 @@ def exported(request, clf, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def dynamic(clf, tmp_path_factory):
-    """One batch-dynamic SCC-latency file (draws as inputs, per-step sign outputs)."""
-    defended = scc.defend(clf, "scc", preset="latency")
-    path = tmp_path_factory.mktemp("onnx") / "scc-dynamic.onnx"
-    info = export_onnx(defended, path, draws_as_inputs=True, trace_outputs=True)  # batch_size=None: dynamic
-    return defended, info, OrtDefended(path, threads=1)
+def dynamic(onnx_dynamic):
+    """The session's batch-dynamic SCC-latency file (draws as inputs, per-step sign outputs), opened here."""
+    defended, info = onnx_dynamic
+    return defended, info, OrtDefended(info["path"], threads=1)
 
 
 def export_main(argv):
@@ -78,6 +78,7 @@ def accuracy(logits, y):
 # ----------------------------------------------------------------------------------------------------------
 # Fixed batch
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_graph_shape(exported):
     defended, info, ort_defended = exported
     assert info["inputs"] == ["pixels", *defended.draws(torch.zeros(1, 3, 32, 32))]
@@ -92,6 +93,7 @@ def test_graph_shape(exported):
     assert ort_defended.inputs["pixels"].shape == [BATCH, 3, 32, 32]
 
 
+@pytest.mark.slow
 def test_parity_with_eager(exported, attacked):
     """Same draws -> same per-step gradient signs and top-1, clean and adversarial; robust accuracy kept."""
     defended, _, ort_defended = exported
@@ -113,6 +115,7 @@ def test_parity_with_eager(exported, attacked):
     assert robust >= undefended_adv + 0.3, (robust, undefended_adv)
 
 
+@pytest.mark.slow
 def test_numpy_input_and_ragged_batch(exported):
     """numpy in, torch out; 7 images on a batch-50 file (padding) and 57 (a full chunk + a padded one)."""
     defended, _, ort_defended = exported
@@ -124,8 +127,8 @@ def test_numpy_input_and_ragged_batch(exported):
     torch.testing.assert_close(part, full[:7], rtol=0, atol=1e-4)
 
 
-def test_shape_and_dtype_errors(exported):
-    _, _, ort_defended = exported
+def test_shape_and_dtype_errors(dynamic):
+    _, _, ort_defended = dynamic
     with pytest.raises(scc.SccError, match=r"expected shape \(N, 3, 32, 32\), got \(2, 3, 28, 28\)"):
         ort_defended(torch.rand(2, 3, 28, 28))
     with pytest.raises(scc.SccError, match="expected dtype float32, got float64"):
@@ -141,6 +144,8 @@ def test_shape_and_dtype_errors(exported):
 # ----------------------------------------------------------------------------------------------------------
 def test_dynamic_graph(dynamic):
     _, info, ort_defended = dynamic
+    stages = [line.split()[0] for line in info["progress_lines"]]  # what `scc export` prints while it works
+    assert stages == ["tracing", "traced", "folding", "saving"], info["progress_lines"]
     assert info["batch_size"] is None and info["dynamic_batch"]
     assert info["inputs"] == ["pixels", "start", "noise"] and len(info["outputs"]) == 3
     assert info["control_flow_nodes"] == 0 and info["scatter_nodes"] == 0
@@ -155,9 +160,10 @@ def test_dynamic_graph(dynamic):
 @pytest.mark.parametrize("batch", [1, 3, 8, 50])
 def test_dynamic_parity_one_file_every_batch(dynamic, attacked, monkeypatch, batch):
     """One file, any batch, one ORT run per call (no chunks, no padding): 100 % top-1 agreement with eager and
-    per-step sign agreement >= 0.999 on identical draws, clean and adversarial digits."""
+    per-step sign agreement >= 0.999 on identical draws, clean and adversarial digits; at batch 50 the file keeps
+    the defense's robustness (robust accuracy >= the undefended model's + 30 points)."""
     defended, _, ort_defended = dynamic
-    x, _, x_adv = attacked
+    x, y, x_adv = attacked
     runs = []
     run = ort_defended._run
     monkeypatch.setattr(ort_defended, "_run", lambda feeds: runs.append(len(feeds["pixels"])) or run(feeds))
@@ -166,12 +172,17 @@ def test_dynamic_parity_one_file_every_batch(dynamic, attacked, monkeypatch, bat
         trace_eager, trace_ort = [], []
         eager = defended(images, draws, trace=trace_eager)
         ort_logits = ort_defended(images, draws, trace=trace_ort)
-        assert ort_logits.shape == (batch, 10)
+        assert ort_logits.shape == (batch, 10) and ort_logits.dtype == torch.float32
         assert torch.equal(ort_logits.argmax(1), eager.argmax(1))
+        assert len(trace_ort) == len(trace_eager) == 2  # one warm-up step, one corrective step
         for step, (a, b) in enumerate(zip(trace_eager, trace_ort)):
             assert a.shape == b.shape == images.shape
             assert (a == b).float().mean().item() >= 0.999, f"batch {batch} step {step} signs differ"
     assert runs == [batch, batch]
+    if batch == 50:
+        with torch.no_grad():
+            undefended = accuracy(defended.classifier(x_adv[-batch:]), y[-batch:])
+        assert accuracy(ort_logits, y[-batch:]) >= undefended + 0.3, (accuracy(ort_logits, y[-batch:]), undefended)
 
 
 def test_dynamic_max_batch_chunks_without_padding(dynamic):
@@ -254,6 +265,8 @@ def test_cli_onnx_wiring(tmp_path, monkeypatch, capsys):
 
     def fake_export(defended, path, **kwargs):
         calls.append(kwargs)
+        if kwargs["progress"] is not None:
+            kwargs["progress"]("tracing (fake)")
         return {"path": str(path), "bytes": 1e6, "nodes": 10, "opset": 20, "batch_size": kwargs["batch_size"],
                 "inputs": ["pixels"], "seconds": 1.0, "skipped_passes": [scc_onnx.ONNXOPTIMIZER_MISSING],
                 "dtype": "fp16" if kwargs["dtype"] == torch.float16 else "fp32"}
@@ -261,19 +274,25 @@ def test_cli_onnx_wiring(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("scc.export.export_onnx", fake_export)
     out = str(tmp_path / "x.onnx")
     assert export_main(["onnx", "--model", "scc-tiny-digits", "--defense", "ttc", "--out", out]) == 0
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert "batch dynamic" in printed and "skipped: onnxoptimizer (not installed" in printed
+    assert captured.err.splitlines() == ["scc: export: loading scc-tiny-digits", "scc: export: tracing (fake)"]
     assert export_main(["onnx", "--model", "scc-tiny-digits", "--defense", "ttc", "--batch-size", "8",
                         "--draws-as-inputs", "--out", out]) == 0
     assert "batch 8" in capsys.readouterr().out
     assert export_main(["onnx", "--model", "scc-tiny-digits", "--defense", "ttc", "--dtype", "fp16", "--out", out]) == 0
     assert "fp16" in capsys.readouterr().out
     assert [c["batch_size"] for c in calls] == [None, 8, None] and calls[1]["draws_as_inputs"]
+    assert export_main(["onnx", "--model", "scc-tiny-digits", "--defense", "ttc", "--out", out, "--quiet"]) == 0
+    assert capsys.readouterr().err == "" and calls[-1]["progress"] is None
+    calls.pop()
     assert [c["dtype"] for c in calls] == [torch.float32, torch.float32, torch.float16]
     assert export_main(["onnx", "--model", "scc-tiny-digits", "--defense", "ttc", "--dtype", "fp8", "--out", out]) == 2
     assert "unknown dtype" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_fp16_export_keeps_the_reduced_modules_signs(clf, attacked, tmp_path):
     """`--dtype fp16`: the file runs the tower in fp16 with fp32 stem/LayerNorms; on identical draws its per-step
     signs and top-1 match the eager module with the same reduced tower (torch fp16 on the CPU), and stay as
@@ -336,7 +355,7 @@ def test_cuda_graph_provider_options():
     assert runtime.with_provider_options(["CPUExecutionProvider"], cuda_graph=True) == ["CPUExecutionProvider"]
 
 
-def test_cuda_graph_refusals(dynamic, exported):
+def test_cuda_graph_refusals(dynamic):
     _, _, dynamic_ort = dynamic
     with pytest.raises(scc.SccError, match=r"fixed-shape file, but .* dynamic input pixels \('batch', 3, 32, 32\)"
                                            r".*--batch-size N --draws-as-inputs"):
@@ -347,6 +366,10 @@ def test_cuda_graph_refusals(dynamic, exported):
                                        "scc.draws_as_inputs": "false"})
     runtime.check_cuda_graph_file("m.onnx", {"pixels": [1, 3, 32, 32], "start": [1, 3, 32, 32]},
                                   {"scc.draws": '{"start": [1, 3, 32, 32]}', "scc.draws_as_inputs": "true"})
+
+
+@pytest.mark.slow
+def test_cuda_graph_refuses_without_a_gpu(exported):
     _, info, _ = exported
     if not torch.cuda.is_available():  # a fine file, but no GPU here
         with pytest.raises(scc.SccError, match="needs ONNX Runtime's CUDA provider and a CUDA device"):
@@ -355,6 +378,7 @@ def test_cuda_graph_refusals(dynamic, exported):
             runtime.benchmark_cuda_graph(info["path"])
 
 
+@pytest.mark.slow
 def test_static_io_binding_on_cpu(exported):
     """The fixed-address IOBinding the CUDA graph path uses, run on CPU: same logits, buffers never move,
     callers get copies."""

@@ -85,14 +85,26 @@ def test_reliability_weights_all_masked_is_uniform_not_nan():
 
 
 def test_diagonal_mask_is_continuous_threshold_is_not():
-    """A 1e-7 relative change of the features moves 'diagonal' weights by ~nothing; 'threshold' can jump."""
+    """Two feature sets that differ in one view by one float32 ulp of scale, chosen so that the view's computed
+    self-similarity is >= 1.0 in one and < 1.0 in the other: the official 'threshold' rule masks it in one only,
+    so that view's weight jumps by a large factor; 'diagonal' masks it in both and its weights barely move."""
     g = torch.Generator().manual_seed(0)
     feats = torch.nn.functional.normalize(torch.randn(64, 16, generator=g), dim=-1)
-    nudged = feats * (1 + 1e-7 * torch.randn(64, 1, generator=g))
-    diag = [reliability_weights(f, 20, 0.01, "diagonal") for f in (feats, nudged)]
+
+    def self_sim(f):
+        return (f @ f.t())[0, 0].item()  # as reliability_weights computes it
+
+    scales = [1 + k * 2.0 ** -24 for k in range(-64, 65)]
+    sims = [self_sim(torch.cat([feats[:1] * s, feats[1:]])) for s in scales]
+    k = next(i for i in range(len(sims) - 1) if sims[i] < 1.0 <= sims[i + 1])  # the crossing
+    below, above = (torch.cat([feats[:1] * scales[i], feats[1:]]) for i in (k, k + 1))
+    assert abs(scales[k + 1] / scales[k] - 1) < 1e-7  # the two sets differ by ~6e-8 relative, in one row
+    thr = [reliability_weights(f, 20, 0.01, "threshold") for f in (below, above)]
+    diag = [reliability_weights(f, 20, 0.01, "diagonal") for f in (below, above)]
+    # threshold: view 0 keeps its own similarity (~1) in its top-20 below the crossing, not above it
+    assert thr[0][0] > 3 * thr[1][0], (thr[0][0].item(), thr[1][0].item())
     assert (diag[0] - diag[1]).abs().max() < 1e-4
-    self_sim = (feats * feats).sum(-1)
-    assert (self_sim < 1.0).any()  # some self-similarities round below 1: 'threshold' keeps them in the top-k
+    assert torch.allclose(thr[0].sum(), torch.tensor(1.0)) and torch.allclose(diag[0].sum(), torch.tensor(1.0))
 
 
 def test_adamw_matches_torch_optim():

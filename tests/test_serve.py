@@ -356,19 +356,28 @@ def test_engine_queue_coalesces_and_answers_everyone():
 
 
 def test_compile_artifacts_are_written_once_and_keyed(tmp_path, capsys):
-    """A compiled replica with --compile-cache leaves one torch.compiler artifact file keyed by what its graphs
-    depend on; a replica with the same key loads it, another defense misses, a corrupt file is ignored."""
+    """A compiled replica with --compile-cache leaves one torch.compiler artifact file, with its key beside it; a
+    second replica with the same configuration loads that file (and answers the same), a replica that differs in
+    anything its graphs depend on names another file, and a corrupt file is ignored."""
     from scc.backends.artifacts import artifact_path, load_compile_artifacts
 
-    cfg = service_config(defense="none", backend="compiled", max_batch=1, compile_cache=str(tmp_path))
+    cfg = service_config(defense="none", backend="compiled", max_batch=1, compile_cache=str(tmp_path), seed=0)
     first = Service(cfg)
     assert first.artifacts and not first.artifacts_loaded
     assert Path(first.artifacts).stat().st_size > 0
+    artifacts = lambda: sorted(p.name for p in tmp_path.glob("scc-*"))  # beside Inductor's own cache folders
+    assert artifacts() == [Path(first.artifacts).name, Path(first.artifacts).name + ".json"]
     key = json.loads(Path(first.artifacts + ".json").read_text())
     assert key["defense"] == "none" and key["buckets"] == [1] and key["dtype"] == "fp32" and "torch" in key["versions"]
-    assert artifact_path(str(tmp_path), first.cache_key("fp32")) == first.artifacts  # same replica, same file
-    assert artifact_path(str(tmp_path), {**key, "defense": "ttc"}) != first.artifacts
-    assert load_compile_artifacts(first.artifacts)
+    second = Service(cfg)  # a new replica, same configuration: loads the first one's file instead of writing one
+    assert second.artifacts == first.artifacts and second.artifacts_loaded
+    assert artifacts() == [Path(first.artifacts).name, Path(first.artifacts).name + ".json"]
+    x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    a, b = (s.handle_batch([Item(name="x", x=x, key=1)])[0]["scores"] for s in (first, second))
+    assert a == b
+    for field, other in (("defense", "ttc"), ("config", {"steps": 1}), ("dtype", "bf16"), ("buckets", [1, 2]),
+                         ("labels", ["a", "b"]), ("model", "scc-tiny-fashion"), ("backend", "triton")):
+        assert artifact_path(str(tmp_path), {**key, field: other}) != first.artifacts, field
     bad = tmp_path / "scc-bad.bin"
     bad.write_bytes(b"not an artifact")
     assert not load_compile_artifacts(str(bad)) and "ignoring the compile-cache artifact" in capsys.readouterr().err

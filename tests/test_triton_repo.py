@@ -145,6 +145,47 @@ def test_cli_errors(tmp_path, capsys):
     assert "--max-batch: must be a positive integer, got '0'" in capsys.readouterr().err
 
 
+def test_cli_writes_a_repository_around_the_exported_file(tiny, digits, onnx_dynamic, tmp_path, capsys,
+                                                           monkeypatch):
+    """`scc export triton --draws-as-inputs` around the session's SCC-latency file (the export itself is the one
+    ONNX export of the default suite, copied here): config inputs/outputs and dims read from the file, labels,
+    metadata, and a model that runs at batch 1 and max_batch_size with the draws fed in."""
+    import shutil
+
+    import scc.export.triton as triton_module
+
+    defended, info = onnx_dynamic
+    calls = []
+
+    def copy_export(defended_arg, path, **kwargs):
+        calls.append((defended_arg.label, kwargs))
+        shutil.copy(info["path"], path)
+        return {**info, "path": str(path)}
+
+    monkeypatch.setattr(triton_module, "export_onnx", copy_export)
+    repo = tmp_path / "repo"
+    assert export_main(["triton", "--model", "scc-tiny-digits", "--defense", "scc-latency", "--out", str(repo),
+                        "--max-batch", "8", "--draws-as-inputs", "--quiet"]) == 0
+    assert calls == [("scc-latency", {"batch_size": None, "draws_as_inputs": True, "opset": None, "optimize": True,
+                                      "dtype": torch.float32, "progress": None})]
+    model_dir = repo / "scc-tiny-digits-scc-latency"
+    fields = validate_config((model_dir / "config.pbtxt").read_text(encoding="utf-8"))
+    assert fields["name"] == ["scc-tiny-digits-scc-latency"] and fields["max_batch_size"] == [8]
+    assert [(i["name"][0], i["dims"]) for i in fields["input"]] == [("pixels", [3, 32, 32]), ("start", [3, 32, 32]),
+                                                                   ("noise", [4, 3, 32, 32])]
+    assert fields["output"][0]["name"] == ["logits"] and fields["output"][0]["dims"] == [10]
+    params = {p["key"][0]: p["value"][0]["string_value"][0] for p in fields["parameters"]}
+    assert params["scc.defense"] == "scc" and params["scc.preset"] == "latency"
+    assert params["scc.batch_size"] == "dynamic" and params["scc.draws_as_inputs"] == "true"
+    assert (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() == tiny.labels
+    ort_defended = OrtDefended(model_dir / "1" / "model.onnx", threads=1)
+    for batch in (1, 8):
+        x = digits[0][:batch]
+        draws = defended.draws(x, keys=range(batch))
+        torch.testing.assert_close(ort_defended(x, draws), defended(x, draws), atol=1e-3, rtol=0)
+
+
+@pytest.mark.slow
 def test_cli_writes_a_servable_repository(tiny, digits, tmp_path, capsys):
     """The real thing: a repository whose config parses, whose model's batch dimension is dynamic and whose
     model runs at batch 1 and at max_batch_size, with per-row in-graph draws and TTC's accuracy."""

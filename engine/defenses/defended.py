@@ -56,8 +56,8 @@ class Defended(nn.Module):
 
     def reseed(self, seed: int | None = None) -> None:
         """A new seed (None: a fresh secret one) and the running key back to 0."""
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise SccError(f"seed must be an integer or None (a fresh secret seed), got {seed!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2 ** 63):
+            raise SccError(f"seed must be an integer in [0, 2**63) or None (a fresh secret seed), got {seed!r}")
         self.seed = seed
         self._secret = secrets.randbits(63) if seed is None else seed
         self.next_key = 0
