@@ -1,20 +1,15 @@
-"""scc serve: request parsing and the batch handler as plain functions (no Ray), and one end-to-end test of the
-real Ray Serve application on loopback."""
+"""scc serve without Ray: request parsing and its budgets, the batch handler and its draws, the bounded queue, the
+front door (token, admission, body, deadlines, dead replicas), the compile cache's checks, the CLI's refusals.
+The real Ray Serve service is tests/test_serve_e2e.py."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
-import signal
-import socket
 import struct
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 import zlib
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +19,13 @@ import torch
 import scc
 from scc.errors import SccError
 from scc.serve.app import serve_config_yaml
-from scc.serve.requests import Item, RequestError, decode_image, parse_request
-from scc.serve.service import Service, service_config
+from scc.serve.client import multipart
+from scc.serve.front import Front, read_body, token_digest
+from scc.serve.requests import Item, Limits, RequestError, decode_image, parse_request
+from scc.serve.service import EngineQueue, Service, service_config
 
-SIZE, MAX_PIXELS, MAX_BODY = 32, 1_000_000, 1_000_000
+SIZE = 32
+LIMITS = Limits.for_model(SIZE, max_body_bytes=1_000_000)  # (16*32)^2 = 262144 pixels per image, 4x per request
 
 
 def png_bytes(x: torch.Tensor) -> bytes:
@@ -38,8 +36,8 @@ def png_bytes(x: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
-def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A PNG whose header claims width x height pixels (10^10): a decompression bomb's first bytes."""
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with a few bytes of data: a decompression bomb's start."""
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
@@ -47,16 +45,8 @@ def bomb_png(width: int = 100_000, height: int = 100_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def multipart(parts: list[tuple[str, str, bytes]], boundary: str = "scc-test-boundary") -> tuple[str, bytes]:
-    body = b""
-    for name, filename, data in parts:
-        body += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
-                 f"Content-Type: application/octet-stream\r\n\r\n").encode() + data + b"\r\n"
-    return f"multipart/form-data; boundary={boundary}", body + f"--{boundary}--\r\n".encode()
-
-
-def parse(ctype, body, query=None):
-    return parse_request(ctype, body, query or {}, SIZE, MAX_PIXELS, MAX_BODY)
+def parse(ctype, body, query=None, limits=LIMITS, replay=True):
+    return parse_request(ctype, body, query or {}, SIZE, limits, replay)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +55,7 @@ def images(digits):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Request parsing
+# Request parsing and its budgets
 # ----------------------------------------------------------------------------------------------------------
 def test_single_image(images):
     items = parse("image/png", png_bytes(images[0]), {"seed": ["3"], "key": ["17"], "top_k": ["2"]})
@@ -83,57 +73,104 @@ def test_multipart_with_a_corrupt_part(images):
     assert [it.key for it in items] == ["k1", "k2", 9]
     assert items[0].error is None and items[2].error is None
     assert "bad.png" in items[1].error and "not a readable image" in items[1].error
-    assert torch.allclose(items[2].x, images[2], atol=1 / 255)  # binary payloads survive the MIME parser
+    assert torch.allclose(items[2].x, images[2], atol=1 / 255)  # binary payloads survive the multipart split
+
+
+def animated_gif(frames: list[torch.Tensor]) -> bytes:
+    from PIL import Image
+
+    pics = [Image.fromarray((f.permute(1, 2, 0).numpy() * 255).astype(np.uint8)) for f in frames]
+    buf = io.BytesIO()
+    pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=50, loop=0)
+    return buf.getvalue()
+
+
+def test_animated_image_uses_its_first_frame(images):
+    one = parse("image/gif", animated_gif([images[0]]))[0].x
+    many = parse("image/gif", animated_gif([images[0], images[1], images[2]]))[0].x
+    assert torch.equal(one, many)
+
+
+def eps_bytes() -> bytes:
+    return b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
 
 
 @pytest.mark.parametrize("ctype, body, query, status, words", [
     ("image/png", b"", None, 400, "empty body"),
     ("image/png", b"not an image at all", None, 400, "not a readable image"),
+    ("image/png", eps_bytes(), None, 400, "not a readable image"),  # PostScript would reach Ghostscript: off-list
     ("text/plain", b"hello", None, 415, "unsupported Content-Type"),
-    ("image/png", b"x" * (MAX_BODY + 1), None, 413, "exceeds the limit"),
-    ("image/png", bomb_png(), None, 413, "exceeds the limit"),
+    ("image/png", b"x" * (LIMITS.max_body_bytes + 1), None, 413, "exceeds the limit"),
+    ("image/png", png_header(100_000, 100_000), None, 413, "per-image limit"),
+    ("image/png", png_header(513, 512), None, 413, "per-image limit"),  # (16 * 32)^2 sized to the model
     ("image/png", b"\x89PNG", {"seed": ["abc"]}, 400, "seed must be an integer"),
+    ("image/png", b"\x89PNG", {"seed": ["9" * 400]}, 400, "seed must be an integer"),
     ("image/png", b"\x89PNG", {"key": ["1,2"]}, 400, "one per image"),
+    ("image/png", b"\x89PNG", {"key": ["k" * 201]}, 400, "key must be 1-200 characters"),
+    ("image/png", b"\x89PNG", {"key": [",".join("k" * 65)]}, 400, "keys exceed the limit"),
     ("image/png", b"\x89PNG", {"top_k": ["0"]}, 400, "top_k"),
+    ("image/png", b"\x89PNG", {"top_k": ["10" * 30]}, 400, "top_k"),
+    ("image/png", b"\x89PNG", {"top_k": ["1e9"]}, 400, "top_k must be an integer"),
+    ("image/png", b"\x89PNG", {"topk": ["3"]}, 400, "unknown query parameter"),
+    ("multipart/form-data", b"--x\r\n", None, 400, "boundary"),
+    ("multipart/form-data; boundary=x", b"no boundary here", None, 400, "no boundary line"),
+    ("multipart/form-data; boundary=x", b"--x\r\n\r\nabc", None, 400, "no closing boundary"),
 ])
 def test_refused_requests(ctype, body, query, status, words):
     start = time.perf_counter()
     with pytest.raises(RequestError) as err:
         parse(ctype, body, query)
-    assert err.value.status == status and words in str(err.value) and "\n" not in str(err.value)
-    assert time.perf_counter() - start < 1.0  # the bomb is refused from its header, never decoded
+    assert err.value.status == status and words in str(err.value) and "\n" not in str(err.value), str(err.value)
+    assert time.perf_counter() - start < 1.0  # every refusal comes from headers and counts, never a decode
 
 
-def test_client_seeds_are_refused_unless_allowed(images):
+def test_pixel_budgets_refuse_before_decoding():
+    """The issue's 5.6 kB request: ten PNG headers claiming 6000x6000 pixels took 13.8 s to refuse. Here the
+    per-image budget is sized to the model ((16 S)^2), and a request of images each within it, but together over
+    the per-request budget, is refused from the headers too: nothing is decoded in either case."""
+    ctype, body = multipart([("image", f"{i}.png", png_header(6000, 6000)) for i in range(10)])
+    assert len(body) < 6000
+    big = Limits.for_model(SIZE, max_pixels=40_000_000, max_request_pixels=100_000_000)
+    start = time.perf_counter()
+    with pytest.raises(RequestError, match="per-request limit of 100000000") as err:
+        parse(ctype, body, limits=big)
+    assert err.value.status == 413 and time.perf_counter() - start < 0.5
+    with pytest.raises(RequestError, match="no readable image: 0.png: 6000x6000") as err:
+        parse(ctype, body)  # the defaults for a 32-pixel model: each image is over the per-image budget
+    assert err.value.status == 413 and time.perf_counter() - start < 1.0
+
+
+def test_part_count_is_bounded_while_splitting():
+    ctype, body = multipart([("image", f"{i}.png", b"") for i in range(200_000)])
+    start = time.perf_counter()
+    with pytest.raises(RequestError, match="more than 72 multipart parts") as err:
+        parse(ctype, body, limits=Limits.for_model(SIZE, max_body_bytes=2 ** 26))
+    assert err.value.status == 413 and time.perf_counter() - start < 0.5
+
+
+def test_client_seeds_are_refused_unless_replay(images):
     body = png_bytes(images[0])
-    with pytest.raises(RequestError, match="refuses client-chosen seeds.*--client-seeds") as err:
-        parse_request("image/png", body, {"seed": ["3"]}, SIZE, 10**6, MAX_BODY, client_seeds=False)
+    with pytest.raises(RequestError, match="refuses client-chosen seeds.*--replay-draws") as err:
+        parse("image/png", body, {"seed": ["3"]}, replay=False)
     assert err.value.status == 403
-    items = parse_request("image/png", body, {"key": ["4"]}, SIZE, 10**6, MAX_BODY, client_seeds=False)
-    assert (items[0].seed, items[0].key) == (None, 4)  # keys stay: their draws come from the secret seed
-    assert service_config()["client_seeds"] is False
-    assert service_config(client_seeds="true")["client_seeds"] is True
-    with pytest.raises(SccError, match="client_seeds must be true or false"):
-        service_config(client_seeds="maybe")
-
-
-def test_multipart_refusals():
-    ctype, body = multipart([("image", "a.png", b"junk"), ("image", "b.png", bomb_png())])
-    with pytest.raises(RequestError, match="no readable image: a.png.*b.png") as err:
-        parse(ctype, body)
-    assert err.value.status == 400
-    ctype, body = multipart([("file", "a.png", b"junk")])
-    with pytest.raises(RequestError, match="no 'image' part"):
-        parse(ctype, body)
+    items = parse("image/png", body, {"key": ["4"]}, replay=False)
+    assert (items[0].seed, items[0].key) == (None, 4)  # keys stay: with fresh draws they only name the image
+    assert service_config()["replay_draws"] is False
+    assert service_config(client_seeds="true")["replay_draws"] is True  # the old name of the flag
+    with pytest.raises(SccError, match="replay_draws must be true or false"):
+        service_config(replay_draws="maybe")
+    with pytest.raises(SccError, match="max_queue .* at least max_batch"):
+        service_config(max_batch=8, max_queue=4)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The batch handler
+# The batch handler and its draws
 # ----------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def service():
     torch.set_num_threads(1)
-    return Service(service_config(defense="scc", backend="eager", max_batch=4, seed=None))
+    return Service(service_config(defense="scc", backend="eager", max_batch=4, max_queue=16, max_images=16,
+                                  seed=None))
 
 
 def eager_probs(seed: int, key, x: torch.Tensor) -> torch.Tensor:
@@ -173,6 +210,20 @@ def test_handler_matches_eager_alone_and_in_a_batch(service, images):
     assert alone[0]["scores"] == pytest.approx(good[1]["scores"], abs=1e-5)  # same seed and key, other batch
 
 
+def test_fresh_draws_mix_a_request_nonce_into_seed_and_key(service, images):
+    """Default mode: the same image and key under two requests (two nonces) get independent draws; the same nonce
+    gives the same draws (one request); replay (a client seed) gives the eager module's draws for (seed, key)."""
+    x = images[0]
+    item = lambda nonce=None, seed=None: Item(name="x", x=x, key=7, nonce=nonce, seed=seed)
+    a, b, a2 = (service.draws_for([item(n)]) for n in ("n1", "n2", "n1"))
+    assert set(a) == {"start", "noise"}
+    assert not torch.equal(a["start"], b["start"]) and not torch.equal(a["noise"], b["noise"])
+    assert torch.equal(a["start"], a2["start"]) and torch.equal(a["noise"], a2["noise"])
+    replay = service.draws_for([item(seed=5)])
+    reference = scc.defend(scc.load("scc-tiny-digits"), "scc", seed=5).draws(x[None], keys=[7])
+    assert all(torch.equal(replay[k], reference[k]) for k in reference)
+
+
 def test_handler_fresh_keys_and_engine_errors(service, images):
     res = service.handle_batch([Item(name="a", x=images[0]), Item(name="b", x=images[0])])
     assert len({r["key"] for r in res}) == 2 and "seed" not in res[0]  # fresh uuid keys under the secret seed
@@ -193,145 +244,22 @@ def test_handler_fresh_keys_and_engine_errors(service, images):
 
 def test_print_config_is_a_serve_config():
     yaml = pytest.importorskip("yaml")
-    cfg = service_config(defense="scc-latency", backend="compiled", replicas=2, seed=3)
-    doc = yaml.safe_load(serve_config_yaml(cfg, "127.0.0.1", 8000, 30))
+    cfg = service_config(defense="scc-latency", backend="compiled", replicas=2, seed=3, token_sha256="ab" * 32)
+    doc = yaml.safe_load(serve_config_yaml(cfg, "127.0.0.1", 8000, 30, grpc_port=9000))
     app = doc["applications"][0]
     assert app["import_path"] == "scc.serve.app:build_app" and doc["http_options"]["port"] == 8000
-    assert app["args"] == {"defense": "scc-latency", "backend": "compiled", "replicas": 2, "seed": 3}
+    assert app["args"] == {"defense": "scc-latency", "backend": "compiled", "replicas": 2, "seed": 3,
+                           "token_sha256": "ab" * 32}
+    assert doc["grpc_options"]["grpc_servicer_functions"] == ["scc.serve.grpc_api.add_ClassifierServicer_to_server"]
     assert service_config(app["args"])["replicas"] == 2
 
 
 # ----------------------------------------------------------------------------------------------------------
-# End to end: the real Ray Serve application on 127.0.0.1
+# The bounded queue
 # ----------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def descendants(pid: int) -> set[int]:
-    """Every process below pid (from /proc), so the test can check Ray left none of them."""
-    children: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d.name))
-    out, todo = set(), [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state != "Z"
-    except OSError:
-        return False
-
-
-def post(url: str, body: bytes, ctype: str = "image/png", timeout: float = 60):
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-@pytest.mark.slow  # 63 s alone, 113 s beside another job on this 2-core machine (Ray start ~12 s, shutdown ~5 s)
-def test_end_to_end_on_loopback(images, tmp_path):
-    pytest.importorskip("ray", reason="Ray Serve is not installed (pip install -e '.[serve]')")
-    pytest.importorskip("fastapi", reason="Ray Serve's FastAPI ingress is not installed")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "scc.cli", "serve", "--port", str(port), "--host", "127.0.0.1",
-                             "--defense", "scc", "--backend", "eager", "--max-batch", "8", "--batch-wait-ms", "20",
-                             "--client-seeds"],
-                            stdout=log, stderr=subprocess.STDOUT, env=env)
-    seen: set[int] = set()
-    try:
-        deadline = time.time() + 150
-        while True:
-            seen |= descendants(proc.pid)
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url + "/readyz", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except (urllib.error.URLError, OSError):
-                pass
-            assert time.time() < deadline, "not ready in 150 s: " + (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(0.5)
-        seen |= descendants(proc.pid)
-        with urllib.request.urlopen(url + "/healthz", timeout=10) as r:
-            assert r.status == 200
-        with urllib.request.urlopen(url + "/v1/info", timeout=10) as r:
-            info = json.loads(r.read())
-        assert info["ready"] and info["buckets"] == [1, 2, 4, 8] and info["seed"] == "secret"
-
-        n = 32
-        jobs = [(i, png_bytes(images[i % len(images)])) for i in range(n)]
-        with ThreadPoolExecutor(n + 1) as pool:
-            futures = [pool.submit(post, f"{url}/v1/classify?seed=42&key={i}&top_k=10", b) for i, b in jobs]
-            corrupt = pool.submit(post, f"{url}/v1/classify", b"\x89PNG\r\n\x1a\n truncated", "image/png")
-            ctype, body = multipart([("image", "a.png", jobs[0][1]), ("image", "bad.png", b"junk"),
-                                     ("image", "c.png", jobs[1][1])])
-            mixed = pool.submit(post, f"{url}/v1/classify?seed=42&key=0,x,1&top_k=10", body, ctype)
-            answers = [f.result() for f in futures]
-            bad_status, bad_body = corrupt.result()
-            mixed_status, mixed_body = mixed.result()
-        assert bad_status == 400 and "not a readable image" in bad_body["error"]
-        assert mixed_status == 200 and "bad.png" in mixed_body["results"][1]["error"]
-        for r, (status, body) in zip([mixed_body["results"][0], mixed_body["results"][2]], answers[:2]):
-            assert r["key"] == body["results"][0]["key"] and r["scores"] == pytest.approx(body["results"][0]["scores"],
-                                                                                       abs=1e-5)
-        defended = scc.defend(scc.load("scc-tiny-digits"), "scc", seed=42)
-        labels = defended.classifier.labels
-        batch_sizes = []
-        for (i, _), (status, body) in zip(jobs, answers):
-            assert status == 200, body
-            r = body["results"][0]
-            assert r["key"] == i and r["seed"] == 42 and body["backend"] == "eager" and body["defense"] == "scc"
-            with torch.no_grad():
-                x = decode_image(jobs[i][1], SIZE, MAX_PIXELS)  # the 8-bit pixels the server saw
-                ref = defended(x[None], keys=[i]).softmax(-1)[0]
-            got = torch.tensor([r["scores"][lab] for lab in labels])
-            assert r["index"] == int(ref.argmax()) and torch.allclose(got, ref, atol=1e-4), (i, got, ref)
-            batch_sizes.append(r["batch_size"])
-        assert max(batch_sizes) > 1  # concurrent requests were batched
-    finally:
-        seen |= descendants(proc.pid)
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
-    deadline = time.time() + 20
-    while time.time() < deadline and any(alive(p) for p in seen):
-        time.sleep(0.5)
-    left = [p for p in seen if alive(p)]
-    assert proc.returncode == 0, (tmp_path / "serve.log").read_text()[-3000:]
-    assert not left, f"processes left running after shutdown: {left}"
-
-
 def test_engine_queue_coalesces_and_answers_everyone():
     """Continuous batching without Ray: submits that arrive while the engine runs share its next call."""
-    import asyncio
     import threading
-
-    from scc.serve.service import EngineQueue
 
     calls, gate = [], threading.Event()
 
@@ -355,30 +283,311 @@ def test_engine_queue_coalesces_and_answers_everyone():
     assert calls == [["a0"], ["b0", "c0", "b1", "c1"], ["b2", "c2", "b3", "c3"]]  # full batches, FIFO
 
 
-def test_compile_artifacts_are_written_once_and_keyed(tmp_path, capsys):
-    """A compiled replica with --compile-cache leaves one torch.compiler artifact file, with its key beside it; a
-    second replica with the same configuration loads that file (and answers the same), a replica that differs in
-    anything its graphs depend on names another file, and a corrupt file is ignored."""
-    from scc.backends.artifacts import artifact_path, load_compile_artifacts
+def test_engine_queue_bound_deadline_and_cancel():
+    """A submit that would overflow the queue is answered at once; images whose deadline passed while queued are
+    dropped before compute; a cancelled submit (client gone) takes its images out of the queue."""
+    import threading
 
-    cfg = service_config(defense="none", backend="compiled", max_batch=1, compile_cache=str(tmp_path), seed=0)
+    computed, gate = [], threading.Event()
+
+    def handle(items):
+        computed.extend(it.name for it in items)
+        gate.wait(5)
+        return [{"name": it.name} for it in items]
+
+    async def main():
+        q = EngineQueue(handle, max_batch=2, max_queue=6)
+        busy = asyncio.ensure_future(q.submit([Item(name="busy0"), Item(name="busy1")]))  # holds the engine
+        await asyncio.sleep(0.05)
+        late = asyncio.ensure_future(q.submit([Item(name="late", deadline=time.monotonic() + 0.01)]))
+        gone = asyncio.ensure_future(q.submit([Item(name="gone0"), Item(name="gone1")]))
+        kept = asyncio.ensure_future(q.submit([Item(name="kept")]))
+        await asyncio.sleep(0.05)
+        over = await q.submit([Item(name=f"over{i}") for i in range(3)])  # 4 queued + 3 > 6: refused at once
+        gone.cancel()
+        await asyncio.sleep(0.05)
+        gate.set()
+        return q, over, await busy, await late, await kept
+
+    q, over, busy, late, kept = asyncio.run(main())
+    assert [r["error_kind"] for r in over] == ["overloaded"] * 3 and "Retry-After" in over[0]["error"]
+    assert late[0]["error_kind"] == "deadline" and kept == [{"name": "kept"}] and len(busy) == 2
+    assert computed == ["busy0", "busy1", "kept"]  # neither the late nor the cancelled images reached the engine
+    assert q.counts == {"overloaded": 3, "deadline": 1, "cancelled": 2, "computed": 3}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The front door
+# ----------------------------------------------------------------------------------------------------------
+class Gone(Exception):
+    """What a dead replica raises at the caller (Ray's RayActorError in the real ingress)."""
+
+
+def make_front(service: Service | None, token: str | None = None, fail: list | None = None, **cfg):
+    """A Front whose model is `service` behind an EngineQueue (or a stub), `fail` a list of exceptions raised by
+    the first model calls."""
+    cfg = service_config(**{"max_batch": 4, "max_queue": 16, "max_images": 16, "timeout_s": 5, "body_timeout_s": 0.5,
+                            "token_sha256": token_digest(token) if token else None, **cfg})
+    queue = EngineQueue(service.handle_batch, 4, 16) if service is not None else None
+    fail = list(fail or [])
+
+    async def call_model(items, budget):
+        if fail:
+            raise fail.pop(0)
+        now = time.monotonic()
+        for it in items:
+            it.deadline = now + budget
+        return await queue.submit(items)
+
+    async def describe():
+        return service.info() if service is not None else {"model": "m", "defense": "d", "backend": "b",
+                                                           "image_size": SIZE, "labels": ["a", "b"]}
+
+    return Front(cfg, call_model, describe, replica_gone=lambda err: isinstance(err, Gone))
+
+
+async def chunks(*parts: bytes, pause: float = 0.0):
+    for p in parts:
+        if pause:
+            await asyncio.sleep(pause)
+        yield p
+
+
+def post(front: Front, body: bytes, query=None, headers=None, pause: float = 0.0):
+    headers = {"content-type": "image/png", **(headers or {})}
+    return front.classify(headers, query or {}, chunks(body[: len(body) // 2], body[len(body) // 2:], pause=pause))
+
+
+def test_front_fresh_draws_by_default_and_replay_on_request(service, images):
+    """Two identical requests (same image, same key): different answers by default, identical in replay mode."""
+    body = png_bytes(images[3])
+
+    async def twice(front, query):
+        return [await post(front, body, query) for _ in range(2)]
+
+    fresh = asyncio.run(twice(make_front(service), {"key": ["7"], "top_k": ["10"]}))
+    replay = asyncio.run(twice(make_front(service, replay_draws=True), {"key": ["7"], "seed": ["3"], "top_k": ["10"]}))
+    assert [r.status for r in fresh + replay] == [200] * 4
+    assert fresh[0].body["draws"] == "fresh" and replay[0].body["draws"] == "replay"
+    f0, f1 = (r.body["results"][0]["scores"] for r in fresh)
+    r0, r1 = (r.body["results"][0]["scores"] for r in replay)
+    assert f0 != f1 and r0 == r1
+    x = decode_image(body, SIZE, LIMITS.max_pixels)
+    ref = eager_probs(3, 7, x)
+    labels = service.classifier.labels
+    assert torch.allclose(torch.tensor([r0[lab] for lab in labels]), ref, atol=1e-5)
+    refused = asyncio.run(post(make_front(service), body, {"seed": ["3"]}))
+    assert refused.status == 403 and set(refused.body) == {"error"}
+
+
+def test_front_token(service, images):
+    token = "s3cret-token-0123456789"
+    front = make_front(service, token=token)
+    body = png_bytes(images[0])
+    assert token not in json.dumps(front.cfg) and front.cfg["token_sha256"] == token_digest(token)
+    for auth in (None, "Bearer wrong-token-0123456789", f"Basic {token}", token, "Bearer"):
+        reply = asyncio.run(post(front, body, headers={"authorization": auth} if auth else {}))
+        assert reply.status == 401 and reply.headers["WWW-Authenticate"].startswith("Bearer") and \
+            set(reply.body) == {"error"}, auth
+    assert asyncio.run(post(front, body, headers={"authorization": f"Bearer {token}"})).status == 200
+    assert front.counts["unauthorized"] == 5 and front.counts["ok"] == 1
+
+
+def test_front_body_limits_and_slow_clients(images):
+    front = make_front(None)
+    body = png_bytes(images[0])
+    start = time.perf_counter()
+    slow = asyncio.run(post(front, body, pause=0.4))  # two halves 0.4 s apart: over the 0.5 s body timeout
+    assert slow.status == 408 and "did not arrive within 0.5 s" in slow.body["error"]
+    assert time.perf_counter() - start < 1.5
+    big = asyncio.run(front.classify({"content-length": str(10 ** 9)}, {}, chunks(b"")))
+    assert big.status == 413 and "exceeds the limit" in big.body["error"]  # from the header, nothing read
+    with pytest.raises(RequestError, match="exceeds the limit of 4 bytes"):
+        asyncio.run(read_body(chunks(b"abc", b"def"), 4, 1.0))
+    short = asyncio.run(post(front, body, {"timeout_ms": ["999999"]}))
+    assert short.status == 400 and "timeout_ms must lie in 1..5000" in short.body["error"]
+
+
+def test_front_admission_dead_replicas_and_deadlines(service, images):
+    body = png_bytes(images[0])
+    front = make_front(service, fail=[Gone("replica died"), Gone("replica died")])
+    ok = asyncio.run(post(front, body))  # two dead replicas, then a live one: answered within the deadline
+    assert ok.status == 200 and front.counts["replica_retries"] == 2
+
+    dead = make_front(service, fail=[Gone("replica died")] * 10_000, timeout_s=1.0)
+    start = time.perf_counter()
+    reply = asyncio.run(post(dead, body))  # no live replica before the deadline: a retryable 503, on time
+    assert reply.status == 503 and reply.headers["Retry-After"] == "1" and "deadline" in reply.body["error"]
+    assert time.perf_counter() - start < 2.0
+
+    broken = make_front(service, fail=[ValueError("a bug")])
+    with pytest.raises(ValueError):  # not a dead replica: the ingress's error handler answers 500 {"error"}
+        asyncio.run(post(broken, body))
+
+    full = make_front(service)
+    full.inflight = full.max_inflight
+    reply = asyncio.run(post(full, body))
+    assert reply.status == 503 and reply.headers["Retry-After"] == "1" and "requests in flight" in reply.body["error"]
+
+    async def overloaded(items, budget):
+        return [{"name": it.name, "error": "overloaded: ...", "error_kind": "overloaded"} for it in items]
+
+    front = make_front(service)
+    front.call_model = overloaded
+    reply = asyncio.run(post(front, body))
+    assert reply.status == 503 and reply.headers["Retry-After"] == "1" and front.counts["overloaded"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The compile cache
+# ----------------------------------------------------------------------------------------------------------
+def test_compile_artifacts_are_written_once_keyed_and_signed(tmp_path, monkeypatch):
+    """A compiled replica with --compile-cache leaves one signed torch.compiler artifact file, with its key beside
+    it; a second replica with the same configuration loads that file (and answers the same), a replica that
+    differs in anything its graphs depend on names another file."""
+    from scc.backends.artifacts import KEY_NAME, artifact_path
+
+    cache = tmp_path / "cc"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", os.environ.get("TORCHINDUCTOR_CACHE_DIR", ""))  # restored after
+    cfg = service_config(defense="none", backend="compiled", max_batch=1, compile_cache=str(cache), seed=0)
     first = Service(cfg)
-    assert first.artifacts and not first.artifacts_loaded
-    assert Path(first.artifacts).stat().st_size > 0
-    artifacts = lambda: sorted(p.name for p in tmp_path.glob("scc-*"))  # beside Inductor's own cache folders
-    assert artifacts() == [Path(first.artifacts).name, Path(first.artifacts).name + ".json"]
+    assert first.artifacts and first.artifacts_status == "absent"
+    name = Path(first.artifacts).name
+    artifacts = lambda: sorted(p.name for p in cache.glob("scc-*"))  # beside Inductor's own cache folders
+    assert artifacts() == sorted([KEY_NAME, name, name + ".json", name + ".sig"])
+    assert oct(cache.stat().st_mode & 0o777) == "0o700" and oct((cache / KEY_NAME).stat().st_mode & 0o777) == "0o600"
     key = json.loads(Path(first.artifacts + ".json").read_text())
     assert key["defense"] == "none" and key["buckets"] == [1] and key["dtype"] == "fp32" and "torch" in key["versions"]
     second = Service(cfg)  # a new replica, same configuration: loads the first one's file instead of writing one
-    assert second.artifacts == first.artifacts and second.artifacts_loaded
-    assert artifacts() == [Path(first.artifacts).name, Path(first.artifacts).name + ".json"]
+    assert second.artifacts == first.artifacts and second.artifacts_status == "loaded"
     x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     a, b = (s.handle_batch([Item(name="x", x=x, key=1)])[0]["scores"] for s in (first, second))
     assert a == b
     for field, other in (("defense", "ttc"), ("config", {"steps": 1}), ("dtype", "bf16"), ("buckets", [1, 2]),
                          ("labels", ["a", "b"]), ("model", "scc-tiny-fashion"), ("backend", "triton")):
-        assert artifact_path(str(tmp_path), {**key, field: other}) != first.artifacts, field
-    bad = tmp_path / "scc-bad.bin"
-    bad.write_bytes(b"not an artifact")
-    assert not load_compile_artifacts(str(bad)) and "ignoring the compile-cache artifact" in capsys.readouterr().err
-    assert not load_compile_artifacts(str(tmp_path / "missing.bin"))
+        assert artifact_path(str(cache), {**key, field: other}) != first.artifacts, field
+
+
+def fake_artifact(folder: Path, mac_key: bytes, blob: bytes = b"pickled code") -> str:
+    from scc.backends.artifacts import artifact_mac
+
+    path = str(folder / "scc-0123.bin")
+    Path(path).write_bytes(blob)
+    Path(path + ".sig").write_text(artifact_mac(blob, path, mac_key))
+    os.chmod(path, 0o600)
+    return path
+
+
+def test_tampered_foreign_or_unsigned_artifacts_are_never_loaded(tmp_path, monkeypatch, capsys):
+    from scc.backends import artifacts as art
+
+    loaded = []
+    monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda blob: loaded.append(blob) or object())
+    folder = tmp_path / "cc"
+    art.check_cache_folder(str(folder))
+    key = art.cache_mac_key(str(folder))
+    path = fake_artifact(folder, key)
+    assert art.load_compile_artifacts(path, key) == "loaded" and loaded == [b"pickled code"]
+    cases = {
+        "tampered": lambda: Path(path).write_bytes(b"pickled code, changed"),
+        "foreign key": lambda: fake_artifact(folder, b"k" * 64),
+        "unsigned": lambda: Path(path + ".sig").unlink(),
+        "signed under another name": lambda: Path(path + ".sig").write_text(
+            art.artifact_mac(b"pickled code", str(folder / "scc-other.bin"), key)),
+        "group-writable": lambda: os.chmod(path, 0o620),
+    }
+    for case, spoil in cases.items():
+        fake_artifact(folder, key)
+        os.chmod(path, 0o600)
+        spoil()
+        loaded.clear()
+        capsys.readouterr()
+        status = art.load_compile_artifacts(path, key)
+        err = capsys.readouterr().err
+        assert status.startswith("refused") and not loaded, case
+        assert err.count("\n") == 1 and "refusing the compile-cache artifact" in err, (case, err)
+
+
+def test_cache_folders_others_could_write_are_refused(tmp_path):
+    from scc.backends.artifacts import cache_mac_key, check_cache_folder
+
+    base = tmp_path / "base"
+    base.mkdir(mode=0o700)
+    for mode, words in ((0o770, "writable by its group"), (0o707, "writable by every user")):
+        folder = base / f"m{mode:o}"
+        folder.mkdir()
+        os.chmod(folder, mode)
+        with pytest.raises(SccError, match=words):
+            check_cache_folder(str(folder))
+    inside = base / "inside"
+    inside.mkdir(mode=0o700)
+    (inside / "entry").write_bytes(b"x")
+    os.chmod(inside / "entry", 0o666)
+    with pytest.raises(SccError, match="entry is writable by every user"):
+        check_cache_folder(str(inside))
+    os.chmod(inside / "entry", 0o644)
+    check_cache_folder(str(inside))
+    shared = base / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)  # a parent others can write (no sticky bit): they could swap the cache folder
+    (shared / "cc").mkdir(mode=0o700)
+    with pytest.raises(SccError, match="folder .*shared above it is writable by every user"):
+        check_cache_folder(str(shared / "cc"))
+    link = base / "link"
+    link.symlink_to(inside)
+    with pytest.raises(SccError, match="symbolic link"):
+        check_cache_folder(str(link))
+    key = base / "key"
+    key.write_text("k" * 64)
+    os.chmod(key, 0o644)
+    with pytest.raises(SccError, match="readable by other users"):
+        cache_mac_key(str(inside), str(key))
+    with pytest.raises(SccError, match="no such file"):
+        cache_mac_key(str(inside), str(base / "missing"))
+    if os.getuid() == 0:  # only root can give a folder to another user
+        other = base / "other"
+        other.mkdir(mode=0o700)
+        os.chown(other, 12345, 12345)
+        with pytest.raises(SccError, match="owned by uid 12345"):
+            check_cache_folder(str(other))
+
+
+def test_a_refused_cache_folder_is_one_line_and_the_replica_compiles_without_it(tmp_path, capsys):
+    from scc.cli import main
+
+    folder = tmp_path / "cc"
+    folder.mkdir()
+    os.chmod(folder, 0o777)
+    assert main(["serve", "--compile-cache", str(folder), "--backend", "compiled"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "writable by every user" in err
+    s = Service(service_config(defense="none", backend="eager", max_batch=1, compile_cache=str(folder)))
+    assert s.artifacts_status.startswith("refused") and "writable by every user" in s.artifacts_status
+    assert os.environ.get("TORCHINDUCTOR_CACHE_DIR") != str(folder)
+    assert capsys.readouterr().err.count("not using the compile cache") == 1
+
+
+def test_serve_cli_refuses_unsafe_secrets(tmp_path, capsys):
+    from scc.cli import main
+
+    token = tmp_path / "token"
+    token.write_text("short\n")
+    os.chmod(token, 0o600)
+    cert = tmp_path / "cert.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    for argv, words in ((["--token-file", str(token)], "use at least 16"),
+                        (["--token-file", str(tmp_path / "nope")], "no such file"),
+                        (["--tls-cert", str(cert)], "--tls-cert and --tls-key go together"),
+                        (["--tls-cert", str(cert), "--tls-key", str(tmp_path / "nope")], "--tls-key")):
+        assert main(["serve", "--print-config", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, (argv, err)
+    token.write_text("a-long-enough-token-0123\n")
+    os.chmod(token, 0o644)
+    assert main(["serve", "--print-config", "--token-file", str(token)]) == 2
+    assert "readable by other users" in capsys.readouterr().err
+    os.chmod(token, 0o600)
+    assert main(["serve", "--print-config", "--token-file", str(token), "--client-seeds"]) == 0
+    out = capsys.readouterr().out
+    assert token_digest("a-long-enough-token-0123") in out and "a-long-enough-token" not in out
+    assert "replay_draws: true" in out

@@ -1,7 +1,8 @@
-"""`scc loadtest`: closed-loop load test of a running `scc serve`, beside the in-process runner (scc.serve.loadtest).
+"""`scc loadtest`: load test of a running `scc serve`, beside the in-process runner (scc.serve.loadtest).
 
-    scc loadtest --url http://127.0.0.1:8000 --images digits --concurrency 1,4,16,64 --requests 256 \\
-        --json benchmarks/results/serve_load.json
+    scc loadtest --url http://127.0.0.1:8000 --images digits --concurrency 1,4,16 --requests 256 \\
+        --images-per-request 8 --protocol http --json benchmarks/results/serve_load.json
+    scc loadtest --duration 600 --rate 20 --concurrency 8 --sample-s 10 --json soak.json    # soak
 """
 from __future__ import annotations
 
@@ -13,20 +14,34 @@ from .args import add_common, check_output, positive_float, positive_int, seed_i
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("loadtest", help="closed-loop load test of a running `scc serve`", description=__doc__)
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="a running scc serve")
+    p = sub.add_parser("loadtest", help="load test of a running `scc serve`", description=__doc__)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="a running scc serve (https:// with --tls-cert)")
     p.add_argument("--images", default="digits", help="digits (the held-out digits as PNGs) or a folder of images")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     p.add_argument("--requests", type=positive_int, default=256, help="requests per level")
     p.add_argument("--max-seconds", type=positive_float, default=120.0, help="time bound per level")
+    p.add_argument("--images-per-request", type=positive_int, default=1,
+                   help="images per request (a multipart body, or one gRPC message)")
+    p.add_argument("--protocol", choices=("http", "grpc"), default="http",
+                   help="send over HTTP(S) or the server's gRPC ingress (--grpc)")
+    p.add_argument("--grpc", default=None, help="the server's gRPC HOST:PORT (scc serve --grpc-port)")
+    p.add_argument("--rate", type=positive_float, default=None,
+                   help="open loop: start this many requests per second (at most --concurrency in flight)")
+    p.add_argument("--duration", type=positive_float, default=None,
+                   help="run each level this many seconds, whatever --requests says (a soak)")
+    p.add_argument("--sample-s", type=positive_float, default=None,
+                   help="read the replicas' resident memory from /v1/info every this many seconds")
+    p.add_argument("--token-file", default=None, help="bearer token of a server started with --token-file")
+    p.add_argument("--cacert", default=None, help="CA / self-signed certificate to verify an https:// server")
     p.add_argument("--seed", type=seed_int, default=None,
-                   help="request seed (the server needs --client-seeds); each request's key is its index")
+                   help="request seed (the server needs --replay-draws); each image's key is its index")
     p.add_argument("--replicas", type=positive_int, default=None, help="recorded in the report (the service's "
                                                                         "replicas)")
     p.add_argument("--no-in-process", dest="in_process", action="store_false", help="skip the in-process reference")
     p.add_argument("--compile-cache", default=None,
                    help="the server's --compile-cache folder: the in-process reference of a compiled service loads "
                         "its graphs from there instead of compiling every bucket again")
+    p.add_argument("--cache-key-file", default=None, help="the server's --cache-key-file, if any")
     p.add_argument("--png", default=None, help="latency vs throughput plot (default: the --json path with .png)")
     add_common(p, threads=False)
     p.set_defaults(func=run)
@@ -34,7 +49,7 @@ def add_parser(sub) -> None:
 
 def run(a: argparse.Namespace) -> int:
     from ..errors import require_extra
-    from ..serve.loadtest import loadtest, plot
+    from ..serve.loadtest import Target, loadtest, plot
 
     levels, bad = [], []
     for c in a.concurrency.split(","):
@@ -49,9 +64,20 @@ def run(a: argparse.Namespace) -> int:
     check_output(png, "--png")
     if png:
         require_extra("serve", ["matplotlib"], what="--png (the load-test plot)")
+    if a.protocol == "grpc":
+        require_extra("serve", ["grpc"], what="--protocol grpc")
+        if not a.grpc:
+            raise SccError("--protocol grpc needs --grpc HOST:PORT (the server's --grpc-port)")
+    token = None
+    if a.token_file:
+        from .serve import read_token
+
+        token = read_token(a.token_file)
     log = (lambda line: None) if a.quiet else (lambda line: print(line, flush=True))
-    report = loadtest(a.url, a.images, levels, a.requests, a.max_seconds, a.seed, a.replicas, a.in_process,
-                      a.compile_cache, log=log)
+    target = Target(a.url, cafile=a.cacert, token=token, grpc=a.grpc, seed=a.seed)
+    report = loadtest(target, a.images, levels, a.requests, a.max_seconds, a.replicas, a.in_process,
+                      a.compile_cache, a.cache_key_file, a.images_per_request, a.protocol, a.rate, a.duration,
+                      a.sample_s, log=log)
     write_json(report, a.json)
     if png:
         plot(report, png)

@@ -1,12 +1,14 @@
-"""`scc serve`: serve a defended zero-shot classifier over HTTP (Ray Serve). POST /v1/classify, GET /healthz,
-/readyz, /v1/info. Listens on 127.0.0.1 unless --host says otherwise; SIGINT or SIGTERM shuts it down cleanly."""
+"""`scc serve`: serve a defended zero-shot classifier over HTTP(S) and optionally gRPC (Ray Serve). POST
+/v1/classify, GET /healthz, /readyz, /v1/info. Listens on 127.0.0.1 unless --host says otherwise (a local Ray's own
+ports stay on loopback either way); SIGINT or SIGTERM shuts it down cleanly."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .args import (DEFENSE_CHOICES, TINY_NAME, add_common, add_device_arg, port_int, positive_float, positive_int,
-                   seed_int)
+from ..errors import SccError
+from .args import (DEFENSE_CHOICES, TINY_NAME, add_common, add_device_arg, nonnegative_int, port_int, positive_float,
+                   positive_int, seed_int)
 
 
 def add_parser(sub) -> None:
@@ -22,47 +24,110 @@ def add_parser(sub) -> None:
     add_device_arg(p)
     p.add_argument("--seed", type=seed_int, default=None, help="the service's seed (default: a fresh secret per "
                                                                "replica)")
-    p.add_argument("--client-seeds", action="store_true",
-                   help="let requests choose ?seed= (reproducible answers, e.g. for tests; whoever picks the seed "
-                        "knows the draws, so leave it off in production: such requests get 403)")
-    p.add_argument("--max-batch", type=positive_int, default=8, help="largest engine bucket = @serve.batch "
-                                                                     "max_batch_size")
-    p.add_argument("--batch-wait-ms", type=positive_float, default=5.0, help="@serve.batch batch_wait_timeout_s in ms")
-    p.add_argument("--replicas", type=positive_int, default=1, help="fixed number of replicas")
+    p.add_argument("--replay-draws", "--client-seeds", dest="replay_draws", action="store_true",
+                   help="replay mode: an image's draws are a function of (?seed= or the service's seed, ?key=) "
+                        "only, so identical requests get identical answers (tests, reproducible pipelines). Default: "
+                        "fresh draws for every request whatever key is sent (a client cannot query a fixed-draw "
+                        "function), and ?seed= is refused (403). --client-seeds is the old name")
+    p.add_argument("--max-batch", type=positive_int, default=8, help="largest engine bucket")
+    p.add_argument("--batch-wait-ms", type=positive_float, default=2.0,
+                   help="how long an idle engine waits for a fuller batch when fewer than --max-batch images wait")
+    p.add_argument("--replicas", type=positive_int, default=1, help="fixed number of model replicas")
+    p.add_argument("--ingress-replicas", type=positive_int, default=1, help="ingress replicas (parse, decode, route)")
     p.add_argument("--min-replicas", type=positive_int, default=None, help="autoscaling: minimum replicas")
     p.add_argument("--max-replicas", type=positive_int, default=None, help="autoscaling: maximum replicas")
     p.add_argument("--target-ongoing", type=positive_float, default=None,
                    help="autoscaling target ongoing requests per replica")
     p.add_argument("--max-ongoing", type=positive_int, default=None,
-                   help="max_ongoing_requests per replica (default: max(64, 2x --max-batch))")
+                   help="max_ongoing_requests per model replica (default: --max-queue + --max-batch)")
+    p.add_argument("--max-queue", type=positive_int, default=64,
+                   help="images that may wait per model replica; beyond it a request gets 503 + Retry-After")
     p.add_argument("--top-k", type=positive_int, default=5, help="scores returned per image unless ?top_k=")
     p.add_argument("--max-body-mb", type=positive_float, default=16.0, help="largest request body in MB")
-    p.add_argument("--max-pixels", type=positive_int, default=40_000_000, help="largest decoded image (PIL's bomb "
-                                                                               "limit)")
-    p.add_argument("--max-images", type=positive_int, default=64, help="images per multipart request")
-    p.add_argument("--timeout-s", type=positive_float, default=30.0, help="request timeout in seconds")
-    p.add_argument("--compile-cache", default=None, help="folder for Inductor's compile caches (compiled backend)")
+    p.add_argument("--max-pixels", type=positive_int, default=None,
+                   help="largest image (width x height from its header, refused before decoding); default (16 S)^2 "
+                        "for a model input of S x S")
+    p.add_argument("--max-request-pixels", type=positive_int, default=None,
+                   help="pixels of all images of one request; default 4x --max-pixels")
+    p.add_argument("--max-images", type=positive_int, default=64, help="images per request (at most --max-queue)")
+    p.add_argument("--timeout-s", type=positive_float, default=30.0,
+                   help="request deadline from arrival: 503 + Retry-After when no answer by then")
+    p.add_argument("--body-timeout-s", type=positive_float, default=10.0,
+                   help="a request body must arrive within this many seconds (408)")
+    p.add_argument("--retry-after-s", type=nonnegative_int, default=1, help="the Retry-After of a 503")
+    p.add_argument("--decode-threads", type=positive_int, default=2, help="image-decoding threads of the ingress")
+    p.add_argument("--compile-cache", default=None,
+                   help="folder for the compile caches (compiled backend); refused unless only you can write it")
+    p.add_argument("--cache-key-file", default=None,
+                   help="HMAC key of the compile-cache artifacts (default: DIR/scc-cache.key, made on first start)")
+    p.add_argument("--token-file", default=None,
+                   help="require 'Authorization: Bearer <token>' on /v1/classify, /v1/info and gRPC (the file's "
+                        "first line; mode 0600)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (mode 0600)")
+    p.add_argument("--grpc-port", type=port_int, default=None,
+                   help="also serve gRPC scc.v1.Classifier/Classify on this port (plaintext: Ray Serve's gRPC "
+                        "ingress has no TLS; loopback unless --host says otherwise)")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to expose)")
     p.add_argument("--port", type=port_int, default=8000, help="HTTP port")
     p.add_argument("--metrics-port", type=port_int, default=None,
                    help="Ray's Prometheus endpoint port (local Ray; default: Ray picks one); metrics are ray_scc_*")
-    p.add_argument("--address", default=None, help="an existing Ray cluster (ray://HOST:PORT or auto): deploy and exit")
+    p.add_argument("--address", default=None, help="an existing Ray cluster (ray://HOST:PORT, HOST:PORT or auto): "
+                                                   "deploy and exit")
     p.add_argument("--print-config", action="store_true", help="print the Ray Serve config YAML for `serve deploy`")
     add_common(p, json_output=False, threads_default=1)
     p.set_defaults(func=run)
 
 
+def read_token(path: str) -> str:
+    """The bearer token of --token-file: its first line, at least 16 characters, in a file only we can read."""
+    from ..backends.artifacts import check_private
+
+    try:
+        check_private(path, "--token-file", secret=True)
+        with open(path) as f:
+            token = f.readline().strip()
+    except FileNotFoundError:
+        raise SccError(f"--token-file {path}: no such file (make one: python -c 'import secrets; "
+                       f"print(secrets.token_urlsafe(32))' > {path}; chmod 600 {path})") from None
+    if len(token) < 16:
+        raise SccError(f"--token-file {path}: the token has {len(token)} characters; use at least 16 random ones")
+    return token
+
+
+def check_tls(cert: str | None, key: str | None) -> None:
+    from ..backends.artifacts import check_private
+
+    if bool(cert) != bool(key):
+        raise SccError("--tls-cert and --tls-key go together")
+    if cert:
+        for flag, path in (("--tls-cert", cert), ("--tls-key", key)):
+            try:
+                with open(path, "rb") as f:
+                    head = f.read(64)
+            except OSError as err:
+                raise SccError(f"{flag} {path}: {err.strerror}") from None
+            if b"-----BEGIN" not in head:
+                raise SccError(f"{flag} {path}: not a PEM file")
+        check_private(key, "--tls-key", secret=True)
+
+
 def config_of(a: argparse.Namespace) -> dict:
     """The service configuration (scc.serve.service.service_config) these arguments describe."""
+    from ..serve.front import token_digest
     from ..serve.service import service_config
 
+    digest = token_digest(read_token(a.token_file)) if a.token_file else None
     return service_config(
         model=a.model, pretrained=a.pretrained, labels=a.labels, templates=a.templates, defense=a.defense,
         backend=a.backend, dtype=a.dtype, device=a.device, seed=a.seed, max_batch=a.max_batch,
-        batch_wait_ms=a.batch_wait_ms, replicas=a.replicas, min_replicas=a.min_replicas,
-        max_replicas=a.max_replicas, target_ongoing=a.target_ongoing, max_ongoing=a.max_ongoing, threads=a.threads,
-        top_k=a.top_k, max_body_bytes=int(a.max_body_mb * 2 ** 20), max_pixels=a.max_pixels,
-        max_images=a.max_images, timeout_s=a.timeout_s, compile_cache=a.compile_cache, client_seeds=a.client_seeds)
+        batch_wait_ms=a.batch_wait_ms, replicas=a.replicas, ingress_replicas=a.ingress_replicas,
+        min_replicas=a.min_replicas, max_replicas=a.max_replicas, target_ongoing=a.target_ongoing,
+        max_ongoing=a.max_ongoing, max_queue=a.max_queue, threads=a.threads, top_k=a.top_k,
+        max_body_bytes=int(a.max_body_mb * 2 ** 20), max_pixels=a.max_pixels, max_request_pixels=a.max_request_pixels,
+        max_images=a.max_images, timeout_s=a.timeout_s, body_timeout_s=a.body_timeout_s,
+        retry_after_s=a.retry_after_s, decode_threads=a.decode_threads, compile_cache=a.compile_cache,
+        cache_key_file=a.cache_key_file, replay_draws=a.replay_draws, token_sha256=digest)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -70,9 +135,16 @@ def run(a: argparse.Namespace) -> int:
     from ..serve.app import run as serve, serve_config_yaml
 
     cfg = config_of(a)
+    check_tls(a.tls_cert, a.tls_key)
     if a.print_config:
-        sys.stdout.write(serve_config_yaml(cfg, a.host, a.port, a.timeout_s))
+        sys.stdout.write(serve_config_yaml(cfg, a.host, a.port, a.timeout_s, a.tls_cert, a.tls_key, a.grpc_port))
         return 0
+    if cfg["compile_cache"] and a.address is None:  # the replicas check again; refuse here with one line first
+        from ..backends.artifacts import cache_mac_key, check_cache_folder
+
+        check_cache_folder(cfg["compile_cache"])
+        cache_mac_key(cfg["compile_cache"], cfg["cache_key_file"])
     require_extra("serve", ["ray", "fastapi"], what="scc serve")
     log = (lambda line: None) if a.quiet else (lambda line: print(line, flush=True))
-    return serve(cfg, host=a.host, port=a.port, address=a.address, metrics_port=a.metrics_port, log=log)
+    return serve(cfg, host=a.host, port=a.port, address=a.address, metrics_port=a.metrics_port, tls_cert=a.tls_cert,
+                 tls_key=a.tls_key, grpc_port=a.grpc_port, log=log)

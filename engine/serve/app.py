@@ -1,133 +1,197 @@
-"""The Ray Serve application of `scc serve` (FastAPI ingress + @serve.batch + the EngineQueue): the only module
-that imports Ray and FastAPI, and only inside the functions that need them.
+"""The Ray Serve application of `scc serve`: the only module that imports Ray and FastAPI, and only inside the
+functions that need them.
 
     serve.run(build_app({"model": "scc-tiny-digits", "defense": "scc"}))    # or `import_path: scc.serve.app:build_app`
     run(cfg, host="127.0.0.1", port=8000)                                   # local Ray, serve until SIGINT/SIGTERM
+
+Two deployments:
+    scc        the ingress (FastAPI routes + the gRPC method Classify; 0 CPUs reserved): scc.serve.front.Front --
+               token, admission, body, parsing and decoding in a thread pool, deadline, retries on a dead replica
+    scc-model  the model replicas (--replicas, --threads CPUs each): scc.serve.service.Service behind a bounded
+               EngineQueue; they receive decoded images and the time left, never HTTP
+A model replica killed mid-request therefore costs the ingress a retry on a live replica (or a 503 with Retry-After
+when none answers before the deadline), never Ray's bare "500 Internal Server Error" of a dead ingress replica.
 """
-import asyncio
 import json
+import logging
 import os
 import time
 from typing import Mapping
 
 from ..errors import SccError
 from .client import wait_ready
-from .requests import Item, RequestError, parse_request
+from .front import Front, Reply, error_reply
+from .grpc_api import STATUS, ClassifyReply, ClassifyRequest, request_query
+from .loopback import GRPC_HOST_ENV, HOOK, local_ray_env
 from .service import DEFAULTS, EngineQueue, Service, service_config
 
+APP_NAME = "scc"
+GRPC_SERVICER = "scc.serve.grpc_api.add_ClassifierServicer_to_server"
 
-def _deployment_class():
-    """The Ray Serve deployment class (defined on demand: importing this module needs no Ray yet)."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, Response
+
+def replica_gone(err: BaseException) -> bool:
+    """Whether an exception of a model call means its replica died or is unreachable (worth a retry)."""
+    from ray.exceptions import RayActorError
+
+    return isinstance(err, RayActorError) or isinstance(getattr(err, "cause", None), RayActorError)
+
+
+def _model_class():
+    """The model deployment (defined on demand: importing this module needs no Ray yet)."""
     from ray import serve
     from ray.serve import metrics
 
-    # No `from __future__ import annotations` in this module: FastAPI reads `request: Request` from the handler's
-    # real annotation (a string would be resolved in the replica's unpickled globals, lack Request, and read
-    # `request` as a query parameter: 422).
-    app = FastAPI(title="scc", description="Test-time defended CLIP zero-shot classifier")
-
-    @serve.deployment(name="scc")
-    @serve.ingress(app)
-    class SccDeployment:
+    @serve.deployment(name="scc-model")
+    class SccModel:
         def __init__(self, cfg: dict):
             self.service = Service(cfg)  # loads, builds and warms every bucket before Serve marks it ready
             self.cfg = self.service.cfg
-            self.queue = EngineQueue(self.service.handle_batch, self.cfg["max_batch"], on_batch=self._observe_batch)
-            self.classify_batch.set_max_batch_size(self.cfg["max_batch"])
-            self.classify_batch.set_batch_wait_timeout_s(self.cfg["batch_wait_ms"] / 1e3)
+            self.queue = EngineQueue(self.service.handle_batch, self.cfg["max_batch"], self.cfg["max_queue"],
+                                     self.cfg["batch_wait_ms"], on_batch=self._observe_batch)
             ms = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
-            self.m_requests = metrics.Counter("scc_requests", "HTTP requests to /v1/classify", tag_keys=("status",))
             self.m_images = metrics.Counter("scc_images", "images answered")
-            self.m_errors = metrics.Counter("scc_errors", "errors by kind", tag_keys=("kind",))
+            self.m_errors = metrics.Counter("scc_errors", "images not answered, by kind", tag_keys=("kind",))
             self.m_batch = metrics.Histogram("scc_batch_size", "images per engine batch",
                                              boundaries=[b + 0.5 for b in range(1, self.cfg["max_batch"] + 1)])
             self.m_queue = metrics.Histogram("scc_queue_ms", "wait from arrival to batch start (ms)", boundaries=ms)
             self.m_compute = metrics.Histogram("scc_compute_ms", "engine time per batch (ms)", boundaries=ms)
-            self.m_latency = metrics.Histogram("scc_request_ms", "request latency in the replica (ms)", boundaries=ms)
 
         def check_health(self):
             if not self.service.ready:
                 raise RuntimeError("buckets not warm yet")
 
-        # Ray 2.60 forms the next @serve.batch batch (batch_wait_timeout_s after its first item) while the previous
-        # one still runs, so with one engine call at a time batches of 1-2 queue up behind it (measured: mean batch
-        # 1.5 at 16 concurrent requests). Every formed batch enters at once instead (max_concurrent_batches) and
-        # the EngineQueue below hands the engine everything pending when it is free: full batches under load.
-        @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005, max_concurrent_batches=256)
-        async def classify_batch(self, items: list[Item]) -> list[dict]:
-            results = await self.queue.submit(items)
-            good = [r for r in results if "error" not in r]
-            for r in good:
-                self.m_queue.observe(r["queue_ms"])
-            return results
-
         def _observe_batch(self, results: list[dict]) -> None:
             good = [r for r in results if "error" not in r]
+            for r in results:
+                if "error" in r:
+                    self.m_errors.inc(tags={"kind": r.get("error_kind", "internal")})
             if good:
+                self.m_images.inc(len(good))
                 self.m_batch.observe(len(good))
                 self.m_compute.observe(good[0]["compute_ms"])
+                for r in good:
+                    self.m_queue.observe(r["queue_ms"])
 
-        def _fail(self, status: int, message: str, kind: str):
-            self.m_requests.inc(tags={"status": str(status)})
-            self.m_errors.inc(tags={"kind": kind})
-            return JSONResponse({"error": message}, status_code=status)
+        async def classify(self, items: list, budget_s: float) -> list[dict]:
+            """Decoded Items and the seconds left of their request -> results, in order."""
+            now, stamp = time.monotonic(), time.perf_counter()
+            for it in items:
+                it.deadline, it.enqueued = now + budget_s, stamp
+            return await self.queue.submit(items)
+
+        async def ready(self) -> bool:
+            return self.service.ready
+
+        async def info(self) -> dict:
+            info = self.service.info()
+            info["queue"] = {"pending": len(self.queue.pending), "max_queue": self.queue.max_queue,
+                             **self.queue.counts}
+            return info
+
+    return SccModel
+
+
+def _ingress_class():
+    """The ingress deployment: FastAPI routes and the gRPC method, both through one Front."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import Response
+    from ray import serve
+    from ray.serve import metrics
+    from starlette.exceptions import HTTPException
+    from starlette.requests import ClientDisconnect
+
+    from .requests import RequestError
+
+    # No `from __future__ import annotations` in this module: FastAPI reads `request: Request` from the handler's
+    # real annotation (a string would be resolved in the replica's unpickled globals, lack Request, and read
+    # `request` as a query parameter: 422).
+    app = FastAPI(title="scc", description="Test-time defended CLIP zero-shot classifier", docs_url=None,
+                  redoc_url=None, openapi_url=None)
+
+    def respond(reply) -> Response:
+        # serialised here: FastAPI's generic encoder walks the nested dict and costs ~1 ms per request
+        return Response(json.dumps(reply.body), status_code=reply.status, headers=reply.headers,
+                        media_type="application/json")
+
+    # one error shape for every status: Starlette's own 404/405 and validation errors answer {"error": ...} too
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        reply = error_reply(exc.status_code, str(exc.detail))
+        reply.headers.update(exc.headers or {})
+        return respond(reply)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return respond(error_reply(422, f"invalid request: {str(exc)[:300]}"))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        return respond(error_reply(500, f"internal error: {type(exc).__name__}: {str(exc)[:300]}"))
+
+    async def body_of(request: Request):
+        try:
+            async for chunk in request.stream():
+                yield chunk
+        except ClientDisconnect:
+            raise RequestError(400, "the client disconnected before sending its whole body") from None
+
+    @serve.deployment(name=APP_NAME)
+    @serve.ingress(app)
+    class SccIngress:
+        def __init__(self, cfg: dict, model):
+            self.cfg = cfg
+            self.model = model
+            self.front = Front(cfg, self._call, self._describe, replica_gone)
+            ms = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
+            self.m_requests = metrics.Counter("scc_requests", "requests to Classify (HTTP and gRPC)",
+                                              tag_keys=("status",))
+            self.m_latency = metrics.Histogram("scc_request_ms", "request latency in the ingress (ms)",
+                                               boundaries=ms)
+
+        async def _call(self, items, budget_s):
+            return await self.model.classify.remote(items, budget_s)
+
+        async def _describe(self):
+            return await self.model.info.remote()
+
+        def _count(self, reply, start: float) -> None:
+            self.m_requests.inc(tags={"status": str(reply.status)})
+            self.m_latency.observe((time.perf_counter() - start) * 1e3)
 
         @app.post("/v1/classify")
         async def classify(self, request: Request):
             start = time.perf_counter()
-            limit = self.cfg["max_body_bytes"]
-            length = request.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > limit:
-                return self._fail(413, f"body of {length} bytes exceeds the limit of {limit}", "too_large")
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > limit:
-                    return self._fail(413, f"body exceeds the limit of {limit} bytes", "too_large")
             query: dict[str, list[str]] = {}
             for k, v in request.query_params.multi_items():
                 query.setdefault(k, []).append(v)
+            reply = await self.front.classify(request.headers, query, body_of(request))
+            self._count(reply, start)
+            return respond(reply)
+
+        async def Classify(self, request: bytes, grpc_context=None):
+            """gRPC scc.v1.Classifier/Classify (scc.serve.grpc_api)."""
+            import grpc
+            from google.protobuf.message import DecodeError
+
+            start = time.perf_counter()
+            metadata = dict(grpc_context.invocation_metadata()) if grpc_context is not None else {}
             try:
-                items = parse_request(request.headers.get("content-type"), bytes(body), query,
-                                      self.service.classifier.image_size, self.cfg["max_pixels"], limit,
-                                      self.cfg["max_images"], len(self.service.classifier.labels),
-                                      self.cfg["client_seeds"])
-            except RequestError as err:
-                kind = {413: "too_large", 415: "bad_type", 403: "seed_refused"}.get(err.status, "bad_request")
-                return self._fail(err.status, str(err), kind)
-            for it in items:
-                it.enqueued = time.perf_counter()
-            try:
-                # only readable images enter a batch; shield: a timed-out request leaves its images in their
-                # batch, which completes for the other requests in it
-                futures = [asyncio.ensure_future(self.classify_batch(it)) for it in items if it.error is None]
-                answers = iter(await asyncio.wait_for(asyncio.shield(asyncio.gather(*futures)),
-                                                      self.cfg["timeout_s"]))
-                results = [next(answers) if it.error is None else
-                           {"name": it.name, "error": it.error, "error_kind": it.error_kind or "decode"}
-                           for it in items]
-            except asyncio.TimeoutError:
-                return self._fail(504, f"no answer within {self.cfg['timeout_s']} s", "timeout")
-            except Exception as err:  # never a lost request: the client gets a reason
-                return self._fail(500, f"internal error: {type(err).__name__}: {err}", "internal")
-            for r in results:
-                if "error" in r:
-                    self.m_errors.inc(tags={"kind": r.get("error_kind", "decode")})
-            ok = [r for r in results if "error" not in r]
-            if not ok:
-                return self._fail(500 if any(r.get("error_kind") == "internal" for r in results) else 400,
-                                  "; ".join(r["error"] for r in results), "internal")
-            self.m_images.inc(len(ok))
-            self.m_requests.inc(tags={"status": "200"})
-            latency = (time.perf_counter() - start) * 1e3
-            self.m_latency.observe(latency)
-            info = self.service.info_static
-            # serialised here: FastAPI's generic encoder walks the nested dict and costs ~1 ms per request
-            return Response(json.dumps({"results": results, "defense": info["defense"], "model": info["model"],
-                                        "backend": info["backend"], "latency_ms": round(latency, 3)}),
-                            media_type="application/json")
+                message = ClassifyRequest.FromString(request)
+                parts = [(im.name or f"image[{i}]", im.data) for i, im in enumerate(message.images)]
+                reply = await self.front.classify_parts(metadata.get("authorization"), parts,
+                                                        request_query(message))
+            except DecodeError as err:
+                reply = error_reply(400, f"not a ClassifyRequest message ({err})")
+            self._count(reply, start)
+            if reply.status == 200:
+                return ClassifyReply(json=json.dumps(reply.body))
+            if grpc_context is not None:
+                grpc_context.set_code(getattr(grpc.StatusCode, STATUS.get(reply.status, "INTERNAL")))
+                grpc_context.set_details(reply.body["error"])
+                if "Retry-After" in reply.headers:
+                    grpc_context.set_trailing_metadata([("retry-after", reply.headers["Retry-After"])])
+            return ClassifyReply(json=json.dumps(reply.body))
 
         @app.get("/healthz")
         async def healthz(self):
@@ -135,25 +199,45 @@ def _deployment_class():
 
         @app.get("/readyz")
         async def readyz(self):
-            if not self.service.ready:
-                return JSONResponse({"status": "warming up"}, status_code=503)
-            return {"status": "ready", "buckets": self.service.buckets}
+            """200 once a model replica answers within 2 s (every bucket warm), else 503."""
+            deadline = time.monotonic() + 2.0
+            ok = await self.front._call(lambda left: self.model.ready.remote(), deadline)
+            body = {"status": "ready" if ok else "not ready", "replicas": _replica_states()}
+            return respond(Reply(200, body) if ok else Reply(503, body, {"Retry-After": "1"}))
 
         @app.get("/v1/info")
-        async def info(self):
-            return self.service.info()
+        async def info(self, request: Request):
+            if not self.front.authorized(request.headers.get("authorization")):
+                return respond(error_reply(401, "missing or wrong bearer token: send 'Authorization: Bearer "
+                                                "<token>'"))
+            deadline = time.monotonic() + self.cfg["timeout_s"]
+            info = await self.front._call(lambda left: self.front.info(), deadline)
+            if info is None:
+                return respond(error_reply(503, "no model replica answered", self.cfg["retry_after_s"]))
+            info["replicas"] = _replica_states()
+            return info
 
-    return SccDeployment
+    return SccIngress
 
 
-def deployment_options(cfg: Mapping) -> dict:
-    """Ray Serve options: replicas or autoscaling, max_ongoing_requests above the batch size, CPUs per replica."""
-    # requests beyond max_ongoing wait in the proxy's router, which retries with back-off: measured 32.6 images/s
-    # at 64 concurrent requests with 16 per replica vs 120 with 64 (compiled tiny SCC, 2 replicas); queueing in the
-    # replica's EngineQueue is cheap, and the request timeout still bounds the wait
-    max_ongoing = cfg["max_ongoing"] or max(2 * cfg["max_batch"], 64)
+def _replica_states() -> dict | None:
+    """{"RUNNING": n, ...} of the model deployment (Serve's controller), or None when unavailable."""
+    try:
+        from ray import serve
+
+        states = serve.status().applications[APP_NAME].deployments["scc-model"].replica_states
+        return {str(getattr(k, "value", k)): v for k, v in states.items()}
+    except Exception:  # a status probe must never fail the readiness answer it decorates
+        return None
+
+
+def model_options(cfg: Mapping) -> dict:
+    """The model replicas: replicas or autoscaling, a queue-sized max_ongoing_requests, CPUs per replica."""
+    # every request holds >= 1 image, so at most max_queue requests wait in a replica's EngineQueue and max_batch
+    # more are being computed; Ray's router holds the rest (each bounded by its deadline in the ingress)
+    max_ongoing = cfg["max_ongoing"] or cfg["max_queue"] + cfg["max_batch"]
     if max_ongoing < cfg["max_batch"]:
-        raise SccError(f"max_ongoing ({max_ongoing}) must be at least max_batch ({cfg['max_batch']}): @serve.batch "
+        raise SccError(f"max_ongoing ({max_ongoing}) must be at least max_batch ({cfg['max_batch']}): the queue "
                        "only batches the requests a replica holds")
     opts = {"max_ongoing_requests": max_ongoing,
             "ray_actor_options": {"num_cpus": cfg["threads"] if cfg["device"] == "cpu" else 1,
@@ -161,9 +245,9 @@ def deployment_options(cfg: Mapping) -> dict:
                                   "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(cfg["threads"]), **(
                                       {"TORCHINDUCTOR_CACHE_DIR": os.path.abspath(cfg["compile_cache"]),
                                        "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"} if cfg["compile_cache"] else {})}}},
-            "health_check_period_s": 10, "graceful_shutdown_timeout_s": max(5.0, cfg["timeout_s"]),
+            "health_check_period_s": 2, "health_check_timeout_s": 30,
+            "graceful_shutdown_timeout_s": max(5.0, cfg["timeout_s"]),
             # one access-log line per request costs the replica CPU that the engine needs; errors are still logged
-            # and every request is counted in the ray_scc_* metrics
             "logging_config": {"enable_access_log": False}}
     if cfg["min_replicas"] is not None or cfg["max_replicas"] is not None:
         lo = cfg["min_replicas"] if cfg["min_replicas"] is not None else 1
@@ -175,20 +259,46 @@ def deployment_options(cfg: Mapping) -> dict:
     return opts
 
 
+def ingress_options(cfg: Mapping) -> dict:
+    """The ingress: no CPU reserved (it parses and forwards), room for twice its admission bound so that overload
+    is answered by Front (503 + Retry-After, JSON) rather than queued in Ray's proxy."""
+    bound = cfg["max_queue"] * max(cfg["replicas"], cfg["max_replicas"] or 0)
+    return {"num_replicas": cfg["ingress_replicas"], "max_ongoing_requests": 2 * bound + 16,
+            "ray_actor_options": {"num_cpus": 0}, "health_check_period_s": 2,
+            "graceful_shutdown_timeout_s": max(5.0, cfg["timeout_s"]),
+            "logging_config": {"enable_access_log": False}}
+
+
 def build_app(args: Mapping | None = None):
     """The Ray Serve application: `serve.run(build_app({...}))`, or `import_path: scc.serve.app:build_app` with `args`
     in a Serve config file (every value may be a string)."""
     cfg = service_config(args)
-    return _deployment_class().options(**deployment_options(cfg)).bind(cfg)
+    model = _model_class().options(**model_options(cfg)).bind(cfg)
+    return _ingress_class().options(**ingress_options(cfg)).bind(cfg, model)
 
 
-def serve_config_yaml(cfg: Mapping, host: str, port: int, timeout_s: float) -> str:
+def http_options(host: str, port: int, timeout_s: float, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> dict:
+    opts = {"host": host, "port": port, "request_timeout_s": timeout_s + 5}
+    if tls_cert:
+        opts.update(ssl_certfile=os.path.abspath(tls_cert), ssl_keyfile=os.path.abspath(tls_key))
+    return opts
+
+
+def grpc_options(port: int | None, timeout_s: float) -> dict | None:
+    return None if not port else {"port": port, "grpc_servicer_functions": [GRPC_SERVICER],
+                                  "request_timeout_s": timeout_s + 5, "enable_reflection": False}
+
+
+def serve_config_yaml(cfg: Mapping, host: str, port: int, timeout_s: float, tls_cert: str | None = None,
+                      tls_key: str | None = None, grpc_port: int | None = None) -> str:
     """The Ray Serve config file equivalent to this command line (`serve deploy config.yaml`)."""
     args = {k: v for k, v in cfg.items() if v is not None and v != DEFAULTS.get(k)}
-    doc = {"proxy_location": "EveryNode",
-           "http_options": {"host": host, "port": port, "request_timeout_s": timeout_s},
-           "applications": [{"name": "scc", "route_prefix": "/", "import_path": "scc.serve.app:build_app",
-                             "args": args}]}
+    doc = {"proxy_location": "EveryNode", "http_options": http_options(host, port, timeout_s, tls_cert, tls_key)}
+    if grpc_port:
+        doc["grpc_options"] = grpc_options(grpc_port, timeout_s)
+    doc["applications"] = [{"name": APP_NAME, "route_prefix": "/", "import_path": "scc.serve.app:build_app",
+                            "args": args}]
     try:
         import yaml
 
@@ -197,44 +307,63 @@ def serve_config_yaml(cfg: Mapping, host: str, port: int, timeout_s: float) -> s
         return json.dumps(doc, indent=2) + "\n"
 
 
+def _quiet_ray_logs() -> None:
+    """Ray Serve's driver-side INFO lines ("Connecting to existing Serve app ... will not be applied", ...) read
+    like failures on a normal start; the service prints its own status lines instead."""
+    for name in ("ray", "ray.serve"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def run(cfg: Mapping, host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-        metrics_port: int | None = None, log=print) -> int:
+        metrics_port: int | None = None, tls_cert: str | None = None, tls_key: str | None = None,
+        grpc_port: int | None = None, log=print) -> int:
     """Start (or join, with `address`) Ray, deploy the application and serve until SIGINT/SIGTERM; shut down what
     was started here. With `address` it deploys onto the existing cluster and returns."""
     import signal
-
-    import ray
-    from ray import serve
 
     def _stop(signum, frame):
         raise KeyboardInterrupt
 
     started = time.perf_counter()
     remote = address is not None
+    if not remote:
+        os.environ.update(local_ray_env())  # before Ray is imported: it reads the loopback switch at import
+        os.environ[GRPC_HOST_ENV] = host
+    import ray
+    from ray import serve
+
+    _quiet_ray_logs()
     if remote:
-        ray.init(address=address)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     else:
         # the replicas' own thread count comes from --threads; Ray's processes stay off the terminal
         extra = {} if metrics_port is None else {"_metrics_export_port": metrics_port}
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg["threads"])}}, **extra)
+        ray.init(address="local", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(cfg["threads"]), GRPC_HOST_ENV: host},
+                              "worker_process_setup_hook": HOOK},
+                 **extra)
     # after ray.init, which installs its own (aborting) SIGTERM handler: `kill PID` shuts down as cleanly as
     # Ctrl-C, also when a background shell started us with SIGINT ignored
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
+    deployed = False
     try:
-        serve.start(http_options={"host": host, "port": port, "request_timeout_s": cfg["timeout_s"] + 5},
-                    logging_config={"enable_access_log": False})
+        serve.start(http_options=http_options(host, port, cfg["timeout_s"], tls_cert, tls_key),
+                    grpc_options=grpc_options(grpc_port, cfg["timeout_s"]),
+                    logging_config={"enable_access_log": False, "log_level": "WARNING"})
         log(f"scc serve: deploying {cfg['model']} {cfg['defense']} on {cfg['backend']} "
-            f"({cfg['replicas']} replica(s), buckets up to {cfg['max_batch']})")
-        serve.run(build_app(cfg), name="scc", route_prefix="/", blocking=False)
-        url = f"http://{host}:{port}"
+            f"({cfg['replicas']} model replica(s), buckets up to {cfg['max_batch']}, "
+            f"draws {'replayed from client seeds/keys' if cfg['replay_draws'] else 'fresh per request'})")
+        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", blocking=False)
+        deployed = True
+        scheme = "https" if tls_cert else "http"
+        url = f"{scheme}://{host}:{port}"
         if remote:
-            log(f"scc serve: deployed onto {address} (application 'scc'; HTTP per the cluster's proxy)")
+            log(f"scc serve: deployed onto {address} (application '{APP_NAME}'; HTTP per the cluster's proxy)")
             return 0
         waited = wait_ready(url, timeout=600)
-        log(f"scc serve: ready on {url} after {time.perf_counter() - started:.1f} s "
-            f"(readyz {waited:.1f} s); Ctrl-C stops")
+        log(f"scc serve: ready on {url}" + (f" and gRPC {host}:{grpc_port}" if grpc_port else "") +
+            f" after {time.perf_counter() - started:.1f} s (readyz {waited:.1f} s); Ctrl-C stops")
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -243,8 +372,9 @@ def run(cfg: Mapping, host: str = "127.0.0.1", port: int = 8000, address: str | 
     finally:
         if not remote:
             try:
-                serve.shutdown()
+                if deployed:
+                    serve.delete(APP_NAME)  # replicas drain their requests and stop
             finally:
+                # not serve.shutdown(): its controller kills itself under its own graceful_shutdown task, which Ray
+                # reports as a failed task; ray.shutdown() stops the controller and proxy of this local Ray anyway
                 ray.shutdown()
-
-

@@ -1,34 +1,70 @@
-"""A minimal HTTP client of `scc serve` (standard library only): keep-alive requests, JSON GETs, readiness.
+"""A minimal client of `scc serve` (standard library; gRPC with grpcio): keep-alive HTTP(S) requests, JSON GETs,
+multipart bodies, readiness, and the gRPC Classify call.
 
-    client = Client("http://127.0.0.1:8000"); status, body = client.request("POST", "/v1/classify", png, headers)
-    info = get_json(url, "/v1/info");  wait_ready(url, timeout=120)
+    client = Client("https://127.0.0.1:8000", cafile="cert.pem", token=token)
+    status, body = client.request("POST", "/v1/classify", png, {"Content-Type": "image/png"})
+    ctype, body = multipart([("image", "a.png", png_a), ("image", "b.png", png_b)])
+    info = get_json(url, "/v1/info", token=token);  wait_ready(url, timeout=120)
 """
 from __future__ import annotations
 
 import http.client
 import json
+import ssl
 import time
 import urllib.parse
 
 from ..errors import SccError
 
 
-class Client:
-    """One keep-alive HTTP connection (per thread)."""
+def ssl_context(cafile: str | None = None, verify: bool = True) -> ssl.SSLContext:
+    """TLS for an https URL: verified against `cafile` (a self-signed server certificate is its own CA), or the
+    system's CAs; `verify=False` only for a server's probe of itself."""
+    if not verify:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        return ctx
+    return ssl.create_default_context(cafile=cafile)
 
-    def __init__(self, url: str, timeout: float = 60.0):
+
+def multipart(parts: list[tuple[str, str, bytes]], boundary: str = "scc-boundary-7d1f0c") -> tuple[str, bytes]:
+    """[(field, filename, bytes)] -> (Content-Type, multipart/form-data body)."""
+    chunks = []
+    for name, filename, data in parts:
+        chunks += [(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
+                    f"Content-Type: application/octet-stream\r\n\r\n").encode(), data, b"\r\n"]
+    return f"multipart/form-data; boundary={boundary}", b"".join(chunks) + f"--{boundary}--\r\n".encode()
+
+
+class Client:
+    """One keep-alive HTTP(S) connection (per thread); `token` adds `Authorization: Bearer <token>`."""
+
+    def __init__(self, url: str, timeout: float = 60.0, cafile: str | None = None, token: str | None = None,
+                 verify: bool = True):
         u = urllib.parse.urlsplit(url)
-        self.host, self.port, self.prefix, self.timeout = u.hostname, u.port or 80, u.path.rstrip("/"), timeout
+        self.https = u.scheme == "https"
+        self.host, self.prefix, self.timeout = u.hostname, u.path.rstrip("/"), timeout
+        self.port = u.port or (443 if self.https else 80)
+        self.context = ssl_context(cafile, verify) if self.https else None
+        self.auth = {"Authorization": f"Bearer {token}"} if token else {}
         self.conn = None
 
-    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+    def _connect(self):
+        if self.https:
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
+                with_headers: bool = False):
+        """(status, body bytes), or (status, body, response headers) with `with_headers`."""
         for attempt in range(2):  # one reconnect when the server closed an idle keep-alive connection
             if self.conn is None:
-                self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+                self.conn = self._connect()
             try:
-                self.conn.request(method, self.prefix + path, body=body, headers=headers or {})
+                self.conn.request(method, self.prefix + path, body=body, headers={**self.auth, **(headers or {})})
                 r = self.conn.getresponse()
-                return r.status, r.read()
+                data = r.read()
+                return (r.status, data, dict(r.getheaders())) if with_headers else (r.status, data)
             except (ConnectionError, http.client.HTTPException, OSError):
                 self.conn.close()
                 self.conn = None
@@ -41,8 +77,8 @@ class Client:
             self.conn.close()
 
 
-def get_json(url: str, path: str) -> dict:
-    c = Client(url, timeout=30)
+def get_json(url: str, path: str, cafile: str | None = None, token: str | None = None) -> dict:
+    c = Client(url, timeout=30, cafile=cafile, token=token)
     try:
         status, body = c.request("GET", path)
     finally:
@@ -52,19 +88,49 @@ def get_json(url: str, path: str) -> dict:
     return json.loads(body)
 
 
-def wait_ready(url: str, timeout: float = 120.0) -> float:
-    """Poll GET url/readyz until 200 (bounded); returns the seconds waited."""
-    import urllib.error
-    import urllib.request
-
+def wait_ready(url: str, timeout: float = 120.0, cafile: str | None = None, verify: bool = False) -> float:
+    """Poll GET url/readyz until 200 (bounded); returns the seconds waited. TLS is not verified by default: this
+    probes a server we started ourselves."""
     start = time.perf_counter()
     while True:
+        c = Client(url, timeout=5, cafile=cafile, verify=verify)
         try:
-            with urllib.request.urlopen(url.rstrip("/") + "/readyz", timeout=5) as r:
-                if r.status == 200:
-                    return time.perf_counter() - start
-        except (urllib.error.URLError, ConnectionError, OSError):
+            if c.request("GET", "/readyz")[0] == 200:
+                return time.perf_counter() - start
+        except (ConnectionError, http.client.HTTPException, OSError):
             pass
+        finally:
+            c.close()
         if time.perf_counter() - start > timeout:
             raise SccError(f"{url} not ready after {timeout:.0f} s")
         time.sleep(0.25)
+
+
+class GrpcClient:
+    """The gRPC Classify call of a server started with --grpc-port: classify([(name, bytes, key)]) ->
+    (status code name, parsed JSON answer or the error details, trailing metadata)."""
+
+    def __init__(self, target: str, token: str | None = None, timeout: float = 60.0):
+        import grpc
+
+        from .grpc_api import classify_call
+
+        self.grpc = grpc
+        self.channel = grpc.insecure_channel(target)
+        self.call = classify_call(self.channel)
+        self.metadata = [("application", "scc")] + ([("authorization", f"Bearer {token}")] if token else [])
+        self.timeout = timeout
+
+    def classify(self, images: list[tuple[str, bytes, str]], top_k: int = 0, seed: str = ""):
+        from .grpc_api import ClassifyRequest, Image
+
+        request = ClassifyRequest(images=[Image(name=n, data=d, key=k) for n, d, k in images], top_k=top_k,
+                                  seed=seed)
+        try:
+            reply, call = self.call.with_call(request, metadata=self.metadata, timeout=self.timeout)
+            return "OK", json.loads(reply.json), dict(call.trailing_metadata() or ())
+        except self.grpc.RpcError as err:
+            return err.code().name, err.details(), dict(err.trailing_metadata() or ())
+
+    def close(self):
+        self.channel.close()

@@ -1,17 +1,21 @@
-"""`scc loadtest`: closed-loop load test of a running `scc serve`, beside the in-process runner.
+"""`scc loadtest`: load test of a running `scc serve`, beside the in-process runner.
 
-    scc loadtest --url http://127.0.0.1:8000 --images digits --concurrency 1,4,16,64 --requests 256 \
-        --json benchmarks/results/serve_load.json
+    scc loadtest --url http://127.0.0.1:8000 --images digits --concurrency 1,4,16 --requests 256 \
+        --images-per-request 8 --protocol http|grpc --json benchmarks/results/serve_load.json
+    scc loadtest --duration 600 --rate 20 --concurrency 8 --json soak.json     # soak: steady rate, memory sampled
 
-Per concurrency level C, C threads each keep one request in flight (one image per POST /v1/classify, keep-alive
-connections) until --requests answers or --max-seconds. Reported per level: throughput (images/s), latency
-p50/p95/p99 (ms, client side), the mean engine batch the service formed (from each answer's `batch_size`: a batch
-of b images answers b images, so batches = sum(1/b)), errors by status. Then the same images through the
-in-process batch handler (scc.serve.service.Service, the configuration GET /v1/info reports: model, defense, backend,
-dtype, threads) in chunks of the service's max batch: `overhead_ratio` = service throughput / in-process
-throughput at each level, and with --replicas R also `overhead_ratio_per_replica` = that / R (each replica owns
-one such runner). A PNG plots latency against throughput. Record the load: on a shared machine only ratios
-measured in one run mean anything.
+Closed loop (default): per concurrency level C, C threads each keep one request in flight (N images per request,
+keep-alive connections) until --requests requests or --max-seconds. Open loop (--rate R): requests start R times a
+second on schedule, at most C in flight (a late request starts as soon as a thread is free). --duration S runs one
+level for S seconds whatever --requests says. Reported per level: throughput (images/s), latency p50/p95/p99 (ms,
+client side, per request), the mean engine batch the service formed (from each answer's `batch_size`: a batch of b
+images answers b images, so batches = sum(1/b)), errors by status, 503s with Retry-After. With --sample-s T the
+replicas' resident memory is read from GET /v1/info every T seconds (each answer comes from one model replica and
+the ingress), with its slope per replica (MB/hour, least squares, first 10 % of the run left out as warm-up).
+Then the same images through the in-process batch handler (scc.serve.service.Service, the configuration GET
+/v1/info reports) in chunks of the service's max batch: `overhead_ratio` = service throughput / in-process
+throughput at each level (and / R per replica with --replicas R). A PNG plots latency against throughput, or
+memory against time for a soak. Record the load: on a shared machine only ratios measured in one run mean anything.
 """
 from __future__ import annotations
 
@@ -21,12 +25,24 @@ import json
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import IMAGE_SUFFIXES
 from ..errors import SccError
 from ..timing import percentile
-from .client import Client, get_json
+from .client import Client, GrpcClient, get_json, multipart
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and how to send: the HTTP(S) URL (for /v1/info and HTTP requests), TLS CA, bearer token, gRPC target
+    (host:port, with protocol grpc), replay seed."""
+    url: str
+    cafile: str | None = None
+    token: str | None = None
+    grpc: str | None = None
+    seed: int | None = None
 
 
 def load_images(spec: str, limit: int = 256) -> list[tuple[str, bytes]]:
@@ -54,17 +70,56 @@ def load_images(spec: str, limit: int = 256) -> list[tuple[str, bytes]]:
     return [(p.name, p.read_bytes()) for p in files]
 
 
-def run_level(url: str, images: list[tuple[str, bytes]], concurrency: int, requests: int, max_seconds: float,
-              seed: int | None = None, timeout: float = 60.0) -> dict:
-    """One closed-loop level: `concurrency` threads, `requests` single-image requests in all (or max_seconds)."""
+class Sender:
+    """One thread's connection: send(first image index, n images) -> (status, result dicts, retry_after)."""
+
+    def __init__(self, target: Target, images: list[tuple[str, bytes]], protocol: str, timeout: float):
+        self.target, self.images, self.protocol = target, images, protocol
+        if protocol == "grpc":
+            self.client = GrpcClient(target.grpc, token=target.token, timeout=timeout)
+        else:
+            self.client = Client(target.url, timeout, cafile=target.cafile, token=target.token)
+
+    def send(self, i: int, n: int):
+        picked = [self.images[(i + j) % len(self.images)] for j in range(n)]
+        keys = [str(i + j) for j in range(n)]
+        seed = self.target.seed
+        if self.protocol == "grpc":
+            code, body, trailing = self.client.classify([(name, data, k) for (name, data), k in zip(picked, keys)],
+                                                        seed="" if seed is None else str(seed))
+            status = 200 if code == "OK" else {"UNAVAILABLE": 503, "UNAUTHENTICATED": 401}.get(code, 400)
+            return status, body["results"] if status == 200 else [], trailing.get("retry-after")
+        query = f"?key={','.join(keys)}" + (f"&seed={seed}" if seed is not None else "")
+        if n == 1:
+            name, data = picked[0]
+            ctype = "image/png" if name.endswith(".png") else "application/octet-stream"
+            body = data
+        else:
+            ctype, body = multipart([("image", name, data) for name, data in picked])
+        status, raw, headers = self.client.request("POST", "/v1/classify" + query, body, {"Content-Type": ctype},
+                                                   with_headers=True)
+        retry = {k.lower(): v for k, v in headers.items()}.get("retry-after")
+        return status, json.loads(raw)["results"] if status == 200 else [], retry
+
+    def close(self):
+        self.client.close()
+
+
+def run_level(target: Target, images: list[tuple[str, bytes]], concurrency: int, requests: int, max_seconds: float,
+              images_per_request: int = 1, protocol: str = "http", rate: float | None = None,
+              timeout: float = 60.0, samples: list | None = None) -> dict:
+    """One level: `concurrency` threads, `requests` requests of `images_per_request` images (or max_seconds);
+    closed loop, or open loop at `rate` requests/s. Each request is appended to `samples` as
+    (start s from the level's start, latency s, status, images answered, batch sizes, Retry-After)."""
     lock = threading.Lock()
     counter = [0]
-    samples: list[tuple[float, int, int | None]] = []  # (latency s, status, batch size)
+    samples = [] if samples is None else samples
     errors: dict[str, int] = {}
-    deadline = time.perf_counter() + max_seconds
+    t0 = time.perf_counter()
+    deadline = t0 + max_seconds
 
     def worker():
-        client = Client(url, timeout)
+        sender = Sender(target, images, protocol, timeout)
         try:
             while True:
                 with lock:
@@ -72,53 +127,90 @@ def run_level(url: str, images: list[tuple[str, bytes]], concurrency: int, reque
                     if i >= requests or time.perf_counter() > deadline:
                         return
                     counter[0] += 1
-                name, data = images[i % len(images)]
-                query = f"?key={i}" + (f"&seed={seed}" if seed is not None else "")
+                if rate:
+                    wait = t0 + i / rate - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
                 start = time.perf_counter()
                 try:
-                    status, body = client.request("POST", "/v1/classify" + query, data,
-                                                  {"Content-Type": "image/png" if name.endswith(".png")
-                                                   else "application/octet-stream"})
-                except (OSError, http.client.HTTPException) as err:
+                    status, results, retry = sender.send(i * images_per_request, images_per_request)
+                except (OSError, http.client.HTTPException, ValueError) as err:
                     with lock:
                         errors[type(err).__name__] = errors.get(type(err).__name__, 0) + 1
                     continue
                 latency = time.perf_counter() - start
-                batch = None
-                if status == 200:
-                    res = json.loads(body)["results"][0]
-                    batch = res.get("batch_size")
-                    if "error" in res:
-                        status = 0
+                good = [r for r in results if "error" not in r]
+                if status == 200 and len(good) < len(results):
+                    status = 0  # an image of the answer carries an error
                 with lock:
-                    samples.append((latency, status, batch))
+                    samples.append((round(start - t0, 4), latency, status, len(good),
+                                    [r.get("batch_size") for r in good], retry))
                     if status != 200:
                         errors[str(status)] = errors.get(str(status), 0) + 1
         finally:
-            client.close()
+            sender.close()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join(max_seconds + timeout + 5)
-    wall = time.perf_counter() - start
-    ok = [s for s in samples if s[1] == 200]
-    lat = [s[0] * 1e3 for s in ok]
-    batches = [s[2] for s in ok if s[2]]
-    return {"concurrency": concurrency, "requests": len(samples) + sum(v for k, v in errors.items()
-                                                                        if not k.isdigit()),
-            "ok": len(ok), "errors": errors, "error_count": sum(errors.values()), "seconds": round(wall, 3),
-            "throughput_images_s": round(len(ok) / wall, 3) if wall > 0 else None,
+    wall = time.perf_counter() - t0
+    ok = [s for s in samples if s[2] == 200]
+    lat = [s[1] * 1e3 for s in ok]
+    batches = [b for s in ok for b in s[4] if b]
+    answered = sum(s[3] for s in ok)
+    return {"concurrency": concurrency, "images_per_request": images_per_request, "protocol": protocol,
+            "rate": rate, "requests": len(samples) + sum(v for k, v in errors.items() if not k.isdigit()),
+            "ok": len(ok), "errors": errors, "error_count": sum(errors.values()),
+            "retryable_503": sum(1 for s in samples if s[2] == 503 and s[5] is not None),
+            "seconds": round(wall, 3), "images": answered,
+            "throughput_images_s": round(answered / wall, 3) if wall > 0 else None,
             "latency_ms": {q: round(percentile(lat, p), 2) for q, p in (("p50", .5), ("p95", .95), ("p99", .99))}
             if lat else None,
             "mean_batch_size": round(len(batches) / sum(1 / b for b in batches), 3) if batches else None,
             "stopped_by_time": len(samples) < requests}
 
 
+def sample_memory(target: Target, seconds: float, every: float, out: list, stop: threading.Event) -> None:
+    """Every `every` s until `stop` or `seconds`: (t, model replica pid, its RSS MB, ingress pid, its RSS MB)."""
+    t0 = time.perf_counter()
+    while not stop.is_set() and time.perf_counter() - t0 < seconds:
+        try:
+            info = get_json(target.url, "/v1/info", cafile=target.cafile, token=target.token)
+            out.append((round(time.perf_counter() - t0, 2), info["replica"]["pid"], info["replica"]["rss_mb"],
+                        info["ingress"]["pid"], info["ingress"]["rss_mb"]))
+        except (SccError, OSError, KeyError, ValueError):
+            pass
+        stop.wait(every)
+
+
+def memory_report(rows: list) -> dict:
+    """Per process (model replicas by pid, the ingress): samples, first/last/max RSS and its slope in MB/hour over
+    the run after its first 10 % (imports and first batches)."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for t, pid, rss, ipid, irss in rows:
+        series.setdefault(f"model:{pid}", []).append((t, rss))
+        series.setdefault(f"ingress:{ipid}", []).append((t, irss))
+    out = {}
+    for name, pts in series.items():
+        pts = [(t, m) for t, m in pts if m is not None]
+        if not pts:
+            continue
+        end = pts[-1][0]
+        fit = [(t, m) for t, m in pts if t >= 0.1 * end] or pts
+        n = len(fit)
+        mt, mm = sum(t for t, _ in fit) / n, sum(m for _, m in fit) / n
+        var = sum((t - mt) ** 2 for t, _ in fit)
+        slope = sum((t - mt) * (m - mm) for t, m in fit) / var * 3600 if var > 0 else None
+        out[name] = {"samples": len(pts), "first_mb": pts[0][1], "last_mb": pts[-1][1],
+                     "max_mb": max(m for _, m in pts), "slope_mb_per_hour": None if slope is None else round(slope, 2),
+                     "series": [[t, m] for t, m in pts]}
+    return out
+
+
 def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_seconds: float,
-               compile_cache: str | None = None) -> dict:
+               compile_cache: str | None = None, cache_key_file: str | None = None) -> dict:
     """The same images through scc.serve.service.Service in this process (the service's configuration and threads), in
     chunks of its max batch: images/s of the batch handler alone (no HTTP, no Ray, no decoding)."""
     import torch
@@ -130,12 +222,12 @@ def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_s
     cfg = service_config(model=info["model"], pretrained=info.get("pretrained"), labels=info["labels"],
                          defense=info["defense"], backend=info["backend"], dtype=info["dtype"],
                          device=info.get("device", "cpu"), max_batch=info["max_batch"], threads=threads,
-                         compile_cache=compile_cache)
+                         compile_cache=compile_cache, cache_key_file=cache_key_file)
     start = time.perf_counter()
     service = Service(cfg)
     start_s = time.perf_counter() - start
     size, bs = service.classifier.image_size, service.max_batch
-    xs = [decode_image(data, size, cfg["max_pixels"], name) for name, data in images]
+    xs = [decode_image(data, size, service.limits.max_pixels, name) for name, data in images]
     done, seconds = 0, 0.0
     deadline = time.perf_counter() + max_seconds
     while done < requests and time.perf_counter() < deadline:
@@ -155,6 +247,23 @@ def plot(report: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    s = report["service"]
+    title = (f"scc serve: {s['model']} {s['defense']} {s['backend']} x{report.get('replicas', '?')} replicas, "
+             f"{report['levels'][0]['images_per_request']} image(s)/request, {report['levels'][0]['protocol']}")
+    if report.get("memory"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for name, m in sorted(report["memory"].items()):
+            ts, ms = zip(*m["series"])
+            ax.plot(ts, ms, ".-", ms=3, label=f"{name} ({m['slope_mb_per_hour']} MB/h)")
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("resident memory (MB)")
+        ax.set_title(title + f"\nsoak at {report['levels'][0]['rate']} requests/s", fontsize=8)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=.3)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     rows = [r for r in report["levels"] if r["latency_ms"]]
     fig, ax = plt.subplots(figsize=(6, 4))
     for q, style in (("p50", "o-"), ("p95", "s--"), ("p99", "^:")):
@@ -166,12 +275,11 @@ def plot(report: dict, path: str) -> None:
     if ref:
         ax.axvline(ref["throughput_images_s"], color="gray", lw=1,
                    label=f"in-process runner, batch {ref['batch_size']}")
-    s = report["service"]
+        ax.axvline(0.7 * ref["throughput_images_s"], color="gray", lw=1, ls=":", label="70 % of it")
     ax.set_xlabel("throughput (images/s)")
-    ax.set_ylabel("latency (ms, client side)")
+    ax.set_ylabel("latency per request (ms, client side)")
     ax.set_yscale("log")
-    ax.set_title(f"scc serve: {s['model']} {s['defense']} {s['backend']} x{report.get('replicas', '?')} replicas",
-                 fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=.3)
     fig.tight_layout()
@@ -179,31 +287,58 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
-def loadtest(url: str, images: str = "digits", levels: list[int] = (1, 4, 16, 64), requests: int = 256,
-             max_seconds: float = 120.0, seed: int | None = None, replicas: int | None = None,
-             with_in_process: bool = True, compile_cache: str | None = None, log=print) -> dict:
-    """Every concurrency level against the service at `url`, then the in-process reference; the JSON report."""
+def loadtest(target: Target, images: str = "digits", levels: list[int] = (1, 4, 16, 64), requests: int = 256,
+             max_seconds: float = 120.0, replicas: int | None = None, with_in_process: bool = True,
+             compile_cache: str | None = None, cache_key_file: str | None = None, images_per_request: int = 1,
+             protocol: str = "http", rate: float | None = None, duration: float | None = None,
+             sample_s: float | None = None, log=print) -> dict:
+    """Every level against the service at `target`, then the in-process reference; the JSON report."""
     from ..provenance import hardware, versions
 
-    info = get_json(url, "/v1/info")
+    info = get_json(target.url, "/v1/info", cafile=target.cafile, token=target.token)
     spec = images
-    images = load_images(spec, limit=max(requests, 1))
-    if seed is not None and not info.get("client_seeds", False):
-        raise SccError(f"{url} refuses client-chosen seeds: drop --seed, or restart it with --client-seeds")
+    images = load_images(spec, limit=max(min(requests, 1024), images_per_request))
+    if target.seed is not None and info.get("draws") != "replay":
+        raise SccError(f"{target.url} refuses client-chosen seeds: drop --seed, or restart it with --replay-draws")
+    if images_per_request > info.get("limits", {}).get("max_images", images_per_request):
+        raise SccError(f"--images-per-request {images_per_request} exceeds the server's max_images "
+                       f"{info['limits']['max_images']}")
+    if protocol == "grpc" and not target.grpc:
+        raise SccError("--protocol grpc needs --grpc HOST:PORT (the server's --grpc-port)")
+    if duration:
+        requests, max_seconds = 10 ** 9, duration
     load_before = os.getloadavg()
-    run_level(url, images, 1, min(4, requests), 30, seed)  # connections and caches, not reported
-    report = {"url": url, "service": {k: info.get(k) for k in ("model", "defense", "backend", "dtype", "max_batch",
-                                                                 "batch_wait_ms", "threads", "buckets", "device")},
-              "replicas": replicas, "images": spec, "requests_per_level": requests, "levels": []}
-    for c in levels:
-        row = run_level(url, images, c, requests, max_seconds, seed)
-        report["levels"].append(row)
-        lat = row["latency_ms"] or {}
-        log(f"c={c:3d}  {row['throughput_images_s'] or 0:8.1f} img/s  p50 {lat.get('p50', float('nan')):8.1f} ms  "
-            f"p95 {lat.get('p95', float('nan')):8.1f}  p99 {lat.get('p99', float('nan')):8.1f}  "
-            f"batch {row['mean_batch_size']}  errors {row['error_count']}")
+    run_level(target, images, 1, min(4, requests), 30, images_per_request, protocol)  # connections, not reported
+    report = {"url": target.url, "service": {k: info.get(k) for k in ("model", "defense", "backend", "dtype",
+                                                                        "max_batch", "batch_wait_ms", "threads",
+                                                                        "buckets", "device", "draws")},
+              "replicas": replicas, "images": spec, "requests_per_level": None if duration else requests,
+              "duration_s": duration, "levels": []}
+    memory_rows: list = []
+    stop = threading.Event()
+    sampler = None
+    if sample_s:
+        sampler = threading.Thread(target=sample_memory, args=(target, max_seconds * len(levels) + 60, sample_s,
+                                                               memory_rows, stop), daemon=True)
+        sampler.start()
+    try:
+        for c in levels:
+            row = run_level(target, images, c, requests, max_seconds, images_per_request, protocol, rate)
+            report["levels"].append(row)
+            lat = row["latency_ms"] or {}
+            log(f"c={c:3d}  {row['throughput_images_s'] or 0:8.1f} img/s  p50 {lat.get('p50', float('nan')):8.1f} ms"
+                f"  p95 {lat.get('p95', float('nan')):8.1f}  p99 {lat.get('p99', float('nan')):8.1f}  "
+                f"batch {row['mean_batch_size']}  errors {row['error_count']}")
+    finally:
+        stop.set()
+        if sampler is not None:
+            sampler.join(30)
+    if memory_rows:
+        report["memory"] = memory_report(memory_rows)
+        log("memory slope (MB/hour): " + ", ".join(f"{k} {v['slope_mb_per_hour']}"
+                                                   for k, v in sorted(report["memory"].items())))
     if with_in_process:
-        ref = in_process(info, images, requests, max_seconds, compile_cache)
+        ref = in_process(info, images, min(requests, 1024), min(max_seconds, 120), compile_cache, cache_key_file)
         report["in_process"] = ref
         for row in report["levels"]:
             row["overhead_ratio"] = round(row["throughput_images_s"] / ref["throughput_images_s"], 3) \

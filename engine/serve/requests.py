@@ -1,9 +1,17 @@
-"""HTTP request parsing for `scc serve`, plain functions tested without Ray: body + query -> `Item`s.
+"""Request parsing for `scc serve`, plain functions tested without Ray: query + body -> `Item`s, with every limit
+checked before the work it bounds.
 
-    items = parse_request(content_type, body, query, size=32, max_pixels=..., max_body_bytes=...)
+    items = parse_request(content_type, body, query, size=32, limits=Limits.for_model(32, max_batch=8))
 
-One `Item` per image; a part that cannot be decoded is an Item with its error (the others still run), a request
-with nothing readable a `RequestError` (4xx with a one-line reason).
+Order of the checks (each refusal one line, a 4xx): body bytes; the query (seed only in replay mode, keys, top_k);
+the multipart structure (part count bounded while splitting); every image's header (format allow-list, width x
+height against the per-image pixel budget) and the request's total pixels against the per-request budget -- all
+before a single pixel is decoded; then decoding. One `Item` per image; a part that cannot be used is an Item with its
+error (the others still run); a request with nothing usable is a `RequestError`.
+
+Budgets are sized to the model: an image is resized to the model's input (S x S) anyway, so by default one image may
+have at most (16 S)^2 pixels and one request 4 (16 S)^2 (S = 224: 12.8 and 51 megapixels); decoding costs time and
+memory in proportion to pixels (PNG ~36 ns/pixel here), not to the bytes sent.
 """
 import io
 import re
@@ -16,10 +24,14 @@ import torch
 from ..errors import SccError
 
 IMAGE_FIELD = "image"
+# decoders a client may reach: common raster formats only (PIL also opens EPS through Ghostscript, PSD, ICO, ...)
+FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+MAX_KEY_CHARS = 200
+MAX_QUERY_VALUES = 1024  # query values in all (keys included)
 
 
 class RequestError(SccError):
-    """A request the service refuses: `status` (4xx/5xx) and a one-line reason."""
+    """A request the service refuses: `status` (4xx) and a one-line reason."""
 
     def __init__(self, status: int, message: str):
         super().__init__(message)
@@ -31,63 +43,40 @@ class Item:
     """One image of a request, on its way to a batch."""
     name: str  # "body" or the multipart part's filename / "image[i]"
     x: torch.Tensor | None = None  # (3, S, S) in [0,1]
-    seed: int | None = None  # the request's seed (None: the service's)
-    key: Hashable | None = None  # the request's key (None: a fresh uuid)
+    seed: int | None = None  # replay mode: the client's seed (None: the service's)
+    key: Hashable | None = None  # the client's key (None: a fresh uuid)
     top_k: int | None = None
     error: str | None = None
     error_kind: str | None = None
+    nonce: str | None = None  # fresh draws: the request's secret, mixed into (service seed, key)
     enqueued: float = field(default_factory=time.perf_counter)
+    deadline: float | None = None  # time.monotonic() after which the replica drops it unanswered
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may cost. `for_model(S, max_batch)` sizes the pixel budgets to the model's input."""
+    max_body_bytes: int = 16 * 2 ** 20
+    max_pixels: int = (16 * 224) ** 2  # one image, from its header, before decoding
+    max_request_pixels: int = 4 * (16 * 224) ** 2  # every image of a request together
+    max_images: int = 64
+    max_top_k: int = 1000
+
+    @classmethod
+    def for_model(cls, size: int, max_body_bytes: int = 16 * 2 ** 20, max_pixels: int | None = None,
+                  max_request_pixels: int | None = None, max_images: int = 64, max_top_k: int = 1000) -> "Limits":
+        per = max_pixels or (16 * size) ** 2
+        return cls(max_body_bytes, per, max_request_pixels or 4 * per, max_images, max_top_k)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Request parsing (plain functions)
+# Query
 # ----------------------------------------------------------------------------------------------------------
-def set_pixel_limit(max_pixels: int) -> None:
-    """PIL's decompression-bomb limit, set explicitly: Image.open warns above it and raises above twice it; we
-    refuse anything above it before decoding (decode_image)."""
-    from PIL import Image
-
-    Image.MAX_IMAGE_PIXELS = int(max_pixels)
-
-
-def decode_image(data: bytes, size: int, max_pixels: int, name: str = "image") -> torch.Tensor:
-    """Encoded image bytes -> (3, size, size) in [0,1] (scc.data's preprocessing); RequestError when unusable."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    from ..data import pil_to_tensor, resize_center_crop
-
-    if not data:
-        raise RequestError(400, f"{name}: empty image")
-    set_pixel_limit(max_pixels)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size  # from the header: nothing decoded yet
-                if w * h > max_pixels:
-                    raise RequestError(413, f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels}")
-                if w < 1 or h < 1:
-                    raise RequestError(400, f"{name}: empty image ({w}x{h})")
-                img.load()
-                x = pil_to_tensor(img)
-    except RequestError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise RequestError(413, f"{name}: image exceeds the limit of {max_pixels} pixels (PIL: {err})") from err
-    except UnidentifiedImageError as err:
-        raise RequestError(400, f"{name}: not a readable image (unknown or corrupt image format)") from err
-    except (OSError, SyntaxError, ValueError, EOFError) as err:
-        raise RequestError(400, f"{name}: not a readable image ({type(err).__name__}: {err})") from err
-    return resize_center_crop(x[None], size)[0]
-
-
 def parse_key(text: str) -> Hashable:
     """A key from a query string: decimal integers are ints (like a dataset index), anything else a string."""
     text = text.strip()
-    if not text or len(text) > 200:
-        raise RequestError(400, f"key must be 1-200 characters, got {len(text)}")
+    if not text or len(text) > MAX_KEY_CHARS:
+        raise RequestError(400, f"key must be 1-{MAX_KEY_CHARS} characters, got {len(text)}")
     return int(text) if re.fullmatch(r"-?\d{1,18}", text) else text
 
 
@@ -103,86 +92,213 @@ def _int_query(query: Mapping[str, Sequence[str]], name: str, lo: int, hi: int, 
     value = _one(query, name)
     if value is None:
         return None
-    try:
-        value = int(value)
-    except ValueError:
-        raise RequestError(400, f"{name} must be an integer, got {value!r}") from None
-    if not lo <= value <= hi:
-        raise RequestError(400, f"{name} must lie in {shown}, got {value}")
-    return value
+    text = value.strip()
+    if not re.fullmatch(r"[+-]?\d{1,30}", text):
+        raise RequestError(400, f"{name} must be an integer, got {value[:40]!r}")
+    number = int(text)
+    if not lo <= number <= hi:
+        raise RequestError(400, f"{name} must lie in {shown}, got {text[:40]}")
+    return number
 
 
-def parse_query(query: Mapping[str, Sequence[str]], max_top_k: int,
-                client_seeds: bool = True) -> tuple[int | None, list | None, int | None]:
-    """(seed, keys or None, top_k) from the query parameters (each name -> its list of values). A `seed` is
-    refused (403) unless the server lets clients choose seeds: whoever picks the seed knows every draw."""
-    if query.get("seed") and not client_seeds:
-        raise RequestError(403, "this server keeps its draws secret and refuses client-chosen seeds (a known seed "
-                                "is a known-draws attack); drop ?seed=, or start it with --client-seeds for "
-                                "reproducible answers")
+QUERY_NAMES = ("seed", "key", "top_k", "timeout_ms")
+
+
+def parse_query(query: Mapping[str, Sequence[str]], max_top_k: int, replay: bool = True,
+                max_keys: int = 64) -> tuple[int | None, list | None, int | None]:
+    """(seed, keys or None, top_k) from the query parameters (each name -> its list of values; timeout_ms is the
+    front door's). A `seed` is refused (403) unless the server replays client draws: whoever picks the seed knows
+    every draw. Unknown parameters are refused (400), so a misspelt one is not silently ignored."""
+    unknown = sorted(set(query) - set(QUERY_NAMES))
+    if unknown:
+        raise RequestError(400, f"unknown query parameter(s) {[u[:40] for u in unknown[:5]]}; known: "
+                                f"{', '.join(QUERY_NAMES)}")
+    if sum(len(v) for v in query.values()) > MAX_QUERY_VALUES:
+        raise RequestError(400, f"more than {MAX_QUERY_VALUES} query values")
+    if query.get("seed") and not replay:
+        raise RequestError(403, "this server draws fresh randomness for every request and refuses client-chosen "
+                                "seeds (a known seed is a known-draws attack); drop ?seed=, or start the server "
+                                "with --replay-draws for reproducible answers")
     seed = _int_query(query, "seed", 0, 2 ** 63 - 1, "[0, 2**63)")
     keys = None
     if query.get("key"):
-        keys = [parse_key(k) for v in query["key"] for k in v.split(",")]
+        raw = [k for v in query["key"] for k in v.split(",")]
+        if len(raw) > max_keys:
+            raise RequestError(400, f"{len(raw)} keys exceed the limit of {max_keys} (one per image)")
+        keys = [parse_key(k) for k in raw]
     top_k = _int_query(query, "top_k", 1, max_top_k, f"1..{max_top_k}")
     return seed, keys, top_k
 
 
-def parse_multipart(content_type: str, body: bytes) -> list[tuple[str, str | None, bytes]]:
-    """multipart/form-data -> [(field name, filename, bytes)] with the standard library's MIME parser."""
-    from email.parser import BytesParser
-    from email.policy import HTTP
+# ----------------------------------------------------------------------------------------------------------
+# Body
+# ----------------------------------------------------------------------------------------------------------
+_PARAM = re.compile(r';\s*([A-Za-z0-9_*-]+)\s*=\s*(?:"((?:[^"\\]|\\.)*)"|([^;\s]*))')
 
-    if "boundary=" not in content_type:
-        raise RequestError(400, "multipart body without a boundary in its Content-Type")
-    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not msg.is_multipart():
-        raise RequestError(400, "malformed multipart body")
+
+def _params(header_value: str) -> dict[str, str]:
+    return {m.group(1).lower(): m.group(2) if m.group(2) is not None else m.group(3)
+            for m in _PARAM.finditer(header_value)}
+
+
+def split_multipart(content_type: str, body: bytes, max_parts: int) -> list[tuple[str, str | None, bytes]]:
+    """multipart/form-data -> [(field name, filename, bytes)] in one linear pass; more than `max_parts` parts is a
+    413 as soon as the next one starts (a body of a million empty parts costs microseconds, not a parser's time)."""
+    boundary = _params(content_type).get("boundary")
+    if not boundary or len(boundary) > 70:
+        raise RequestError(400, "multipart body without a valid boundary (1-70 characters) in its Content-Type")
+    delimiter = b"--" + boundary.encode("latin-1", "replace")
+    pos = body.find(delimiter)
+    if pos < 0:
+        raise RequestError(400, "malformed multipart body: no boundary line")
     parts = []
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        payload = part.get_payload(decode=True)
-        parts.append((name or "", part.get_filename(), payload if isinstance(payload, bytes) else b""))
-    return parts
+    while True:
+        pos += len(delimiter)
+        if body[pos:pos + 2] == b"--":
+            return parts
+        eol = body.find(b"\r\n", pos)
+        if eol < 0:
+            raise RequestError(400, "malformed multipart body: a boundary line without its line end")
+        start = eol + 2
+        end = body.find(b"\r\n" + delimiter, start)
+        if end < 0:
+            raise RequestError(400, "malformed multipart body: no closing boundary")
+        if len(parts) >= max_parts:
+            raise RequestError(413, f"more than {max_parts} multipart parts")
+        head, sep, data = body[start:end].partition(b"\r\n\r\n")
+        if not sep:  # a part without headers starts with its blank line
+            head, data = b"", body[start:end][2:] if body[start:end].startswith(b"\r\n") else body[start:end]
+        name, filename = "", None
+        for line in head.split(b"\r\n"):
+            hname, _, value = line.decode("latin-1").partition(":")
+            if hname.strip().lower() == "content-disposition":
+                params = _params(value)
+                name, filename = params.get("name", ""), params.get("filename")
+        parts.append((name, filename, data))
+        pos = end + 2
 
 
-def parse_request(content_type: str | None, body: bytes, query: Mapping[str, Sequence[str]], size: int,
-                  max_pixels: int, max_body_bytes: int, max_images: int = 64, max_top_k: int = 1000,
-                  client_seeds: bool = True) -> list[Item]:
-    """An HTTP request -> its Items (one per image, in order). RequestError (4xx) when the request as a whole is
-    unusable: too large, no body, an unsupported type, bad query, or not one readable image."""
-    if len(body) > max_body_bytes:
-        raise RequestError(413, f"body of {len(body)} bytes exceeds the limit of {max_body_bytes}")
+def image_parts(content_type: str | None, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
+    """The request's images as [(name, encoded bytes)]: the whole body, or the `image` parts of a form."""
     if not body:
         raise RequestError(400, "empty body: send one image (Content-Type image/*) or a multipart form with "
                                 f"'{IMAGE_FIELD}' parts")
-    seed, keys, top_k = parse_query(query, max_top_k, client_seeds)
     ctype = (content_type or "application/octet-stream").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         parts = [(filename or f"{IMAGE_FIELD}[{i}]", data)
-                 for i, (name, filename, data) in enumerate(p for p in parse_multipart(content_type, body)
+                 for i, (name, filename, data) in enumerate(p for p in split_multipart(content_type, body,
+                                                                                      max_images + 8)
                                                             if p[0] == IMAGE_FIELD)]
         if not parts:
             raise RequestError(400, f"multipart body has no '{IMAGE_FIELD}' part")
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
         parts = [("body", body)]
     else:
-        raise RequestError(415, f"unsupported Content-Type {ctype!r}: send image/*, application/octet-stream or "
-                                "multipart/form-data")
-    if len(parts) > max_images:
-        raise RequestError(413, f"{len(parts)} images in one request exceed the limit of {max_images}")
+        raise RequestError(415, f"unsupported Content-Type {ctype[:60]!r}: send image/*, application/octet-stream "
+                                "or multipart/form-data")
+    return parts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Images
+# ----------------------------------------------------------------------------------------------------------
+def _open(data: bytes, name: str, max_pixels: int):
+    """PIL image with only its header read (nothing decoded), within the format allow-list and the pixel budget."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    if not data:
+        raise RequestError(400, f"{name}: empty image")
+    Image.MAX_IMAGE_PIXELS = None  # our budget, checked below from the header, replaces PIL's warning/bomb limit
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            w, h = img.size
+    except UnidentifiedImageError as err:
+        raise RequestError(400, f"{name}: not a readable image (unknown or corrupt image format; accepted: "
+                                f"{', '.join(FORMATS)})") from err
+    except Exception as err:  # hostile bytes reach PIL's parsers, which raise many kinds: all mean "unreadable"
+        raise RequestError(400, f"{name}: not a readable image ({type(err).__name__}: {str(err)[:120]})") from err
+    if w < 1 or h < 1:
+        raise RequestError(400, f"{name}: empty image ({w}x{h})")
+    if w * h > max_pixels:
+        raise RequestError(413, f"{name}: {w}x{h} = {w * h} pixels exceed the per-image limit of {max_pixels}")
+    return img
+
+
+def image_pixels(data: bytes, name: str, max_pixels: int) -> int:
+    """width x height from the image's header (RequestError 400/413 when unreadable or over the budget)."""
+    with _open(data, name, max_pixels) as img:
+        return img.size[0] * img.size[1]
+
+
+def decode_image(data: bytes, size: int, max_pixels: int, name: str = "image") -> torch.Tensor:
+    """Encoded image bytes -> (3, size, size) in [0,1] (scc.data's preprocessing; the first frame of an animated
+    image); RequestError when unusable or over the per-image pixel budget (checked from the header first)."""
+    import warnings
+
+    from ..data import pil_to_tensor, resize_center_crop
+
+    try:
+        with _open(data, name, max_pixels) as img, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+            x = pil_to_tensor(img)
+    except RequestError:
+        raise
+    except Exception as err:  # as in _open: any decoder failure on client bytes is "unreadable", never a 500
+        raise RequestError(400, f"{name}: not a readable image ({type(err).__name__}: {str(err)[:120]})") from err
+    if not torch.isfinite(x).all():
+        raise RequestError(400, f"{name}: not a readable image (non-finite pixel values)")
+    return resize_center_crop(x[None], size)[0]
+
+
+def parse_request(content_type: str | None, body: bytes, query: Mapping[str, Sequence[str]], size: int,
+                  limits: Limits | None = None, replay: bool = True) -> list[Item]:
+    """An HTTP request -> its Items (one per image, in order), every budget checked before decoding. RequestError
+    (4xx) when the request as a whole is unusable: too large, no body, an unsupported type, a bad query, a pixel
+    budget exceeded, or not one readable image."""
+    limits = limits or Limits.for_model(size)
+    if len(body) > limits.max_body_bytes:
+        raise RequestError(413, f"body of {len(body)} bytes exceeds the limit of {limits.max_body_bytes}")
+    seed, keys, top_k = parse_query(query, limits.max_top_k, replay, limits.max_images)
+    return parse_parts(image_parts(content_type, body, limits.max_images), size, limits, seed, keys, top_k)
+
+
+def parse_parts(parts: Sequence[tuple[str, bytes]], size: int, limits: Limits, seed: int | None = None,
+                keys: Sequence[Hashable] | None = None, top_k: int | None = None) -> list[Item]:
+    """[(name, encoded bytes)] -> Items: every header read and both pixel budgets checked, then decoded (the
+    HTTP body and the gRPC message both end here)."""
+    if not parts:
+        raise RequestError(400, "no image in the request")
+    if len(parts) > limits.max_images:
+        raise RequestError(413, f"{len(parts)} images in one request exceed the limit of {limits.max_images}")
     if keys is not None and len(keys) != len(parts):
         raise RequestError(400, f"key: one per image, got {len(keys)} keys for {len(parts)} images")
-    items = []
-    for i, (name, data) in enumerate(parts):
-        item = Item(name=name, seed=seed, key=None if keys is None else keys[i], top_k=top_k)
+    items = [Item(name=name, seed=seed, key=None if keys is None else keys[i], top_k=top_k)
+             for i, (name, _) in enumerate(parts)]
+    pixels = 0
+    for item, (name, data) in zip(items, parts):  # headers only: nothing is decoded before the budgets pass
         try:
-            item.x = decode_image(data, size, max_pixels, name)
+            pixels += image_pixels(data, name, limits.max_pixels)
         except RequestError as err:
             item.error, item.error_kind = str(err), "decode" if err.status == 400 else "too_large"
             if len(parts) == 1:
                 raise
-        items.append(item)
+    if pixels > limits.max_request_pixels:
+        raise RequestError(413, f"{len(parts)} images of {pixels} pixels in all exceed the per-request limit of "
+                                f"{limits.max_request_pixels}; send fewer or smaller images per request")
+    for item, (name, data) in zip(items, parts):
+        if item.error is None:
+            try:
+                item.x = decode_image(data, size, limits.max_pixels, name)
+            except RequestError as err:
+                item.error, item.error_kind = str(err), "decode" if err.status == 400 else "too_large"
+                if len(parts) == 1:
+                    raise
     if all(it.error for it in items):
-        raise RequestError(400, "no readable image: " + "; ".join(it.error for it in items))
+        status = 413 if all(it.error_kind == "too_large" for it in items) else 400
+        raise RequestError(status, "no readable image: " + "; ".join(it.error for it in items))
     return items

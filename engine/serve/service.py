@@ -1,14 +1,18 @@
-"""What one `scc serve` replica owns, plain Python tested without Ray: the backend runner with every bucket warm,
-the batch handler and the continuous-batching queue in front of it.
+"""What one `scc serve` model replica owns, plain Python tested without Ray: the backend runner with every bucket
+warm, the batch handler and the bounded continuous-batching queue in front of it.
 
     service = Service(service_config(model="scc-tiny-digits", defense="scc", backend="compiled"))
     results = service.handle_batch(items)          # Items -> result dicts, in order; a bad item never fails others
-    queue = EngineQueue(service.handle_batch, max_batch=8); await queue.submit(items)
+    queue = EngineQueue(service.handle_batch, max_batch=8, max_queue=64); await queue.submit(items)
 
-Randomness: image b's draws are a function of (seed, key) only (scc.draws.keyed_draws). The service's seed is a
-fresh secret unless `seed` is set; an item's own seed is only honoured where the server allows client seeds.
+Randomness. Image b's draws are a function of (seed, key) only (scc.draws.keyed_draws). By default (fresh draws)
+the seed of an image is derive_seed(replica secret, "fresh:" + nonce), where the nonce is a 128-bit secret drawn for
+each request by the front door: whatever key a client sends, two identical requests get independent draws. With
+`replay_draws` (an explicit server flag) the seed is the client's `?seed=` (or the service's --seed/secret) and the
+answer equals `scc.defend(clf, defense, seed=seed)(x, keys=[key])` on the eager module, whatever batch it was in.
 """
 import asyncio
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -17,54 +21,91 @@ from typing import Mapping, Sequence
 import torch
 
 from ..backends import make_runner
-from ..backends.artifacts import artifact_path, enable_compile_cache, load_compile_artifacts, save_compile_artifacts
+from ..backends.artifacts import (artifact_path, cache_mac_key, enable_compile_cache, load_compile_artifacts,
+                                  save_compile_artifacts)
 from ..batching import padded_chunks, power_of_two_buckets
 from ..defenses import defend, split_label
+from ..draws import derive_seed
 from ..errors import SccError
 from ..models import TINY_NAME, load
 from ..precision import dtype_name, resolve_dtype
 from ..provenance import versions
-from .requests import Item, set_pixel_limit
+from .requests import Item, Limits
 
 DEFAULTS = {
     "model": TINY_NAME, "pretrained": None, "labels": None, "templates": None, "defense": "scc",
-    "backend": "eager", "dtype": "auto", "device": "cpu", "max_batch": 8, "batch_wait_ms": 5.0, "seed": None,
-    "threads": 1, "top_k": 5, "max_body_bytes": 16 * 2 ** 20, "max_pixels": 40_000_000, "max_images": 64,
-    "timeout_s": 30.0, "replicas": 1, "min_replicas": None, "max_replicas": None, "target_ongoing": None,
-    "max_ongoing": None, "compile_cache": None, "client_seeds": False,
+    "backend": "eager", "dtype": "auto", "device": "cpu", "max_batch": 8, "batch_wait_ms": 2.0, "seed": None,
+    "threads": 1, "top_k": 5, "max_body_bytes": 16 * 2 ** 20, "max_pixels": None, "max_request_pixels": None,
+    "max_images": 64, "timeout_s": 30.0, "body_timeout_s": 10.0, "max_queue": 64, "retry_after_s": 1,
+    "decode_threads": 2, "replicas": 1, "ingress_replicas": 1, "min_replicas": None, "max_replicas": None,
+    "target_ongoing": None, "max_ongoing": None, "compile_cache": None, "cache_key_file": None,
+    "replay_draws": False, "token_sha256": None,
 }
+ALIASES = {"client_seeds": "replay_draws"}  # the flag's name before fresh per-request draws became the default
+INTS = ("max_batch", "threads", "top_k", "max_body_bytes", "max_pixels", "max_request_pixels", "max_images",
+        "max_queue", "decode_threads", "replicas", "ingress_replicas", "min_replicas", "max_replicas", "max_ongoing",
+        "seed", "retry_after_s")
+OPTIONAL = ("seed", "min_replicas", "max_replicas", "max_ongoing", "max_pixels", "max_request_pixels")
+BOOLS = ("replay_draws",)
+
+
+def _bool(name: str, value) -> bool:
+    if isinstance(value, str):  # a `serve deploy` YAML may hold strings
+        if value.strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise SccError(f"serve setting {name} must be true or false, got {value!r}")
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
 
 
 def service_config(args: Mapping | None = None, **overrides) -> dict:
     """DEFAULTS updated by `args` (a build_app/`serve deploy` args dict, strings allowed) and overrides, typed."""
-    cfg = {**DEFAULTS, **(args or {}), **overrides}
+    given = {ALIASES.get(k, k): v for k, v in {**(args or {}), **overrides}.items()}
+    cfg = {**DEFAULTS, **given}
     unknown = sorted(set(cfg) - set(DEFAULTS))
     if unknown:
         raise SccError(f"unknown serve setting(s) {unknown}; known: {sorted(DEFAULTS)}")
-    ints = ("max_batch", "threads", "top_k", "max_body_bytes", "max_pixels", "max_images", "replicas", "min_replicas",
-            "max_replicas", "max_ongoing", "seed")
-    for k in ints:
+    for k in INTS:
         if cfg[k] is not None and cfg[k] != "":
             try:
                 cfg[k] = int(cfg[k])
             except (TypeError, ValueError):
                 raise SccError(f"serve setting {k} must be an integer, got {cfg[k]!r}") from None
         else:
-            cfg[k] = None if k in ("seed", "min_replicas", "max_replicas", "max_ongoing") else DEFAULTS[k]
-    for k in ("batch_wait_ms", "timeout_s", "target_ongoing"):
+            cfg[k] = None if k in OPTIONAL else DEFAULTS[k]
+    for k in ("batch_wait_ms", "timeout_s", "body_timeout_s", "target_ongoing"):
         if cfg[k] is not None:
             cfg[k] = float(cfg[k])
-    if isinstance(cfg["client_seeds"], str):  # a `serve deploy` YAML may hold strings
-        if cfg["client_seeds"].strip().lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise SccError(f"serve setting client_seeds must be true or false, got {cfg['client_seeds']!r}")
-        cfg["client_seeds"] = cfg["client_seeds"].strip().lower() in ("true", "1", "yes")
-    cfg["client_seeds"] = bool(cfg["client_seeds"])
+    for k in BOOLS:
+        cfg[k] = _bool(k, cfg[k])
     for k in ("labels", "templates"):
         if isinstance(cfg[k], str):
             cfg[k] = [t.strip() for t in cfg[k].split("|" if k == "templates" else ",")]
-    if cfg["max_batch"] < 1 or cfg["threads"] < 1 or cfg["replicas"] < 1:
-        raise SccError("max_batch, threads and replicas must be positive integers")
+    if cfg["max_batch"] < 1 or cfg["threads"] < 1 or cfg["replicas"] < 1 or cfg["ingress_replicas"] < 1:
+        raise SccError("max_batch, threads, replicas and ingress_replicas must be positive integers")
+    if cfg["max_queue"] < cfg["max_batch"]:
+        raise SccError(f"max_queue ({cfg['max_queue']}) must be at least max_batch ({cfg['max_batch']}): a full "
+                       "batch has to fit in the queue")
+    if cfg["max_images"] > cfg["max_queue"]:
+        raise SccError(f"max_images ({cfg['max_images']}) must not exceed max_queue ({cfg['max_queue']}): a "
+                       "request larger than the queue could never be admitted")
     return cfg
+
+
+def limits_of(cfg: Mapping, image_size: int) -> Limits:
+    """The request limits of a service with this configuration and model input size."""
+    return Limits.for_model(image_size, cfg["max_body_bytes"], cfg["max_pixels"], cfg["max_request_pixels"],
+                            cfg["max_images"])
+
+
+def replica_memory() -> dict:
+    """This process: pid and resident memory (MB, from /proc; None where /proc is absent)."""
+    rss = None
+    try:
+        with open("/proc/self/statm") as f:
+            rss = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 2)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"pid": os.getpid(), "rss_mb": rss}
 
 
 class Service:
@@ -73,15 +114,23 @@ class Service:
     `Service(service_config(model=..., defense=..., backend=...))`; `ready` once every bucket ran."""
 
     def __init__(self, cfg: Mapping, warm: bool = True):
+        import sys
+
         cfg = service_config(cfg)
         self.cfg = cfg
         torch.set_num_threads(cfg["threads"])
-        set_pixel_limit(cfg["max_pixels"])
-        if cfg["compile_cache"]:
-            enable_compile_cache(cfg["compile_cache"])
+        self.artifacts_status = "no cache"
+        cache = cfg["compile_cache"]
+        if cache:
+            try:
+                enable_compile_cache(cache)
+            except SccError as err:  # never load what someone else could have written: compile without the cache
+                print(f"scc serve: not using the compile cache: {err}", file=sys.stderr)
+                self.artifacts_status, cache = f"refused: {err}", None
         start = time.perf_counter()
         self.classifier = load(cfg["model"], cfg["pretrained"], labels=cfg["labels"], templates=cfg["templates"],
                                device=cfg["device"])
+        self.limits = limits_of(cfg, self.classifier.image_size)
         name, preset = split_label(cfg["defense"])
         self.dtype = resolve_dtype(cfg["dtype"], cfg["device"])
         self.defended = defend(self.classifier, name, preset=preset, seed=cfg["seed"])
@@ -93,11 +142,12 @@ class Service:
         else:
             self.buckets = power_of_two_buckets(self.max_batch)
         self.artifacts = None  # the compile-cache artifact file of this exact replica (compiled/triton with a cache)
-        self.artifacts_loaded = False
-        if cfg["compile_cache"] and self.backend in ("compiled", "triton"):
+        self.mac_key = None
+        if cache and self.backend in ("compiled", "triton"):
             self.artifact_key = self.cache_key(dtype_name(self.dtype))
-            self.artifacts = artifact_path(cfg["compile_cache"], self.artifact_key)
-            self.artifacts_loaded = load_compile_artifacts(self.artifacts)
+            self.artifacts = artifact_path(cache, self.artifact_key)
+            self.mac_key = cache_mac_key(cache, cfg["cache_key_file"])
+            self.artifacts_status = load_compile_artifacts(self.artifacts, self.mac_key)
         self.runner = make_runner(self.defended, cfg["backend"], batch_size=self.max_batch, dtype=self.dtype)
         self.pad = self.backend != "eager"  # eager runs any batch size as it is
         self.load_seconds = time.perf_counter() - start
@@ -109,12 +159,20 @@ class Service:
             "config": _jsonable(self.defended.config), "backend": self.backend, "dtype": dtype_name(self.dtype),
             "device": cfg["device"], "buckets": self.buckets, "max_batch": self.max_batch,
             "batch_wait_ms": cfg["batch_wait_ms"], "seed": "secret" if cfg["seed"] is None else cfg["seed"],
-            "threads": cfg["threads"], "client_seeds": cfg["client_seeds"],
-            "limits": {k: cfg[k] for k in ("max_body_bytes", "max_pixels", "max_images", "timeout_s")},
+            "threads": cfg["threads"], "draws": "replay" if cfg["replay_draws"] else "fresh",
+            "client_seeds": cfg["replay_draws"],
+            "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_pixels": self.limits.max_pixels,
+                       "max_request_pixels": self.limits.max_request_pixels, "max_images": self.limits.max_images,
+                       "max_queue": cfg["max_queue"], "timeout_s": cfg["timeout_s"],
+                       "body_timeout_s": cfg["body_timeout_s"]},
         }
         self.stats = {"batches": 0, "images": 0, "errors": 0}
         if warm:
             self.warm_up()
+
+    @property
+    def artifacts_loaded(self) -> bool:
+        return self.artifacts_status == "loaded"
 
     def warm_up(self) -> None:
         """Compile (compiled/triton) and run every bucket once: the first request pays nothing.
@@ -130,7 +188,7 @@ class Service:
             self.handle_batch(items, count=False)
             self.bucket_seconds[b] = time.perf_counter() - start
         if self.artifacts is not None and not self.artifacts_loaded:
-            save_compile_artifacts(self.artifacts, self.artifact_key)
+            save_compile_artifacts(self.artifacts, self.artifact_key, self.mac_key)
         self.ready = True
 
     def cache_key(self, dtype: str) -> dict:
@@ -148,14 +206,23 @@ class Service:
     def info(self) -> dict:
         return {**self.info_static, "ready": self.ready, "load_seconds": round(self.load_seconds, 3),
                 "compile_artifacts": self.artifacts, "compile_artifacts_loaded": self.artifacts_loaded,
+                "compile_artifacts_status": self.artifacts_status,
                 "bucket_warm_seconds": {str(b): round(t, 3) for b, t in self.bucket_seconds.items()},
-                "compile_seconds": self.runner.compile_seconds, "stats": dict(self.stats), "versions": versions()}
+                "compile_seconds": self.runner.compile_seconds, "stats": dict(self.stats),
+                "replica": replica_memory(), "versions": versions()}
+
+    def seed_of(self, item: Item) -> int:
+        """The draws seed of one image: the client's (replay), a fresh one from the request's nonce, or the secret."""
+        if item.seed is not None:
+            return item.seed
+        if item.nonce is not None:
+            return derive_seed(self.defended._secret, "fresh:" + item.nonce)
+        return self.defended._secret
 
     def draws_for(self, items: Sequence[Item]) -> dict[str, torch.Tensor]:
-        """Row b's draws from (item seed or the service's secret, item key): one generator per image."""
+        """Row b's draws from (seed_of(item), item key): one generator per image."""
         d = self.defended
-        per = [d.record.keyed_draws(it.x[None], d.config, d._secret if it.seed is None else it.seed, [it.key])
-               for it in items]
+        per = [d.record.keyed_draws(it.x[None], d.config, self.seed_of(it), [it.key]) for it in items]
         return {k: torch.cat([p[k] for p in per]) for k in per[0]} if per and per[0] else {}
 
     def handle_batch(self, items: Sequence[Item], count: bool = True) -> list[dict]:
@@ -220,39 +287,88 @@ def _jsonable(obj):
     return str(obj)
 
 
+def refusal(item: Item, kind: str, message: str) -> dict:
+    """The result of an image that never reached the engine (kind: overloaded | deadline | cancelled)."""
+    return {"name": item.name, "error": message, "error_kind": kind}
+
+
 class EngineQueue:
-    """Continuous batching in front of one engine: `await queue.submit(items)` -> their results.
+    """Bounded continuous batching in front of one engine: `await queue.submit(items)` -> their results.
 
-    Submitted items wait in one FIFO; one engine call runs at a time (in a worker thread, so the event loop keeps
-    serving HTTP), and each call takes up to max_batch pending items, whoever submitted them. Every submit makes
-    one call after its own items are queued, and the lock is FIFO, so a submit of <= max_batch items is always
-    answered by its own call at the latest."""
+    Submitted items wait in one FIFO of at most `max_queue` images; one drain task runs the engine (in a worker
+    thread, so the event loop keeps serving) on up to max_batch pending items at a time, whoever submitted them,
+    waiting up to `batch_wait_ms` for a fuller batch only when fewer are pending. A submit that would overflow the
+    queue is answered at once ("overloaded"); an item whose deadline (time.monotonic()) passed while it waited is
+    dropped before compute ("deadline"); a cancelled submit (the client went away) takes its items out of the queue.
+    `counts` records each of these."""
 
-    def __init__(self, handle_batch, max_batch: int, on_batch=None):
+    def __init__(self, handle_batch, max_batch: int, max_queue: int | None = None, batch_wait_ms: float = 0.0,
+                 on_batch=None):
         self.handle_batch, self.max_batch, self.on_batch = handle_batch, max_batch, on_batch
+        self.max_queue = max_queue or 8 * max_batch
+        self.batch_wait_s = batch_wait_ms / 1e3
         self.pending: list[tuple[Item, asyncio.Future]] = []
-        self.lock = asyncio.Lock()
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="scc-engine")
+        self.drainer: asyncio.Task | None = None
+        self.more = None  # an asyncio.Event set when items arrive (created on the running loop)
+        self.counts = {"overloaded": 0, "deadline": 0, "cancelled": 0, "computed": 0}
 
     async def submit(self, items: Sequence[Item]) -> list[dict]:
         loop = asyncio.get_running_loop()
+        if len(self.pending) + len(items) > self.max_queue:
+            self.counts["overloaded"] += len(items)
+            msg = (f"overloaded: {len(self.pending)} images queued, a limit of {self.max_queue}; retry after the "
+                   "Retry-After delay")
+            return [refusal(it, "overloaded", msg) for it in items]
         futures = []
         for it in items:
             futures.append(loop.create_future())
             self.pending.append((it, futures[-1]))
-        while any(not f.done() for f in futures):
-            async with self.lock:
-                take, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
-                if not take:
-                    continue
+        if self.more is None:
+            self.more = asyncio.Event()
+        self.more.set()
+        if self.drainer is None or self.drainer.done():
+            self.drainer = asyncio.ensure_future(self._drain())
+        try:
+            return list(await asyncio.gather(*futures))
+        except asyncio.CancelledError:
+            mine = {id(f) for f in futures}
+            before = len(self.pending)
+            self.pending = [(it, f) for it, f in self.pending if id(f) not in mine]
+            self.counts["cancelled"] += before - len(self.pending)
+            raise
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.pending:
+            if len(self.pending) < self.max_batch and self.batch_wait_s > 0:
+                self.more.clear()
                 try:
-                    results = await loop.run_in_executor(self.pool, self.handle_batch, [it for it, _ in take])
-                except Exception as err:  # handle_batch answers per item; this is a last resort
-                    results = [{"name": it.name, "error": f"internal error: {type(err).__name__}: {err}",
-                                "error_kind": "internal"} for it, _ in take]
-                for (_, f), r in zip(take, results):
-                    if not f.done():
-                        f.set_result(r)
-                if self.on_batch is not None:
-                    self.on_batch(results)
-        return [f.result() for f in futures]
+                    await asyncio.wait_for(self.more.wait(), self.batch_wait_s)
+                except asyncio.TimeoutError:
+                    pass
+            take, self.pending = self.pending[:self.max_batch], self.pending[self.max_batch:]
+            now = time.monotonic()
+            live = []
+            for it, f in take:
+                if f.done():  # its submit was cancelled after the batch was taken
+                    continue
+                if it.deadline is not None and now > it.deadline:
+                    self.counts["deadline"] += 1
+                    f.set_result(refusal(it, "deadline", "the request's deadline passed while it was queued; "
+                                                         "retry after the Retry-After delay"))
+                else:
+                    live.append((it, f))
+            if not live:
+                continue
+            try:
+                results = await loop.run_in_executor(self.pool, self.handle_batch, [it for it, _ in live])
+            except Exception as err:  # handle_batch answers per item; this is a last resort
+                results = [{"name": it.name, "error": f"internal error: {type(err).__name__}: {err}",
+                            "error_kind": "internal"} for it, _ in live]
+            self.counts["computed"] += len(live)
+            for (_, f), r in zip(live, results):
+                if not f.done():
+                    f.set_result(r)
+            if self.on_batch is not None:
+                self.on_batch(results)
