@@ -201,7 +201,7 @@ def _ingress_class():
         async def readyz(self):
             """200 once a model replica answers within 2 s (every bucket warm), else 503."""
             deadline = time.monotonic() + 2.0
-            ok = await self.front._call(lambda left: self.model.ready.remote(), deadline)
+            ok = await self.front.within(lambda left: self.model.ready.remote(), deadline)
             body = {"status": "ready" if ok else "not ready", "replicas": _replica_states()}
             return respond(Reply(200, body) if ok else Reply(503, body, {"Retry-After": "1"}))
 
@@ -211,7 +211,7 @@ def _ingress_class():
                 return respond(error_reply(401, "missing or wrong bearer token: send 'Authorization: Bearer "
                                                 "<token>'"))
             deadline = time.monotonic() + self.cfg["timeout_s"]
-            info = await self.front._call(lambda left: self.front.info(), deadline)
+            info = await self.front.within(lambda left: self.front.info(), deadline)
             if info is None:
                 return respond(error_reply(503, "no model replica answered", self.cfg["retry_after_s"]))
             info["replicas"] = _replica_states()

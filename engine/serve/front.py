@@ -168,7 +168,7 @@ class Front:
         self.inflight += 1
         try:
             deadline = start + (budget_s or self.cfg["timeout_s"])
-            model = self.model or await self._call(lambda left: self.static_info(), deadline)
+            model = self.model or await self.within(lambda left: self.static_info(), deadline)
             if model is None:
                 return self.retry_later("no model replica answered within the request's deadline (starting or "
                                         "restarting); retry after the Retry-After delay", "deadline")
@@ -181,7 +181,9 @@ class Front:
             good = [it for it in items if it.error is None]
             for it in good:
                 it.nonce = nonce
-            answers = await self._call(lambda left: self.call_model(good, left), deadline)
+            # the replica gets 90 % of the time left: it drops what cannot start in time and says so, before the
+            # ingress would have to cancel the call
+            answers = await self.within(lambda left: self.call_model(good, 0.9 * left), deadline)
             if answers is None:
                 return self.retry_later(f"no answer within the request's {deadline - start:g} s deadline "
                                         "(replicas busy or restarting); retry after the Retry-After delay",
@@ -202,7 +204,7 @@ class Front:
         finally:
             self.inflight -= 1
 
-    async def _call(self, call: Callable[[float], Awaitable], deadline: float):
+    async def within(self, call: Callable[[float], Awaitable], deadline: float):
         """call(seconds left)'s answer, or None when the deadline passed first. A dead replica is retried (the
         router sends the retry to a live one, or waits for the replacement) with back-off until the deadline."""
         delay = 0.05

@@ -178,6 +178,11 @@ def split_multipart(content_type: str, body: bytes, max_parts: int) -> list[tupl
         pos = end + 2
 
 
+def _shown(name: str) -> str:
+    """A client-chosen part name as it may appear in an answer: printable, one line, at most 100 characters."""
+    return "".join(c if c.isprintable() else "?" for c in name)[:100]
+
+
 def image_parts(content_type: str | None, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
     """The request's images as [(name, encoded bytes)]: the whole body, or the `image` parts of a form."""
     if not body:
@@ -185,7 +190,7 @@ def image_parts(content_type: str | None, body: bytes, max_images: int) -> list[
                                 f"'{IMAGE_FIELD}' parts")
     ctype = (content_type or "application/octet-stream").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
-        parts = [(filename or f"{IMAGE_FIELD}[{i}]", data)
+        parts = [(_shown(filename) if filename else f"{IMAGE_FIELD}[{i}]", data)
                  for i, (name, filename, data) in enumerate(p for p in split_multipart(content_type, body,
                                                                                       max_images + 8)
                                                             if p[0] == IMAGE_FIELD)]
@@ -277,7 +282,7 @@ def parse_parts(parts: Sequence[tuple[str, bytes]], size: int, limits: Limits, s
         raise RequestError(413, f"{len(parts)} images in one request exceed the limit of {limits.max_images}")
     if keys is not None and len(keys) != len(parts):
         raise RequestError(400, f"key: one per image, got {len(keys)} keys for {len(parts)} images")
-    items = [Item(name=name, seed=seed, key=None if keys is None else keys[i], top_k=top_k)
+    items = [Item(name=_shown(name), seed=seed, key=None if keys is None else keys[i], top_k=top_k)
              for i, (name, _) in enumerate(parts)]
     pixels = 0
     for item, (name, data) in zip(items, parts):  # headers only: nothing is decoded before the budgets pass

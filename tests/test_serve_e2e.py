@@ -1,0 +1,390 @@
+"""One real `scc serve` (Ray Serve) on 127.0.0.1 for the whole module, as a stranger would meet it: HTTPS with a
+self-signed certificate made here, a bearer token, gRPC beside HTTP, 2 model replicas in replay mode (so answers can
+be checked against the eager module). Tests run in file order; the replica-kill test comes late, and the last test
+stops the service and checks that nothing is left (processes, ~/.ray, the home folder, alarming log lines)."""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import scc
+from scc.serve.client import Client, GrpcClient, multipart
+from scc.serve.process import LOOPBACK, ServerProcess, free_port
+from scc.serve.requests import decode_image
+
+from test_serve import png_bytes, png_header
+
+pytest.importorskip("ray", reason="Ray Serve is not installed (pip install -e '.[serve]')")
+pytest.importorskip("fastapi", reason="Ray Serve's FastAPI ingress is not installed")
+pytest.importorskip("grpc", reason="grpcio (a Ray Serve dependency) is not installed")
+
+SEED, SIZE, TIMEOUT_S = 42, 32, 8.0
+TOKEN = "e2e-token-" + "7f3a9c1b" * 4
+
+
+def self_signed(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 / localhost and its key (mode 0600), made with `cryptography`."""
+    x509 = pytest.importorskip("cryptography.x509")
+    import datetime
+    import ipaddress
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    os.chmod(key_path, 0o600)
+    return cert_path, key_path
+
+
+def home_snapshot() -> dict:
+    """The names directly under ~ (other jobs on the machine may touch what is inside them) and every entry of
+    ~/.ray with its mtime: what a run could leave in the home folder."""
+    home = Path.home()
+    snap = {p.name: None for p in home.iterdir()}
+    if (home / ".ray").is_dir():
+        snap.update({f".ray/{p.name}": p.stat().st_mtime for p in (home / ".ray").iterdir()})
+    return snap
+
+
+class Service:
+    """The module's service: its process, secrets and clients."""
+
+    def __init__(self, folder: Path):
+        self.cert, key = self_signed(folder)
+        token_file = folder / "token"
+        token_file.write_text(TOKEN + "\n")
+        os.chmod(token_file, 0o600)
+        self.grpc_port = free_port()
+        self.home_before = home_snapshot()
+        self.proc = ServerProcess(
+            ["--defense", "scc", "--backend", "eager", "--replicas", "2", "--replay-draws", "--max-batch", "8",
+             "--max-queue", "48", "--max-images", "16", "--timeout-s", str(TIMEOUT_S), "--body-timeout-s", "2",
+             "--batch-wait-ms", "5", "--token-file", str(token_file), "--tls-cert", str(self.cert), "--tls-key",
+             str(key), "--grpc-port", str(self.grpc_port)], folder / "serve.log", scheme="https")
+        self.url = self.proc.url
+        self.reference = scc.defend(scc.load("scc-tiny-digits"), "scc", seed=SEED)
+        self.killed_pids: list[int] = []
+
+    def client(self, token: str | None = TOKEN, timeout: float = 30) -> Client:
+        return Client(self.url, timeout=timeout, cafile=str(self.cert), token=token)
+
+    def post(self, path: str, body: bytes, ctype: str = "image/png", token: str | None = TOKEN):
+        c = self.client(token)
+        try:
+            status, raw, headers = c.request("POST", path, body, {"Content-Type": ctype}, with_headers=True)
+        finally:
+            c.close()
+        return status, json.loads(raw), {k.lower(): v for k, v in headers.items()}
+
+    def check_like_eager(self, result: dict, png: bytes, key) -> None:
+        """One answer against the eager module with the same seed and key, on the 8-bit pixels the server saw."""
+        labels = self.reference.classifier.labels
+        with torch.no_grad():
+            ref = self.reference(decode_image(png, SIZE, 10 ** 6)[None], keys=[key]).softmax(-1)[0]
+        got = torch.tensor([result["scores"][lab] for lab in labels])
+        assert result["key"] == key and result["index"] == int(ref.argmax()), (result, ref)
+        assert torch.allclose(got, ref, atol=1e-4), (key, got, ref)
+
+
+@pytest.fixture(scope="module")
+def svc(tmp_path_factory):
+    s = Service(tmp_path_factory.mktemp("serve"))
+    s.proc.start()
+    yield s
+    s.proc.stop()
+
+
+@pytest.fixture(scope="module")
+def pngs(digits):
+    return [png_bytes(x) for x in digits[0][:24]]
+
+
+def test_concurrent_good_and_bad_requests_answer_like_the_eager_module(svc, pngs):
+    """Single- and 8-image requests and bad ones, all at once: every good image equals the eager module with the
+    same seed and key, every bad request gets its 4xx with {"error"}, and the engine formed real batches."""
+    jobs = [("one", i) for i in range(16)] + [("eight", i) for i in range(3)]  # 40 images: within one queue
+    bad = {"corrupt": (b"\x89PNG\r\n\x1a\n truncated", "image/png", TOKEN, 400),
+           "type": (b"hello", "text/plain", TOKEN, 415),
+           "header bomb": (png_header(20_000, 20_000), "image/png", TOKEN, 413),
+           "no token": (pngs[0], "image/png", None, 401),
+           "wrong token": (pngs[0], "image/png", "x" * 40, 401)}
+
+    def run(job):
+        kind, i = job
+        if kind == "one":
+            return svc.post(f"/v1/classify?seed={SEED}&key={i}&top_k=10", pngs[i])
+        ctype, body = multipart([("image", f"{j}.png", pngs[j]) for j in range(8)])
+        return svc.post(f"/v1/classify?seed={SEED}&key={','.join(str(100 * i + j) for j in range(8))}&top_k=10",
+                        body, ctype)
+
+    with ThreadPoolExecutor(len(jobs) + len(bad)) as pool:
+        good = [pool.submit(run, j) for j in jobs]
+        refused = {k: pool.submit(svc.post, "/v1/classify", b, c, t) for k, (b, c, t, _) in bad.items()}
+        answers = [f.result() for f in good]
+        refused = {k: f.result() for k, f in refused.items()}
+    for name, (status, body, headers) in refused.items():
+        assert status == bad[name][3] and set(body) == {"error"} and "\n" not in body["error"], (name, status, body)
+    batch_sizes = []
+    for (kind, i), (status, body, _) in zip(jobs, answers):
+        assert status == 200 and body["draws"] == "replay" and body["backend"] == "eager", body
+        if kind == "one":
+            svc.check_like_eager(body["results"][0], pngs[i], i)
+        else:
+            for j, r in enumerate(body["results"]):
+                svc.check_like_eager(r, pngs[j], 100 * i + j)
+        batch_sizes += [r["batch_size"] for r in body["results"]]
+    assert max(batch_sizes) > 1
+
+
+def test_replay_mode_is_exact_and_reported(svc, pngs):
+    first, second = (svc.post("/v1/classify?seed=7&key=abc&top_k=10", pngs[5])[1] for _ in range(2))
+    assert first["results"][0]["scores"] == second["results"][0]["scores"] and first["draws"] == "replay"
+    c = svc.client()
+    try:
+        info = json.loads(c.request("GET", "/v1/info")[1])
+    finally:
+        c.close()
+    assert info["draws"] == "replay" and info["ingress"]["auth"] == "bearer" and info["replicas"]["RUNNING"] == 2
+    assert TOKEN not in json.dumps(info)
+
+
+def test_tls_token_and_one_error_shape(svc):
+    c = svc.client(token=None)
+    try:
+        for method, path, status in (("GET", "/healthz", 200), ("GET", "/readyz", 200), ("GET", "/v1/info", 401),
+                                     ("GET", "/nowhere", 404), ("DELETE", "/v1/classify", 405),
+                                     ("GET", "/v1/classify", 405), ("GET", "/docs", 404)):
+            got, raw, headers = c.request(method, path, with_headers=True)
+            body = json.loads(raw)
+            assert got == status, (method, path, got, raw)
+            assert status == 200 or set(body) == {"error"}, (path, body)
+    finally:
+        c.close()
+    plain = http.client.HTTPConnection("127.0.0.1", svc.proc.port, timeout=10)  # plaintext to the TLS port
+    with pytest.raises((ConnectionError, http.client.HTTPException, OSError)):
+        plain.request("GET", "/healthz")
+        plain.getresponse().read()
+    plain.close()
+    with pytest.raises(ssl.SSLError):  # an unknown certificate is refused by a verifying client
+        Client(svc.url, timeout=10).request("GET", "/healthz")
+
+
+def test_grpc_answers_like_http(svc, pngs):
+    g = GrpcClient(f"127.0.0.1:{svc.grpc_port}", token=TOKEN, timeout=30)
+    try:
+        code, body, _ = g.classify([("a", pngs[1], "11"), ("b", pngs[2], "12")], top_k=10, seed=str(SEED))
+        assert code == "OK" and [r["key"] for r in body["results"]] == [11, 12]
+        svc.check_like_eager(body["results"][0], pngs[1], 11)
+        svc.check_like_eager(body["results"][1], pngs[2], 12)
+        code, details, _ = g.classify([("bad", b"junk", "1")])
+        assert code == "INVALID_ARGUMENT" and "not a readable image" in details
+    finally:
+        g.close()
+    anonymous = GrpcClient(f"127.0.0.1:{svc.grpc_port}", token=None, timeout=30)
+    try:
+        code, details, _ = anonymous.classify([("a", pngs[1], "11")])
+        assert code == "UNAUTHENTICATED" and "bearer token" in details
+    finally:
+        anonymous.close()
+
+
+def raw_tls(svc, timeout: float = 15):
+    ctx = ssl.create_default_context(cafile=str(svc.cert))
+    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", svc.proc.port), timeout=timeout),
+                           server_hostname="127.0.0.1")
+
+
+def read_reply(s, limit: int = 1 << 16) -> str:
+    """An HTTP reply off a raw socket: the head and its Content-Length body (TLS may deliver them apart)."""
+    data = b""
+    while b"\r\n\r\n" not in data or len(data.split(b"\r\n\r\n", 1)[1]) < int(
+            (re.search(rb"(?i)content-length: *(\d+)", data) or [b"", b"0"])[1]):
+        chunk = s.recv(4096)
+        if not chunk or len(data) > limit:
+            break
+        data += chunk
+    return data.decode(errors="replace")
+
+
+def test_slow_body_disconnect_and_client_deadline(svc, pngs):
+    body = pngs[0]
+    head = (f"POST /v1/classify?seed=1&key=1 HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    s = raw_tls(svc)  # a client that sends half its body, then nothing: 408 after --body-timeout-s 2
+    start = time.perf_counter()
+    s.sendall(head + body[:10])
+    reply = read_reply(s)
+    s.close()
+    assert reply.startswith("HTTP/1.1 408") and "did not arrive within 2 s" in reply, reply
+    assert time.perf_counter() - start < 8
+    for _ in range(3):  # clients that vanish mid-body and after a full request
+        s = raw_tls(svc)
+        s.sendall(head + body[:10])
+        s.close()
+        s = raw_tls(svc)
+        s.sendall(head + body)
+        s.close()
+    status, answer, _ = svc.post(f"/v1/classify?seed={SEED}&key=3&top_k=10", pngs[3])
+    assert status == 200
+    svc.check_like_eager(answer["results"][0], pngs[3], 3)
+    status, answer, headers = svc.post("/v1/classify?timeout_ms=1", pngs[3])  # a deadline nobody can meet
+    assert status == 503 and headers["retry-after"] == "1" and "deadline" in answer["error"]
+
+
+def test_a_full_queue_answers_503_with_retry_after(svc, pngs):
+    """48 images may wait per replica: a burst of 24 requests of 16 images overflows it. Each request gets its
+    answer or a JSON 503 with Retry-After, none waits past the deadline, and the service answers after."""
+    ctype, body = multipart([("image", f"{j}.png", pngs[j]) for j in range(16)])
+
+    def one(i):
+        start = time.perf_counter()
+        status, answer, headers = svc.post("/v1/classify", body, ctype)
+        return status, answer, headers, time.perf_counter() - start
+
+    with ThreadPoolExecutor(24) as pool:
+        results = list(pool.map(one, range(24)))
+    statuses = [r[0] for r in results]
+    assert set(statuses) <= {200, 503} and 200 in statuses and 503 in statuses, statuses
+    for status, answer, headers, seconds in results:
+        assert seconds < TIMEOUT_S + 5
+        if status == 503:
+            assert headers["retry-after"] == "1" and set(answer) == {"error"}
+            assert re.search("overloaded|deadline", answer["error"])
+        else:
+            assert all("error" not in r for r in answer["results"])
+    assert svc.post("/v1/classify?top_k=3", pngs[0])[0] == 200
+
+
+def test_hostile_requests_get_a_json_4xx(svc, pngs):
+    """Property-based: random methods, paths, query strings, headers and bodies (raw bytes, truncated images,
+    malformed multipart) over TLS: every answer is a 2xx or a 4xx with {"error"}, never a 5xx."""
+    pytest.importorskip("hypothesis")
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from test_serve_fuzz import bodies, query_strings
+
+    seen = []
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+    @given(method=st.sampled_from(["POST", "POST", "POST", "GET", "PUT"]),
+           path=st.sampled_from(["/v1/classify", "/v1/classify", "/v1/classify/", "/v1/info", "/x%00y"]),
+           query=query_strings(), body=bodies(pngs[:3]), token=st.sampled_from([TOKEN, TOKEN, None, "x"]),
+           extra=st.dictionaries(st.sampled_from(["Content-Length-X", "X-Junk", "Accept", "Transfer-Encoding-X"]),
+                                 st.text("abc ;=", max_size=20), max_size=2))
+    def check(method, path, query, body, token, extra):
+        ctype, data = body
+        c = svc.client(token=token, timeout=30)
+        try:
+            status, raw = c.request(method, path + query, data, {"Content-Type": ctype, **extra})
+        finally:
+            c.close()
+        seen.append(status)
+        assert status < 500, (status, raw[:300])
+        if status >= 400:
+            assert set(json.loads(raw)) == {"error"}, raw[:300]
+
+    check()
+    assert len(seen) == 40 and any(s == 200 for s in seen) and any(s >= 400 for s in seen)
+    assert svc.post("/v1/classify?top_k=3", pngs[0])[0] == 200
+
+
+def test_a_killed_replica_costs_no_answer(svc, pngs):
+    """SIGKILL one of the 2 model replicas under 8 concurrent clients: every request gets its answer or a
+    retryable 503 (Retry-After) before the deadline; Ray restarts the replica, /readyz reports 2 running again,
+    and answers after recovery equal the eager module's."""
+    before = svc.proc.model_pids()
+    assert len(before) == 2, before
+    stop, records = threading.Event(), []
+
+    def load(t):
+        i = 0
+        while not stop.is_set():
+            key = 1000 * t + i
+            start = time.perf_counter()
+            status, answer, headers = svc.post(f"/v1/classify?seed={SEED}&key={key}&top_k=10", pngs[key % 24])
+            records.append((status, answer, headers, time.perf_counter() - start, key))
+            i += 1
+
+    threads = [threading.Thread(target=load, args=(t,), daemon=True) for t in range(8)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)
+    victim = before[0]
+    os.kill(victim, signal.SIGKILL)
+    svc.killed_pids.append(victim)
+    killed = time.perf_counter()
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join(TIMEOUT_S + 10)
+    assert len(records) > 16
+    for status, answer, headers, seconds, key in records:
+        assert seconds < TIMEOUT_S + 2, (status, seconds)
+        assert status == 200 or (status == 503 and headers.get("retry-after")), (status, answer)
+        if status == 200:
+            svc.check_like_eager(answer["results"][0], pngs[key % 24], key)
+    c = svc.client()
+    try:
+        while True:
+            status, raw = c.request("GET", "/readyz")
+            now = svc.proc.model_pids()
+            if status == 200 and (json.loads(raw)["replicas"] or {}).get("RUNNING") == 2 and len(now) == 2 \
+                    and victim not in now:
+                break
+            assert time.perf_counter() - killed < 120, (status, raw, now)
+            time.sleep(0.5)
+    finally:
+        c.close()
+    for key in range(5):
+        status, answer, _ = svc.post(f"/v1/classify?seed={SEED}&key={key}&top_k=10", pngs[key])
+        assert status == 200
+        svc.check_like_eager(answer["results"][0], pngs[key], key)
+
+
+def test_every_port_is_on_loopback(svc):
+    sockets = svc.proc.listening()
+    ports = {port for _, port, _ in sockets}
+    assert svc.proc.port in ports and svc.grpc_port in ports and len(sockets) > 5
+    exposed = [(addr, port, pid) for addr, port, pid in sockets if addr not in LOOPBACK]
+    assert not exposed, exposed
+
+
+def test_zz_stop_leaves_nothing(svc):
+    """Last: SIGINT stops everything in time; no process, nothing new in the home folder or ~/.ray, and no line of
+    the log that reads like a failure (beyond the one Ray prints for the replica this module killed)."""
+    returncode = svc.proc.stop()
+    assert returncode == 0, svc.proc.log()
+    assert svc.proc.left_running == [] and svc.proc.killed == [], svc.proc.left_running
+    assert home_snapshot() == svc.home_before
+    lines = svc.proc.log(10 ** 6).splitlines()
+    expected = [f"Worker PID: {p}" for p in svc.killed_pids]
+    alarming = [line for line in lines if re.search(r"(?i)warn|error|traceback|failed|exception", line)
+                and not any(e in line for e in expected)]
+    assert not alarming, alarming
+    assert [line for line in lines if line.startswith("scc serve:")][-1] == "scc serve: shutting down"
