@@ -1,6 +1,6 @@
 """Faults of `scc serve`, measured: a model replica SIGKILLed under load, with 2 replicas and with the only one.
 
-    python benchmarks/serve_faults.py --replicas 2,1 --json benchmarks/results/serve_faults.json
+    python benchmarks/serve_faults.py --replicas 2,1 --json benchmarks/results/serve-faults.json
 
 For each replica count R: start `scc serve` (bundled model, eager SCC, replay mode, --timeout-s T) on a free
 loopback port; C client threads keep one request each in flight; after --kill-at seconds one model replica gets

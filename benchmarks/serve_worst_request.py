@@ -1,6 +1,6 @@
 """The worst requests we could construct against `scc serve`: bytes sent vs CPU seconds they cost.
 
-    python benchmarks/serve_worst_request.py --json benchmarks/results/serve_worst_request.json
+    python benchmarks/serve_worst_request.py --json benchmarks/results/serve-worst-request.json
 
 Part 1, in process (`scc.serve.requests.parse_request`, where a request's work before the model happens: split,
 headers, budgets, decode), with the default budgets of a 32-pixel model (the bundled one) and of a 224-pixel one
