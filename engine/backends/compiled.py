@@ -43,6 +43,7 @@ from ..defenses import Defended
 from ..defenses.scc import SCCConfig
 from ..errors import SccError
 from ..precision import DTYPES, check_dtype_on_device, engine_classifier
+from ..timing import sync
 from ..validation import validate_draws, validate_pixels
 
 ENGINE_BACKENDS = ("compiled", "triton")  # the scc.backends names this engine serves
@@ -165,13 +166,12 @@ class Engine:
                 first = str(err).strip().splitlines()[0]
                 raise SccError(f"defense {self.defended.defense!r} does not compile into one graph: {first}; "
                                "use the eager module (backend eager) for it") from err
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            sync(self.device)
             times[bucket] = time.perf_counter() - start
             if self.cuda_graphs:  # cudagraph trees record on a later call: keep that out of the first request too
                 for _ in range(2):
                     self._run(bucket, traced, x, args)
-                torch.cuda.synchronize(self.device)
+                sync(self.device)
         return times[bucket]
 
     def warmup(self, batch_size: int) -> float:
