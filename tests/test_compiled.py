@@ -166,7 +166,7 @@ def test_triton_backend_on_cpu_falls_back_and_says_so(tiny, monkeypatch):
     assert engine.kernels["view_augment"] == "reference (zoom views: the kernel has no zoom)", engine.kernels
 
 
-@pytest.mark.skipif(KERNEL_DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see test_triton_backend_under_interpreter")
+@pytest.mark.skipif(KERNEL_DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see tests/test_kernels_interpreted.py")
 def test_triton_backend_runs_kernels_in_graph(tiny, digits, monkeypatch):
     """Flip views (the kernel has no zoom) and no Stages 1-2 keep the graph small: the warm-up step runs the
     sign-step kernel and the 4-view prediction the view kernel, both inside the compiled graph."""
@@ -196,10 +196,6 @@ def test_triton_backend_runs_kernels_in_graph(tiny, digits, monkeypatch):
     torch.testing.assert_close(out, eager, atol=1e-3, rtol=0)
     assert min(sign_agreement(trace_engine, trace_eager)) >= 0.99
 
-
-@pytest.mark.skipif(KERNEL_DEVICE is not None, reason="the kernels run in this process")
-def test_triton_backend_under_interpreter(rerun_under_interpreter):
-    rerun_under_interpreter(f"{__file__}::test_triton_backend_runs_kernels_in_graph")
 
 
 def test_gpu_check_cpu_parts():
