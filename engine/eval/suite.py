@@ -17,6 +17,17 @@ The suite (scc.eval.options.ADAPTIVE_ATTACKS; every step size is 2.5 eps / steps
                       `steps=0` gives the same logits but still pays for Stage 1's forward), transferred.
   square              Square (scc.attacks.autoattack; L_inf, margin loss, --queries, default 1000) on the
                       known-draws module: a black-box check for gradient masking.
+
+Which attacks fit which defense (`Suite.applies`):
+  - eot-pgd needs random draws to average over: defenses without any (none, anti-adv) skip it (it would be PGD-20
+    with k identical copies).
+  - bpda-pgd holds the defense's pixel perturbation (record["perturbation"]) constant: for the pixel-space
+    defenses (ttc, scc, anti-adv, hd, doc) that is BPDA through their sign steps, projections and clamps (HD with
+    T > 2 averages the logits of T - 1 iterates; BPDA keeps the last). The feature-space defenses (dbd, agc) and
+    R-TPT add no pixel perturbation, so there bpda-pgd is PGD-50 on the undefended classifier, transferred: the
+    transfer-from-the-deterministic-core attack (their papers' own protocol, with 50 steps).
+  - pgd / apgd on dbd and agc differentiate through every augmented view with its known draws; their bit-depth
+    and JPEG views round with a straight-through gradient (BPDA inside the defense), the rest is exact.
 """
 from __future__ import annotations
 
@@ -30,7 +41,7 @@ from tqdm import tqdm
 from ..attacks import apgd, attack as paper_attack, square
 from ..attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, sign_pgd
 from ..backends import make_runner
-from ..defenses import Defended, defend, split_label
+from ..defenses import DEFENSES, Defended, defend, split_label
 from ..draws import derive_seed
 from ..errors import SccError
 from ..precision import dtype_name
@@ -68,6 +79,8 @@ class Suite:
             return defense == "scc"
         if attack == "apgd-dlr":
             return n_classes >= 3
+        if attack == "eot-pgd":
+            return bool(DEFENSES[defense].draw_specs)
         return True
 
 
