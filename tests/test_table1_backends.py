@@ -126,3 +126,19 @@ def test_full_preset_compiled_tiny_vit(tiny, digits, label):
 def test_full_preset_onnx_tiny_vit(tiny, digits, label, tmp_path):
     pytest.importorskip("onnxruntime")
     check_onnx(scc.defend(tiny, label, seed=0), digits[0][:5], FULL_STEPS[label], tmp_path / f"{label}.onnx")
+
+
+def test_draws_made_inside_the_onnx_graph(toy, digits, tmp_path):
+    """DOC's draws (an image-shaped uniform start, (B, M, 3, H, W) uniforms, (B, T, 3, H, W) normals) made by ONNX
+    Runtime's random nodes, batch-dynamic: a file that needs no draw inputs."""
+    pytest.importorskip("onnxruntime")
+    from scc.export import OrtDefended, export_onnx
+
+    defended = scc.defend(toy, "doc", seed=0, **SMALL["doc"])
+    info = export_onnx(defended, tmp_path / "doc.onnx")
+    assert info["inputs"] == ["pixels"]
+    assert info["ops"].get("RandomUniformLike", 0) == 2 and info["ops"].get("RandomNormalLike", 0) == 1
+    session = OrtDefended(tmp_path / "doc.onnx", threads=1)
+    x = digits[0][:3]
+    a, b = (torch.as_tensor(session(x)) for _ in range(2))
+    assert a.shape == (3, 10) and torch.isfinite(a).all() and not torch.equal(a, b)  # fresh draws per run
