@@ -71,11 +71,16 @@ def test_missing_backend_module_says_so(tiny, monkeypatch):
 
 def test_explain_counts_match_spec_section_5(tmp_path, capsys):
     out = tmp_path / "explain.json"
-    assert main(["--explain", "--defenses", "none,ttc,scc,scc-latency,rtpt", "--json", str(out)]) == 0
+    table1 = "anti-adv,anti-adv-ttc-budget,hd,hd-ttc-budget,doc,dbd,agc"
+    assert main(["--explain", "--defenses", f"none,ttc,scc,scc-latency,rtpt,{table1}", "--json", str(out)]) == 0
     rows = {r["defense"]: r for r in json.loads(out.read_text())["explain"]}
     # spec section 5: image fwd, image bwd, text fwd, text bwd, sequential rounds per image
     want = {"none": (1, 0, 0, 0, 1), "ttc": (4, 2, 0, 0, 4), "scc": (19, 14, 0, 0, 7),
-            "scc-latency": (10, 5, 0, 0, 4), "rtpt": (64, 0, 2, 1, 3)}
+            "scc-latency": (10, 5, 0, 0, 4), "rtpt": (64, 0, 2, 1, 3),
+            # Table 1's peers: K+1 / K (anti-adv), T / T-1 (hd), M+T+2 / T (doc), one round of views (dbd, agc)
+            "anti-adv": (3, 2, 0, 0, 3), "anti-adv-ttc-budget": (3, 2, 0, 0, 3), "hd": (20, 19, 0, 0, 20),
+            "hd-ttc-budget": (2, 1, 0, 0, 2), "doc": (11, 4, 0, 0, 6), "dbd": (32, 0, 0, 0, 1),
+            "agc": (33, 0, 0, 0, 1)}
     for name, counts in want.items():
         m = rows[name]["measured"]
         got = (m["image_forwards"], m["image_backwards"], m["text_forwards"], m["text_backwards"], m["rounds"])

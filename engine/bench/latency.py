@@ -119,6 +119,7 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
         with count_passes(clf, batch_size) as counter:  # one eager call counts FLOPs and encoder rounds
             flops = count_flops(defended, batches[0], draws[0]) / batch_size
         rounds = counter.image_rounds
+        passes = {k: v for k, v in counter.summary().items() if k != "image_rounds"}  # per image, counted
         runners = []
         for backend in order:
             for dtype in dtypes:
@@ -164,13 +165,13 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
                    "compile_seconds": runner.compile_seconds, "warmup_seconds": warmup_seconds,
                    "timed_calls": stats["calls"],
                    "top1_agreement": None if is_reference else agreement(outputs, reference),
-                   **roofline(flops, stats["median"], peak), "encoder_rounds": rounds}
+                   **roofline(flops, stats["median"], peak), "encoder_rounds": rounds, "encoder_passes": passes}
             if limits.get("memory_gbps") and batch_size == 1:
                 bound = rounds * weight_bytes(clf, runner.dtype) / (limits["memory_gbps"] * 1e9)
                 row.update(weight_streaming_bound_s=bound, weight_streaming_fraction=bound / stats["median"])
             rows.append(row)
             if log:
-                log(f"{label:<14}{runner.backend:<10}{dt:<6}{row['seconds_per_image']:.4f} s/image")
+                log(f"{label:<20}{runner.backend:<10}{dt:<6}{row['seconds_per_image']:.4f} s/image")
     for r in rows:  # speed-up of reduced precision over fp32 on the same backend, same run
         base = next((o["seconds_per_image"] for o in rows if o["label"] == r["label"] and o["backend"] == r["backend"]
                      and o["dtype"] == "fp32"), None)
@@ -192,7 +193,7 @@ def format_table(report: dict) -> str:
     where = hw.get("gpu") or f"{hw.get('cpu', '?')} ({hw.get('cpu_cores', '?')} cores, {hw.get('torch_threads', '?')} threads)"
     lines = [f"{report.get('model')} on {where}, batch {report.get('batch_size')}, {report.get('n_images')} images"
              + (f" ({report['pixels']})" if report.get("pixels") else "")]
-    head = (f"{'defense':<14}{'backend':<10}{'dtype':<6}{'s/image':>9}{'p20-p80':>17}{'compile s':>11}{'top1=':>7}"
+    head = (f"{'defense':<20}{'backend':<10}{'dtype':<6}{'s/image':>9}{'p20-p80':>17}{'compile s':>11}{'top1=':>7}"
             f"{'x fp32':>7}{'GFLOP':>8}{'GFLOP/s':>9}{'%peak':>7}{'x TTC':>8}{'R-TPT/x':>9}  | "
             f"{'paper s':>8}{'x TTC':>7}{'R-TPT/x':>9}{'robust':>8}")
     lines += [head, "-" * len(head)]
@@ -210,7 +211,7 @@ def format_table(report: dict) -> str:
         ttc, rtpt = ref.get(("ttc", r["backend"], dt)), ref.get(("rtpt", r["backend"], dt))
         fmt = lambda key, f: format(r[key], f) if r.get(key) is not None else "-"
         pct = f"{100 * r['peak_fraction']:.1f}" if r.get("peak_fraction") is not None else "-"
-        line = (f"{label:<14}{r['backend']:<10}{dt:<6}{t:>9.4f}{p20_80:>17}{comp:>11}{agree:>7}"
+        line = (f"{label:<20}{r['backend']:<10}{dt:<6}{t:>9.4f}{p20_80:>17}{comp:>11}{agree:>7}"
                 f"{fmt('speedup_vs_fp32', '.2f'):>7}{fmt('gflop_per_image', '.2f'):>8}{fmt('gflop_per_s', '.1f'):>9}"
                 f"{pct:>7}{_ratio(t, ttc):>8}{_ratio(rtpt, t):>9}  |")
         if r["defense"] in PAPER:

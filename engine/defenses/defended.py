@@ -21,7 +21,7 @@ from ..errors import SccError
 from ..models import ZeroShotClassifier
 from ..precision import check_dtype_on_device, engine_classifier
 from ..validation import validate_pixels
-from .registry import DEFENSES, Defense, label_of, make_config, split_label
+from .registry import DEFENSES, Defense, label_of, make_config, parse_defense
 
 
 class Defended(nn.Module):
@@ -134,13 +134,13 @@ class Defended(nn.Module):
 
 def defend(classifier: ZeroShotClassifier, name: str = "scc", preset: str = "paper", seed: int | None = None,
            dtype: torch.dtype = torch.float32, **overrides) -> Defended:
-    """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt'.
+    """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt' |
+    'anti-adv' | 'anti-adv-ttc-budget' | 'hd' | 'hd-ttc-budget' | 'doc' | 'dbd' | 'agc' (scc.defense_labels()).
 
     seed=None (default): a fresh secret seed (production); an int: reproducible draws (see `Defended`).
     dtype: the image tower's precision, torch.float32 (default), bfloat16 or float16 (GPU, or a CPU with native
     fp16 matmuls); the perturbation, its sign steps and projection, the losses and the logits stay fp32."""
-    if "-" in name and preset == "paper":
-        name, preset = split_label(name)
+    name, preset = parse_defense(label_of(name, preset))  # 'scc-latency', 'anti-adv-original', aliases
     config = make_config(name, preset, classifier.name, **overrides)
     defended = Defended(classifier, name, config, seed=seed, preset=preset)
     return defended if dtype == torch.float32 else defended.with_dtype(dtype)

@@ -23,6 +23,11 @@ import torch
 from ..draws import Draw, draw_shapes, keyed_draws, make_draws
 from ..errors import SccError
 from ..models import TINY_NAME
+from .agc import AGC_DRAWS, AGCConfig, agc
+from .anti_adv import ANTI_ADV_DRAWS, AntiAdvConfig, anti_adv
+from .dbd import DBD_DRAWS, DBDConfig, dbd
+from .doc import DOC_DRAWS, DOCConfig, doc
+from .hd import HD_DRAWS, HDConfig, hd
 from .rtpt import RTPT_DRAWS, RTPTConfig, rtpt
 from .scc import SCC_DRAWS, SCCConfig, scc
 from .ttc import TTC_DRAWS, TTCConfig, ttc
@@ -51,7 +56,8 @@ class Defense:
     every random input (distribution and per-image shape); `presets` maps a preset name to config overrides and
     `passes` the same names to the expected encoder passes per image (PASS_KEYS order; None where the spec has no
     figure); `compiles`: one fullgraph torch.compile graph (scc.backends.compiled.Engine); `exports`: one ONNX
-    graph (scc.export); `why_not` says why a backend refuses it.
+    graph (scc.export); `why_not` says why a backend refuses it; `aliases` maps other preset names to presets
+    (a label "anti-adv-original" is "anti-adv", its paper preset).
     """
     name: str
     config_cls: type
@@ -62,6 +68,7 @@ class Defense:
     compiles: bool = True
     exports: bool = True
     why_not: str = ""  # why a backend refuses it (shown in the error)
+    aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)  # other preset names, e.g. original -> paper
 
     def draws(self, x: torch.Tensor, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Draws for a batch from one generator stream (example inputs for compiling and tracing)."""
@@ -96,6 +103,20 @@ DEFENSES: dict[str, Defense] = {
                     compiles=False, exports=False,
                     why_not="R-TPT tunes the text prompt with the open_clip text tower and an optimizer, which the "
                             "compiled engine's classifier copy and the exporter do not carry"),
+    # Table 1's other test-time defenses; "paper" is each one's own paper/official-code setting
+    # Anti-adv: K = 2 descent steps of 0.15 (official AWP run), or TTC's budget (1/255 steps inside 4/255)
+    "anti-adv": Defense("anti-adv", AntiAdvConfig, anti_adv, ANTI_ADV_DRAWS, presets={
+        "paper": {}, "ttc-budget": {"alpha": 1 / 255, "eps": 4 / 255}},
+        passes={"paper": (3, 2, 0, 0, 3), "ttc-budget": (3, 2, 0, 0, 3)}, aliases={"original": "paper"}),
+    # HD: eps 8/255, step 0.007, T = 20 (official defaults, CIFAR), or TTC's budget (4/255, 1/255, T = 2)
+    "hd": Defense("hd", HDConfig, hd, HD_DRAWS, presets={
+        "paper": {}, "ttc-budget": {"eps": 4 / 255, "alpha": 1 / 255, "steps": 2}},
+        passes={"paper": (20, 19, 0, 0, 20), "ttc-budget": (2, 1, 0, 0, 2)}, aliases={"original": "paper"}),
+    # DOC: main-text eps 4/255, T = 4, step 3/255; lambda, mu, M, tau, gamma unverified (see doc.py)
+    "doc": Defense("doc", DOCConfig, doc, DOC_DRAWS, presets={"paper": {}}, passes={"paper": (11, 4, 0, 0, 6)}),
+    # forward-only: 32 views (DBD) and 1 + 32 views (AGC) in one round, the official defaults
+    "dbd": Defense("dbd", DBDConfig, dbd, DBD_DRAWS, presets={"paper": {}}, passes={"paper": (32, 0, 0, 0, 1)}),
+    "agc": Defense("agc", AGCConfig, agc, AGC_DRAWS, presets={"paper": {}}, passes={"paper": (33, 0, 0, 0, 1)}),
 }
 
 PRESETS: dict[str, Mapping[str, Mapping[str, Any]]] = {name: d.presets for name, d in DEFENSES.items()}
@@ -104,12 +125,18 @@ PRESETS: dict[str, Mapping[str, Mapping[str, Any]]] = {name: d.presets for name,
 # glyph), so the bundled model's views replace the flip by a 0.85 centre zoom; see README "Bundled model".
 MODEL_PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     TINY_NAME: {"scc": {"views": ("id", "zoom0.85", "noise", "zoom0.85+noise"), "sigma": 0.02},
-                "rtpt": {"flip": False}},  # R-TPT's RandomResizedCrop+flip views: no flip for digits
+                "rtpt": {"flip": False},  # R-TPT's RandomResizedCrop+flip views: no flip for digits
+                "dbd": {"flip": False}},  # the same for DBD's crop views
 }
 
 
 def split_label(label: str) -> tuple[str, str]:
-    """'scc-latency' -> ('scc', 'latency'); 'ttc' -> ('ttc', 'paper')."""
+    """'scc-latency' -> ('scc', 'latency'); 'ttc' -> ('ttc', 'paper'); 'anti-adv-ttc-budget' -> ('anti-adv',
+    'ttc-budget'): the longest known defense name that starts the label, then its preset (aliases resolved)."""
+    for name in sorted(DEFENSES, key=len, reverse=True):
+        if label == name or label.startswith(name + "-"):
+            preset = label[len(name) + 1:] or "paper"
+            return name, DEFENSES[name].aliases.get(preset, preset)
     name, _, preset = label.partition("-")
     return name, preset or "paper"
 
@@ -120,7 +147,8 @@ def label_of(name: str, preset: str) -> str:
 
 
 def defense_labels() -> list[str]:
-    """Every label the CLI and `defend` accept: 'none', 'ttc', 'scc', 'scc-latency', 'rtpt'."""
+    """Every label the CLI and `defend` accept: 'none', 'ttc', 'scc', 'scc-latency', 'rtpt', 'anti-adv', ...
+    (preset aliases such as 'anti-adv-original' are accepted too but not listed)."""
     return [label_of(n, p) for n, d in DEFENSES.items() for p in d.presets]
 
 
@@ -154,7 +182,7 @@ def parse_defenses(text: str | Sequence[str]) -> list[str]:
 def make_config(name: str, preset: str = "paper", model: str = "", **overrides) -> Any:
     """The frozen config of `name` under `preset`, the model's overrides and the caller's (SccError on any
     unknown setting, all of them named)."""
-    parse_defense(label_of(name, preset))
+    name, preset = parse_defense(label_of(name, preset))
     values = {**PRESETS[name][preset], **MODEL_PRESETS.get(model, {}).get(name, {}), **overrides}
     cls = DEFENSES[name].config_cls
     fields = {f.name: f for f in dataclasses.fields(cls)}

@@ -12,11 +12,26 @@ The suite (scc.eval.options.ADAPTIVE_ATTACKS; every step size is 2.5 eps / steps
                       does not know the draws); final iterate.
   bpda-pgd            BPDA-PGD, 50 steps: logits = classifier(x + stopgrad(Delta(x))) with the gradient of the
                       [0,1] clamp kept (zero where x + Delta sits on the box boundary); Delta with known draws.
-  transfer-nocorrect  SCC only: exact PGD-50 on the same defense with `semantic=False` (Stages 1-2 off: the
-                      warm-up counterattack and the view-averaged prediction stay, the corrective steps go;
-                      `steps=0` gives the same logits but still pays for Stage 1's forward), transferred.
+  transfer-nocorrect  exact PGD-50 on the defense with its correction switched off, transferred (every defense
+                      but none). SCC: `semantic=False` (Stages 1-2 off: the warm-up counterattack and the
+                      view-averaged prediction stay, the corrective steps go; `steps=0` gives the same logits but
+                      still pays for Stage 1's forward). Every other defense: its deterministic core, the
+                      undefended classifier (the whole defense is the correction).
   square              Square (scc.attacks.autoattack; L_inf, margin loss, --queries, default 1000) on the
                       known-draws module: a black-box check for gradient masking.
+
+Which attacks fit which defense (`Suite.applies`):
+  - eot-pgd needs random draws to average over: defenses without any (none, anti-adv) skip it (it would be PGD-20
+    with k identical copies).
+  - bpda-pgd holds the defense's pixel perturbation (record["perturbation"]) constant: for the pixel-space
+    defenses (ttc, scc, anti-adv, hd, doc) that is BPDA through their sign steps, projections and clamps (HD with
+    T > 2 averages the logits of T - 1 iterates; BPDA keeps the last). The feature-space defenses (dbd, agc,
+    rtpt) add no pixel perturbation: their bpda-pgd would be transfer-nocorrect again, so they skip it.
+  - transfer-nocorrect matters most where the defense's own correction hides the gradient: Anti-adv's pseudo-label
+    is an argmax of the input's prediction (flip it on the undefended classifier and the anti-adversary then
+    reinforces the wrong class), and the forward-only defenses are evaluated this way in their papers.
+  - pgd / apgd on dbd and agc differentiate through every augmented view with its known draws; their bit-depth
+    and JPEG views round with a straight-through gradient (BPDA inside the defense), the rest is exact.
 """
 from __future__ import annotations
 
@@ -30,12 +45,14 @@ from tqdm import tqdm
 from ..attacks import apgd, attack as paper_attack, square
 from ..attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, sign_pgd
 from ..backends import make_runner
-from ..defenses import Defended, defend, split_label
+from ..defenses import DEFENSES, Defended, defend, split_label
 from ..draws import derive_seed
 from ..errors import SccError
 from ..precision import dtype_name
 from ..timing import timed_call
 from .options import ADAPTIVE_ATTACKS, stderr
+
+FEATURE_SPACE = ("dbd", "agc", "rtpt")  # defenses that correct features or prompts, not pixels
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -65,9 +82,13 @@ class Suite:
     def applies(self, attack: str, defense: str, n_classes: int) -> bool:
         """Whether `attack` runs against `defense` (a name: none, ttc, scc, ...) on an n_classes task."""
         if attack == "transfer-nocorrect":
-            return defense == "scc"
+            return defense != "none"
         if attack == "apgd-dlr":
             return n_classes >= 3
+        if attack == "eot-pgd":
+            return bool(DEFENSES[defense].draw_specs)
+        if attack == "bpda-pgd":
+            return defense not in FEATURE_SPACE
         return True
 
 
@@ -94,12 +115,15 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
     elif attack == "bpda-pgd":
         adv, info = sign_pgd(bpda_objective(defended, y, known.draws), x, y, eps, suite.bpda_steps, generator=gen)
     elif attack == "transfer-nocorrect":
-        surrogate = Defended(defended.classifier, defended.defense,
-                             dataclasses.replace(defended.config, semantic=False), seed=defended.seed,
-                             preset=defended.preset)
-        surrogate._secret, surrogate.dtype = defended._secret, defended.dtype  # the same draws (a leaked seed)
-        sknown = KnownDraws(surrogate, x, keys, eps, draws=known.draws)
-        adv, info = sign_pgd(ce_objective(sknown, y), x, y, eps, suite.transfer_steps, generator=gen)
+        if defended.defense == "scc":
+            surrogate = Defended(defended.classifier, defended.defense,
+                                 dataclasses.replace(defended.config, semantic=False), seed=defended.seed,
+                                 preset=defended.preset)
+            surrogate._secret, surrogate.dtype = defended._secret, defended.dtype  # the same draws (a leaked seed)
+            core = KnownDraws(surrogate, x, keys, eps, draws=known.draws)
+        else:  # the whole defense is the correction: its core is the classifier it defends
+            core = defended.classifier
+        adv, info = sign_pgd(ce_objective(core, y), x, y, eps, suite.transfer_steps, generator=gen)
     elif attack == "square":
         adv = square(known, x, y, eps, queries=suite.queries, seed=derive_seed(seed, f"square:{batch_id}"))
     else:
