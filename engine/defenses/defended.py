@@ -27,7 +27,7 @@ from .registry import DEFENSES, Defense, label_of, make_config, split_label
 class Defended(nn.Module):
     """A test-time defended classifier: forward(x in [0,1], draws=None, keys=None) -> logits.
 
-    Unchanged torchattacks/AutoAttack usage: `torchattacks.PGD(defended, eps=...)`.
+    Any attack on a [0,1] -> logits module runs on it unchanged: `scc.attacks.apgd(defended, x, y, eps)`.
 
     Randomness is per image and secret by default. Image b's draws are a function of (seed, keys[b]) only
     (scc.draws.keyed_draws), never of its batch: served alone or at position 5 of 8, an image with the same key
@@ -134,12 +134,13 @@ class Defended(nn.Module):
 
 def defend(classifier: ZeroShotClassifier, name: str = "scc", preset: str = "paper", seed: int | None = None,
            dtype: torch.dtype = torch.float32, **overrides) -> Defended:
-    """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt'.
+    """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt', or any
+    label with config overrides ('scc:semantic=off:spatial=off'; scc.defenses.registry.parse_overrides).
 
     seed=None (default): a fresh secret seed (production); an int: reproducible draws (see `Defended`).
     dtype: the image tower's precision, torch.float32 (default), bfloat16 or float16 (GPU, or a CPU with native
     fp16 matmuls); the perturbation, its sign steps and projection, the losses and the logits stay fp32."""
-    if "-" in name and preset == "paper":
+    if name not in DEFENSES and preset == "paper":  # a label: 'scc-latency', 'scc:semantic=off'
         name, preset = split_label(name)
     config = make_config(name, preset, classifier.name, **overrides)
     defended = Defended(classifier, name, config, seed=seed, preset=preset)
