@@ -47,21 +47,14 @@ class KnownDraws(nn.Module):
         """Index (n,) into x0 of each row of x (n, 3, H, W)."""
         a, b = x.detach().flatten(1), self.x0.flatten(1)
         dist = torch.stack([(row[None] - b).abs().amax(1) for row in a]) if len(a) else a.new_zeros((0, len(b)))
-        if self.match == "nearest":
-            nearest = dist.amin(1, keepdim=True)
-            hit = dist == nearest
-            count = hit.sum(1)
-            if bool((count != 1).any()):
-                bad = (count != 1).nonzero().flatten().tolist()[:5]
-                raise SccError(f"KnownDraws: rows {bad} are equally near to several clean images: cannot tell "
-                               "which image's draws to use")
-            return hit.float().argmax(1)
-        hit = dist <= self.eps + 1e-6
+        nearest = self.match == "nearest"
+        hit = dist == dist.amin(1, keepdim=True) if nearest else dist <= self.eps + 1e-6
         count = hit.sum(1)
         if bool((count != 1).any()):
             bad = (count != 1).nonzero().flatten().tolist()[:5]
-            raise SccError(f"KnownDraws: rows {bad} are within eps={self.eps:.5f} of {count[bad].tolist()} clean "
-                           "images (need exactly one): cannot tell which image's draws to use")
+            why = ("are equally near to several clean images" if nearest else
+                   f"are within eps={self.eps:.5f} of {count[bad].tolist()} clean images (need exactly one)")
+            raise SccError(f"KnownDraws: rows {bad} {why}: cannot tell which image's draws to use")
         return hit.float().argmax(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -143,9 +143,8 @@ def defense_labels() -> list[str]:
 # Config overrides in a label: name[-preset]:field=value[:field=value...]
 # ----------------------------------------------------------------------------------------------------------
 BOOL_WORDS = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
-OVERRIDE_SYNTAX = ("name[-preset]:field=value[:field=value...], e.g. scc:semantic=off:spatial=off; nested fields "
-                   "with a dot (scc:warmup.steps=1); booleans on/off; numbers 4/255 or 0.0157; tuples joined by '|' "
-                   "(scc:views=id|noise)")
+OVERRIDE_SYNTAX = ("name[-preset]:field=value[:...], e.g. scc:semantic=off:spatial=off, scc:warmup.steps=1, "
+                   "scc:views=id|noise")
 
 
 def _field_type(cls: type, path: list[str], name: str) -> tuple[str, Any]:
@@ -220,8 +219,8 @@ def parse_defense(label: str) -> tuple[str, str]:
     base, _, overrides = preset.partition(":")
     base = base.lower()
     if name not in DEFENSES:
-        raise SccError(f"unknown defense {label!r}; choose from {', '.join(defense_labels())}, each optionally "
-                       f"with overrides ({OVERRIDE_SYNTAX})")
+        raise SccError(f"unknown defense {label!r}; choose from {', '.join(defense_labels())} (each optionally "
+                       f"with config overrides: {OVERRIDE_SYNTAX})")
     if base not in PRESETS[name]:
         raise SccError(f"unknown preset {base!r} for {name}; choose from {sorted(PRESETS[name])} "
                        f"(defenses: {', '.join(defense_labels())})")
@@ -238,14 +237,19 @@ def parse_defenses(text: str | Sequence[str]) -> list[str]:
     labels = [d.strip() for d in (text.split(",") if isinstance(text, str) else text) if d.strip()]
     if not labels:
         raise SccError(f"no defense given; choose from {', '.join(defense_labels())} (comma-separated)")
-    out, bad = [], []
+    out, unknown, bad = [], [], []
     for label in labels:
         try:
             out.append(label_of(*parse_defense(label)))
         except SccError as err:
-            bad.append(f"{label}: {err}")
-    if bad:
-        raise SccError(f"bad defense(s): {'; '.join(bad)}")
+            if split_label(label)[0].lower() in DEFENSES:
+                bad.append(f"{label}: {err}")
+            else:
+                unknown.append(label)
+    if unknown or bad:
+        head = [f"unknown defense(s) {unknown}; choose from {', '.join(defense_labels())} (each optionally with "
+                f"config overrides: {OVERRIDE_SYNTAX})"] if unknown else []
+        raise SccError("; ".join(head + bad))
     if len(set(out)) != len(out):
         raise SccError(f"a defense is listed twice in {', '.join(out)}: each label names one column of the report")
     return out
