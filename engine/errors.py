@@ -19,7 +19,8 @@ class SccError(ValueError):
 EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "serve": ("ray", "fastapi", "matplotlib"),
-    "adaptive": ("torchattacks", "matplotlib"),
+    "adaptive": ("matplotlib",),
+    "crosscheck": ("torchattacks",),
     "ray": ("ray",),
     "triton": ("tritonclient",),
 }

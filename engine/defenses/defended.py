@@ -27,7 +27,7 @@ from .registry import DEFENSES, Defense, label_of, make_config, parse_defense
 class Defended(nn.Module):
     """A test-time defended classifier: forward(x in [0,1], draws=None, keys=None) -> logits.
 
-    Unchanged torchattacks/AutoAttack usage: `torchattacks.PGD(defended, eps=...)`.
+    Any attack on a [0,1] -> logits module runs on it unchanged: `scc.attacks.apgd(defended, x, y, eps)`.
 
     Randomness is per image and secret by default. Image b's draws are a function of (seed, keys[b]) only
     (scc.draws.keyed_draws), never of its batch: served alone or at position 5 of 8, an image with the same key
@@ -135,7 +135,8 @@ class Defended(nn.Module):
 def defend(classifier: ZeroShotClassifier, name: str = "scc", preset: str = "paper", seed: int | None = None,
            dtype: torch.dtype = torch.float32, **overrides) -> Defended:
     """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt' |
-    'anti-adv' | 'anti-adv-ttc-budget' | 'hd' | 'hd-ttc-budget' | 'doc' | 'dbd' | 'agc' (scc.defense_labels()).
+    'anti-adv' | 'anti-adv-ttc-budget' | 'hd' | 'hd-ttc-budget' | 'doc' | 'dbd' | 'agc' (scc.defense_labels()),
+    or any label with config overrides ('scc:semantic=off:spatial=off'; scc.defenses.registry.parse_overrides).
 
     seed=None (default): a fresh secret seed (production); an int: reproducible draws (see `Defended`).
     dtype: the image tower's precision, torch.float32 (default), bfloat16 or float16 (GPU, or a CPU with native

@@ -5,9 +5,11 @@ merged per image into rows, the worst case and AutoAttack-style sanity flags.
 The suite (scc.eval.options.ADAPTIVE_ATTACKS; every step size is 2.5 eps / steps, Madry et al.):
   pgd                 PGD-50 on the summed cross-entropy, exact gradients through the defense with known draws;
                       per image it keeps the iterate that fooled the attacker's view (else the highest loss).
-  apgd-ce, apgd-dlr   APGD (scc.attacks.autoattack; 100 iterations, 1 restart) on the known-draws module. APGD calls
+  apgd-ce, apgd-dlr   APGD (scc.attacks.apgd; 100 iterations, 1 restart) on the known-draws module. APGD calls
                       the model on sub-batches (x[ind]), so `KnownDraws` maps every row back to its image by matching
                       it against the batch's clean images (L_inf distance <= eps + 1e-6 to exactly one of them).
+  apgd-t, fab-t       on request (not in the default suite): APGD-T (targeted DLR, 9 targets, >= 4 classes) and
+                      FAB-T (9 targets, 100 iterations), AutoAttack's targeted components, on the known-draws module.
   eot-pgd             EOT-PGD, 20 steps, each step's gradient averaged over k = 8 fresh draws (an attacker who
                       does not know the draws); final iterate.
   bpda-pgd            BPDA-PGD, 50 steps: logits = classifier(x + stopgrad(Delta(x))) with the gradient of the
@@ -17,8 +19,8 @@ The suite (scc.eval.options.ADAPTIVE_ATTACKS; every step size is 2.5 eps / steps
                       view-averaged prediction stay, the corrective steps go; `steps=0` gives the same logits but
                       still pays for Stage 1's forward). Every other defense: its deterministic core, the
                       undefended classifier (the whole defense is the correction).
-  square              Square (scc.attacks.autoattack; L_inf, margin loss, --queries, default 1000) on the
-                      known-draws module: a black-box check for gradient masking.
+  square              Square (scc.attacks.square; L_inf, margin loss, --queries, default 1000, p schedule rescaled
+                      to the budget) on the known-draws module: a black-box check for gradient masking.
 
 Which attacks fit which defense (`Suite.applies`):
   - eot-pgd needs random draws to average over: defenses without any (none, anti-adv) skip it (it would be PGD-20
@@ -42,15 +44,16 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from ..attacks import apgd, attack as paper_attack, square
+from ..attacks import apgd, apgd_targeted, attack as paper_attack, fab_targeted, square
 from ..attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, sign_pgd
 from ..backends import make_runner
-from ..defenses import DEFENSES, Defended, defend, split_label
+from ..defenses import DEFENSES, Defended, defend, label_of, split_label
 from ..draws import derive_seed
 from ..errors import SccError
+from ..perturbation import clip_image
 from ..precision import dtype_name
 from ..timing import timed_call
-from .options import ADAPTIVE_ATTACKS, stderr
+from .options import ADAPTIVE_ATTACKS, DEFAULT_ATTACKS, stderr
 
 FEATURE_SPACE = ("dbd", "agc", "rtpt")  # defenses that correct features or prompts, not pixels
 
@@ -61,7 +64,7 @@ FEATURE_SPACE = ("dbd", "agc", "rtpt")  # defenses that correct features or prom
 @dataclasses.dataclass
 class Suite:
     """Attack budgets of the adaptive protocol (the CLI's flags set these)."""
-    attacks: tuple[str, ...] = ADAPTIVE_ATTACKS
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS["adaptive"]
     pgd_steps: int = 50
     apgd_steps: int = 100
     eot_steps: int = 20
@@ -69,6 +72,8 @@ class Suite:
     bpda_steps: int = 50
     transfer_steps: int = 50
     queries: int = 1000
+    targets: int = 9  # apgd-t and fab-t target classes
+    fab_steps: int = 100
     checkpoints: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100)
     sanity_images: int = 32  # PGD-20 at 16/255 through each defense on the first N images (0: off)
     sanity_eps: float = 16 / 255
@@ -76,6 +81,7 @@ class Suite:
 
     def steps_of(self, attack: str) -> int:
         return {"pgd": self.pgd_steps, "apgd-ce": self.apgd_steps, "apgd-dlr": self.apgd_steps,
+                "apgd-t": self.apgd_steps, "fab-t": self.fab_steps,
                 "eot-pgd": self.eot_steps, "bpda-pgd": self.bpda_steps, "transfer-nocorrect": self.transfer_steps,
                 "square": self.queries}[attack]
 
@@ -85,6 +91,8 @@ class Suite:
             return defense != "none"
         if attack == "apgd-dlr":
             return n_classes >= 3
+        if attack == "apgd-t":
+            return n_classes >= 4
         if attack == "eot-pgd":
             return bool(DEFENSES[defense].draw_specs)
         if attack == "bpda-pgd":
@@ -106,6 +114,13 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
     elif attack in ("apgd-ce", "apgd-dlr"):
         adv = apgd(known, x, y, eps, loss=attack.split("-")[1], steps=suite.apgd_steps,
                    seed=derive_seed(seed, f"{attack}:{batch_id}"))
+    elif attack == "apgd-t":
+        adv = apgd_targeted(known, x, y, eps, steps=suite.apgd_steps, targets=suite.targets,
+                            seed=derive_seed(seed, f"{attack}:{batch_id}"))
+    elif attack == "fab-t":  # its iterates leave the eps ball: rows go to their nearest clean image
+        nearest = KnownDraws(defended, x, keys, eps, draws=known.draws, match="nearest")
+        adv = fab_targeted(nearest, x, y, eps, steps=suite.fab_steps, targets=suite.targets,
+                           seed=derive_seed(seed, f"{attack}:{batch_id}"))
     elif attack == "eot-pgd":
         draw_gen = torch.Generator().manual_seed(derive_seed(seed, f"eot:draws:{batch_id}"))
         draws_for = lambda rep: {k: v.to(rep.device) for k, v in
@@ -128,7 +143,7 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
         adv = square(known, x, y, eps, queries=suite.queries, seed=derive_seed(seed, f"square:{batch_id}"))
     else:
         raise SccError(f"unknown adaptive attack {attack!r}; choose from {', '.join(ADAPTIVE_ATTACKS)}")
-    adv = torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(0, 1)  # never trust a library's projection
+    adv = clip_image(adv, x, eps)  # every attack's output inside the threat model, whatever it did
     return adv.detach(), info
 
 
@@ -343,7 +358,7 @@ def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
     """AutoAttack-style checks, one line each ("ok: ..." or "FLAG: ...")."""
     flags = []
     rows = [r for r in report["results"] if r["protocol"] == "adaptive"]
-    label = lambda r: r["defense"] + ("" if r["preset"] == "paper" else f"-{r['preset']}")
+    label = lambda r: label_of(r["defense"], r["preset"])
     # accuracy non-increasing in eps (worst case, per draws)
     by = {}
     for r in rows:
@@ -381,7 +396,7 @@ def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
     # black box beating white box
     for (lab, eps, draws), rs in _group(rows, lambda r: (label(r), r["eps"], r["draws"])).items():
         sq = next((r for r in rs if r["attack"] == "square"), None)
-        wb = [r for r in rs if r["attack"] in ("pgd", "apgd-ce", "apgd-dlr", "eot-pgd", "bpda-pgd")]
+        wb = [r for r in rs if r["attack"] in WHITE_BOX]
         if sq is None or not wb:
             continue
         best = min(wb, key=lambda r: r["accuracy"])
@@ -391,6 +406,9 @@ def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
     if not any("Square" in f for f in flags) and any(r["attack"] == "square" for r in rows):
         flags.append("ok: no black-box (Square) result beats the white-box attacks")
     return flags
+
+
+WHITE_BOX = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "eot-pgd", "bpda-pgd")
 
 
 def _group(rows, key):
