@@ -136,3 +136,19 @@ def test_benchmark_suite_runs_and_its_json_prints(tmp_path, capsys):
     assert main(["--from-benchmark-json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "rtpt" in table and "ttc" in table and "R-TPT/x" in table
+
+
+def test_operator_profile_splits_matmuls_from_the_rest():
+    """scc.bench.profile: the profiled call's self time is split into matmuls, attention and the rest."""
+    import torch
+
+    from scc.bench.profile import format_profile, is_matmul, operator_profile
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    report = operator_profile(lambda: (a @ b).relu().sum(), calls=2)
+    names = [r["op"] for r in report["top"]]
+    assert "aten::mm" in names and "aten::relu" in names, names
+    assert 0 < report["matmul_s"] <= report["operator_self_s"] and report["attention_s"] == 0
+    assert 0 < report["matmul_share"] < 1 and report["outside_matmul_share"] == pytest.approx(1 - report["matmul_share"])
+    assert is_matmul("mkldnn::_linear_pointwise") and is_matmul("cpp_CppMicroGemmAMX_1") and not is_matmul("aten::gelu")
+    assert format_profile("x", report).startswith("x: ")
