@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import scc
 from scc.backends.compiled import Engine
@@ -65,9 +66,14 @@ def test_ttc_buckets_padding_and_splitting(tiny, digits):
     images, _ = digits
     defended = scc.defend(tiny, "ttc", seed=1, steps=1)  # one step: a smaller graph to compile
     engine = Engine(defended, max_batch=2)
-    assert engine.buckets == [1, 2]
-    seconds = engine.warmup(2)
+    assert engine.buckets == [1, 2] and engine.freeze  # CPU: weights frozen into the graph by default
+    packed = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit would skip the passes counted here
+        seconds = engine.warmup(2)
     assert seconds > 0 and engine.compile_seconds == {2: seconds}
+    # freezing took effect (the weights were pre-packed for oneDNN/MKL) and was switched on for that compile only
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > packed
+    assert torch._inductor.config.freezing is False
     breaks = graph_breaks()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no compile inside a request: bucket 2 serves every chunk
