@@ -11,7 +11,8 @@ alternating which goes first). torchattacks settings: APGD(steps, n_restarts=1, 
 9 targets), FAB(steps, multi_targeted=True, n_classes=10: 9 targets), Square(n_queries, p_init=0.8,
 resc_schedule=False). Its sequence is built here from those components, each on the images still correct (as the
 official run_standard_evaluation does; torchattacks' own AutoAttack class uses 10 iterations). Needs the
-`crosscheck` extra (pip install -e '.[crosscheck]').
+torchattacks, installed on its own (`pip install torchattacks==3.5.1`, best in a separate environment: it pins
+requests~=2.25.1, so it is no extra of scc).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch
 import scc
 from scc.attacks import STANDARD, Settings, run_component, run_sequence
 from scc.data import load_dataset
-from scc.errors import require_extra
+from scc.errors import missing_modules
 from scc.provenance import hardware, versions
 
 
@@ -80,7 +81,9 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    require_extra("crosscheck", what="the torchattacks comparison")
+    if missing_modules(["torchattacks"]):
+        raise SystemExit("attacks_vs_torchattacks: torchattacks is not installed; pip install torchattacks==3.5.1 "
+                         "(in a separate environment: it pins requests~=2.25.1)")
     torch.set_num_threads(1)
     from scc.eval.options import parse_eps_list
 

@@ -20,7 +20,6 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "serve": ("ray", "fastapi", "matplotlib"),
     "adaptive": ("matplotlib",),
-    "crosscheck": ("torchattacks",),
     "ray": ("ray",),
     "triton": ("tritonclient",),
 }

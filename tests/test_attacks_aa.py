@@ -1,5 +1,6 @@
 """Our AutoAttack components (scc.attacks: APGD-CE/DLR/T, FAB-T, Square, the sequences) on their own terms, and against
-torchattacks on identical inputs when it is installed (the optional `crosscheck` extra). The full-size comparison is
+torchattacks on identical inputs when it is installed (pip install torchattacks==3.5.1; no extra of scc: it pins
+requests~=2.25.1). The full-size comparison is
 benchmarks/attacks_vs_torchattacks.py (benchmarks/results/attacks-vs-torchattacks.json)."""
 import math
 
@@ -154,7 +155,7 @@ def test_components_run_on_known_draws_modules(tiny, batch):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Against torchattacks on identical inputs (skipped without the `crosscheck` extra)
+# Against torchattacks on identical inputs (skipped without it)
 # ----------------------------------------------------------------------------------------------------------
 def same_images(a, b, tol=1e-6):
     return ((a - b).flatten(1).abs().amax(1) <= tol).float().mean().item()
