@@ -19,7 +19,7 @@ class SccError(ValueError):
 EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "serve": ("ray", "fastapi", "matplotlib"),
-    "adaptive": ("torchattacks", "matplotlib"),
+    "adaptive": ("matplotlib",),
     "ray": ("ray",),
     "triton": ("tritonclient",),
 }

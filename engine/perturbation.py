@@ -14,6 +14,12 @@ def project(delta: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.minimum(torch.maximum(delta.clamp(-eps, eps), -x), 1 - x)
 
 
+def clip_image(z: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """The same projection in image space, for attacks that keep the adversarial image z itself:
+    min(max(z, x - eps), x + eps) clamped to [0, 1] (the attack libraries' formula, to their rounding)."""
+    return torch.minimum(torch.maximum(z, x - eps), x + eps).clamp(0.0, 1.0)
+
+
 def sign_step(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float,
               kernels: dict | None = None) -> torch.Tensor:
     """delta <- Pi(delta + alpha * sign(grad)): one projected sign-gradient ascent step. A NaN gradient entry

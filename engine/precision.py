@@ -7,9 +7,10 @@
 engine, the ONNX export): the image tower re-assembled with the same weights,
   - a ViT patch embedding (a Conv2d with stride == kernel) as reshape + matmul, whose input gradient is a matmul
     rather than a convolution_backward (the slowest op of a compiled graph on CPU);
-  - in a reduced dtype, the weights converted (the engine's own copy), the patch stem kept fp32 (Fp32Stem), the
-    self-attention as linear + SDPA on contiguous tensors (PackedSelfAttention), optionally the LayerNorms fp32
-    (Fp32LayerNorm, for the ONNX export), and fp32 pixels in, fp32 embeddings out (CastVisual);
+  - the self-attention as linear + SDPA on contiguous tensors (PackedSelfAttention), in every dtype;
+  - in a reduced dtype, the weights converted (the engine's own copy), the patch stem kept fp32 (Fp32Stem),
+    optionally the LayerNorms fp32 (Fp32LayerNorm, for the ONNX export), and fp32 pixels in, fp32 embeddings out
+    (CastVisual);
   - the hand kernels its defenses call (`classifier.kernels`: {"sign_step": fn, "view_augment": fn}).
 """
 from __future__ import annotations
@@ -145,7 +146,9 @@ class PackedSelfAttention(nn.Module):
     Inside nn.MultiheadAttention a batch_first input is transposed to (L, N, E) before the packed in-projection;
     the input gradient of that projection then goes through a batched matmul that materialises the (3E, E)
     weight once per token (`[50, 2304, 768]` for ViT-B/32), a strided copy that is slow in bf16 on CPU: it made
-    bf16 SCC (4 views per image) 2-3x slower than fp32 (profile: 56% of a backward pass in aten::copy_)."""
+    bf16 SCC (4 views per image) 2-3x slower than fp32 (profile: 56% of a backward pass in aten::copy_). In fp32 the
+    same batched matmul took 31% of compiled SCC-latency's time on ViT-B/32 (profile before issue 21: `aten::bmm`,
+    228 calls); the engine's copy uses this module in every dtype."""
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
@@ -198,8 +201,11 @@ def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float3
                     setattr(parent, name, Fp32Stem(stem, dtype))
                 elif any(child is m for m in norms):
                     setattr(parent, name, Fp32LayerNorm(child, dtype))
-                elif is_packable_attention(child):
-                    setattr(parent, name, PackedSelfAttention(child))
+    for parent in list(visual.modules()):  # every dtype: the fp32 engine's views hit the same batched matmul
+        for name, child in list(parent.named_children()):
+            if is_packable_attention(child):
+                setattr(parent, name, PackedSelfAttention(child))
+    if dtype != torch.float32:
         visual = CastVisual(visual, dtype, cast_input=stem is None)
     out = ZeroShotClassifier(visual, clf.text, clf.logit_scale, clf.image_size, clf.labels, name=clf.name,
                              mean=tuple(clf.mean.flatten().tolist()), std=tuple(clf.std.flatten().tolist()))

@@ -251,9 +251,10 @@ def _draws_in_graph(model, defended: Defended, pixels_name: str, draw_names: lis
     (its `Defense.draw_specs`):
 
     uniform, shaped like the image (B, 3, S, S): RandomUniformLike(pixels, low, high).
-    normal (B, ...): RandomNormal(shape) when B is a number; with a symbolic B,
-    RandomNormalLike(ConstantOfShape(Concat(Shape(pixels)[:1], [...]))). ORT fills every element of a
-    random node from the node's own generator, so each row of a batch gets its own draws either way.
+    normal or uniform of any other shape (B, ...): RandomNormal / RandomUniform(shape) when B is a number; with a
+    symbolic B, RandomNormalLike / RandomUniformLike(ConstantOfShape(Concat(Shape(pixels)[:1], [...]))). ORT
+    fills every element of a random node from the node's own generator, so each row of a batch gets its own
+    draws either way.
     """
     import numpy as np
     import onnx_ir as ir
@@ -269,19 +270,22 @@ def _draws_in_graph(model, defended: Defended, pixels_name: str, draw_names: lis
             low, high = draw.bounds(defended.config)
             nodes.append(ir.node("RandomUniformLike", [pixels],
                                  {"low": float(low), "high": float(high), "dtype": ir.DataType.FLOAT.value}))
-        elif draw.kind == "normal" and all(isinstance(d, int) for d in value.shape):
-            nodes.append(ir.node("RandomNormal", [], {"shape": [int(d) for d in value.shape], "mean": 0.0,
-                                                      "scale": 1.0, "dtype": ir.DataType.FLOAT.value}))
-        elif draw.kind == "normal":  # a symbolic batch: the shape is built from the pixels' batch
-            rest = ir.Value(name=f"{name}_shape_rest", shape=ir.Shape([len(value.shape) - 1]),
-                            type=ir.TensorType(ir.DataType.INT64),
-                            const_value=ir.tensor(np.array([int(d) for d in value.shape[1:]], dtype=np.int64)))
-            graph.register_initializer(rest)
-            batch = ir.node("Shape", [pixels], {"start": 0, "end": 1})
-            shape = ir.node("Concat", [batch.outputs[0], rest], {"axis": 0})
-            zeros = ir.node("ConstantOfShape", [shape.outputs[0]])
-            nodes += [batch, shape, zeros, ir.node("RandomNormalLike", [zeros.outputs[0]],
-                                                   {"mean": 0.0, "scale": 1.0, "dtype": ir.DataType.FLOAT.value})]
+        elif draw.kind in ("normal", "uniform"):  # any other shape: (B, ...) from the pixels' batch
+            low, high = draw.bounds(defended.config)
+            op, attrs = (("RandomNormal", {"mean": 0.0, "scale": 1.0}) if draw.kind == "normal" else
+                         ("RandomUniform", {"low": float(low), "high": float(high)}))
+            attrs["dtype"] = ir.DataType.FLOAT.value
+            if all(isinstance(d, int) for d in value.shape):
+                nodes.append(ir.node(op, [], {"shape": [int(d) for d in value.shape], **attrs}))
+            else:  # a symbolic batch: the shape is built from the pixels' batch
+                rest = ir.Value(name=f"{name}_shape_rest", shape=ir.Shape([len(value.shape) - 1]),
+                                type=ir.TensorType(ir.DataType.INT64),
+                                const_value=ir.tensor(np.array([int(d) for d in value.shape[1:]], dtype=np.int64)))
+                graph.register_initializer(rest)
+                batch = ir.node("Shape", [pixels], {"start": 0, "end": 1})
+                shape = ir.node("Concat", [batch.outputs[0], rest], {"axis": 0})
+                zeros = ir.node("ConstantOfShape", [shape.outputs[0]])
+                nodes += [batch, shape, zeros, ir.node(op + "Like", [zeros.outputs[0]], attrs)]
         else:
             raise SccError(f"export cannot draw {name!r} ({draw.kind}) inside the graph; "
                            "export with draws_as_inputs=True and feed it")

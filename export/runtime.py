@@ -39,6 +39,7 @@ from ..batching import padded_chunks
 from ..defenses import DEFENSES
 from ..draws import keyed_draws
 from ..errors import SccError, install_hint
+from ..timing import summarize, sync, time_calls, warm_up
 from ..validation import validate_pixels
 
 _ORT_DTYPES = {"tensor(float)": torch.float32, "tensor(float16)": torch.float16, "tensor(double)": torch.float64,
@@ -151,8 +152,7 @@ class StaticIOBinding:
     def run(self, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         for name, buf in self.inputs.items():
             buf.copy_(feeds[name])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # the copies are complete before ORT's stream reads the buffers
+        sync(self.device)  # the copies are complete before ORT's stream reads the buffers
         self.session.run_with_iobinding(self.binding)
         if self.device.type == "cuda":
             self.binding.synchronize_outputs()
@@ -353,9 +353,6 @@ def benchmark_cuda_graph(path: str | Path, repeats: int = 50, warmup: int = 5, d
         from scc.export.runtime import benchmark_cuda_graph
         report["ort_cuda_graph"] = benchmark_cuda_graph("ttc-b1.onnx")
     """
-    import statistics
-    import time
-
     ort = import_onnxruntime()
     check_cuda_graph_file(path, *_peek_inputs(Path(path)))
     if not torch.cuda.is_available() or "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -372,16 +369,10 @@ def benchmark_cuda_graph(path: str | Path, repeats: int = 50, warmup: int = 5, d
     draws = plain._make_draws(pixels)
 
     def timed(runner) -> tuple[float, torch.Tensor]:
-        for _ in range(warmup):  # the first runs of the graph session capture the graph
-            out = runner(pixels, draws)
-        torch.cuda.synchronize(device)
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = runner(pixels, draws)
-            torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3, out
+        call = lambda: runner(pixels, draws)
+        warm_up(call, device, warmup)  # the first runs of the graph session capture the graph
+        seconds = time_calls(call, device, repeats)
+        return summarize(seconds)["median"] * 1e3, call()
 
     plain_ms, plain_out = timed(plain)
     graph_ms, graph_out = timed(graph)

@@ -49,15 +49,16 @@ def _threads():
 # Triton kernels run on CPU tensors only under triton's interpreter, which triton picks when a kernel module is
 # imported (TRITON_INTERPRET=1 must be set before). Setting it in this process would turn every later Triton use
 # in the session into the slow interpreter, so on a CPU-only machine the kernel tests re-run themselves in a
-# fresh process that has it from the start: rerun_under_interpreter("tests/test_x.py::test_y").
+# fresh process that has it from the start: rerun_under_interpreter(["tests/test_x.py", "tests/test_y.py::test_z"]).
 
 
 @pytest.fixture
 def rerun_under_interpreter():
-    def run(node: str, timeout: int = 900) -> None:
+    def run(nodes: list[str], timeout: int = 900) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SCC_TRITON_")}  # no kill switch
         env["TRITON_INTERPRET"] = "1"
-        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "not under_interpreter", node]
+        cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "not under_interpreter",
+               *nodes]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         report = proc.stdout[-8000:] + proc.stderr[-3000:]
         assert proc.returncode == 0, f"`TRITON_INTERPRET=1 {' '.join(cmd[1:])}` failed:\n{report}"

@@ -17,7 +17,7 @@ from scc.errors import SccError
 
 EPS = 4 / 255
 TINY_SUITE = dict(pgd_steps=3, apgd_steps=3, eot_steps=2, eot_k=2, bpda_steps=2, transfer_steps=2, queries=5,
-                  sanity_images=2, sanity_steps=2, checkpoints=(0, 1, 3))
+                  fab_steps=2, targets=2, sanity_images=2, sanity_steps=2, checkpoints=(0, 1, 3))
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +112,8 @@ def test_transfer_surrogate_semantic_off_equals_zero_steps(tiny, few):
         assert torch.allclose(a(x, keys=range(len(x))), b(x, keys=range(len(x))), atol=1e-5)
 
 
-@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-dlr", "eot-pgd", "bpda-pgd", "transfer-nocorrect",
-                                    "square"])
+@pytest.mark.parametrize("attack", ["pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "eot-pgd", "bpda-pgd",
+                                    "transfer-nocorrect", "square"])
 def test_each_attack_stays_in_the_ball(tiny, few, attack):
     x, y = few
     d = scc.defend(tiny, "scc", preset="latency", seed=0)
@@ -122,12 +122,12 @@ def test_each_attack_stays_in_the_ball(tiny, few, attack):
 
 
 def test_apgd_ce_at_least_as_strong_as_pgd10(tiny, digits):
-    torchattacks = pytest.importorskip("torchattacks")
+    from scc.attacks import apgd as run_apgd
+
     x, y = digits[0][:64], digits[1][:64]
     pgd10 = accuracy(tiny, pgd(tiny, x, y, eps=EPS, alpha=1 / 255, steps=10,
                                generator=torch.Generator().manual_seed(0)), y)
-    apgd = accuracy(tiny, torchattacks.APGD(tiny, norm="Linf", eps=EPS, steps=100, n_restarts=1, seed=0,
-                                            loss="ce")(x, y), y)
+    apgd = accuracy(tiny, run_apgd(tiny, x, y, EPS, loss="ce", steps=100, restarts=1, seed=0), y)
     assert apgd <= pgd10 + 0.04, f"APGD-CE-100 {apgd:.3f} vs PGD-10 {pgd10:.3f}"
 
 
@@ -246,12 +246,12 @@ def test_one_eval_parser_for_both_protocols(capsys, monkeypatch):
     import importlib.util
 
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchattacks" else
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else
                         find_spec(name, *a))
-    for argv in (["eval", "--attacks", "apgd-ce"], ["eval", "--protocol", "adaptive"]):
+    for argv in (["eval", "--attacks", "apgd-ce", "--out", "plots"], ["eval", "--protocol", "adaptive", "--out", "p"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "torchattacks" in err and "pip install 'scc-defense[adaptive]'" in err, err
+        assert err.count("\n") == 1 and "matplotlib" in err and "pip install 'scc-defense[adaptive]'" in err, err
 
 
 @pytest.fixture

@@ -23,20 +23,39 @@ ROW_KEYS = {"defense", "preset", "backend", "seconds_per_image", "p20", "p80", "
 
 def test_bench_main_writes_the_json_schema(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["--images", "2", "--defenses", "none,ttc,scc-latency,scc,rtpt", "--json", str(out)]) == 0
+    assert main(["--images", "2", "--batch-size", "1,2", "--defenses", "none,ttc,scc-latency,scc,rtpt",
+                 "--json", str(out)]) == 0
     report = json.loads(out.read_text())
-    assert {"hardware", "versions", "model", "batch_size", "n_images", "rows"} <= set(report)
+    assert {"hardware", "versions", "model", "batch_size", "batch_sizes", "n_images", "rows"} <= set(report)
     assert {"cpu", "cpu_cores"} <= set(report["hardware"]) and {"torch", "open_clip"} <= set(report["versions"])
-    assert (report["model"], report["batch_size"], report["n_images"]) == ("scc-tiny-digits", 1, 2)
-    assert [(r["defense"], r["preset"]) for r in report["rows"]] == [
-        ("none", "paper"), ("ttc", "paper"), ("scc", "latency"), ("scc", "paper"), ("rtpt", "paper")]
+    assert (report["model"], report["batch_sizes"], report["n_images"]) == ("scc-tiny-digits", [1, 2], 2)
+    # the official TTC procedure rides with the TTC rows of every batch size
+    want = [("none", "paper"), ("ttc", "official"), ("ttc", "paper"), ("scc", "latency"), ("scc", "paper"),
+            ("rtpt", "paper")]
+    assert [(r["defense"], r["preset"], r["batch_size"]) for r in report["rows"]] == \
+        [(d, p, b) for b in (1, 2) for d, p in want]
     for row in report["rows"]:
         assert ROW_KEYS <= set(row)
-        # eager is the reference the other backends are compared with: no agreement with itself
-        assert row["backend"] == "eager" and row["compile_seconds"] is None and row["top1_agreement"] is None
+        assert row["backend"] == "eager" and row["compile_seconds"] is None
         assert 0 < row["p20"] <= row["seconds_per_image"] <= row["p80"]
+        assert row["speedup_vs_official"] == pytest.approx(
+            next(o["seconds_per_image"] for o in report["rows"]
+                 if o["label"] == "ttc-official" and o["batch_size"] == row["batch_size"]) / row["seconds_per_image"])
+        if row["label"] == "ttc-official":  # the engine's TTC gives the official procedure's answers
+            assert row["top1_agreement"] == 1.0
+        else:  # eager fp32 is the reference the other backends are compared with: no agreement with itself
+            assert row["top1_agreement"] is None
     table = capsys.readouterr().out
     assert "x TTC" in table and "R-TPT/x" in table and "0.37" in table and "R-TPT/SCC" in table
+    assert "x off." in table and "batch 2 eager fp32: R-TPT/SCC" in table
+
+
+def test_batch_sizes_must_divide_the_images(capsys):
+    assert main(["--images", "4", "--batch-size", "1,3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "every --batch-size (3 is not a divisor); e.g. --images 3" in err, err
+    assert main(["--batch-size", "1,0"]) == 2
+    assert "must be a positive integer, got '0'" in capsys.readouterr().err
 
 
 def test_unknown_backend_and_defense_are_clear_errors(capsys):
@@ -71,11 +90,16 @@ def test_missing_backend_module_says_so(tiny, monkeypatch):
 
 def test_explain_counts_match_spec_section_5(tmp_path, capsys):
     out = tmp_path / "explain.json"
-    assert main(["--explain", "--defenses", "none,ttc,scc,scc-latency,rtpt", "--json", str(out)]) == 0
+    table1 = "anti-adv,anti-adv-ttc-budget,hd,hd-ttc-budget,doc,dbd,agc"
+    assert main(["--explain", "--defenses", f"none,ttc,scc,scc-latency,rtpt,{table1}", "--json", str(out)]) == 0
     rows = {r["defense"]: r for r in json.loads(out.read_text())["explain"]}
     # spec section 5: image fwd, image bwd, text fwd, text bwd, sequential rounds per image
     want = {"none": (1, 0, 0, 0, 1), "ttc": (4, 2, 0, 0, 4), "scc": (19, 14, 0, 0, 7),
-            "scc-latency": (10, 5, 0, 0, 4), "rtpt": (64, 0, 2, 1, 3)}
+            "scc-latency": (10, 5, 0, 0, 4), "rtpt": (64, 0, 2, 1, 3),
+            # Table 1's peers: K+1 / K (anti-adv), T / T-1 (hd), M+T+2 / T (doc), one round of views (dbd, agc)
+            "anti-adv": (3, 2, 0, 0, 3), "anti-adv-ttc-budget": (3, 2, 0, 0, 3), "hd": (20, 19, 0, 0, 20),
+            "hd-ttc-budget": (2, 1, 0, 0, 2), "doc": (11, 4, 0, 0, 6), "dbd": (32, 0, 0, 0, 1),
+            "agc": (33, 0, 0, 0, 1)}
     for name, counts in want.items():
         m = rows[name]["measured"]
         got = (m["image_forwards"], m["image_backwards"], m["text_forwards"], m["text_backwards"], m["rounds"])
@@ -117,3 +141,19 @@ def test_benchmark_suite_runs_and_its_json_prints(tmp_path, capsys):
     assert main(["--from-benchmark-json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "rtpt" in table and "ttc" in table and "R-TPT/x" in table
+
+
+def test_operator_profile_splits_matmuls_from_the_rest():
+    """scc.bench.profile: the profiled call's self time is split into matmuls, attention and the rest."""
+    import torch
+
+    from scc.bench.profile import format_profile, is_matmul, operator_profile
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+    report = operator_profile(lambda: (a @ b).relu().sum(), calls=2)
+    names = [r["op"] for r in report["top"]]
+    assert "aten::mm" in names and "aten::relu" in names, names
+    assert 0 < report["matmul_s"] <= report["operator_self_s"] and report["attention_s"] == 0
+    assert 0 < report["matmul_share"] < 1 and report["outside_matmul_share"] == pytest.approx(1 - report["matmul_share"])
+    assert is_matmul("mkldnn::_linear_pointwise") and is_matmul("cpp_CppMicroGemmAMX_1") and not is_matmul("aten::gelu")
+    assert format_profile("x", report).startswith("x: ")

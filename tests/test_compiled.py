@@ -9,6 +9,7 @@ import warnings
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import scc
 from scc.backends.compiled import Engine
@@ -65,9 +66,14 @@ def test_ttc_buckets_padding_and_splitting(tiny, digits):
     images, _ = digits
     defended = scc.defend(tiny, "ttc", seed=1, steps=1)  # one step: a smaller graph to compile
     engine = Engine(defended, max_batch=2)
-    assert engine.buckets == [1, 2]
-    seconds = engine.warmup(2)
+    assert engine.buckets == [1, 2] and engine.freeze  # CPU: weights frozen into the graph by default
+    packed = counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"]
+    with torch._inductor.config.patch(fx_graph_cache=False):  # a cache hit would skip the passes counted here
+        seconds = engine.warmup(2)
     assert seconds > 0 and engine.compile_seconds == {2: seconds}
+    # freezing took effect (the weights were pre-packed for oneDNN/MKL) and was switched on for that compile only
+    assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > packed
+    assert torch._inductor.config.freezing is False
     breaks = graph_breaks()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no compile inside a request: bucket 2 serves every chunk
@@ -166,7 +172,7 @@ def test_triton_backend_on_cpu_falls_back_and_says_so(tiny, monkeypatch):
     assert engine.kernels["view_augment"] == "reference (zoom views: the kernel has no zoom)", engine.kernels
 
 
-@pytest.mark.skipif(KERNEL_DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see test_triton_backend_under_interpreter")
+@pytest.mark.skipif(KERNEL_DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see tests/test_kernels_interpreted.py")
 def test_triton_backend_runs_kernels_in_graph(tiny, digits, monkeypatch):
     """Flip views (the kernel has no zoom) and no Stages 1-2 keep the graph small: the warm-up step runs the
     sign-step kernel and the 4-view prediction the view kernel, both inside the compiled graph."""
@@ -196,10 +202,6 @@ def test_triton_backend_runs_kernels_in_graph(tiny, digits, monkeypatch):
     torch.testing.assert_close(out, eager, atol=1e-3, rtol=0)
     assert min(sign_agreement(trace_engine, trace_eager)) >= 0.99
 
-
-@pytest.mark.skipif(KERNEL_DEVICE is not None, reason="the kernels run in this process")
-def test_triton_backend_under_interpreter(rerun_under_interpreter):
-    rerun_under_interpreter(f"{__file__}::test_triton_backend_runs_kernels_in_graph")
 
 
 def test_gpu_check_cpu_parts():

@@ -13,7 +13,7 @@ from scc.perturbation import sign_step as eager_sign_step
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
-kernel_only = pytest.mark.skipif(DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see test_under_interpreter")
+kernel_only = pytest.mark.skipif(DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see tests/test_kernels_interpreted.py")
 
 # fp32: the step is exact up to a fused multiply-add (one ulp of delta). bf16 (CUDA only: the interpreter runs
 # fp32): the kernel may differ from the fp32 reference by at most twice what the torch reference itself loses
@@ -132,7 +132,3 @@ def test_cpu_without_interpreter_falls_back(monkeypatch):
     d = torch.zeros_like(x)
     torch.testing.assert_close(ss.sign_step(d, g, x, ALPHA, EPS), ss.sign_step_ref(d, g, x, ALPHA, EPS), atol=0, rtol=0)
 
-
-@pytest.mark.skipif(DEVICE is not None, reason="the kernels run in this process")
-def test_under_interpreter(rerun_under_interpreter):
-    rerun_under_interpreter(__file__)

@@ -78,3 +78,21 @@ def test_perturbation_stays_in_ball_and_box(tiny, digits):
 def test_config_errors():
     with pytest.raises(scc.SccError, match="at least one counterattack step"):
         TTCConfig(steps=0)
+
+
+@pytest.mark.parametrize("tau_thres", [0.2, 0.0147])  # every image counterattacked / about half of them
+def test_ttc_equals_the_official_procedure(tiny, digits, tau_thres):
+    """scc's TTC (eager fp32) against scc.bench.official, an independent implementation of the official code's
+    order of passes (reference forward, K forward+autograd.grad steps, final forward), on the same draws."""
+    from scc.bench.official import official_ttc
+
+    x = digits[0][:64]
+    d = scc.defend(tiny, "ttc", seed=0, tau_thres=tau_thres)
+    draws = d.draws(x)
+    _, tau = counterattack(tiny, x, d.config, draws["start"])
+    gated = (tau < tau_thres).float().mean().item()
+    assert (gated == 1.0) if tau_thres == 0.2 else (0.2 < gated < 0.8), gated
+    with torch.no_grad():
+        ours, official = d(x, draws), official_ttc(tiny, x, draws["start"], tau_thres=tau_thres)
+    assert torch.equal(ours.argmax(1), official.argmax(1))
+    torch.testing.assert_close(ours, official, atol=1e-4, rtol=0)

@@ -14,7 +14,7 @@ from scc.defenses.views import apply_views, parse_views
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
-kernel_only = pytest.mark.skipif(DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see test_under_interpreter")
+kernel_only = pytest.mark.skipif(DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see tests/test_kernels_interpreted.py")
 
 # fp32 differs from the reference by rounding order only (fma, sum-then-divide): atol 2e-6, rtol 1e-5. bf16 (CUDA
 # only; the interpreter runs fp32): at most twice the error the torch reference itself makes in bf16 against
@@ -165,7 +165,3 @@ def test_cpu_without_interpreter_falls_back(monkeypatch):
     args = (z, [True, False], [False, True], noise, 0.1, mean, std)
     torch.testing.assert_close(va.view_augment(*args), va.view_augment_ref(*args), atol=0, rtol=0)
 
-
-@pytest.mark.skipif(DEVICE is not None, reason="the kernels run in this process")
-def test_under_interpreter(rerun_under_interpreter):
-    rerun_under_interpreter(__file__)

@@ -25,15 +25,20 @@ class KnownDraws(nn.Module):
     on adversarial images (any subset, any order, each within eps of one x0 row) uses that row's draws.
 
     Rows are matched by L_inf distance: a row belongs to the clean image within eps + 1e-6 of it; none or several
-    such images is an error (SccError) rather than a silent wrong guess. `calls` counts forward calls."""
+    such images is an error (SccError) rather than a silent wrong guess. match="nearest" is for attacks whose
+    iterates leave the eps ball (FAB searches for the closest boundary point at any distance): a row belongs to
+    its nearest clean image, and a tie is the error. `calls` counts forward calls."""
 
     def __init__(self, defended: nn.Module, x0: torch.Tensor, keys: Sequence[Hashable], eps: float,
-                 draws: dict[str, torch.Tensor] | None = None):
+                 draws: dict[str, torch.Tensor] | None = None, match: str = "ball"):
         super().__init__()
+        if match not in ("ball", "nearest"):
+            raise SccError(f"KnownDraws match={match!r}; choose ball or nearest")
         self.defended = defended
         self.x0 = x0.detach()
         self.keys = list(keys)
         self.eps = float(eps)
+        self.match = match
         self.draws = defended.draws(x0, self.keys) if draws is None else draws
         self.calls = 0
         self.last_rows: torch.Tensor | None = None
@@ -42,12 +47,14 @@ class KnownDraws(nn.Module):
         """Index (n,) into x0 of each row of x (n, 3, H, W)."""
         a, b = x.detach().flatten(1), self.x0.flatten(1)
         dist = torch.stack([(row[None] - b).abs().amax(1) for row in a]) if len(a) else a.new_zeros((0, len(b)))
-        hit = dist <= self.eps + 1e-6
+        nearest = self.match == "nearest"
+        hit = dist == dist.amin(1, keepdim=True) if nearest else dist <= self.eps + 1e-6
         count = hit.sum(1)
         if bool((count != 1).any()):
             bad = (count != 1).nonzero().flatten().tolist()[:5]
-            raise SccError(f"KnownDraws: rows {bad} are within eps={self.eps:.5f} of {count[bad].tolist()} clean "
-                           "images (need exactly one): cannot tell which image's draws to use")
+            why = ("are equally near to several clean images" if nearest else
+                   f"are within eps={self.eps:.5f} of {count[bad].tolist()} clean images (need exactly one)")
+            raise SccError(f"KnownDraws: rows {bad} {why}: cannot tell which image's draws to use")
         return hit.float().argmax(1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,15 @@ torch references. One engine serves one caller at a time (CUDA-graph outputs are
 can overwrite them).
 mode: None, "max-autotune-no-cudagraphs", or on CUDA "reduce-overhead" / "max-autotune" (CUDA graphs;
 outputs are cloned out of the graph's memory).
+
+freeze (default: on for CPU): Inductor's freezing while a bucket compiles. The graph is an inference graph (no
+gradient leaves it; its input gradients are internal), so the weights can be constants of it: Inductor then
+pre-packs each matmul's weight once, for the forward and for the input-gradient products (oneDNN for bf16, MKL
+for fp32), instead of re-laying it out on every call. The engine's weights are frozen already (scc.precision
+engine_classifier); a caller who changes the classifier's weights builds a new engine.
+
+packages=FOLDER: buckets whose AOTInductor package (scc.backends.packages, written by `build_packages`) is in
+FOLDER are loaded from it in seconds instead of compiled; the others compile as usual.
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ import types
 import warnings
 
 import torch
+import torch._inductor.config as inductor_config
 
 from ..attention import attention
 from ..batching import padded_chunks, power_of_two_buckets
@@ -43,6 +53,7 @@ from ..defenses import Defended
 from ..defenses.scc import SCCConfig
 from ..errors import SccError
 from ..precision import DTYPES, check_dtype_on_device, engine_classifier
+from ..timing import sync
 from ..validation import validate_draws, validate_pixels
 
 ENGINE_BACKENDS = ("compiled", "triton")  # the scc.backends names this engine serves
@@ -72,7 +83,7 @@ class Engine:
     """`engine(x, draws=None, trace=None) -> logits`, the compiled counterpart of `defended(x, draws, trace)`."""
 
     def __init__(self, defended: Defended, backend: str = "compiled", max_batch: int = 8, mode: str | None = None,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, freeze: bool | None = None, packages: str | None = None):
         if not isinstance(defended, Defended):
             raise SccError(f"Engine wraps a scc.defend(...) module, got {type(defended).__name__}")
         if backend not in ENGINE_BACKENDS:
@@ -86,9 +97,17 @@ class Engine:
             dtype, defended = defended.dtype, defended.with_dtype(torch.float32)
         check_dtype_on_device(dtype, defended.classifier.text.device)
         self.defended, self.backend, self.mode, self.dtype = defended, backend, mode, dtype
+        self.device = defended.classifier.text.device
+        # Inductor freezing: the weights become constants of the graph, which lets it pre-pack every matmul's
+        # weight once (oneDNN for bf16, MKL for fp32) instead of re-laying it out on every call
+        self.freeze = self.device.type == "cpu" if freeze is None else bool(freeze)
+        if packages is not None and (backend != "compiled" or mode is not None):
+            raise SccError("AOTInductor packages (packages=FOLDER) hold the plain compiled graph: use them with "
+                           f"backend='compiled' and mode=None, not backend={backend!r}, mode={mode!r}")
+        self.packages = packages  # a folder of AOTInductor packages (scc.backends.packages) to load buckets from
+        self.loaded_packages: dict[int, str] = {}  # bucket -> the package file it runs
         self.buckets = power_of_two_buckets(max_batch)
         self.max_batch = max_batch
-        self.device = defended.classifier.text.device
         self.cuda_graphs = mode in CUDA_GRAPH_MODES
         if self.cuda_graphs and self.device.type != "cuda":
             raise SccError(f"mode {mode!r} captures CUDA graphs and needs a CUDA model, this one is on "
@@ -113,6 +132,7 @@ class Engine:
         self.compile_seconds: dict[int, float] = {}  # bucket -> seconds of its first (compiling) call
         self.trace_compile_seconds: dict[int, float] = {}  # the same for the traced graphs (tests, diagnostics)
         self._graphs: dict[tuple[int, bool], object] = {}
+        self._packaged: dict[int, object] = {}  # bucket -> a loaded scc.backends.packages.Package
 
     # ------------------------------------------------------------------------------------------------------
     def _graph(self, bucket: int, traced: bool):
@@ -138,6 +158,10 @@ class Engine:
     def _run(self, bucket: int, traced: bool, x: torch.Tensor, draws: list[torch.Tensor]):
         # Once a graph is compiled its guards are skipped: it is the only entry of its own code object and the
         # inputs are checked here instead (shape = bucket, float32, device, contiguous; no grad).
+        if not traced and bucket in self._packaged:
+            package, named = self._packaged[bucket], dict(zip(self.draw_keys, draws))
+            with torch.no_grad():
+                return (package(x, [named[k] for k in package.inputs[1:]]),)
         compiled = bucket in self._times(traced)
         with torch.no_grad(), \
                 torch.compiler.set_stance(skip_guard_eval_unsafe=True) if compiled else contextlib.nullcontext():
@@ -155,23 +179,33 @@ class Engine:
 
     def _compile(self, bucket: int, traced: bool) -> float:
         times = self._times(traced)
+        if bucket not in times and not traced and self.packages is not None:
+            from .packages import find_package, load_package
+
+            if find_package(self.defended, self.packages, bucket, self.dtype):  # load instead of compiling
+                package = load_package(self.defended, self.packages, bucket, self.dtype)
+                self._packaged[bucket], self.loaded_packages[bucket] = package, package.path
+                times[bucket] = package.load_seconds
         if bucket not in times:
             x, draws = self.defended.example_inputs(bucket, device=self.device)
             args = [draws[k] for k in self.draw_keys]
             start = time.perf_counter()
+            # freezing is read while Dynamo traces (parameters become graph attributes) and while Inductor
+            # compiles, so it is switched on around the compiling call only, never process-wide
+            freezing = inductor_config.patch(freezing=True) if self.freeze else contextlib.nullcontext()
             try:
-                self._run(bucket, traced, x, args)
+                with freezing:
+                    self._run(bucket, traced, x, args)
             except torch._dynamo.exc.Unsupported as err:  # fullgraph=True: a graph break is an error
                 first = str(err).strip().splitlines()[0]
                 raise SccError(f"defense {self.defended.defense!r} does not compile into one graph: {first}; "
                                "use the eager module (backend eager) for it") from err
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            sync(self.device)
             times[bucket] = time.perf_counter() - start
             if self.cuda_graphs:  # cudagraph trees record on a later call: keep that out of the first request too
                 for _ in range(2):
                     self._run(bucket, traced, x, args)
-                torch.cuda.synchronize(self.device)
+                sync(self.device)
         return times[bucket]
 
     def warmup(self, batch_size: int) -> float:
@@ -179,6 +213,18 @@ class Engine:
         if not isinstance(batch_size, int) or not 1 <= batch_size <= self.max_batch:
             raise SccError(f"warmup takes a batch size in 1..max_batch={self.max_batch}, got {batch_size!r}")
         return self._compile(next(b for b in self.buckets if b >= batch_size), traced=False)
+
+    def build_packages(self, folder: str, buckets: list[int] | None = None) -> list[dict]:
+        """Write an AOTInductor package (scc.backends.packages) of this engine's graph for each bucket (default:
+        all) into `folder`; an Engine(..., packages=folder) with the same settings then loads them instead of
+        compiling. Returns build_package's info per bucket."""
+        from .packages import build_package
+
+        if self.backend != "compiled" or self.mode is not None:
+            raise SccError("packages hold the plain compiled graph: build them from Engine(backend='compiled', "
+                           "mode=None)")
+        return [build_package(self.defended, folder, b, self.dtype, freeze=self.freeze)
+                for b in (buckets or self.buckets)]
 
     # ------------------------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, draws: dict[str, torch.Tensor] | None = None,
@@ -209,5 +255,6 @@ class Engine:
 
     def __repr__(self) -> str:
         return (f"Engine({self.defended.defense}-{self.defended.preset}, backend={self.backend}, mode={self.mode}, "
-                f"dtype={self.dtype}, buckets={self.buckets}, compiled={sorted(self.compile_seconds)}, "
+                f"dtype={self.dtype}, freeze={self.freeze}, buckets={self.buckets}, "
+                f"compiled={sorted(self.compile_seconds)}, "
                 f"kernels={self.kernels})")

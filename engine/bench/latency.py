@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..backends import BackendUnavailable, make_runner
+from ..backends import BackendUnavailable, Runner, make_runner
 from ..data import DTD_CLASSES, TEMPLATES, classifier_for, load_dataset
 from ..defenses import defend, label_of, split_label
 from ..errors import SccError
@@ -33,6 +33,7 @@ from ..passes import count_passes
 from ..precision import check_dtype_on_device, dtype_name
 from ..timing import summarize, timed_call, warm_up
 from ..validation import check_device
+from .official import LABEL as OFFICIAL, official_ttc
 from .roofline import count_flops, matmul_peak, memory_bandwidth, roofline, weight_bytes
 
 DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
@@ -93,24 +94,52 @@ def machine_limits(dtypes: Sequence[torch.dtype], device: str | torch.device, se
     return {"matmul_peak_gflops": peaks, "memory_gbps": bandwidth}
 
 
-def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[str], x: torch.Tensor,
-            batch_size: int = 1, warmup: int = 1, repeats: int = 1, seed: int = 0,
-            log: Callable[[str], None] | None = None, dtypes: Sequence[torch.dtype] = (torch.float32,),
-            limits: dict | None = None) -> tuple[list[dict], list[dict]]:
-    """(rows, skipped): one row per defense x backend x dtype; skipped lists what a backend cannot run, with
-    the reason.
+def official_runner(defended, batch_size: int) -> Runner:
+    """The official TTC procedure (scc.bench.official, eager fp32) with `defended`'s TTC settings, as a runner that
+    replays TTC's draws: the reference row the engine's TTC rows are timed against."""
+    cfg, clf = defended.config, defended.classifier
+    settings = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, tau_thres=cfg.tau_thres, beta=cfg.beta)
+    return Runner(backend="eager", defense=OFFICIAL, batch_size=batch_size, dtype=torch.float32,
+                  device=clf.text.device,
+                  run=lambda x, draws=None: official_ttc(clf, x, (draws or defended.draws(x))["start"], **settings))
 
-    Per defense, every (backend, dtype) runner is built and warmed up first; then the timed calls interleave
-    them batch by batch (round-robin), so load that comes and goes on a shared machine hits every row alike and
-    the ratios between rows are measured in one run. `top1_agreement` compares a row's top-1 with the eager fp32
-    backend's on the same images and draws (the eager fp32 row is the reference itself: None). Roofline columns
-    (scc.bench.roofline): FLOPs per image counted in an eager run, the achieved GFLOP/s and its fraction of `limits`'
-    measured matmul peak for the row's dtype; on CUDA at batch 1 also the weight-streaming bound (sequential
-    encoder rounds x weight bytes / measured bandwidth)."""
+
+def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[str], x: torch.Tensor,
+            batch_size: int | Sequence[int] = 1, warmup: int = 1, repeats: int = 1, seed: int = 0,
+            log: Callable[[str], None] | None = None, dtypes: Sequence[torch.dtype] = (torch.float32,),
+            limits: dict | None = None, official: bool = True) -> tuple[list[dict], list[dict]]:
+    """(rows, skipped): one row per defense x batch size x backend x dtype; skipped lists what a backend cannot
+    run, with the reason.
+
+    Per defense and batch size, every (backend, dtype) runner is built and warmed up first; then the timed calls
+    interleave them batch by batch (round-robin), so load that comes and goes on a shared machine hits every row
+    alike and the ratios between rows are measured in one run. With `official` and TTC among the defenses, the
+    official TTC procedure (scc.bench.official, eager fp32, label "ttc-official") runs interleaved with the TTC
+    rows on the same draws, and every row of that batch size gets `speedup_vs_official`. `top1_agreement`
+    compares a row's top-1 with the eager fp32 backend's on the same images and draws (the eager fp32 row is the
+    reference itself: None). Roofline columns (scc.bench.roofline): FLOPs per image counted in an eager run of the
+    defense, the achieved GFLOP/s and its fraction of `limits`' measured matmul peak for the row's dtype; on CUDA at
+    batch 1 also the weight-streaming bound (sequential encoder rounds x weight bytes / measured bandwidth)."""
+    sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
+    rows, skipped = [], []
+    for size in sizes:
+        rows += _measure_batch(clf, labels, backends, x, size, warmup, repeats, seed, log, dtypes, limits or {},
+                               official, skipped)
+    for r in rows:  # speed-ups measured in the same run: over fp32 (same backend), over the official TTC procedure
+        same = [o for o in rows if o["batch_size"] == r["batch_size"]]
+        base = next((o["seconds_per_image"] for o in same if o["label"] == r["label"] and o["backend"] == r["backend"]
+                     and o["dtype"] == "fp32"), None)
+        r["speedup_vs_fp32"] = base / r["seconds_per_image"] if base else None
+        official_s = next((o["seconds_per_image"] for o in same if o["label"] == OFFICIAL), None)
+        r["speedup_vs_official"] = official_s / r["seconds_per_image"] if official_s else None
+    return rows, skipped
+
+
+def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, log, dtypes, limits, official,
+                   skipped) -> list[dict]:
     batches = batches_of(x, batch_size)
     device = batches[0].device
-    rows, skipped = [], []
-    limits = limits or {}
+    rows = []
     order = (["eager"] if "eager" in backends else []) + [b for b in backends if b != "eager"]
     for label in labels:
         name, preset = split_label(label)
@@ -119,7 +148,10 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
         with count_passes(clf, batch_size) as counter:  # one eager call counts FLOPs and encoder rounds
             flops = count_flops(defended, batches[0], draws[0]) / batch_size
         rounds = counter.image_rounds
+        passes = {k: v for k, v in counter.summary().items() if k != "image_rounds"}  # per image, counted
         runners = []
+        if official and label == "ttc":
+            runners.append((official_runner(defended, batch_size), None, [], []))
         for backend in order:
             for dtype in dtypes:
                 if any(s["backend"] == backend and s["defense"] == "*" for s in skipped):
@@ -128,21 +160,25 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
                     runner = make_runner(defended, backend, batch_size, dtype=dtype)
                 except BackendUnavailable as err:
                     missing = isinstance(err.__cause__, ImportError)
-                    skipped.append({"defense": "*" if missing else label, "backend": backend,
-                                    "dtype": dtype_name(dtype), "reason": str(err)})
-                    if log:
-                        log(f"skipping {'every defense' if missing else label} on {backend} "
-                            f"{dtype_name(dtype)}: {err}")
+                    if not any(s["defense"] == ("*" if missing else label) and s["backend"] == backend
+                               and s["dtype"] == dtype_name(dtype) for s in skipped):
+                        skipped.append({"defense": "*" if missing else label, "backend": backend,
+                                        "dtype": dtype_name(dtype), "reason": str(err)})
+                        if log:
+                            log(f"skipping {'every defense' if missing else label} on {backend} "
+                                f"{dtype_name(dtype)}: {err}")
                     continue
-                try:
-                    warmup_seconds = warm_up(lambda: runner(batches[0], draws[0]), device, warmup)
-                except SccError as err:  # this row cannot run: say so, keep measuring the others
-                    skipped.append({"defense": label, "backend": backend, "dtype": dtype_name(dtype),
-                                    "reason": str(err)})
-                    if log:
-                        log(f"skipping {label} on {backend} {dtype_name(dtype)}: {err}")
-                    continue
-                runners.append((runner, warmup_seconds, [], []))
+                runners.append((runner, None, [], []))
+        for i, (runner, _, seconds, outputs) in enumerate(list(runners)):
+            try:
+                runners[i] = (runner, warm_up(lambda: runner(batches[0], draws[0]), device, warmup), seconds, outputs)
+            except SccError as err:  # this row cannot run: say so, keep measuring the others
+                skipped.append({"defense": runner.defense, "backend": runner.backend,
+                                "dtype": dtype_name(runner.dtype), "batch_size": batch_size, "reason": str(err)})
+                if log:
+                    log(f"skipping {runner.defense} on {runner.backend} {dtype_name(runner.dtype)}: {err}")
+                runners[i] = None
+        runners = [r for r in runners if r is not None]
         with torch.no_grad():
             for rep in range(repeats):
                 for b, d in zip(batches, draws):
@@ -151,31 +187,30 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
                         seconds.append(t)
                         if rep == 0:
                             outputs.append(out.detach().float().cpu())
-            reference = next((o for r, _, _, o in runners if r.backend == "eager" and r.dtype == torch.float32), None)
+            is_reference = lambda r: r.backend == "eager" and r.dtype == torch.float32 and r.defense == label
+            reference = next((o for r, _, _, o in runners if is_reference(r)), None)
             if reference is None:  # the eager fp32 reference on the same draws, untimed
                 reference = [defended(b, d).float().cpu() for b, d in zip(batches, draws)]
         for runner, warmup_seconds, seconds, outputs in runners:
-            is_reference = runner.backend == "eager" and runner.dtype == torch.float32
             stats = summarize(seconds, per=batch_size)
             dt = dtype_name(runner.dtype)
             peak = limits.get("matmul_peak_gflops", {}).get(dt)
-            row = {"defense": name, "preset": preset, "label": label, "backend": runner.backend, "dtype": dt,
+            row_preset = "official" if runner.defense == OFFICIAL else preset
+            row = {"defense": name, "preset": row_preset, "label": runner.defense, "backend": runner.backend,
+                   "dtype": dt, "batch_size": batch_size,
                    "seconds_per_image": stats["median"], "p20": stats["p20"], "p80": stats["p80"],
                    "compile_seconds": runner.compile_seconds, "warmup_seconds": warmup_seconds,
                    "timed_calls": stats["calls"],
-                   "top1_agreement": None if is_reference else agreement(outputs, reference),
-                   **roofline(flops, stats["median"], peak), "encoder_rounds": rounds}
+                   "top1_agreement": None if is_reference(runner) else agreement(outputs, reference),
+                   **roofline(flops, stats["median"], peak), "encoder_rounds": rounds, "encoder_passes": passes}
             if limits.get("memory_gbps") and batch_size == 1:
                 bound = rounds * weight_bytes(clf, runner.dtype) / (limits["memory_gbps"] * 1e9)
                 row.update(weight_streaming_bound_s=bound, weight_streaming_fraction=bound / stats["median"])
             rows.append(row)
             if log:
-                log(f"{label:<14}{runner.backend:<10}{dt:<6}{row['seconds_per_image']:.4f} s/image")
-    for r in rows:  # speed-up of reduced precision over fp32 on the same backend, same run
-        base = next((o["seconds_per_image"] for o in rows if o["label"] == r["label"] and o["backend"] == r["backend"]
-                     and o["dtype"] == "fp32"), None)
-        r["speedup_vs_fp32"] = base / r["seconds_per_image"] if base else None
-    return rows, skipped
+                log(f"{runner.defense:<20}{runner.backend:<10}{dt:<6}batch {batch_size:<4}"
+                    f"{row['seconds_per_image']:.4f} s/image")
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -186,18 +221,22 @@ def _ratio(a: float | None, b: float | None) -> str:
 
 
 def format_table(report: dict) -> str:
-    """Rows = defense x backend: our s/image, p20-p80, compile s, top-1 agreement, x TTC, R-TPT / row, and
-    SCC Table 4's figures (R-TPT 0.37 s, TTC 0.012 s, SCC 0.0125 s; robust acc 32.8/27.4/34.6) beside them."""
+    """Rows = defense x batch size x backend x dtype: our s/image, p20-p80, compile s, top-1 agreement, x fp32,
+    the roofline columns, x TTC, x the official TTC procedure, R-TPT / row, and SCC Table 4's figures (R-TPT 0.37 s,
+    TTC 0.012 s, SCC 0.0125 s; robust acc 32.8/27.4/34.6) beside them."""
     hw = report.get("hardware", {})
     where = hw.get("gpu") or f"{hw.get('cpu', '?')} ({hw.get('cpu_cores', '?')} cores, {hw.get('torch_threads', '?')} threads)"
-    lines = [f"{report.get('model')} on {where}, batch {report.get('batch_size')}, {report.get('n_images')} images"
-             + (f" ({report['pixels']})" if report.get("pixels") else "")]
-    head = (f"{'defense':<14}{'backend':<10}{'dtype':<6}{'s/image':>9}{'p20-p80':>17}{'compile s':>11}{'top1=':>7}"
-            f"{'x fp32':>7}{'GFLOP':>8}{'GFLOP/s':>9}{'%peak':>7}{'x TTC':>8}{'R-TPT/x':>9}  | "
-            f"{'paper s':>8}{'x TTC':>7}{'R-TPT/x':>9}{'robust':>8}")
+    sizes = report.get("batch_sizes") or [report.get("batch_size")]
+    load = f", load average {hw['load_average']:.2f} at start" if hw.get("load_average") is not None else ""
+    lines = [f"{report.get('model')} on {where}{load}, batch {','.join(str(b) for b in sizes)}, "
+             f"{report.get('n_images')} images" + (f" ({report['pixels']})" if report.get("pixels") else "")]
+    head = (f"{'defense':<20}{'batch':>5} {'backend':<10}{'dtype':<6}{'s/image':>9}{'p20-p80':>17}{'compile s':>11}"
+            f"{'top1=':>7}{'x fp32':>7}{'GFLOP':>8}{'GFLOP/s':>9}{'%peak':>7}{'x TTC':>7}{'x off.':>7}{'R-TPT/x':>9}"
+            f"  | {'paper s':>8}{'x TTC':>7}{'R-TPT/x':>9}{'robust':>8}")
     lines += [head, "-" * len(head)]
     rows = report["rows"]
-    ref = {(r["defense"], r["backend"], r.get("dtype", "fp32")): r["seconds_per_image"] for r in rows
+    batch_of = lambda r: r.get("batch_size", report.get("batch_size"))
+    ref = {(r["defense"], batch_of(r), r["backend"], r.get("dtype", "fp32")): r["seconds_per_image"] for r in rows
            if r["preset"] == "paper"}
     p_ttc, p_rtpt = PAPER["ttc"][0], PAPER["rtpt"][0]
     for r in rows:
@@ -207,29 +246,32 @@ def format_table(report: dict) -> str:
         comp = f"{r['compile_seconds']:.1f}" if r.get("compile_seconds") is not None else "-"
         agree = f"{r['top1_agreement']:.2f}" if r.get("top1_agreement") is not None else "-"
         dt = r.get("dtype", "fp32")
-        ttc, rtpt = ref.get(("ttc", r["backend"], dt)), ref.get(("rtpt", r["backend"], dt))
+        key = (batch_of(r), r["backend"], dt)
+        ttc, rtpt = ref.get(("ttc", *key)), ref.get(("rtpt", *key))
         fmt = lambda key, f: format(r[key], f) if r.get(key) is not None else "-"
         pct = f"{100 * r['peak_fraction']:.1f}" if r.get("peak_fraction") is not None else "-"
-        line = (f"{label:<14}{r['backend']:<10}{dt:<6}{t:>9.4f}{p20_80:>17}{comp:>11}{agree:>7}"
+        line = (f"{label:<20}{batch_of(r)!s:>5} {r['backend']:<10}{dt:<6}{t:>9.4f}{p20_80:>17}{comp:>11}{agree:>7}"
                 f"{fmt('speedup_vs_fp32', '.2f'):>7}{fmt('gflop_per_image', '.2f'):>8}{fmt('gflop_per_s', '.1f'):>9}"
-                f"{pct:>7}{_ratio(t, ttc):>8}{_ratio(rtpt, t):>9}  |")
-        if r["defense"] in PAPER:
+                f"{pct:>7}{_ratio(t, ttc):>7}{fmt('speedup_vs_official', '.2f'):>7}{_ratio(rtpt, t):>9}  |")
+        if r["defense"] in PAPER and r["preset"] == "paper":
             ps, acc = PAPER[r["defense"]]
             line += f"{ps:>8g}{ps / p_ttc:>7.2f}{p_rtpt / ps:>9.1f}{acc:>8.1f}"
         lines.append(line)
     summary = []
-    for backend, dt in dict.fromkeys((r["backend"], r.get("dtype", "fp32")) for r in rows):
-        get = lambda label: next((r["seconds_per_image"] for r in rows if r["backend"] == backend
+    for batch, backend, dt in dict.fromkeys((batch_of(r), r["backend"], r.get("dtype", "fp32")) for r in rows):
+        get = lambda label: next((r["seconds_per_image"] for r in rows if r["backend"] == backend and batch_of(r) == batch
                                   and r.get("dtype", "fp32") == dt and (r.get("label") or r["defense"]) == label), None)
         parts = [f"R-TPT/SCC {_ratio(get('rtpt'), get('scc'))} (paper {p_rtpt / PAPER['scc'][0]:.1f})",
                  f"SCC/TTC {_ratio(get('scc'), get('ttc'))} (paper {PAPER['scc'][0] / p_ttc:.2f})",
                  f"SCC-latency/TTC {_ratio(get('scc-latency'), get('ttc'))}",
                  f"R-TPT/TTC {_ratio(get('rtpt'), get('ttc'))} (paper {p_rtpt / p_ttc:.1f})"]
-        summary.append(f"  {backend} {dt}: " + ", ".join(parts))
+        summary.append(f"  batch {batch} {backend} {dt}: " + ", ".join(parts))
     peaks = report.get("limits", {}).get("matmul_peak_gflops")
     lines += ["", "ratios of s/image:"] + summary + [
               "paper = SCC project page Table 4 (DTD, hardware not stated); robust = its PGD-10 1/255 robust accuracy",
-              "top1= agreement with eager fp32 on the same draws; x fp32 = speed-up over fp32, same backend, same run"]
+              "top1= agreement with eager fp32 on the same draws; x fp32 = speed-up over fp32, same backend, same run",
+              f"x off. = speed-up over {OFFICIAL}, the official TTC procedure (eager fp32, its order of passes; "
+              "scc.bench.official), same batch size, same run"]
     if peaks:
         lines.append("%peak = achieved GFLOP/s / measured matmul peak (" + ", ".join(
             f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + f", {hw.get('torch_threads', '?')} threads)")
@@ -270,13 +312,14 @@ def reports_from_benchmark_json(path: str | Path) -> list[dict]:
 
 
 def benchmark(clf: ZeroShotClassifier, x: torch.Tensor, labels: Sequence[str], backends: Sequence[str],
-              dtypes: Sequence[torch.dtype], batch_size: int = 1, warmup: int = 1, repeats: int = 1, seed: int = 0,
-              log: Callable[[str], None] | None = None) -> tuple[list[dict], list[dict], dict]:
+              dtypes: Sequence[torch.dtype], batch_size: int | Sequence[int] = 1, warmup: int = 1, repeats: int = 1,
+              seed: int = 0, log: Callable[[str], None] | None = None, official: bool = True
+              ) -> tuple[list[dict], list[dict], dict]:
     """(rows, skipped, limits): `measure` between two measurements of the machine's matmul peak. On a shared
     machine the better of the two is the closer to the quiet peak; every row's fraction is computed against it."""
     device = x.device
     limits = machine_limits(dtypes, device)
-    rows, skipped = measure(clf, labels, backends, x, batch_size, warmup, repeats, seed, log, dtypes, limits)
+    rows, skipped = measure(clf, labels, backends, x, batch_size, warmup, repeats, seed, log, dtypes, limits, official)
     after = machine_limits(dtypes, device)
     limits["matmul_peak_gflops_start"] = dict(limits["matmul_peak_gflops"])
     limits["matmul_peak_gflops"] = {k: max(v, after["matmul_peak_gflops"][k])

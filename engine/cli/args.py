@@ -22,7 +22,8 @@ from ..validation import check_device, check_labels, check_templates
 
 TINY_NAME = "scc-tiny-digits"  # the default model (scc.models.TINY_NAME; not imported: models pulls in torch)
 BUNDLED = ("scc-tiny-digits", "scc-tiny-fashion")
-DEFENSE_CHOICES = "none, ttc, scc, scc-latency, rtpt"
+DEFENSE_CHOICES = ("none, ttc, scc, scc-latency, rtpt, anti-adv, anti-adv-ttc-budget, hd, hd-ttc-budget, doc, dbd, "
+                   "agc")
 INT64_MAX = 2 ** 63 - 1  # seeds: torch generators and scc.draws.derive_seed take 63-bit values
 COUNT_MAX = 2 ** 31 - 1  # images, batch sizes, steps, threads, ports: anything larger is a typo
 

@@ -1,7 +1,7 @@
 """`scc bench`: per-image latency of defenses x backends x dtypes on one model, SCC Table 4 style.
 
-    scc bench --model ViT-B-32 --pretrained none --defenses none,ttc,scc-latency,scc,rtpt \\
-        --backends eager,compiled --dtype fp32,bf16 --batch-size 1 --images 8 --threads 2 --json out.json
+    scc bench --model ViT-B-32 --pretrained none --defenses ttc,scc-latency,scc,rtpt \\
+        --backends eager,compiled --dtype fp32,bf16 --batch-size 1,8 --images 8 --threads 2 --json out.json
     scc bench --explain                       # encoder passes per image, counted, vs spec section 5
     scc bench --from-benchmark-json FILE      # the same table from `pytest benchmarks/ --benchmark-json`
 
@@ -14,11 +14,17 @@ Timing: the images are split into batches of --batch-size and each defense draws
 before timing, so every backend replays identical draws (`top1_agreement` compares its top-1 with the eager fp32
 backend's on them). --warmup calls on the first batch are excluded; CUDA is synchronised inside the timed region;
 seconds per image = call seconds / batch size; median and p20/p80 over the timed calls, interleaved across the
-rows. A backend's compile/capture/export time is reported apart (`compile_seconds`).
+rows. A backend's compile/capture/export time is reported apart (`compile_seconds`). Each batch size of
+`--batch-size 1,8` gets its own rows, measured one batch size after the other.
+
+With TTC among the defenses, the official TTC procedure (an independent eager fp32 implementation of the official
+code's order of passes, scc.bench.official) runs interleaved with the TTC rows on the same draws as the row
+"ttc-official"; every row's `speedup_vs_official` is measured against it in the same run.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ..errors import SccError
@@ -29,6 +35,17 @@ from .args import (DEFENSE_CHOICES, TINY_NAME, add_common, add_dtype_arg, add_la
 DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
 
 
+def batch_sizes(text: str) -> list[int]:
+    """An argparse type: '1,8' -> [1, 8] (positive integers, each once)."""
+    sizes = [positive_int(t.strip()) for t in text.split(",") if t.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, got {text!r}")
+    return list(dict.fromkeys(sizes))
+
+
+batch_sizes.__name__ = "batch sizes"
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="per-image latency of defenses x backends x dtypes (Table 4)",
                        description=__doc__)
@@ -37,8 +54,9 @@ def add_parser(sub) -> None:
     p.add_argument("--defenses", default=DEFAULT_DEFENSES, help=f"comma-separated from {DEFENSE_CHOICES}")
     p.add_argument("--backends", default="eager", help="comma-separated from eager, compiled, triton, onnx")
     add_dtype_arg(p, default="fp32", several=True)
-    p.add_argument("--batch-size", type=positive_int, default=1, help="images per timed call")
-    p.add_argument("--images", type=positive_int, default=8, help="images timed, a multiple of --batch-size")
+    p.add_argument("--batch-size", type=batch_sizes, default=[1], metavar="B[,B...]",
+                   help="images per timed call; several (e.g. 1,8) give one set of rows each")
+    p.add_argument("--images", type=positive_int, default=8, help="images timed, a multiple of every --batch-size")
     p.add_argument("--warmup", type=nonnegative_int, default=1, help="untimed calls on the first batch")
     p.add_argument("--repeats", type=positive_int, default=1, help="passes over the images")
     p.add_argument("--dataset", default=None, help="real images: digits | fashion | imagefolder:PATH | dtd:ROOT ... "
@@ -72,8 +90,10 @@ def run(args: argparse.Namespace) -> int:
     labels = parse_defenses(args.defenses)
     backends = parse_backends(args.backends)
     dtypes = parse_dtypes(args.dtype)
-    if not args.explain and args.images % args.batch_size:
-        raise SccError(f"--images ({args.images}) must be a positive multiple of --batch-size ({args.batch_size})")
+    bad = [b for b in args.batch_size if args.images % b]
+    if not args.explain and bad:
+        raise SccError(f"--images ({args.images}) must be a positive multiple of every --batch-size ({bad[0]} is "
+                       f"not a divisor); e.g. --images {math.lcm(*args.batch_size)}")
     if "onnx" in backends:
         from ..errors import require_extra
 
@@ -85,7 +105,8 @@ def run(args: argparse.Namespace) -> int:
     clf, x, _, pixels = prepare(args.model, args.pretrained, args.images, args.device, args.seed, args.dataset,
                                 classes, templates)
     report = {"hardware": hardware(args.device), "versions": versions(), "model": args.model,
-              "pretrained": args.pretrained, "batch_size": args.batch_size, "n_images": args.images,
+              "pretrained": args.pretrained, "batch_size": args.batch_size[0], "batch_sizes": args.batch_size,
+              "n_images": args.images,
               "pixels": pixels, "n_classes": clf.num_classes, "seed": args.seed}
     if args.explain:  # counts passes, times nothing: the machine's load does not matter here
         rows = [count_row(clf, label, x, args.seed) for label in labels]

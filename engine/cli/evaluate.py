@@ -9,6 +9,14 @@ precision, the prompt templates, the protocol's attacks, torch's threads (per wo
 protocol), and the backend that runs the defense (in the adaptive protocol the attacks differentiate through the
 eager module at --dtype; the backend scores the adversarial images). eps: write 4/255 (levels of 255) or a pixel
 fraction below 1 with a decimal point (0.0157); bare integers and values >= 1 are refused as ambiguous.
+
+Several datasets (--dataset digits,fashion, paper protocol) give the paper's Table 1 layout: per dataset and on
+average, each defense's clean (Acc) and robust (Rob) accuracy and its difference to the undefended model. Without
+--model each dataset is evaluated with the bundled model trained for it (digits: scc-tiny-digits, fashion:
+scc-tiny-fashion).
+
+--defenses takes labels with config overrides for ablations: scc:semantic=off:spatial=off (SCC with both modules
+off), scc-latency:steps=2, scc:warmup.steps=1, ttc:eps=2/255; booleans on/off, tuples joined by '|'.
 """
 from __future__ import annotations
 
@@ -20,8 +28,10 @@ from .args import (DEFENSE_CHOICES, TINY_NAME, add_common, add_dtype_arg, add_mo
                    apply_threads, check_device_arg, check_folder, check_output, parse_templates, positive_int,
                    status, write_json)
 
-PAPER_HELP = "pgd, cw, pgd100, apgd-ce, apgd-dlr, autoattack (= apgd-ce,apgd-dlr)"
-ADAPTIVE_HELP = "pgd, apgd-ce, apgd-dlr, eot-pgd, bpda-pgd, transfer-nocorrect, square"
+# (scc.eval.options.describe_attacks says the same; not imported here: the parser is built without torch)
+PAPER_HELP = ("pgd, cw, pgd100, apgd-ce, apgd-dlr, apgd-t, fab-t, square, apgd (= TTC's AutoAttack subset: "
+              "apgd-ce then apgd-dlr), autoattack (= standard AutoAttack: apgd-ce, apgd-t, fab-t, square(5000))")
+ADAPTIVE_HELP = "pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, eot-pgd, bpda-pgd, transfer-nocorrect, square"
 
 
 def add_parser(sub) -> None:
@@ -31,14 +41,17 @@ def add_parser(sub) -> None:
     add_templates_arg(p, "the dataset's; a bundled model's own")
     p.add_argument("--dataset", default="digits",
                    help="digits | fashion | fashion-full | fashion-val | imagefolder:PATH (one sub-folder per "
-                        "class) | cifar10:ROOT | stl10:ROOT | dtd:ROOT ...")
-    p.add_argument("--defenses", default="none,ttc,scc", help=f"comma-separated from {DEFENSE_CHOICES}")
+                        "class) | cifar10:ROOT | stl10:ROOT | dtd:ROOT ...; several, comma-separated, give the "
+                        "Table 1 layout (paper protocol)")
+    p.add_argument("--defenses", default="none,ttc,scc",
+                   help=f"comma-separated from {DEFENSE_CHOICES}, each optionally with config overrides "
+                        "(scc:semantic=off:spatial=off)")
     p.add_argument("--protocol", default="paper", choices=("paper", "adaptive"),
                    help="paper: attacks on the undefended classifier (TTC/SCC reproduction, not a robustness claim); "
                         "adaptive: attacks through the defense, scored with known and fresh draws")
     p.add_argument("--attacks", default=None,
                    help=f"comma-separated attacks of the protocol; paper: {PAPER_HELP}, or none for clean only "
-                        f"(default: pgd); adaptive: {ADAPTIVE_HELP} (default: all)")
+                        f"(default: pgd); adaptive: {ADAPTIVE_HELP} (default: all but apgd-t and fab-t)")
     p.add_argument("--adaptive-attacks", default=None, help="the same as --attacks with --protocol adaptive")
     p.add_argument("--eps", default="1/255", help="comma-separated attack radii: 1/255,4/255 or 0.0157 (see above)")
     p.add_argument("--steps", type=positive_int, default=10, help="paper protocol: PGD / CW steps")
@@ -77,12 +90,27 @@ def _workers(text: str, device: str, threads: int) -> int:
     return workers
 
 
+def _datasets(text: str, model: str | None) -> list[tuple[str, str]]:
+    """(dataset, model) pairs of --dataset: --model for all, else each dataset's own bundled model."""
+    from ..models import BUNDLED
+
+    names = [d.strip() for d in str(text).split(",") if d.strip()]
+    if not names:
+        raise SccError("no dataset given; e.g. --dataset digits or --dataset digits,fashion")
+    if len(set(names)) != len(names):
+        raise SccError(f"a dataset is listed twice in --dataset {text}")
+    if model:
+        return [(d, model) for d in names]
+    family = lambda d: "fashion" if d.lower().startswith("fashion") else d.partition(":")[0].lower()
+    return [(d, next((m for m, ds in BUNDLED.items() if ds == family(d)), TINY_NAME)) for d in names]
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..defenses import parse_defenses
     from ..errors import require_extra
-    from ..eval.options import TORCHATTACKS, parse_attacks, parse_eps_list
+    from ..eval.options import parse_attacks, parse_eps_list
     from ..precision import check_dtype_on_device, resolve_dtype
 
     # every argument, extra and output path is checked before any work
@@ -98,7 +126,10 @@ def run(args: argparse.Namespace) -> int:
                        "process)")
     check_output(args.json)
     check_device_arg(args.device)
-    model = args.model or TINY_NAME
+    pairs = _datasets(args.dataset, args.model)
+    if len(pairs) > 1 and adaptive:
+        raise SccError("several datasets (the Table 1 layout) run in the paper protocol; run the adaptive protocol "
+                       "once per dataset")
     defenses = parse_defenses(args.defenses)
     eps_list = parse_eps_list(args.eps)
     attacks = parse_attacks(args.attacks, args.protocol)
@@ -107,10 +138,7 @@ def run(args: argparse.Namespace) -> int:
     check_dtype_on_device(dtype, args.device)
     if not attacks and not (args.clean and not adaptive):
         raise SccError("nothing to evaluate: --attacks none" + (" with --no-clean" if not adaptive else ""))
-    needs = [a for a in attacks if a in TORCHATTACKS]
-    if needs:
-        require_extra("adaptive", ["torchattacks"], what=f"the attack(s) {', '.join(needs)}")
-    if args.out:
+    if args.out and len(pairs) == 1:
         require_extra("adaptive", ["matplotlib"], what="--out (its plots)")
     if args.ray:
         require_extra("ray", what="--ray")
@@ -120,15 +148,21 @@ def run(args: argparse.Namespace) -> int:
     apply_threads(args.threads)
 
     if not adaptive:
-        from ..eval.paper import format_table, run as evaluate
+        from ..eval.paper import format_table, run as evaluate, run_datasets
+        from ..eval.report import format_table1
 
-        pairs = ([("none", 0.0)] if args.clean else []) + [(a, e) for a in attacks for e in eps_list]
-        report = evaluate(model, args.pretrained, args.dataset, defenses=defenses, attacks=pairs,
-                          n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
-                          attack_steps=args.steps, progress=not args.quiet, templates=templates,
-                          backend=args.backend, dtype=dtype)
-        text = format_table(report)
+        runs = ([("none", 0.0)] if args.clean else []) + [(a, e) for a in attacks for e in eps_list]
+        common = dict(pretrained=args.pretrained, defenses=defenses, attacks=runs, n_images=args.images,
+                      batch_size=args.batch_size, device=args.device, seed=args.seed, attack_steps=args.steps,
+                      progress=not args.quiet, templates=templates, backend=args.backend, dtype=dtype)
+        if len(pairs) == 1:
+            report = evaluate(pairs[0][1], dataset=pairs[0][0], **common)
+            text = format_table(report)
+        else:
+            report = run_datasets(pairs, log=lambda line: status(args, f"eval: {line}"), **common)
+            text = format_table1(report)
     else:
+        model, dataset = pairs[0][1], pairs[0][0]
         from ..eval.adaptive import evaluate
         from ..eval.report import format_adaptive_table
         from ..eval.suite import Suite
@@ -137,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
         workers = _workers(args.workers, args.device, threads)
         suite = Suite(attacks=tuple(attacks), queries=args.queries, eot_k=args.eot_samples,
                       sanity_images=(args.images or 10**9) if args.sanity else 32)
-        report = evaluate(model, args.pretrained, args.dataset, defenses=defenses, eps_list=eps_list,
+        report = evaluate(model, args.pretrained, dataset, defenses=defenses, eps_list=eps_list,
                           n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
                           suite=suite, progress=not args.quiet, templates=templates, ray_address=args.ray,
                           log=lambda line: print(line, file=sys.stderr), workers=workers, threads=threads,

@@ -3,6 +3,13 @@
     ttc.py       TTC, the official test-time counterattack (CVPR 2025)
     scc.py       SCC, self-calibrated consistency (ICML 2026): TTC warm-up, views, soft prototype, corrective steps
     rtpt.py      R-TPT, robust test-time prompt tuning (CVPR 2025)
+    anti_adv.py  Anti-adv, anti-adversaries (AAAI 2022): descent steps toward the model's own prediction
+    hd.py        HD, hedge defense (2021): ascent steps on the KL to uniform, logits summed over the iterates
+    doc.py       DOC, directional orthogonal counterattack (AAAI 2026): TTC's objective with orthogonal
+                 exploration, momentum and a noise-sensitivity gate
+    dbd.py       DBD, directional bias-guided defense (ICLR 2026): forward-only, 32 augmented views
+    agc.py       AGC, adaptive geodesic correction: forward-only, 32 perspective views
+    augment.py   the augmentations of DBD and AGC (crops, bit depth, JPEG, filters, perspective) as tensor ops
     views.py     SCC's label-preserving views (flip, zoom, noise) as differentiable, exportable ops
     registry.py  the `Defense` records (config, procedure, draws, presets, expected passes), name parsing
     defended.py  `Defended` (the nn.Module every backend wraps) and `defend`

@@ -21,13 +21,13 @@ from ..errors import SccError
 from ..models import ZeroShotClassifier
 from ..precision import check_dtype_on_device, engine_classifier
 from ..validation import validate_pixels
-from .registry import DEFENSES, Defense, label_of, make_config, split_label
+from .registry import DEFENSES, Defense, label_of, make_config, parse_defense
 
 
 class Defended(nn.Module):
     """A test-time defended classifier: forward(x in [0,1], draws=None, keys=None) -> logits.
 
-    Unchanged torchattacks/AutoAttack usage: `torchattacks.PGD(defended, eps=...)`.
+    Any attack on a [0,1] -> logits module runs on it unchanged: `scc.attacks.apgd(defended, x, y, eps)`.
 
     Randomness is per image and secret by default. Image b's draws are a function of (seed, keys[b]) only
     (scc.draws.keyed_draws), never of its batch: served alone or at position 5 of 8, an image with the same key
@@ -134,13 +134,14 @@ class Defended(nn.Module):
 
 def defend(classifier: ZeroShotClassifier, name: str = "scc", preset: str = "paper", seed: int | None = None,
            dtype: torch.dtype = torch.float32, **overrides) -> Defended:
-    """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt'.
+    """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt' |
+    'anti-adv' | 'anti-adv-ttc-budget' | 'hd' | 'hd-ttc-budget' | 'doc' | 'dbd' | 'agc' (scc.defense_labels()),
+    or any label with config overrides ('scc:semantic=off:spatial=off'; scc.defenses.registry.parse_overrides).
 
     seed=None (default): a fresh secret seed (production); an int: reproducible draws (see `Defended`).
     dtype: the image tower's precision, torch.float32 (default), bfloat16 or float16 (GPU, or a CPU with native
     fp16 matmuls); the perturbation, its sign steps and projection, the losses and the logits stay fp32."""
-    if "-" in name and preset == "paper":
-        name, preset = split_label(name)
+    name, preset = parse_defense(label_of(name, preset))  # 'scc-latency', 'anti-adv-original', aliases
     config = make_config(name, preset, classifier.name, **overrides)
     defended = Defended(classifier, name, config, seed=seed, preset=preset)
     return defended if dtype == torch.float32 else defended.with_dtype(dtype)

@@ -66,12 +66,10 @@ import torchvision.transforms.v2.functional as TF
 from ..draws import Draw, make_draws
 from ..errors import SccError
 from ..models import ZeroShotClassifier
+from .augment import CROP_TRIES, crop_boxes
 
 AUGMIX_OPS = ("autocontrast", "equalize", "posterize", "rotate", "solarize", "shear_x", "shear_y",
               "translate_x", "translate_y")
-CROP_TRIES = 10
-
-
 @dataclass(frozen=True)
 class RTPTConfig:
     views: int = 64  # 1 original + views - 1 augmented  [C: -b 64]
@@ -142,34 +140,6 @@ RTPT_DRAWS = {
 def rtpt_draws(x: torch.Tensor, cfg: RTPTConfig, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """The draws of `RTPT_DRAWS` for a batch x (B, 3, H, W) (also `scc.defend(clf, "rtpt").draws(x)`)."""
     return make_draws(RTPT_DRAWS, cfg, x, generator)
-
-
-def crop_boxes(u: torch.Tensor, height: int, width: int, scale, ratio) -> torch.Tensor:
-    """torchvision's RandomResizedCrop.get_params from uniforms u (n, 10, 4) -> (n, 4) float (top, left, h, w).
-
-    Every try is computed and the first valid one kept (else the centre crop with the ratio clamped), with
-    tensor ops only: no host sync, static shapes (traceable by compile/export).
-    """
-    area = height * width
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    target = area * (scale[0] + u[..., 0] * (scale[1] - scale[0]))  # (n, 10)
-    aspect = torch.exp(log_lo + u[..., 1] * (log_hi - log_lo))
-    w, h = torch.round(torch.sqrt(target * aspect)), torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-    first = ok.to(torch.int64).argmax(-1, keepdim=True)  # the first valid try (0 when none is)
-    pick = lambda t: t.gather(-1, first)[..., 0]
-    h, w = pick(h), pick(w)
-    top = torch.minimum(torch.floor(pick(u[..., 2]) * (height - h + 1)), height - h)
-    left = torch.minimum(torch.floor(pick(u[..., 3]) * (width - w + 1)), width - w)
-    in_ratio = width / height  # torchvision's fallback
-    if in_ratio < ratio[0]:
-        fw, fh = width, round(width / ratio[0])
-    elif in_ratio > ratio[1]:
-        fh, fw = height, round(height * ratio[1])
-    else:
-        fw, fh = width, height
-    fallback = torch.tensor([(height - fh) // 2, (width - fw) // 2, fh, fw], dtype=u.dtype, device=u.device)
-    return torch.where(ok.any(-1, keepdim=True), torch.stack([top, left, h, w], -1), fallback)
 
 
 def resample(img: torch.Tensor, theta: torch.Tensor, fill_outside: bool = True) -> torch.Tensor:

@@ -97,7 +97,7 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
               "seed": seed,
               "fresh_seed": "derived from seed (blake2b of seed and 'fresh-draws'); never seen by the attacker",
               "threads": (threads or 1) if workers > 1 and not ray_address else torch.get_num_threads(),
-              "hardware": hardware(device), "versions": versions(extra=("torchattacks", "ray", "matplotlib")),
+              "hardware": hardware(device), "versions": versions(extra=("ray", "matplotlib")),
               "batch_size": batch_size, "ray": ray_address, "workers": 1 if ray_address else workers,
               "wall_seconds": time.perf_counter() - started,
               "suite": dataclasses.asdict(suite),

@@ -1,8 +1,8 @@
 """What the evaluation protocols accept, parsed once for `scc eval`, `scc demo` and the Python API: attack
 names per protocol, attack radii, and the statistics every report row carries.
 
-    parse_attacks("pgd,autoattack", "paper")     -> ["pgd", "apgd-ce", "apgd-dlr"]
-    parse_attacks(None, "adaptive")              -> the whole adaptive suite
+    parse_attacks("pgd,autoattack", "paper")     -> ["pgd", "autoattack"]
+    parse_attacks(None, "adaptive")              -> the default adaptive suite
     parse_eps_list("1/255,4/255")                -> [0.0039..., 0.0156...]
 """
 from __future__ import annotations
@@ -10,20 +10,31 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+from ..attacks.autoattack import COMPONENTS, STANDARD, TTC_SUBSET
 from ..errors import SccError
 
-# Attacks on the undefended classifier (the TTC protocol): PGD-10 / CW-10 (--steps), PGD-100, and TTC's AutoAttack
-# subset APGD-CE + APGD-DLR (100 iterations each). "autoattack" names that subset.
-PAPER_ATTACKS = ("pgd", "cw", "pgd100", "apgd-ce", "apgd-dlr")
-# Attacks through the defense (scc.eval.adaptive): exact PGD-50, APGD, EOT, BPDA, transfer, Square.
-ADAPTIVE_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "eot-pgd", "bpda-pgd", "transfer-nocorrect", "square")
-ALIASES = {"paper": {"autoattack": ("apgd-ce", "apgd-dlr")}, "adaptive": {}}
-DEFAULT_ATTACKS = {"paper": ("pgd",), "adaptive": ADAPTIVE_ATTACKS}
-# attacks implemented by torchattacks (the `adaptive` extra)
-TORCHATTACKS = ("apgd-ce", "apgd-dlr", "square")
+# Attacks on the undefended classifier (the TTC protocol): PGD-10 / CW-10 (--steps), PGD-100, AutoAttack's components
+# one at a time, and two AutoAttack sequences (each component on the images the earlier ones left correct):
+# "apgd" = TTC's subset (APGD-CE, APGD-DLR), "autoattack" = the standard version (APGD-CE, APGD-T, FAB-T, Square).
+SEQUENCES = {"apgd": TTC_SUBSET, "autoattack": STANDARD}
+PAPER_ATTACKS = ("pgd", "cw", "pgd100") + COMPONENTS + tuple(SEQUENCES)
+# Attacks through the defense (scc.eval.adaptive): exact PGD-50, APGD, EOT, BPDA, transfer, Square; apgd-t and
+# fab-t on request (not in the default suite).
+ADAPTIVE_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "eot-pgd", "bpda-pgd", "transfer-nocorrect",
+                    "square")
+DEFAULT_ATTACKS = {"paper": ("pgd",),
+                   "adaptive": tuple(a for a in ADAPTIVE_ATTACKS if a not in ("apgd-t", "fab-t"))}
 NON_ADAPTIVE_WARNING = ("warning: every attack here was made on the undefended classifier and never saw the defense, "
                         "so this is not a robustness claim; for one run `scc eval --protocol adaptive` (attacks "
                         "through the defense, known and fresh draws)")
+
+
+def describe_attacks(protocol: str) -> str:
+    """The attack names of `protocol` for help texts and errors."""
+    if protocol == "paper":
+        return (", ".join(PAPER_ATTACKS[:-2]) + ", apgd (= TTC's AutoAttack subset: " + "+".join(TTC_SUBSET)
+                + "), autoattack (= standard AutoAttack: " + "+".join(STANDARD) + ")")
+    return ", ".join(ADAPTIVE_ATTACKS)
 
 
 def parse_attacks(text: str | Sequence[str] | None, protocol: str) -> list[str]:
@@ -37,14 +48,12 @@ def parse_attacks(text: str | Sequence[str] | None, protocol: str) -> list[str]:
     for name in names:
         if name == "none":
             continue
-        for n in ALIASES[protocol].get(name, (name,)):
-            if n not in known:
-                bad.append(n)
-            elif n not in out:
-                out.append(n)
+        if name not in known:
+            bad.append(name)
+        elif name not in out:
+            out.append(name)
     if bad:
-        aliases = "".join(f", {a} (= {'+'.join(v)})" for a, v in ALIASES[protocol].items())
-        raise SccError(f"unknown {protocol}-protocol attack(s) {bad}; choose from {', '.join(known)}{aliases} "
+        raise SccError(f"unknown {protocol}-protocol attack(s) {bad}; choose from {describe_attacks(protocol)} "
                        "or none")
     return out
 

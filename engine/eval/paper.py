@@ -5,23 +5,30 @@ tables and are not a robustness claim (scc.eval.adaptive is).
     report = scc.eval.paper.run(model="scc-tiny-digits", dataset="digits", defenses=["none", "ttc", "scc"],
                                 attacks=[("none", 0), ("pgd", 1/255), ("pgd", 4/255)])
     print(format_table(report))
+    table = run_datasets([("digits", "scc-tiny-digits"), ("fashion", "scc-tiny-fashion")], defenses=..., attacks=...)
+    print(scc.eval.report.format_table1(table))          # the paper's Table 1 layout: datasets x defenses, average
 
 Adversarial images are made once per (attack, eps) against the plain classifier and shared by every defense.
 `seconds_per_image` times the defense alone (not the attack), on the chosen backend and dtype.
 
 Attacks (scc.eval.options.PAPER_ATTACKS): pgd and cw (`attack_steps`, default 10, step 1/255), pgd100 (PGD-100,
-step 1/255), and the TTC protocol's AutoAttack subset apgd-ce and apgd-dlr (APGD, 100 iterations, 1 restart;
-apgd-dlr needs >= 3 classes and is skipped, with a note in the report, on 2-class tasks). Every row says
-`"protocol": "paper"` and `"draws": null`.
+step 1/255), AutoAttack's components one at a time (apgd-ce, apgd-dlr, apgd-t, fab-t, square) and two AutoAttack
+sequences in which each component attacks only the images the earlier ones left correct: `apgd` (TTC's subset:
+APGD-CE then APGD-DLR, 100 iterations, 1 restart) and `autoattack` (the standard version: APGD-CE, APGD-T with 9
+targets, FAB-T with 9 targets, Square with 5000 queries; scc.attacks.autoattack.Settings). A component whose loss
+needs more classes than the task has (DLR: 3, targeted DLR: 4) is skipped with a note in the report. The settings
+of every AutoAttack attack are written into the report (`attack_settings`), with the undefended classifier's
+robust count after each component (`autoattack_log`). Every row says `"protocol": "paper"` and `"draws": null`.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from tqdm import tqdm
 
-from ..attacks import apgd, attack as run_attack
+from ..attacks import attack as run_attack
+from ..attacks.autoattack import COMPONENTS, Settings, run_component, run_sequence, skipped as skip_reason
 from ..backends import make_runner
 from ..data import classifier_for, load_dataset
 from ..defenses import defend, label_of, split_label
@@ -30,43 +37,61 @@ from ..models import image_size_of
 from ..precision import dtype_name
 from ..provenance import hardware, versions
 from ..timing import timed_call
-from .options import NON_ADAPTIVE_WARNING, PAPER_ATTACKS, stderr
+from .options import NON_ADAPTIVE_WARNING, PAPER_ATTACKS, SEQUENCES, stderr
+
+
+def steps_of(attack: str, attack_steps: int, settings: Settings) -> int | None:
+    """The iteration (or query) budget a row records for `attack` (None for a sequence: see attack_settings)."""
+    return {"none": 0, "pgd": attack_steps, "cw": attack_steps, "pgd100": 100, "apgd-ce": settings.apgd_steps,
+            "apgd-dlr": settings.apgd_steps, "apgd-t": settings.apgd_steps, "fab-t": settings.fab_steps,
+            "square": settings.square_queries}.get(attack)
 
 
 def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: str = "digits",
         defenses: Sequence[str] = ("none", "ttc", "scc"), attacks: Sequence[tuple[str, float]] = (("none", 0.0),),
         n_images: int | None = None, batch_size: int = 64, device: str = "cpu", seed: int = 0,
         attack_steps: int = 10, progress: bool = True, templates: Sequence[str] | None = None,
-        backend: str = "eager", dtype: torch.dtype = torch.float32) -> dict:
+        backend: str = "eager", dtype: torch.dtype = torch.float32, settings: Settings = Settings()) -> dict:
     """Clean/robust accuracy and per-image defense time on `backend` (scc.backends); returns the JSON-ready
-    result dict."""
+    result dict. `defenses` are labels, config overrides included ('scc:semantic=off')."""
     for key, value in (("n_images", n_images), ("batch_size", batch_size), ("attack_steps", attack_steps)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise SccError(f"{key} must be a positive integer" + (" or None (all images)" if key == "n_images" else "")
                            + f", got {value!r}")
+    for attack_name, _ in attacks:
+        if attack_name != "none" and attack_name not in PAPER_ATTACKS:
+            raise SccError(f"unknown attack {attack_name!r}; choose from {', '.join(PAPER_ATTACKS)}")
     data = load_dataset(dataset, image_size_of(model), n_images)
     clf = classifier_for(data, model, pretrained, templates, device, seed)
     x_all, y_all = data.images.to(device), data.targets.to(device)
     gen = torch.Generator(device=x_all.device).manual_seed(seed)
-    results, skipped, runners = [], [], {}
+    results, skipped, runners, aa_settings, aa_log = [], [], {}, {}, []
     for attack_name, eps in attacks:
-        if attack_name != "none" and attack_name not in PAPER_ATTACKS:
-            raise SccError(f"unknown attack {attack_name!r}; choose from {', '.join(PAPER_ATTACKS)}")
-        if attack_name == "apgd-dlr" and len(data.classes) < 3:
-            skipped.append(f"apgd-dlr skipped at eps={eps:.4f}: the DLR loss needs >= 3 classes")
+        why = skip_reason(attack_name, clf.num_classes) if attack_name in COMPONENTS else None
+        if why:
+            skipped.append(f"{attack_name} skipped at eps={eps:.4f}: {why}")
             continue
-        steps = {"none": 0, "pgd100": 100, "apgd-ce": 100, "apgd-dlr": 100}.get(attack_name, attack_steps)
+        if attack_name in COMPONENTS or attack_name in SEQUENCES:
+            aa_settings[attack_name] = settings.describe(SEQUENCES.get(attack_name, (attack_name,)))
+        log: dict = {}
         batches = []
         for i in tqdm(range(0, len(y_all), batch_size), desc=f"attack {attack_name} eps={eps:.4f}",
                       disable=not progress or attack_name == "none", leave=False):
             x, y = x_all[i: i + batch_size], y_all[i: i + batch_size]
-            if attack_name.startswith("apgd"):
-                x = apgd(clf, x, y, eps, loss=attack_name.split("-")[1], steps=100, seed=seed)
+            if attack_name in SEQUENCES:
+                x, part = run_sequence(clf, x, y, eps, SEQUENCES[attack_name], settings, seed=seed)
+                for key, value in part.items():  # counts add up over batches; a skip reason is kept once
+                    log[key] = log.get(key, 0) + value if isinstance(value, int) else value
+            elif attack_name in COMPONENTS:
+                x = run_component(attack_name, clf, x, y, eps, settings, seed=seed)
             elif attack_name == "pgd100":
                 x = run_attack(clf, x, y, "pgd", eps=eps, alpha=1 / 255, steps=100, generator=gen)
             elif attack_name != "none":
                 x = run_attack(clf, x, y, attack_name, eps=eps, alpha=1 / 255, steps=attack_steps, generator=gen)
             batches.append((x, y))
+        if log:
+            aa_log.append({"attack": attack_name, "eps": eps, **log})
+            skipped += [f"{attack_name} at eps={eps:.4f}: {v}" for v in log.values() if isinstance(v, str)]
         for label in defenses:
             name, preset = split_label(label)
             if label not in runners:  # built (and compiled) once per defense, whatever the attacks
@@ -85,16 +110,44 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
             results.append({"defense": name, "preset": preset, "backend": backend, "dtype": dtype_name(dtype),
                             "attack": attack_name, "eps": eps,
                             "accuracy": acc, "seconds_per_image": seconds / len(y_all), "protocol": "paper",
-                            "draws": None, "steps": steps, "stderr": stderr(acc, len(y_all))})
+                            "draws": None, "steps": steps_of(attack_name, attack_steps, settings),
+                            "stderr": stderr(acc, len(y_all))})
     report = {"protocol": "paper", "model": model, "pretrained": pretrained, "dataset": data.name,
               "n_images": len(y_all), "device": str(device), "backend": backend, "dtype": dtype_name(dtype),
               "seed": seed, "hardware": hardware(device), "versions": versions(), "threads": torch.get_num_threads(),
               "results": results}
+    if aa_settings:
+        report["attack_settings"] = aa_settings
+    if aa_log:
+        report["autoattack_log"] = aa_log
     if skipped:
         report["skipped"] = skipped
     if any(r["attack"] != "none" for r in results):
         report["warning"] = NON_ADAPTIVE_WARNING
     return report
+
+
+def run_datasets(pairs: Sequence[tuple[str, str]], progress: bool = True,
+                 log: Callable[[str], None] | None = None, **kwargs) -> dict:
+    """`run` on each (dataset, model) pair with the same defenses, attacks and settings: the paper's Table 1.
+    Returns {"protocol": "paper", "layout": "table1", "datasets", "models", "reports": [one `run` report each],
+    "table1": scc.eval.report.table1_rows(...)}."""
+    from .report import table1_rows
+
+    if not pairs:
+        raise SccError("no dataset given; e.g. --dataset digits,fashion")
+    for dataset, model in pairs:  # a bad name or a missing folder fails before the first dataset's attacks
+        load_dataset(dataset, image_size_of(model), 1)
+    reports = []
+    for dataset, model in pairs:
+        if log is not None:
+            log(f"{dataset} on {model}")
+        reports.append(run(model=model, dataset=dataset, progress=progress, **kwargs))
+    table = {"protocol": "paper", "layout": "table1", "datasets": [r["dataset"] for r in reports],
+             "models": [r["model"] for r in reports], "reports": reports, "table1": table1_rows(reports)}
+    if any("warning" in r for r in reports):
+        table["warning"] = NON_ADAPTIVE_WARNING
+    return table
 
 
 def format_table(report: dict) -> str:
@@ -109,10 +162,12 @@ def format_table(report: dict) -> str:
         label = label_of(r["defense"], r["preset"])
         rows.setdefault(label, {})[(r["attack"], r["eps"])] = r
     names = ["clean" if a == "none" else f"{a.upper()} {round(e * 255, 2):g}/255" for a, e in cols]
-    head = f"{'defense':<14}" + "".join(f"{n:>14}" for n in names) + f"{'s/image':>11}"
+    width = max([14] + [len(label) + 2 for label in rows])
+    head = f"{'defense':<{width}}" + "".join(f"{n:>{max(14, len(n) + 2)}}" for n in names) + f"{'s/image':>11}"
     lines = [head, "-" * len(head)]
     for label, cells in rows.items():
-        accs = "".join(f"{100 * cells[c]['accuracy']:>13.1f}%" if c in cells else f"{'-':>14}" for c in cols)
+        accs = "".join(f"{100 * cells[c]['accuracy']:>{max(14, len(n) + 2) - 1}.1f}%" if c in cells
+                       else f"{'-':>{max(14, len(n) + 2)}}" for c, n in zip(cols, names))
         spi = sum(c["seconds_per_image"] for c in cells.values()) / len(cells)
-        lines.append(f"{label:<14}{accs}{spi:>11.4f}")
+        lines.append(f"{label:<{width}}{accs}{spi:>11.4f}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
-"""The adaptive evaluation's report: the known / fresh table, Markdown, the two plots, and writing them to a folder
-that was checked before any attack ran.
+"""The evaluation reports: the adaptive known / fresh table, the paper's Table 1 layout over several datasets,
+Markdown, the two plots, and writing them to a folder that was checked before any attack ran.
 
     print(format_adaptive_table(report))
-    write_report(report, "out/")     # report.json, report.md, acc_vs_eps.png, acc_vs_steps.png
+    print(format_table1(table))      # scc.eval.paper.run_datasets: datasets x defenses, Acc / Rob, delta, average
+    write_report(report, "out/")     # report.json, report.md, acc_vs_eps.png, acc_vs_steps.png (Table 1: no plots)
 """
 from __future__ import annotations
 
@@ -11,6 +12,11 @@ from pathlib import Path
 
 from ..defenses import label_of
 from ..errors import SccError, require_extra
+
+
+# column order of every table: clean, the paper protocol's attacks, then the adaptive suite and its worst case
+ATTACK_ORDER = ("none", "pgd", "cw", "pgd100", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "apgd", "autoattack",
+                "eot-pgd", "bpda-pgd", "transfer-nocorrect", "square", "worst")
 
 
 def _label(r: dict) -> str:
@@ -28,8 +34,7 @@ def _col_name(r: dict) -> str:
 def table_cells(report: dict) -> tuple[list[str], dict[str, dict[str, str]], list[float]]:
     """Columns and rows of the adaptive table: cell = 'known / fresh' accuracy (%), one block per eps."""
     eps_values = sorted({r["eps"] for r in report["results"] if r["attack"] != "none"})
-    order = {a: i for i, a in enumerate(("none", "pgd", "cw", "pgd100", "apgd-ce", "apgd-dlr", "eot-pgd",
-                                         "bpda-pgd", "transfer-nocorrect", "square", "worst"))}
+    order = {a: i for i, a in enumerate(ATTACK_ORDER)}
     cols, rows = [], {}
     ranked = sorted(report["results"], key=lambda r: (r["eps"] if r["attack"] != "none" else -1,
                                                      r["protocol"] != "paper", order.get(r["attack"], 99)))
@@ -92,6 +97,105 @@ def format_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# The paper's Table 1 layout: one block per (attack, eps); rows = datasets and their average; per defense the
+# clean accuracy (Acc) and the robust accuracy (Rob), each with its difference to the undefended model ("none").
+# ----------------------------------------------------------------------------------------------------------
+def table1_rows(reports: list[dict]) -> list[dict]:
+    """Flat records {"attack", "eps", "dataset" (or "average"), "defense" (label), "acc", "rob", "delta_acc",
+    "delta_rob"} (accuracies in [0,1]; None where not measured; deltas against the "none" label when present)
+    from paper-protocol reports, one per dataset. The average is the mean over the datasets (None if one lacks
+    the cell)."""
+    blocks = []
+    for rep in reports:
+        for r in rep["results"]:
+            if r["attack"] != "none" and (r["attack"], r["eps"]) not in blocks:
+                blocks.append((r["attack"], r["eps"]))
+    blocks = blocks or [("none", 0.0)]
+    labels = list(dict.fromkeys(_label(r) for rep in reports for r in rep["results"]))
+    out = []
+    for attack, eps in blocks:
+        per_dataset = []
+        for rep in reports:
+            acc = {_label(r): r["accuracy"] for r in rep["results"] if r["attack"] == "none"}
+            rob = {_label(r): r["accuracy"] for r in rep["results"] if (r["attack"], r["eps"]) == (attack, eps)}
+            per_dataset.append((rep["dataset"], {lab: (acc.get(lab), rob.get(lab) if attack != "none" else None)
+                                                 for lab in labels}))
+        mean = lambda vals: None if any(v is None for v in vals) else sum(vals) / len(vals)
+        average = {lab: tuple(mean([cells[lab][i] for _, cells in per_dataset]) for i in (0, 1)) for lab in labels}
+        for dataset, cells in per_dataset + [("average", average)]:
+            base = cells.get("none", (None, None))
+            for lab in labels:
+                a, b = cells[lab]
+                diff = lambda v, ref: None if v is None or ref is None or lab == "none" else v - ref
+                out.append({"attack": attack, "eps": eps, "dataset": dataset, "defense": lab, "acc": a, "rob": b,
+                            "delta_acc": diff(a, base[0]), "delta_rob": diff(b, base[1])})
+    return out
+
+
+def _cell(value: float | None, delta: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{100 * value:.1f}" + ("" if delta is None else f" ({100 * delta:+.1f})")
+
+
+def _blocks(table: dict) -> list[tuple[str, list[str], list[str], dict]]:
+    """(title, datasets, labels, {(dataset, label): record}) per (attack, eps) block of a Table 1 report."""
+    out = {}
+    for r in table["table1"]:
+        out.setdefault((r["attack"], r["eps"]), []).append(r)
+    blocks = []
+    for (attack, eps), recs in out.items():
+        title = "clean accuracy" if attack == "none" else f"{attack.upper()} at {round(eps * 255, 2):g}/255"
+        datasets = list(dict.fromkeys(r["dataset"] for r in recs))
+        labels = list(dict.fromkeys(r["defense"] for r in recs))
+        blocks.append((title, datasets, labels, {(r["dataset"], r["defense"]): r for r in recs}))
+    return blocks
+
+
+def format_table1(table: dict) -> str:
+    """The Table 1 layout as text: per block, rows = datasets + average, two columns (Acc, Rob) per defense;
+    cells 'accuracy % (difference to none)'."""
+    sets = ", ".join(f"{d} ({m}, {r['n_images']} images)"
+                     for d, m, r in zip(table["datasets"], table["models"], table["reports"]))
+    lines = [f"paper protocol (non-adaptive), accuracy % (difference to the undefended model 'none'); {sets}"]
+    for title, datasets, labels, recs in _blocks(table):
+        width = {lab: max(15, -(-(len(lab) + 2) // 2)) for lab in labels}  # per defense: Acc and Rob columns
+        dwidth = max(10, *(len(d) + 2 for d in datasets))
+        lines += ["", title, f"{'':<{dwidth}}" + "".join(f"{lab:<{2 * width[lab]}}" for lab in labels).rstrip(),
+                  f"{'dataset':<{dwidth}}" + "".join(f"{'Acc':<{width[lab]}}{'Rob':<{width[lab]}}"
+                                                     for lab in labels).rstrip()]
+        rule = "-" * len(lines[-1])
+        lines.append(rule)
+        for d in datasets:
+            if d == "average":
+                lines.append(rule)
+            lines.append(f"{d:<{dwidth}}" + "".join(
+                f"{_cell(recs[d, lab]['acc'], recs[d, lab]['delta_acc']):<{width[lab]}}"
+                f"{_cell(recs[d, lab]['rob'], recs[d, lab]['delta_rob']):<{width[lab]}}" for lab in labels).rstrip())
+    return "\n".join(lines)
+
+
+def format_table1_markdown(table: dict) -> str:
+    out = ["# Table 1 layout (paper protocol)", "",
+           "Attacks made on the undefended classifier, then each defense (non-adaptive: not a robustness claim). "
+           "Cells: accuracy % (difference to the undefended model `none`). Datasets: "
+           + ", ".join(f"`{d}` (model `{m}`, {r['n_images']} images, seed {r['seed']})"
+                       for d, m, r in zip(table["datasets"], table["models"], table["reports"])) + "."]
+    for title, datasets, labels, recs in _blocks(table):
+        out += ["", f"## {title}", "", "| dataset | " + " | ".join(f"{lab} Acc | {lab} Rob" for lab in labels) + " |",
+                "|---" * (2 * len(labels) + 1) + "|"]
+        for d in datasets:
+            name = "**average**" if d == "average" else d
+            out.append(f"| {name} | " + " | ".join(
+                f"{_cell(recs[d, lab]['acc'], recs[d, lab]['delta_acc'])} | "
+                f"{_cell(recs[d, lab]['rob'], recs[d, lab]['delta_rob'])}" for lab in labels) + " |")
+    settings = {k: v for r in table["reports"] for k, v in r.get("attack_settings", {}).items()}
+    if settings:
+        out += ["", "AutoAttack settings:", ""] + [f"- `{k}`: {json.dumps(v)}" for k, v in settings.items()]
+    return "\n".join(out) + "\n"
+
+
 def write_plots(report: dict, folder: Path) -> list[Path]:
     """acc_vs_eps.png (robust accuracy vs eps per defense and attack) and acc_vs_steps.png (PGD trajectory)."""
     require_extra("adaptive", ["matplotlib"], what="the report's plots")
@@ -144,13 +248,15 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
 
 
 def write_report(report: dict, folder: str | Path, stem: str = "report") -> list[Path]:
-    """report.json, report.md and the plots in `folder` (created if missing); the paths written."""
+    """report.json, report.md and the plots in `folder` (created if missing); the paths written. A Table 1
+    report (several datasets) gets the JSON and the Markdown only."""
     folder = Path(folder)
+    table1 = report.get("layout") == "table1"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         paths = [folder / f"{stem}.json", folder / f"{stem}.md"]
         paths[0].write_text(json.dumps(report, indent=2))
-        paths[1].write_text(format_markdown(report))
+        paths[1].write_text(format_table1_markdown(report) if table1 else format_markdown(report))
     except OSError as err:
         raise SccError(f"could not write the report to {folder}: {err.strerror or err}") from None
-    return paths + write_plots(report, folder)
+    return paths if table1 else paths + write_plots(report, folder)

@@ -5,18 +5,35 @@ merged per image into rows, the worst case and AutoAttack-style sanity flags.
 The suite (scc.eval.options.ADAPTIVE_ATTACKS; every step size is 2.5 eps / steps, Madry et al.):
   pgd                 PGD-50 on the summed cross-entropy, exact gradients through the defense with known draws;
                       per image it keeps the iterate that fooled the attacker's view (else the highest loss).
-  apgd-ce, apgd-dlr   APGD (scc.attacks.autoattack; 100 iterations, 1 restart) on the known-draws module. APGD calls
+  apgd-ce, apgd-dlr   APGD (scc.attacks.apgd; 100 iterations, 1 restart) on the known-draws module. APGD calls
                       the model on sub-batches (x[ind]), so `KnownDraws` maps every row back to its image by matching
                       it against the batch's clean images (L_inf distance <= eps + 1e-6 to exactly one of them).
+  apgd-t, fab-t       on request (not in the default suite): APGD-T (targeted DLR, 9 targets, >= 4 classes) and
+                      FAB-T (9 targets, 100 iterations), AutoAttack's targeted components, on the known-draws module.
   eot-pgd             EOT-PGD, 20 steps, each step's gradient averaged over k = 8 fresh draws (an attacker who
                       does not know the draws); final iterate.
   bpda-pgd            BPDA-PGD, 50 steps: logits = classifier(x + stopgrad(Delta(x))) with the gradient of the
                       [0,1] clamp kept (zero where x + Delta sits on the box boundary); Delta with known draws.
-  transfer-nocorrect  SCC only: exact PGD-50 on the same defense with `semantic=False` (Stages 1-2 off: the
-                      warm-up counterattack and the view-averaged prediction stay, the corrective steps go;
-                      `steps=0` gives the same logits but still pays for Stage 1's forward), transferred.
-  square              Square (scc.attacks.autoattack; L_inf, margin loss, --queries, default 1000) on the
-                      known-draws module: a black-box check for gradient masking.
+  transfer-nocorrect  exact PGD-50 on the defense with its correction switched off, transferred (every defense
+                      but none). SCC: `semantic=False` (Stages 1-2 off: the warm-up counterattack and the
+                      view-averaged prediction stay, the corrective steps go; `steps=0` gives the same logits but
+                      still pays for Stage 1's forward). Every other defense: its deterministic core, the
+                      undefended classifier (the whole defense is the correction).
+  square              Square (scc.attacks.square; L_inf, margin loss, --queries, default 1000, p schedule rescaled
+                      to the budget) on the known-draws module: a black-box check for gradient masking.
+
+Which attacks fit which defense (`Suite.applies`):
+  - eot-pgd needs random draws to average over: defenses without any (none, anti-adv) skip it (it would be PGD-20
+    with k identical copies).
+  - bpda-pgd holds the defense's pixel perturbation (record["perturbation"]) constant: for the pixel-space
+    defenses (ttc, scc, anti-adv, hd, doc) that is BPDA through their sign steps, projections and clamps (HD with
+    T > 2 averages the logits of T - 1 iterates; BPDA keeps the last). The feature-space defenses (dbd, agc,
+    rtpt) add no pixel perturbation: their bpda-pgd would be transfer-nocorrect again, so they skip it.
+  - transfer-nocorrect matters most where the defense's own correction hides the gradient: Anti-adv's pseudo-label
+    is an argmax of the input's prediction (flip it on the undefended classifier and the anti-adversary then
+    reinforces the wrong class), and the forward-only defenses are evaluated this way in their papers.
+  - pgd / apgd on dbd and agc differentiate through every augmented view with its known draws; their bit-depth
+    and JPEG views round with a straight-through gradient (BPDA inside the defense), the rest is exact.
 """
 from __future__ import annotations
 
@@ -27,15 +44,18 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from ..attacks import apgd, attack as paper_attack, square
+from ..attacks import apgd, apgd_targeted, attack as paper_attack, fab_targeted, square
 from ..attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, sign_pgd
 from ..backends import make_runner
-from ..defenses import Defended, defend, split_label
+from ..defenses import DEFENSES, Defended, defend, label_of, split_label
 from ..draws import derive_seed
 from ..errors import SccError
+from ..perturbation import clip_image
 from ..precision import dtype_name
 from ..timing import timed_call
-from .options import ADAPTIVE_ATTACKS, stderr
+from .options import ADAPTIVE_ATTACKS, DEFAULT_ATTACKS, stderr
+
+FEATURE_SPACE = ("dbd", "agc", "rtpt")  # defenses that correct features or prompts, not pixels
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -44,7 +64,7 @@ from .options import ADAPTIVE_ATTACKS, stderr
 @dataclasses.dataclass
 class Suite:
     """Attack budgets of the adaptive protocol (the CLI's flags set these)."""
-    attacks: tuple[str, ...] = ADAPTIVE_ATTACKS
+    attacks: tuple[str, ...] = DEFAULT_ATTACKS["adaptive"]
     pgd_steps: int = 50
     apgd_steps: int = 100
     eot_steps: int = 20
@@ -52,6 +72,8 @@ class Suite:
     bpda_steps: int = 50
     transfer_steps: int = 50
     queries: int = 1000
+    targets: int = 9  # apgd-t and fab-t target classes
+    fab_steps: int = 100
     checkpoints: tuple[int, ...] = (0, 1, 2, 5, 10, 20, 50, 100)
     sanity_images: int = 32  # PGD-20 at 16/255 through each defense on the first N images (0: off)
     sanity_eps: float = 16 / 255
@@ -59,15 +81,22 @@ class Suite:
 
     def steps_of(self, attack: str) -> int:
         return {"pgd": self.pgd_steps, "apgd-ce": self.apgd_steps, "apgd-dlr": self.apgd_steps,
+                "apgd-t": self.apgd_steps, "fab-t": self.fab_steps,
                 "eot-pgd": self.eot_steps, "bpda-pgd": self.bpda_steps, "transfer-nocorrect": self.transfer_steps,
                 "square": self.queries}[attack]
 
     def applies(self, attack: str, defense: str, n_classes: int) -> bool:
         """Whether `attack` runs against `defense` (a name: none, ttc, scc, ...) on an n_classes task."""
         if attack == "transfer-nocorrect":
-            return defense == "scc"
+            return defense != "none"
         if attack == "apgd-dlr":
             return n_classes >= 3
+        if attack == "apgd-t":
+            return n_classes >= 4
+        if attack == "eot-pgd":
+            return bool(DEFENSES[defense].draw_specs)
+        if attack == "bpda-pgd":
+            return defense not in FEATURE_SPACE
         return True
 
 
@@ -85,6 +114,13 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
     elif attack in ("apgd-ce", "apgd-dlr"):
         adv = apgd(known, x, y, eps, loss=attack.split("-")[1], steps=suite.apgd_steps,
                    seed=derive_seed(seed, f"{attack}:{batch_id}"))
+    elif attack == "apgd-t":
+        adv = apgd_targeted(known, x, y, eps, steps=suite.apgd_steps, targets=suite.targets,
+                            seed=derive_seed(seed, f"{attack}:{batch_id}"))
+    elif attack == "fab-t":  # its iterates leave the eps ball: rows go to their nearest clean image
+        nearest = KnownDraws(defended, x, keys, eps, draws=known.draws, match="nearest")
+        adv = fab_targeted(nearest, x, y, eps, steps=suite.fab_steps, targets=suite.targets,
+                           seed=derive_seed(seed, f"{attack}:{batch_id}"))
     elif attack == "eot-pgd":
         draw_gen = torch.Generator().manual_seed(derive_seed(seed, f"eot:draws:{batch_id}"))
         draws_for = lambda rep: {k: v.to(rep.device) for k, v in
@@ -94,17 +130,20 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
     elif attack == "bpda-pgd":
         adv, info = sign_pgd(bpda_objective(defended, y, known.draws), x, y, eps, suite.bpda_steps, generator=gen)
     elif attack == "transfer-nocorrect":
-        surrogate = Defended(defended.classifier, defended.defense,
-                             dataclasses.replace(defended.config, semantic=False), seed=defended.seed,
-                             preset=defended.preset)
-        surrogate._secret, surrogate.dtype = defended._secret, defended.dtype  # the same draws (a leaked seed)
-        sknown = KnownDraws(surrogate, x, keys, eps, draws=known.draws)
-        adv, info = sign_pgd(ce_objective(sknown, y), x, y, eps, suite.transfer_steps, generator=gen)
+        if defended.defense == "scc":
+            surrogate = Defended(defended.classifier, defended.defense,
+                                 dataclasses.replace(defended.config, semantic=False), seed=defended.seed,
+                                 preset=defended.preset)
+            surrogate._secret, surrogate.dtype = defended._secret, defended.dtype  # the same draws (a leaked seed)
+            core = KnownDraws(surrogate, x, keys, eps, draws=known.draws)
+        else:  # the whole defense is the correction: its core is the classifier it defends
+            core = defended.classifier
+        adv, info = sign_pgd(ce_objective(core, y), x, y, eps, suite.transfer_steps, generator=gen)
     elif attack == "square":
         adv = square(known, x, y, eps, queries=suite.queries, seed=derive_seed(seed, f"square:{batch_id}"))
     else:
         raise SccError(f"unknown adaptive attack {attack!r}; choose from {', '.join(ADAPTIVE_ATTACKS)}")
-    adv = torch.minimum(torch.maximum(adv, x - eps), x + eps).clamp(0, 1)  # never trust a library's projection
+    adv = clip_image(adv, x, eps)  # every attack's output inside the threat model, whatever it did
     return adv.detach(), info
 
 
@@ -319,7 +358,7 @@ def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
     """AutoAttack-style checks, one line each ("ok: ..." or "FLAG: ...")."""
     flags = []
     rows = [r for r in report["results"] if r["protocol"] == "adaptive"]
-    label = lambda r: r["defense"] + ("" if r["preset"] == "paper" else f"-{r['preset']}")
+    label = lambda r: label_of(r["defense"], r["preset"])
     # accuracy non-increasing in eps (worst case, per draws)
     by = {}
     for r in rows:
@@ -357,7 +396,7 @@ def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
     # black box beating white box
     for (lab, eps, draws), rs in _group(rows, lambda r: (label(r), r["eps"], r["draws"])).items():
         sq = next((r for r in rs if r["attack"] == "square"), None)
-        wb = [r for r in rs if r["attack"] in ("pgd", "apgd-ce", "apgd-dlr", "eot-pgd", "bpda-pgd")]
+        wb = [r for r in rs if r["attack"] in WHITE_BOX]
         if sq is None or not wb:
             continue
         best = min(wb, key=lambda r: r["accuracy"])
@@ -367,6 +406,9 @@ def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
     if not any("Square" in f for f in flags) and any(r["attack"] == "square" for r in rows):
         flags.append("ok: no black-box (Square) result beats the white-box attacks")
     return flags
+
+
+WHITE_BOX = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "eot-pgd", "bpda-pgd")
 
 
 def _group(rows, key):

@@ -21,7 +21,6 @@ horizontal flips (label-preserving for clothes), no affine augmentation. Chosen 
 affine augmentation cost ~6 points, 48x48 input and patch 4 did worse at the same CPU budget, 10 epochs did not
 help, and a class-aware contrastive loss (same-class pairs positive) matched plain ClipLoss.
 
-The default output folder is the package's assets folder: write elsewhere with --out when experimenting.
 One CPU thread trains such tiny steps faster than two.
 """
 from __future__ import annotations
