@@ -74,12 +74,13 @@ def supports(defense: Defense, backend: str) -> bool:
 
 def make_runner(defended: Defended, backend: str, batch_size: int = 1, dtype: torch.dtype = torch.float32,
                 device: torch.device | str | None = None, workdir: str | Path | None = None,
-                mode: str | None = None) -> Runner:
+                mode: str | None = None, freeze: bool | None = None) -> Runner:
     """Build `backend` for `defended` at `batch_size` (the compiled buckets up to it are compiled here; the ONNX
     file has that fixed batch). `dtype` of the image tower: fp32 everywhere; bf16 / fp16 (weights and
     activations; the perturbation and losses fp32) on eager, compiled and triton (fp16 where matmuls are native).
     `device` must be the classifier's (move the classifier with `.to(device)` first). `workdir` holds the ONNX
-    file (a temporary folder by default). `mode` is the compile mode of compiled/triton (see scc.backends.compiled)."""
+    file (a temporary folder by default). `mode` and `freeze` (Inductor freezing; default on for CPU) are the
+    compiled/triton engine's (see scc.backends.compiled)."""
     if backend not in BACKENDS:
         raise SccError(f"unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -110,7 +111,7 @@ def make_runner(defended: Defended, backend: str, batch_size: int = 1, dtype: to
                                  f"{install_hint('onnx')}, or use the eager backend") from err
     if backend in ("compiled", "triton"):
         engine = Engine(defended.with_dtype(torch.float32), backend=backend, max_batch=batch_size, mode=mode,
-                        dtype=dtype)
+                        dtype=dtype, freeze=freeze)
         seconds = float(engine.warmup(batch_size))
         return Runner(run=lambda x, draws=None: engine(x, draws), compile_seconds=seconds,
                       details={"kernels": engine.kernels, "buckets": engine.buckets}, warmup=engine.warmup, **common)

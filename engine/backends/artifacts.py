@@ -16,6 +16,8 @@ key only the operator holds: `--cache-key-file`, or a key generated on first sta
 (mode 0600). An artifact copied from another host is therefore refused unless that host's key came with it, and one
 changed after it was signed is refused; either case is one line on stderr, and the replica compiles instead.
 Inductor's own cache entries cannot be signed (Inductor loads them itself): they are covered by (1) only.
+AOTInductor packages (scc.backends.packages) are code too and get the same two checks: package_mac signs the
+`.pt2` with its `.json`, under the same kind of key (`key_file`, or `folder/scc-cache.key` of the package folder).
 """
 from __future__ import annotations
 
@@ -155,6 +157,22 @@ def artifact_mac(blob: bytes, path: str, mac_key: bytes) -> str:
     this one's name does not verify)."""
     msg = MAC_CONTEXT + os.path.basename(path).encode() + b"\0" + blob
     return hmac.new(mac_key, msg, hashlib.sha256).hexdigest()
+
+
+PACKAGE_CONTEXT = b"scc-aoti-package-v1\0"
+
+
+def package_mac(path: str, mac_key: bytes) -> str:
+    """HMAC-SHA256 over an AOTInductor package: its file name, its key file (`path.json`, which names the graph's
+    inputs) and its bytes, read in 8 MB pieces (a ViT-B/32 package is ~180 MB)."""
+    mac = hmac.new(mac_key, PACKAGE_CONTEXT + os.path.basename(path).encode() + b"\0", hashlib.sha256)
+    with open(path + ".json", "rb") as f:
+        meta = f.read()
+    mac.update(len(meta).to_bytes(8, "little") + meta)
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(8 << 20), b""):
+            mac.update(piece)
+    return mac.hexdigest()
 
 
 def _refuse(path: str, reason: str) -> str:

@@ -35,11 +35,14 @@ for fp32), instead of re-laying it out on every call. The engine's weights are f
 engine_classifier); a caller who changes the classifier's weights builds a new engine.
 
 packages=FOLDER: buckets whose AOTInductor package (scc.backends.packages, written by `build_packages`) is in
-FOLDER are loaded from it in seconds instead of compiled; the others compile as usual.
+FOLDER are loaded from it in seconds instead of compiled; the others compile as usual. A package is code: one that
+is unsigned, signed under another key (package_key_file=, else FOLDER/scc-cache.key), changed, or writable by
+others is refused with one line on stderr, and that bucket compiles instead.
 """
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 import types
 import warnings
@@ -83,7 +86,8 @@ class Engine:
     """`engine(x, draws=None, trace=None) -> logits`, the compiled counterpart of `defended(x, draws, trace)`."""
 
     def __init__(self, defended: Defended, backend: str = "compiled", max_batch: int = 8, mode: str | None = None,
-                 dtype: torch.dtype = torch.float32, freeze: bool | None = None, packages: str | None = None):
+                 dtype: torch.dtype = torch.float32, freeze: bool | None = None, packages: str | None = None,
+                 package_key_file: str | None = None):
         if not isinstance(defended, Defended):
             raise SccError(f"Engine wraps a scc.defend(...) module, got {type(defended).__name__}")
         if backend not in ENGINE_BACKENDS:
@@ -105,7 +109,9 @@ class Engine:
             raise SccError("AOTInductor packages (packages=FOLDER) hold the plain compiled graph: use them with "
                            f"backend='compiled' and mode=None, not backend={backend!r}, mode={mode!r}")
         self.packages = packages  # a folder of AOTInductor packages (scc.backends.packages) to load buckets from
+        self.package_key_file = package_key_file  # the packages' HMAC key (default: packages/scc-cache.key)
         self.loaded_packages: dict[int, str] = {}  # bucket -> the package file it runs
+        self.refused_packages: dict[int, str] = {}  # bucket -> why its package was not loaded (it compiled)
         self.buckets = power_of_two_buckets(max_batch)
         self.max_batch = max_batch
         self.cuda_graphs = mode in CUDA_GRAPH_MODES
@@ -180,12 +186,18 @@ class Engine:
     def _compile(self, bucket: int, traced: bool) -> float:
         times = self._times(traced)
         if bucket not in times and not traced and self.packages is not None:
-            from .packages import find_package, load_package
+            from .packages import PackageRefused, find_package, load_package
 
             if find_package(self.defended, self.packages, bucket, self.dtype):  # load instead of compiling
-                package = load_package(self.defended, self.packages, bucket, self.dtype)
-                self._packaged[bucket], self.loaded_packages[bucket] = package, package.path
-                times[bucket] = package.load_seconds
+                try:
+                    package = load_package(self.defended, self.packages, bucket, self.dtype, self.package_key_file)
+                except PackageRefused as err:  # never run code someone else could have written: compile instead
+                    print(f"scc: not loading an AOTInductor package: {err}; compiling bucket {bucket} instead",
+                          file=sys.stderr)
+                    self.refused_packages[bucket] = str(err)
+                else:
+                    self._packaged[bucket], self.loaded_packages[bucket] = package, package.path
+                    times[bucket] = package.load_seconds
         if bucket not in times:
             x, draws = self.defended.example_inputs(bucket, device=self.device)
             args = [draws[k] for k in self.draw_keys]
@@ -214,7 +226,8 @@ class Engine:
             raise SccError(f"warmup takes a batch size in 1..max_batch={self.max_batch}, got {batch_size!r}")
         return self._compile(next(b for b in self.buckets if b >= batch_size), traced=False)
 
-    def build_packages(self, folder: str, buckets: list[int] | None = None) -> list[dict]:
+    def build_packages(self, folder: str, buckets: list[int] | None = None,
+                       key_file: str | None = None) -> list[dict]:
         """Write an AOTInductor package (scc.backends.packages) of this engine's graph for each bucket (default:
         all) into `folder`; an Engine(..., packages=folder) with the same settings then loads them instead of
         compiling. Returns build_package's info per bucket."""
@@ -223,7 +236,7 @@ class Engine:
         if self.backend != "compiled" or self.mode is not None:
             raise SccError("packages hold the plain compiled graph: build them from Engine(backend='compiled', "
                            "mode=None)")
-        return [build_package(self.defended, folder, b, self.dtype, freeze=self.freeze)
+        return [build_package(self.defended, folder, b, self.dtype, freeze=self.freeze, key_file=key_file)
                 for b in (buckets or self.buckets)]
 
     # ------------------------------------------------------------------------------------------------------

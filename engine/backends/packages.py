@@ -1,8 +1,8 @@
 """AOTInductor packages: one defense x dtype x batch-bucket graph compiled ahead of time into a `.pt2` file that a
 replica loads in seconds instead of compiling for minutes (torch.export + torch._inductor.aoti_compile_and_package).
 
-    info = build_package(defended, folder, batch=1, dtype=torch.bfloat16)    # minutes, once per build
-    run = load_package(defended, folder, batch=1, dtype=torch.bfloat16)      # seconds, in every replica
+    info = build_package(defended, folder, batch=1, dtype=torch.bfloat16)    # minutes, once per build (signed)
+    run = load_package(defended, folder, batch=1, dtype=torch.bfloat16)      # seconds, in every replica (verified)
     logits = run(pixels, [draws[k] for k in run.inputs[1:]])                 # exactly `batch` images
 
 `scc.backends.compiled.Engine(..., packages=folder)` loads a bucket's package when the folder has one for it and
@@ -14,10 +14,19 @@ graph the ONNX export writes: forward and input-gradient ops, math attention) on
 the package, pre-packed once. The weights are inside the file: its key (written beside it as `<file>.json`) names
 the model, a fingerprint of the weights, the defense and its config, dtype, batch, device and the torch version; a
 package is found by the hash of that key, so a package built for other weights or settings is never loaded.
+
+A package is compiled code: loading one runs it. So, as with the service's compile-cache artifacts
+(scc.backends.artifacts), build_package signs each package (`<file>.sig`: HMAC-SHA256 over the file and its `.json`
+under `key_file`, else `folder/scc-cache.key`, generated 0600 on the first build), and load_package loads nothing
+unless the package, its `.json` and `.sig` and every folder above them could only have been written by us (or
+root), and the HMAC verifies under the same key; otherwise it raises PackageRefused, and the Engine prints that
+one line and compiles the bucket instead. A package folder shipped to another host therefore needs its key shipped
+by the operator too (`key_file=`, kept outside the folder), never alongside the package by whoever copies it.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
 import time
@@ -27,6 +36,12 @@ import torch
 
 from ..defenses import Defended
 from ..errors import SccError
+from .artifacts import KEY_NAME, cache_mac_key, check_private, package_mac
+
+
+class PackageRefused(SccError):
+    """A package exists for these settings but is not loaded: unsigned, signed with another key, changed after it
+    was signed, or in a place others could write."""
 from ..precision import dtype_name, engine_classifier
 
 
@@ -78,16 +93,18 @@ def _as_fp32(defended: Defended) -> Defended:
 
 
 def build_package(defended: Defended, folder: str | os.PathLike, batch: int, dtype: torch.dtype = torch.float32,
-                  freeze: bool = True) -> dict:
-    """Trace, export and AOT-compile `defended` at a fixed `batch` in `dtype` into `folder` (created if needed);
-    returns {"path", "seconds", "bytes", "key"}."""
+                  freeze: bool = True, key_file: str | None = None) -> dict:
+    """Trace, export and AOT-compile `defended` at a fixed `batch` in `dtype` into `folder` (created 0700 if
+    needed) and sign it (`<file>.sig`, see the module docstring for `key_file`); returns {"path", "seconds",
+    "bytes", "key"}."""
     from ..export.onnx import trace_procedure
 
     defended = _as_fp32(defended)
     defended.record.require("compiled", "compiles")
     key = package_key(defended, batch, dtype)
     path = package_path(folder, key)
-    os.makedirs(os.fspath(folder), exist_ok=True)
+    os.makedirs(os.fspath(folder), mode=0o700, exist_ok=True)
+    mac_key = cache_mac_key(os.fspath(folder), key_file)  # before minutes of compiling: a bad key file fails now
     start = time.perf_counter()
     engine_copy = Defended(engine_classifier(defended.classifier, dtype), defended.defense, defended.config,
                            preset=defended.preset)  # patch conv as matmul, `dtype` tower: the engine's own graph
@@ -95,9 +112,10 @@ def build_package(defended: Defended, folder: str | os.PathLike, batch: int, dty
     exported = torch.export.export(graph, tuple(example))
     tmp = f"{path}.{os.getpid()}.tmp.pt2"
     torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs={"freezing": freeze})
+    os.chmod(tmp, 0o600)
     os.replace(tmp, path)
-    with open(path + ".json", "w") as f:
-        json.dump({**key, "inputs": names}, f, indent=1, sort_keys=True)
+    _write_private(path + ".json", json.dumps({**key, "inputs": names}, indent=1, sort_keys=True).encode())
+    _write_private(path + ".sig", package_mac(path, mac_key).encode())
     return {"path": path, "seconds": time.perf_counter() - start, "bytes": os.path.getsize(path), "key": key}
 
 
@@ -107,13 +125,49 @@ def find_package(defended: Defended, folder: str | os.PathLike, batch: int, dtyp
     return path if os.path.isfile(path) and os.path.isfile(path + ".json") else None
 
 
-def load_package(defended: Defended, folder: str | os.PathLike, batch: int, dtype: torch.dtype) -> Package:
-    """Load the package `build_package` wrote for these settings; SccError when the folder has none."""
+def _write_private(path: str, data: bytes) -> None:
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def verify_package(path: str, folder: str | os.PathLike, key_file: str | None = None) -> None:
+    """PackageRefused unless `path` (with its .json and .sig) could only have been written by us and its HMAC
+    verifies under `key_file` (else `folder/scc-cache.key`); nothing of the package is loaded here."""
+    key_path = key_file or os.path.join(os.fspath(folder), KEY_NAME)
+    try:
+        for p in (path, path + ".json", path + ".sig"):
+            if not os.path.exists(p):
+                raise PackageRefused(f"package {path}: {os.path.basename(p)} is missing, so it is not signed; "
+                                     "rebuild it with build_package")
+            check_private(p, "package")
+        if not os.path.isfile(key_path):
+            raise PackageRefused(f"package {path}: no key to check its signature ({key_path} is missing); pass the "
+                                 "key it was built with (key_file=) or rebuild it here")
+        mac_key = cache_mac_key(os.fspath(folder), key_file)
+    except PackageRefused:
+        raise
+    except SccError as err:
+        raise PackageRefused(str(err)) from err
+    with open(path + ".sig") as f:
+        sig = f.read().strip()
+    if not hmac.compare_digest(sig, package_mac(path, mac_key)):
+        raise PackageRefused(f"package {path}: its HMAC does not match (changed after it was signed, or signed with "
+                             "another key); rebuild it, or pass the key it was built with (key_file=)")
+
+
+def load_package(defended: Defended, folder: str | os.PathLike, batch: int, dtype: torch.dtype,
+                 key_file: str | None = None) -> Package:
+    """Load the package `build_package` wrote for these settings after verify_package; SccError when the folder
+    has none, PackageRefused when it has one that fails the checks."""
     path = find_package(defended, folder, batch, dtype)
     if path is None:
         raise SccError(f"no package in {os.fspath(folder)!r} for {defended.label} at batch {batch} in "
                        f"{dtype_name(dtype)} with these weights and this torch ({torch.__version__}); build it with "
                        "scc.backends.packages.build_package (or Engine.build_packages)")
+    verify_package(path, folder, key_file)
     with open(path + ".json") as f:
         inputs = json.load(f)["inputs"]
     start = time.perf_counter()

@@ -148,7 +148,11 @@ class Service:
             self.artifacts = artifact_path(cache, self.artifact_key)
             self.mac_key = cache_mac_key(cache, cfg["cache_key_file"])
             self.artifacts_status = load_compile_artifacts(self.artifacts, self.mac_key)
-        self.runner = make_runner(self.defended, cfg["backend"], batch_size=self.max_batch, dtype=self.dtype)
+        # Inductor's FX graph cache skips frozen graphs (their weights are constants), so a compiled replica with a
+        # compile cache runs unfrozen: nothing would be saved for the next replica otherwise
+        freeze = False if self.artifacts else None
+        self.runner = make_runner(self.defended, cfg["backend"], batch_size=self.max_batch, dtype=self.dtype,
+                                  freeze=freeze)
         self.pad = self.backend != "eager"  # eager runs any batch size as it is
         self.load_seconds = time.perf_counter() - start
         self.bucket_seconds: dict[int, float] = {}
