@@ -216,11 +216,16 @@ def save_compile_artifacts(path: str, key: Mapping, mac_key: bytes) -> bool:
         return False
     os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
     blob = saved[0]
-    for target, data in ((path + ".json", json.dumps(key, indent=2, sort_keys=True, default=str).encode()),
-                         (path, blob), (path + ".sig", artifact_mac(blob, path, mac_key).encode())):
-        tmp = f"{target}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
+    write_private(path + ".json", json.dumps(key, indent=2, sort_keys=True, default=str).encode())
+    write_private(path, blob)
+    write_private(path + ".sig", artifact_mac(blob, path, mac_key).encode())
     return True
+
+
+def write_private(path: str, data: bytes) -> None:
+    """Write `data` to `path` atomically (a temporary file renamed over it), mode 0600."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)

@@ -138,7 +138,7 @@ class Engine:
         self.compile_seconds: dict[int, float] = {}  # bucket -> seconds of its first (compiling) call
         self.trace_compile_seconds: dict[int, float] = {}  # the same for the traced graphs (tests, diagnostics)
         self._graphs: dict[tuple[int, bool], object] = {}
-        self._packaged: dict[int, object] = {}  # bucket -> a loaded scc.backends.packages.Package
+        self._packaged: dict[int, tuple] = {}  # bucket -> (loaded scc.backends.packages.Package, draw order)
 
     # ------------------------------------------------------------------------------------------------------
     def _graph(self, bucket: int, traced: bool):
@@ -165,9 +165,9 @@ class Engine:
         # Once a graph is compiled its guards are skipped: it is the only entry of its own code object and the
         # inputs are checked here instead (shape = bucket, float32, device, contiguous; no grad).
         if not traced and bucket in self._packaged:
-            package, named = self._packaged[bucket], dict(zip(self.draw_keys, draws))
+            package, order = self._packaged[bucket]
             with torch.no_grad():
-                return (package(x, [named[k] for k in package.inputs[1:]]),)
+                return (package(x, [draws[i] for i in order]),)
         compiled = bucket in self._times(traced)
         with torch.no_grad(), \
                 torch.compiler.set_stance(skip_guard_eval_unsafe=True) if compiled else contextlib.nullcontext():
@@ -186,17 +186,19 @@ class Engine:
     def _compile(self, bucket: int, traced: bool) -> float:
         times = self._times(traced)
         if bucket not in times and not traced and self.packages is not None:
-            from .packages import PackageRefused, find_package, load_package
+            from .packages import PackageRefused, find_package, open_package
 
-            if find_package(self.defended, self.packages, bucket, self.dtype):  # load instead of compiling
+            path = find_package(self.defended, self.packages, bucket, self.dtype)
+            if path:  # load instead of compiling
                 try:
-                    package = load_package(self.defended, self.packages, bucket, self.dtype, self.package_key_file)
+                    package = open_package(path, self.packages, bucket, self.package_key_file)
                 except PackageRefused as err:  # never run code someone else could have written: compile instead
                     print(f"scc: not loading an AOTInductor package: {err}; compiling bucket {bucket} instead",
                           file=sys.stderr)
                     self.refused_packages[bucket] = str(err)
-                else:
-                    self._packaged[bucket], self.loaded_packages[bucket] = package, package.path
+                else:  # the package's draw inputs, as positions in the engine's draw order
+                    order = [self.draw_keys.index(k) for k in package.inputs[1:]]
+                    self._packaged[bucket], self.loaded_packages[bucket] = (package, order), package.path
                     times[bucket] = package.load_seconds
         if bucket not in times:
             x, draws = self.defended.example_inputs(bucket, device=self.device)

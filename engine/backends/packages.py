@@ -36,7 +36,7 @@ import torch
 
 from ..defenses import Defended
 from ..errors import SccError
-from .artifacts import KEY_NAME, cache_mac_key, check_private, package_mac
+from .artifacts import KEY_NAME, cache_mac_key, check_private, package_mac, write_private
 
 
 class PackageRefused(SccError):
@@ -114,8 +114,8 @@ def build_package(defended: Defended, folder: str | os.PathLike, batch: int, dty
     torch._inductor.aoti_compile_and_package(exported, package_path=tmp, inductor_configs={"freezing": freeze})
     os.chmod(tmp, 0o600)
     os.replace(tmp, path)
-    _write_private(path + ".json", json.dumps({**key, "inputs": names}, indent=1, sort_keys=True).encode())
-    _write_private(path + ".sig", package_mac(path, mac_key).encode())
+    write_private(path + ".json", json.dumps({**key, "inputs": names}, indent=1, sort_keys=True).encode())
+    write_private(path + ".sig", package_mac(path, mac_key).encode())
     return {"path": path, "seconds": time.perf_counter() - start, "bytes": os.path.getsize(path), "key": key}
 
 
@@ -125,30 +125,24 @@ def find_package(defended: Defended, folder: str | os.PathLike, batch: int, dtyp
     return path if os.path.isfile(path) and os.path.isfile(path + ".json") else None
 
 
-def _write_private(path: str, data: bytes) -> None:
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def verify_package(path: str, folder: str | os.PathLike, key_file: str | None = None) -> None:
     """PackageRefused unless `path` (with its .json and .sig) could only have been written by us and its HMAC
     verifies under `key_file` (else `folder/scc-cache.key`); nothing of the package is loaded here."""
     key_path = key_file or os.path.join(os.fspath(folder), KEY_NAME)
+    missing = next((p for p in (path, path + ".json", path + ".sig") if not os.path.exists(p)), None)
+    if missing:
+        raise PackageRefused(f"package {path}: {os.path.basename(missing)} is missing, so it is not signed; "
+                             "rebuild it with build_package")
     try:
         for p in (path, path + ".json", path + ".sig"):
-            if not os.path.exists(p):
-                raise PackageRefused(f"package {path}: {os.path.basename(p)} is missing, so it is not signed; "
-                                     "rebuild it with build_package")
             check_private(p, "package")
-        if not os.path.isfile(key_path):
-            raise PackageRefused(f"package {path}: no key to check its signature ({key_path} is missing); pass the "
-                                 "key it was built with (key_file=) or rebuild it here")
+    except SccError as err:
+        raise PackageRefused(str(err)) from err
+    if not os.path.isfile(key_path):
+        raise PackageRefused(f"package {path}: no key to check its signature ({key_path} is missing); pass the "
+                             "key it was built with (key_file=) or rebuild it here")
+    try:
         mac_key = cache_mac_key(os.fspath(folder), key_file)
-    except PackageRefused:
-        raise
     except SccError as err:
         raise PackageRefused(str(err)) from err
     with open(path + ".sig") as f:
@@ -167,6 +161,11 @@ def load_package(defended: Defended, folder: str | os.PathLike, batch: int, dtyp
         raise SccError(f"no package in {os.fspath(folder)!r} for {defended.label} at batch {batch} in "
                        f"{dtype_name(dtype)} with these weights and this torch ({torch.__version__}); build it with "
                        "scc.backends.packages.build_package (or Engine.build_packages)")
+    return open_package(path, folder, batch, key_file)
+
+
+def open_package(path: str, folder: str | os.PathLike, batch: int, key_file: str | None = None) -> Package:
+    """Load the package file `path` (as find_package returns it) after verify_package."""
     verify_package(path, folder, key_file)
     with open(path + ".json") as f:
         inputs = json.load(f)["inputs"]
