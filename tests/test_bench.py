@@ -50,6 +50,32 @@ def test_bench_main_writes_the_json_schema(tmp_path, capsys):
     assert "x off." in table and "batch 2 eager fp32: R-TPT/SCC" in table
 
 
+def test_a_run_cut_short_leaves_the_rows_it_measured(tmp_path, monkeypatch):
+    """The JSON is rewritten (marked partial) after each defense of each batch size, so a crash late in a long
+    run keeps every finished row; the finished run's file carries no mark."""
+    import scc.bench.latency as latency
+
+    out = tmp_path / "bench.json"
+    real, seen = latency._measure_batch, []
+
+    def fail_on_batch_2(*args, **kw):
+        if args[4] == 2:  # batch size
+            seen.append(json.loads(out.read_text()))
+            raise RuntimeError("killed")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(latency, "_measure_batch", fail_on_batch_2)
+    with pytest.raises(RuntimeError):
+        main(["--images", "2", "--batch-size", "1,2", "--defenses", "none,ttc", "--json", str(out)])
+    partial = json.loads(out.read_text())
+    assert partial["partial"] is True and seen == [partial] and partial["limits"]["matmul_peak_gflops"]["fp32"] > 0
+    assert [(r["label"], r["batch_size"]) for r in partial["rows"]] == [("none", 1), ("ttc-official", 1), ("ttc", 1)]
+    monkeypatch.setattr(latency, "_measure_batch", real)
+    assert main(["--images", "2", "--batch-size", "1,2", "--defenses", "none", "--json", str(out)]) == 0
+    done = json.loads(out.read_text())
+    assert "partial" not in done and len(done["rows"]) == 2
+
+
 def test_batch_sizes_must_divide_the_images(capsys):
     assert main(["--images", "4", "--batch-size", "1,3"]) == 2
     err = capsys.readouterr().err
@@ -157,3 +183,22 @@ def test_operator_profile_splits_matmuls_from_the_rest():
     assert 0 < report["matmul_share"] < 1 and report["outside_matmul_share"] == pytest.approx(1 - report["matmul_share"])
     assert is_matmul("mkldnn::_linear_pointwise") and is_matmul("cpp_CppMicroGemmAMX_1") and not is_matmul("aten::gelu")
     assert format_profile("x", report).startswith("x: ")
+
+
+def test_release_frees_runners_and_resets_dynamo_after_compiled_ones(monkeypatch):
+    """Between defenses the bench drops its runners; after compiled ones it also resets torch._dynamo, whose cache
+    would otherwise keep every compiled graph (with its frozen weights) alive until the process ends."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from scc.bench.latency import release
+
+    resets = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
+    eager = [(SimpleNamespace(backend="eager"), None, [], [])]
+    release(eager)
+    assert eager == [] and resets == []
+    mixed = [(SimpleNamespace(backend="eager"), None, [], []), (SimpleNamespace(backend="compiled"), None, [], [])]
+    release(mixed)
+    assert mixed == [] and resets == [1]

@@ -132,3 +132,12 @@ def test_eval_imagefolder(image_dir, tmp_path, digits):
     assert report["n_images"] == 20
     clean = [r for r in report["results"] if r["attack"] == "none" and r["defense"] == "none"][0]
     assert clean["accuracy"] > 0.5  # class names come from the folders, real digits inside
+
+
+def test_eval_help_names_every_attack_of_each_protocol():
+    """The parser's help strings are written out (it is built without importing torch): they must name what
+    scc.eval.options accepts, no more and no less."""
+    from scc.cli.evaluate import ADAPTIVE_HELP
+    from scc.eval.options import ADAPTIVE_ATTACKS
+
+    assert [a.strip() for a in ADAPTIVE_HELP.split(",")] == list(ADAPTIVE_ATTACKS)

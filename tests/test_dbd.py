@@ -75,3 +75,29 @@ def test_one_round_of_32_forwards_and_robustness(tiny, digits):
         DBDConfig(keep=40)
     with pytest.raises(scc.SccError, match="depth_overflow"):
         DBDConfig(depth_overflow="saturate")
+
+
+def test_soft_surrogate_tends_to_the_hard_choices_and_passes_their_gradient():
+    """DBDConfig(soft=t): sigmoid weights over the entropies and the score threshold. At a small t its output is
+    DBD's (both threshold branches exercised); at t = 0.2 the gradient reaches the entropies, which the hard
+    top-k selection (a gather) does not."""
+    gen = torch.Generator().manual_seed(0)
+    B, V, D, C = 6, 32, 16, 5
+    feats = torch.randn(B, 1, D, generator=gen) + torch.randn(B, V, D, generator=gen) * 0.3
+    feats[:3, 1:] += torch.randn(3, 1, D, generator=gen)
+    feats = feats / feats.norm(dim=-1, keepdim=True)
+    proj = torch.randn(D, C, generator=gen)
+    logits = 10 * feats @ proj
+    hard = directional_feature(feats, logits, DBDConfig())
+    near = directional_feature(feats, logits, DBDConfig(soft=1e-6))
+    ent = (-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1))[:, 1:].sort(-1).values
+    clear = ent[:, 16] - ent[:, 15] > 1e-4  # images whose 16th and 17th lowest entropies are not a near tie
+    assert clear.sum() >= 4
+    torch.testing.assert_close(near[clear], hard[clear], atol=1e-4, rtol=0)
+    logits = (10 * feats @ proj).requires_grad_(True)  # the features get no gradient through the logits here
+    assert not directional_feature(feats, logits, DBDConfig()).requires_grad  # hard: the choice is a gather
+    out = directional_feature(feats, logits, DBDConfig(soft=0.2))
+    grad, = torch.autograd.grad(out.sum(), logits)  # soft: the gradient reaches the entropies
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    with pytest.raises(scc.SccError, match="soft is a temperature"):
+        DBDConfig(soft=-1)

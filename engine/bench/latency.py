@@ -18,6 +18,7 @@ compile/capture/export time is measured by `make_runner` and reported apart (`co
 """
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Callable, Sequence
@@ -107,7 +108,8 @@ def official_runner(defended, batch_size: int) -> Runner:
 def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[str], x: torch.Tensor,
             batch_size: int | Sequence[int] = 1, warmup: int = 1, repeats: int = 1, seed: int = 0,
             log: Callable[[str], None] | None = None, dtypes: Sequence[torch.dtype] = (torch.float32,),
-            limits: dict | None = None, official: bool = True) -> tuple[list[dict], list[dict]]:
+            limits: dict | None = None, official: bool = True,
+            progress: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], list[dict]]:
     """(rows, skipped): one row per defense x batch size x backend x dtype; skipped lists what a backend cannot
     run, with the reason.
 
@@ -119,12 +121,15 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
     compares a row's top-1 with the eager fp32 backend's on the same images and draws (the eager fp32 row is the
     reference itself: None). Roofline columns (scc.bench.roofline): FLOPs per image counted in an eager run of the
     defense, the achieved GFLOP/s and its fraction of `limits`' measured matmul peak for the row's dtype; on CUDA at
-    batch 1 also the weight-streaming bound (sequential encoder rounds x weight bytes / measured bandwidth)."""
+    batch 1 also the weight-streaming bound (sequential encoder rounds x weight bytes / measured bandwidth).
+    `progress`, if given, is called with every row measured so far after each defense of each batch size (a long
+    run cut short still leaves what it measured; the ratio columns are filled in at the end)."""
     sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
     rows, skipped = [], []
     for size in sizes:
+        done = list(rows)
         rows += _measure_batch(clf, labels, backends, x, size, warmup, repeats, seed, log, dtypes, limits or {},
-                               official, skipped)
+                               official, skipped, progress and (lambda new, done=done: progress(done + new)))
     for r in rows:  # speed-ups measured in the same run: over fp32 (same backend), over the official TTC procedure
         same = [o for o in rows if o["batch_size"] == r["batch_size"]]
         base = next((o["seconds_per_image"] for o in same if o["label"] == r["label"] and o["backend"] == r["backend"]
@@ -136,7 +141,7 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
 
 
 def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, log, dtypes, limits, official,
-                   skipped) -> list[dict]:
+                   skipped, progress=None) -> list[dict]:
     batches = batches_of(x, batch_size)
     device = batches[0].device
     rows = []
@@ -210,7 +215,22 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
             if log:
                 log(f"{runner.defense:<20}{runner.backend:<10}{dt:<6}batch {batch_size:<4}"
                     f"{row['seconds_per_image']:.4f} s/image")
+        if progress:
+            progress(rows)
+        release(runners)
     return rows
+
+
+def release(runners: list) -> None:
+    """Free a defense's runners before the next one is built. A compiled runner's graphs stay in torch._dynamo's
+    cache (keyed on the engine's code object, shared by every engine) with their frozen weights as constants:
+    without this, `scc bench --defenses ttc,scc-latency,scc,rtpt --backends eager,compiled --dtype fp32,bf16
+    --batch-size 1,8` on ViT-B-32 held every earlier graph and was killed for memory at 20 GB resident."""
+    compiled = any(r[0].backend != "eager" for r in runners)
+    runners.clear()
+    if compiled:
+        torch._dynamo.reset()
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -313,13 +333,15 @@ def reports_from_benchmark_json(path: str | Path) -> list[dict]:
 
 def benchmark(clf: ZeroShotClassifier, x: torch.Tensor, labels: Sequence[str], backends: Sequence[str],
               dtypes: Sequence[torch.dtype], batch_size: int | Sequence[int] = 1, warmup: int = 1, repeats: int = 1,
-              seed: int = 0, log: Callable[[str], None] | None = None, official: bool = True
-              ) -> tuple[list[dict], list[dict], dict]:
+              seed: int = 0, log: Callable[[str], None] | None = None, official: bool = True,
+              progress: Callable[[list[dict], dict], None] | None = None) -> tuple[list[dict], list[dict], dict]:
     """(rows, skipped, limits): `measure` between two measurements of the machine's matmul peak. On a shared
-    machine the better of the two is the closer to the quiet peak; every row's fraction is computed against it."""
+    machine the better of the two is the closer to the quiet peak; every row's fraction is computed against it.
+    `progress(rows so far, limits measured at the start)` as in `measure`."""
     device = x.device
     limits = machine_limits(dtypes, device)
-    rows, skipped = measure(clf, labels, backends, x, batch_size, warmup, repeats, seed, log, dtypes, limits, official)
+    rows, skipped = measure(clf, labels, backends, x, batch_size, warmup, repeats, seed, log, dtypes, limits, official,
+                            progress and (lambda done: progress(done, limits)))
     after = machine_limits(dtypes, device)
     limits["matmul_peak_gflops_start"] = dict(limits["matmul_peak_gflops"])
     limits["matmul_peak_gflops"] = {k: max(v, after["matmul_peak_gflops"][k])

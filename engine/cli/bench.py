@@ -118,8 +118,12 @@ def run(args: argparse.Namespace) -> int:
     if busy:  # a warning, printed even with --quiet
         print(busy, file=sys.stderr, flush=True)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    def partial(rows: list[dict], limits: dict) -> None:  # a run cut short keeps the rows it measured, marked partial
+        if args.json != "-":
+            write_json({**report, "partial": True, "limits": limits, "rows": rows}, args.json)
+
     rows, skipped, limits = benchmark(clf, x, labels, backends, dtypes, args.batch_size, args.warmup, args.repeats,
-                                      args.seed, log)
+                                      args.seed, log, progress=partial)
     report.update(limits=limits, rows=rows, skipped=skipped,
                   paper_table4={k: {"seconds_per_image": s, "robust_acc": a} for k, (s, a) in PAPER.items()})
     if args.json != "-":

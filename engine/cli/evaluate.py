@@ -31,7 +31,7 @@ from .args import (DEFENSE_CHOICES, TINY_NAME, add_common, add_dtype_arg, add_mo
 # (scc.eval.options.describe_attacks says the same; not imported here: the parser is built without torch)
 PAPER_HELP = ("pgd, cw, pgd100, apgd-ce, apgd-dlr, apgd-t, fab-t, square, apgd (= TTC's AutoAttack subset: "
               "apgd-ce then apgd-dlr), autoattack (= standard AutoAttack: apgd-ce, apgd-t, fab-t, square(5000))")
-ADAPTIVE_HELP = "pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, eot-pgd, bpda-pgd, transfer-nocorrect, square"
+ADAPTIVE_HELP = "pgd, apgd-ce, apgd-dlr, apgd-t, fab-t, eot-pgd, bpda-pgd, transfer-nocorrect, square, surrogate-pgd"
 
 
 def add_parser(sub) -> None:

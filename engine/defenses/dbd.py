@@ -31,6 +31,14 @@ pixel); bit depth and JPEG round with a straight-through (identity) gradient, i.
 views; the entropy selection and the score threshold are piecewise constant (no gradient through the choice).
 All randomness is in the draws: `crop` (B, 16, 10, 4) and `flip` (B, 16) uniforms, `noise` (B, 6, 3, H, W)
 normals. `record["perturbation"]` is zero: DBD corrects the feature, not the pixels.
+
+A differentiable surrogate for adaptive attacks (`soft` = t > 0; 0, the default, is the official procedure):
+    w_i    = sigmoid((c - H_i) / t),  c = midway between the keep-th and (keep+1)-th lowest entropy (no gradient)
+    D      = sum_i w_i r_i / sum_i w_i,   score = sum_i w_i cos(r_i, D) / sum_i w_i
+    factor = 1 + (boost - 1) sigmoid((score - thresh) / t)
+As t -> 0 this is the hard selection and threshold again; at small t its forward is close to DBD's while the
+attacker's gradient also reaches the choice of views and of the factor (scc.eval.suite's `surrogate-pgd` uses
+soft 0.2 with boost 1).
 """
 from __future__ import annotations
 
@@ -60,6 +68,7 @@ class DBDConfig:
     select: bool = True  # is_filter: False keeps every augmented view
     threshold: float = 0.8  # DB-score threshold  [thres]
     boost: float = 2.5  # factor on D when the score exceeds it  [alpha]
+    soft: float = 0.0  # temperature of the attack surrogate's soft selection and threshold (0: official, hard)
 
     def __post_init__(self):
         for name in ("crop_scale", "crop_ratio", "jpeg_qualities"):
@@ -73,6 +82,8 @@ class DBDConfig:
             raise SccError(f"filter_size must be odd and positive, got {self.filter_size}")
         for q in self.jpeg_qualities:
             augment.quant_table([1] * 64, q)  # checks 1..100
+        if self.soft < 0:
+            raise SccError(f"soft is a temperature >= 0 (0: the official hard choices), got {self.soft}")
         if self.select and not 1 <= self.keep <= self.augmented_views():
             raise SccError(f"keep must be in 1..{self.augmented_views()} (the augmented views), got {self.keep}")
 
@@ -115,15 +126,34 @@ def directional_feature(feats: torch.Tensor, logits: torch.Tensor, cfg: DBDConfi
     """feats (B, V, D) unit view features (view 0 the original), logits (B, V, C) -> the reconstructed (B, D)."""
     ent = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)[:, 1:]  # (B, V-1)
     aug = feats[:, 1:]
+    orig = feats[:, :1]  # (B, 1, D)
+    if cfg.soft > 0:  # the attack surrogate (module docstring): soft weights over every augmented view
+        return _soft_feature(orig, aug, ent, cfg)
     if cfg.select:
         idx = (-ent).topk(cfg.keep, dim=-1).indices  # the lowest-entropy augmented views
         aug = aug.gather(1, idx[..., None].expand(-1, -1, feats.shape[-1]))  # (B, keep, D)
-    orig = feats[:, :1]  # (B, 1, D)
     ref_dir = aug - orig
     mean_dir = ref_dir.mean(1, keepdim=True)  # (B, 1, D)
     score = (unit(ref_dir) * unit(mean_dir)).sum(-1).mean(1)  # (B,)
     factor = torch.where(score > cfg.threshold, cfg.boost, 1.0).to(feats.dtype)
     return (orig + factor[:, None, None] * mean_dir)[:, 0]
+
+
+def _soft_feature(orig: torch.Tensor, aug: torch.Tensor, ent: torch.Tensor, cfg: DBDConfig) -> torch.Tensor:
+    """The surrogate's reconstruction: orig (B, 1, D), aug (B, V-1, D), ent (B, V-1) -> (B, D)."""
+    t = cfg.soft
+    if cfg.select and cfg.keep < ent.shape[1]:
+        low = ent.detach().sort(-1).values  # (B, V-1), ascending
+        cut = 0.5 * (low[:, cfg.keep - 1] + low[:, cfg.keep])  # (B,)
+        w = torch.sigmoid((cut[:, None] - ent) / t)  # (B, V-1): ~1 for the keep lowest-entropy views
+    else:
+        w = torch.ones_like(ent)
+    w = w / w.sum(1, keepdim=True)
+    ref_dir = aug - orig  # (B, V-1, D)
+    mean_dir = (w[..., None] * ref_dir).sum(1, keepdim=True)  # (B, 1, D)
+    score = (w * (unit(ref_dir) * unit(mean_dir)).sum(-1)).sum(1)  # (B,)
+    factor = 1 + (cfg.boost - 1) * torch.sigmoid((score - cfg.threshold) / t)
+    return (orig + factor[:, None, None].to(orig.dtype) * mean_dir)[:, 0]
 
 
 def dbd(clf: ZeroShotClassifier, x: torch.Tensor, cfg: DBDConfig, crop: torch.Tensor, flip: torch.Tensor,

@@ -18,10 +18,10 @@ from ..errors import SccError
 # "apgd" = TTC's subset (APGD-CE, APGD-DLR), "autoattack" = the standard version (APGD-CE, APGD-T, FAB-T, Square).
 SEQUENCES = {"apgd": TTC_SUBSET, "autoattack": STANDARD}
 PAPER_ATTACKS = ("pgd", "cw", "pgd100") + COMPONENTS + tuple(SEQUENCES)
-# Attacks through the defense (scc.eval.adaptive): exact PGD-50, APGD, EOT, BPDA, transfer, Square; apgd-t and
-# fab-t on request (not in the default suite).
+# Attacks through the defense (scc.eval.adaptive): exact PGD-50, APGD, EOT, BPDA, transfer, Square, PGD through a
+# surrogate that drops what hides the gradient (DBD); apgd-t and fab-t on request (not in the default suite).
 ADAPTIVE_ATTACKS = ("pgd", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "eot-pgd", "bpda-pgd", "transfer-nocorrect",
-                    "square")
+                    "square", "surrogate-pgd")
 DEFAULT_ATTACKS = {"paper": ("pgd",),
                    "adaptive": tuple(a for a in ADAPTIVE_ATTACKS if a not in ("apgd-t", "fab-t"))}
 NON_ADAPTIVE_WARNING = ("warning: every attack here was made on the undefended classifier and never saw the defense, "

@@ -16,7 +16,7 @@ from ..errors import SccError, require_extra
 
 # column order of every table: clean, the paper protocol's attacks, then the adaptive suite and its worst case
 ATTACK_ORDER = ("none", "pgd", "cw", "pgd100", "apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "apgd", "autoattack",
-                "eot-pgd", "bpda-pgd", "transfer-nocorrect", "square", "worst")
+                "eot-pgd", "bpda-pgd", "transfer-nocorrect", "square", "surrogate-pgd", "worst")
 
 
 def _label(r: dict) -> str:

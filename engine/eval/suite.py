@@ -21,6 +21,13 @@ The suite (scc.eval.options.ADAPTIVE_ATTACKS; every step size is 2.5 eps / steps
                       undefended classifier (the whole defense is the correction).
   square              Square (scc.attacks.square; L_inf, margin loss, --queries, default 1000, p schedule rescaled
                       to the budget) on the known-draws module: a black-box check for gradient masking.
+  surrogate-pgd       PGD-50 with known draws through a surrogate of the defense (SURROGATES: config changes that
+                      take away what hides its gradient), transferred to the defense; the iterate kept per image
+                      as in pgd. DBD's surrogate averages its views' features without the two-stream boost of D
+                      (boost 1) and selects views softly (`soft` 0.2: sigmoid weights on the entropies and the
+                      score threshold, scc.defenses.dbd). Measured on 32 digits at 16/255, 50 steps: 3 % survive
+                      against 22 % under exact PGD-20 through DBD itself (where F_0's -1.5 weight turns the
+                      gradient against the attack). Only defenses with an entry in SURROGATES take it.
 
 Which attacks fit which defense (`Suite.applies`):
   - eot-pgd needs random draws to average over: defenses without any (none, anti-adv) skip it (it would be PGD-20
@@ -56,6 +63,8 @@ from ..timing import timed_call
 from .options import ADAPTIVE_ATTACKS, DEFAULT_ATTACKS, stderr
 
 FEATURE_SPACE = ("dbd", "agc", "rtpt")  # defenses that correct features or prompts, not pixels
+# surrogate-pgd: per defense, the config changes that make the attacker's surrogate (the same draws)
+SURROGATES = {"dbd": {"boost": 1.0, "soft": 0.2}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -83,7 +92,7 @@ class Suite:
         return {"pgd": self.pgd_steps, "apgd-ce": self.apgd_steps, "apgd-dlr": self.apgd_steps,
                 "apgd-t": self.apgd_steps, "fab-t": self.fab_steps,
                 "eot-pgd": self.eot_steps, "bpda-pgd": self.bpda_steps, "transfer-nocorrect": self.transfer_steps,
-                "square": self.queries}[attack]
+                "square": self.queries, "surrogate-pgd": self.pgd_steps}[attack]
 
     def applies(self, attack: str, defense: str, n_classes: int) -> bool:
         """Whether `attack` runs against `defense` (a name: none, ttc, scc, ...) on an n_classes task."""
@@ -97,6 +106,8 @@ class Suite:
             return bool(DEFENSES[defense].draw_specs)
         if attack == "bpda-pgd":
             return defense not in FEATURE_SPACE
+        if attack == "surrogate-pgd":
+            return defense in SURROGATES
         return True
 
 
@@ -131,20 +142,28 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
         adv, info = sign_pgd(bpda_objective(defended, y, known.draws), x, y, eps, suite.bpda_steps, generator=gen)
     elif attack == "transfer-nocorrect":
         if defended.defense == "scc":
-            surrogate = Defended(defended.classifier, defended.defense,
-                                 dataclasses.replace(defended.config, semantic=False), seed=defended.seed,
-                                 preset=defended.preset)
-            surrogate._secret, surrogate.dtype = defended._secret, defended.dtype  # the same draws (a leaked seed)
-            core = KnownDraws(surrogate, x, keys, eps, draws=known.draws)
+            core = KnownDraws(surrogate_of(defended, semantic=False), x, keys, eps, draws=known.draws)
         else:  # the whole defense is the correction: its core is the classifier it defends
             core = defended.classifier
         adv, info = sign_pgd(ce_objective(core, y), x, y, eps, suite.transfer_steps, generator=gen)
+    elif attack == "surrogate-pgd":
+        surrogate = KnownDraws(surrogate_of(defended, **SURROGATES[defended.defense]), x, keys, eps,
+                               draws=known.draws)
+        adv, info = sign_pgd(ce_objective(surrogate, y), x, y, eps, suite.pgd_steps, generator=gen, keep_best=True)
     elif attack == "square":
         adv = square(known, x, y, eps, queries=suite.queries, seed=derive_seed(seed, f"square:{batch_id}"))
     else:
         raise SccError(f"unknown adaptive attack {attack!r}; choose from {', '.join(ADAPTIVE_ATTACKS)}")
     adv = clip_image(adv, x, eps)  # every attack's output inside the threat model, whatever it did
     return adv.detach(), info
+
+
+def surrogate_of(defended: Defended, **changes) -> Defended:
+    """`defended` with config fields changed and the same draws (its seed and secret: a leaked seed)."""
+    surrogate = Defended(defended.classifier, defended.defense, dataclasses.replace(defended.config, **changes),
+                         seed=defended.seed, preset=defended.preset)
+    surrogate._secret, surrogate.dtype = defended._secret, defended.dtype
+    return surrogate
 
 
 class Scorer:
