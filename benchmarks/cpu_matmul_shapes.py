@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from scc.bench.roofline import matmul_peak
+from scc.bench.roofline import best_seconds, matmul_peak
 from scc.precision import dtype_name, parse_dtypes
 from scc.provenance import hardware, versions
 
@@ -37,13 +37,7 @@ LAYERS = 12
 
 
 def best_gflops(fn, flops: float, seconds: float) -> float:
-    fn()
-    best, deadline = float("inf"), time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return flops / best / 1e9
+    return flops / best_seconds(fn, "cpu", seconds) / 1e9
 
 
 def measure(threads: int, dtype: torch.dtype, multiples: list[int], seconds: float) -> list[dict]:

@@ -60,11 +60,11 @@ def test_dbd_surrogate_finds_what_its_exact_gradient_misses(tiny, digits):
     """DBD's reconstruction weighs the input's own feature by 1 - 2.5 = -1.5 when its views agree: the exact
     gradient then pushes the views and the input against each other. PGD through the surrogate (boost 1, soft
     selection) fools it on more images (measured: 24 digits at 16/255, 10 steps: 0.0 vs 0.29 left)."""
-    from scc.eval.suite import SURROGATES, surrogate_of
+    from scc.eval.suite import SURROGATES
 
     x, y = digits[0][:24], digits[1][:24]
     defended = scc.defend(tiny, "dbd", seed=0)
-    surrogate = surrogate_of(defended, **SURROGATES["dbd"])
+    surrogate = defended.with_config(**SURROGATES["dbd"])
     keys = list(range(24))
     with torch.no_grad():  # same draws, close forward
         agree = (surrogate(x, keys=keys).argmax(1) == defended(x, keys=keys).argmax(1)).float().mean().item()

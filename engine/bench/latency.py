@@ -127,9 +127,8 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
     sizes = [batch_size] if isinstance(batch_size, int) else list(batch_size)
     rows, skipped = [], []
     for size in sizes:
-        done = list(rows)
-        rows += _measure_batch(clf, labels, backends, x, size, warmup, repeats, seed, log, dtypes, limits or {},
-                               official, skipped, progress and (lambda new, done=done: progress(done + new)))
+        _measure_batch(clf, labels, backends, x, size, warmup, repeats, seed, log, dtypes, limits or {}, official,
+                       skipped, rows, progress)
     for r in rows:  # speed-ups measured in the same run: over fp32 (same backend), over the official TTC procedure
         same = [o for o in rows if o["batch_size"] == r["batch_size"]]
         base = next((o["seconds_per_image"] for o in same if o["label"] == r["label"] and o["backend"] == r["backend"]
@@ -141,10 +140,10 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
 
 
 def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, log, dtypes, limits, official,
-                   skipped, progress=None) -> list[dict]:
+                   skipped, rows, progress=None) -> None:
+    """Appends this batch size's rows to `rows` (every row so far goes to `progress` after each defense)."""
     batches = batches_of(x, batch_size)
     device = batches[0].device
-    rows = []
     order = (["eager"] if "eager" in backends else []) + [b for b in backends if b != "eager"]
     for label in labels:
         name, preset = split_label(label)
@@ -218,7 +217,6 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
         if progress:
             progress(rows)
         release(runners)
-    return rows
 
 
 def release(runners: list) -> None:

@@ -45,15 +45,21 @@ def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device =
     m, k, n = size or ((8192, 8192, 8192) if device.type == "cuda" else (768, 768, 3072))
     a = torch.randn(m, k, device=device).to(dtype)
     b = torch.randn(k, n, device=device).to(dtype)
-    a @ b  # warm-up (allocator, kernel selection)
+    return 2 * m * k * n / best_seconds(lambda: a @ b, device, seconds) / 1e9
+
+
+def best_seconds(fn, device: str | torch.device = "cpu", seconds: float = 1.0) -> float:
+    """The fastest of repeated calls of `fn` over about `seconds` (after one warm-up call: allocator, kernel
+    selection), the device synchronised inside each timed call: a peak-style measurement, not a median."""
+    fn()
     sync(device)
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
-        a @ b
+        fn()
         sync(device)
         best = min(best, time.perf_counter() - start)
-    return 2 * m * k * n / best / 1e9
+    return best
 
 
 def memory_bandwidth(device: str | torch.device = "cuda", megabytes: int = 1024) -> float:

@@ -10,6 +10,8 @@ the pure function of the defense's record (scc.defenses.registry), so every back
 """
 from __future__ import annotations
 
+import dataclasses
+
 import secrets
 from typing import Any, Hashable, Sequence
 
@@ -125,6 +127,16 @@ class Defended(nn.Module):
         out = Defended(clf, self.defense, self.config, seed=self.seed, preset=self.preset)
         out._secret, out.next_key, out.validate, out.dtype = self._secret, self.next_key, self.validate, dtype
         out.base_classifier = base
+        return out
+
+    def with_config(self, **changes) -> "Defended":
+        """The same defense (seed, secret, running key, classifier and its dtype) with config fields changed: the
+        same draws for the same keys, e.g. an attacker's surrogate of it (scc.eval.suite)."""
+        out = Defended(self.classifier, self.defense, dataclasses.replace(self.config, **changes), seed=self.seed,
+                       preset=self.preset)
+        out._secret, out.next_key, out.validate, out.dtype = self._secret, self.next_key, self.validate, self.dtype
+        if hasattr(self, "base_classifier"):
+            out.base_classifier = self.base_classifier
         return out
 
     def extra_repr(self) -> str:

@@ -142,12 +142,12 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
         adv, info = sign_pgd(bpda_objective(defended, y, known.draws), x, y, eps, suite.bpda_steps, generator=gen)
     elif attack == "transfer-nocorrect":
         if defended.defense == "scc":
-            core = KnownDraws(surrogate_of(defended, semantic=False), x, keys, eps, draws=known.draws)
+            core = KnownDraws(defended.with_config(semantic=False), x, keys, eps, draws=known.draws)
         else:  # the whole defense is the correction: its core is the classifier it defends
             core = defended.classifier
         adv, info = sign_pgd(ce_objective(core, y), x, y, eps, suite.transfer_steps, generator=gen)
     elif attack == "surrogate-pgd":
-        surrogate = KnownDraws(surrogate_of(defended, **SURROGATES[defended.defense]), x, keys, eps,
+        surrogate = KnownDraws(defended.with_config(**SURROGATES[defended.defense]), x, keys, eps,
                                draws=known.draws)
         adv, info = sign_pgd(ce_objective(surrogate, y), x, y, eps, suite.pgd_steps, generator=gen, keep_best=True)
     elif attack == "square":
@@ -156,14 +156,6 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
         raise SccError(f"unknown adaptive attack {attack!r}; choose from {', '.join(ADAPTIVE_ATTACKS)}")
     adv = clip_image(adv, x, eps)  # every attack's output inside the threat model, whatever it did
     return adv.detach(), info
-
-
-def surrogate_of(defended: Defended, **changes) -> Defended:
-    """`defended` with config fields changed and the same draws (its seed and secret: a leaked seed)."""
-    surrogate = Defended(defended.classifier, defended.defense, dataclasses.replace(defended.config, **changes),
-                         seed=defended.seed, preset=defended.preset)
-    surrogate._secret, surrogate.dtype = defended._secret, defended.dtype
-    return surrogate
 
 
 class Scorer:
