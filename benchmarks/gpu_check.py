@@ -138,7 +138,7 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
     import scc
     from scc.backends import make_runner
     from scc.passes import count_passes
-    from scc.bench.roofline import count_flops, roofline, weight_bytes
+    from scc.bench.roofline import flops_by_dtype, roofline, weight_bytes
     from scc.timing import summarize, time_calls, warm_up
 
     x = images[:batch]
@@ -149,8 +149,12 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
         with torch.no_grad():
             reference[key] = defended(x, draws)
         with count_passes(clf, batch) as counter:  # one eager call counts FLOPs and encoder rounds
-            reference[key, "flops"] = count_flops(defended, x, draws) / batch
+            flops = flops_by_dtype(defended, x, draws)
         reference[key, "rounds"] = counter.image_rounds
+        reference[key, "flops", "fp32"] = {k: v / batch for k, v in flops.items()}
+    if (key, "flops", dtype) not in reference:  # who runs which FLOPs at this dtype (the mix sets the row's peak)
+        split = flops_by_dtype(defended.with_dtype(DTYPES[dtype]), x, draws)
+        reference[key, "flops", dtype] = {k: v / batch for k, v in split.items()}
     runner = make_runner(defended, backend, batch, dtype=DTYPES[dtype], mode=mode if backend != "eager" else None)
     row = {"defense": defense, "backend": backend, "dtype": dtype, "batch": batch,
            "mode": mode if backend != "eager" else None, "compile_s": round(runner.compile_seconds or 0.0, 2),
@@ -165,7 +169,7 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
                top1_agreement_vs_eager_fp32=(out.argmax(1) == reference[key].argmax(1)).float().mean().item(),
                max_abs_logit_diff=(out.float() - reference[key]).abs().max().item())
     limits = limits or {}
-    row.update(roofline(reference[key, "flops"], stats["median"], limits.get("matmul_peak_gflops", {}).get(dtype)))
+    row.update(roofline(reference[key, "flops", dtype], stats["median"], limits.get("matmul_peak_gflops", {})))
     if limits.get("memory_gbps") and batch == 1:  # each sequential encoder round streams every weight once
         bound = reference[key, "rounds"] * weight_bytes(clf, DTYPES[dtype]) / (limits["memory_gbps"] * 1e9)
         row.update(encoder_rounds=reference[key, "rounds"], weight_streaming_bound_ms=round(bound * 1e3, 4),

@@ -35,7 +35,7 @@ from ..precision import check_dtype_on_device, dtype_name
 from ..timing import summarize, timed_call, warm_up
 from ..validation import check_device
 from .official import LABEL as OFFICIAL, official_ttc
-from .roofline import count_flops, matmul_peak, memory_bandwidth, roofline, weight_bytes
+from .roofline import flops_by_dtype, matmul_peak, memory_bandwidth, roofline, weight_bytes
 
 DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
 
@@ -88,7 +88,7 @@ def machine_limits(dtypes: Sequence[torch.dtype], device: str | torch.device, se
     """{"matmul_peak_gflops": {dtype name: GFLOP/s}, "memory_gbps": GB/s or None}, measured here and now with the
     threads the benchmark uses (a few seconds; see scc.bench.roofline)."""
     peaks = {}
-    for dtype in dtypes:
+    for dtype in dict.fromkeys([torch.float32, *dtypes]):  # fp32 always: reduced-precision rows keep some fp32
         check_dtype_on_device(dtype, device)
         peaks[dtype_name(dtype)] = matmul_peak(dtype, device, seconds)
     bandwidth = memory_bandwidth(device) if torch.device(device).type == "cuda" else None
@@ -120,7 +120,9 @@ def measure(clf: ZeroShotClassifier, labels: Sequence[str], backends: Sequence[s
     rows on the same draws, and every row of that batch size gets `speedup_vs_official`. `top1_agreement`
     compares a row's top-1 with the eager fp32 backend's on the same images and draws (the eager fp32 row is the
     reference itself: None). Roofline columns (scc.bench.roofline): FLOPs per image counted in an eager run of the
-    defense, the achieved GFLOP/s and its fraction of `limits`' measured matmul peak for the row's dtype; on CUDA at
+    defense at the row's dtype, split by the dtype that runs them, the achieved GFLOP/s and its fraction of the
+    row's peak (`limits`' measured matmul peaks mixed by that split: a bf16 row's fp32 work counts at the fp32
+    peak); on CUDA at
     batch 1 also the weight-streaming bound (sequential encoder rounds x weight bytes / measured bandwidth).
     `progress`, if given, is called with every row measured so far after each defense of each batch size (a long
     run cut short still leaves what it measured; the ratio columns are filled in at the end)."""
@@ -150,7 +152,11 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
         defended = defend(clf, name, preset=preset, seed=seed)
         draws = [defended.draws(b) for b in batches]
         with count_passes(clf, batch_size) as counter:  # one eager call counts FLOPs and encoder rounds
-            flops = count_flops(defended, batches[0], draws[0]) / batch_size
+            flops = {torch.float32: flops_by_dtype(defended, batches[0], draws[0])}
+        for dtype in dtypes:  # who runs which FLOPs in a reduced-precision row: one eager call of it
+            if dtype not in flops:
+                flops[dtype] = flops_by_dtype(defended.with_dtype(dtype), batches[0], draws[0])
+        flops = {dtype: {k: v / batch_size for k, v in split.items()} for dtype, split in flops.items()}
         rounds = counter.image_rounds
         passes = {k: v for k, v in counter.summary().items() if k != "image_rounds"}  # per image, counted
         runners = []
@@ -198,7 +204,6 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
         for runner, warmup_seconds, seconds, outputs in runners:
             stats = summarize(seconds, per=batch_size)
             dt = dtype_name(runner.dtype)
-            peak = limits.get("matmul_peak_gflops", {}).get(dt)
             row_preset = "official" if runner.defense == OFFICIAL else preset
             row = {"defense": name, "preset": row_preset, "label": runner.defense, "backend": runner.backend,
                    "dtype": dt, "batch_size": batch_size,
@@ -206,7 +211,8 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
                    "compile_seconds": runner.compile_seconds, "warmup_seconds": warmup_seconds,
                    "timed_calls": stats["calls"],
                    "top1_agreement": None if is_reference(runner) else agreement(outputs, reference),
-                   **roofline(flops, stats["median"], peak), "encoder_rounds": rounds, "encoder_passes": passes}
+                   **roofline(flops[runner.dtype], stats["median"], limits.get("matmul_peak_gflops", {})),
+                   "encoder_rounds": rounds, "encoder_passes": passes}
             if limits.get("memory_gbps") and batch_size == 1:
                 bound = rounds * weight_bytes(clf, runner.dtype) / (limits["memory_gbps"] * 1e9)
                 row.update(weight_streaming_bound_s=bound, weight_streaming_fraction=bound / stats["median"])
@@ -292,7 +298,8 @@ def format_table(report: dict) -> str:
               "scc.bench.official), same batch size, same run"]
     if peaks:
         lines.append("%peak = achieved GFLOP/s / measured matmul peak (" + ", ".join(
-            f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + f", {hw.get('torch_threads', '?')} threads)")
+            f"{k} {v:.0f} GFLOP/s" for k, v in peaks.items()) + f", {hw.get('torch_threads', '?')} threads; a "
+            "reduced-precision row's peak mixes them by the FLOPs each dtype runs)")
     for s in report.get("skipped", []):
         lines.append(f"skipped {'every defense' if s['defense'] == '*' else s['defense']} on {s['backend']}: "
                      f"{s['reason']}")
@@ -345,8 +352,8 @@ def benchmark(clf: ZeroShotClassifier, x: torch.Tensor, labels: Sequence[str], b
     limits["matmul_peak_gflops"] = {k: max(v, after["matmul_peak_gflops"][k])
                                     for k, v in limits["matmul_peak_gflops"].items()}
     for r in rows:
-        peak = limits["matmul_peak_gflops"][r["dtype"]]
-        r.update(peak_gflop_per_s=peak, peak_fraction=r["gflop_per_s"] / peak if r["gflop_per_s"] else None)
+        flops = {d: g * 1e9 for d, g in r["gflop_per_image_by_dtype"].items()}
+        r.update(roofline(flops, r["seconds_per_image"], limits["matmul_peak_gflops"]))
     if not rows:
         raise SccError("no backend could run: " + "; ".join(s["reason"] for s in skipped))
     return rows, skipped, limits

@@ -2,13 +2,19 @@
 peak, and on a GPU the batch-1 weight-streaming bound.
 
     flops = count_flops(defended, x)                 # FLOPs of one call, forward and input-gradient passes
-    peak = matmul_peak(torch.bfloat16, "cpu")        # GFLOP/s of a large matmul on this machine, these threads
-    row = roofline(flops / n, seconds_per_image, peak)   # {"gflop_per_image", "gflop_per_s", "peak_fraction"}
+    split = flops_by_dtype(defended.with_dtype(torch.bfloat16), x)   # {"bf16": ..., "fp32": ...}: who ran what
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}   # GFLOP/s, these threads
+    row = roofline({k: v / n for k, v in split.items()}, seconds_per_image, peaks)
+    # {"gflop_per_image", "gflop_per_image_by_dtype", "gflop_per_s", "peak_gflop_per_s", "peak_fraction"}
 
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` around one eager call: it sees every matmul and
 convolution that runs, also inside `torch.func.grad` (so TTC on ViT-B/32 counts its 4 forwards and 2 input
 gradients, ~2 forward-equivalents each). The count does not depend on dtype or backend, only on the
-procedure. nn.MultiheadAttention's no-grad fast path (one fused native op) is switched off while counting: the
+procedure. Which dtype runs them does: a reduced-precision row runs its image tower in bf16 but keeps fp32
+where the method does (the patch stem, losses and logits; R-TPT's whole text tower, which it tunes), so
+`flops_by_dtype` splits the count by the dtype of each operator's input, and a row's peak is the one its mix of
+FLOPs could reach at best, sum_d flops_d / sum_d (flops_d / peak_d): R-TPT bf16 on ViT-B/32 spends 45 % of its
+FLOPs in fp32, which a bf16-only peak would count at the bf16 rate. nn.MultiheadAttention's no-grad fast path (one fused native op) is switched off while counting: the
 counter does not see the projections inside it (ViT-B/32: 5.9 instead of 8.8 GFLOP per forward). The peak is measured, not read from a spec sheet: a (M x K) @ (K x N) matmul timed for about a
 second with the threads and dtype the benchmark uses, so "fraction of peak" compares like with like.
 Weight streaming (GPU, batch 1): every sequential encoder round reads all weights once, so
@@ -19,22 +25,46 @@ from __future__ import annotations
 import time
 
 import torch
+from torch.utils import _pytree
 
+from ..precision import DTYPES
 from ..timing import sync
 
 
 def count_flops(defended, x: torch.Tensor, draws: dict | None = None) -> int:
     """FLOPs of one eager call of `defended` on x (all images), counted as it runs."""
+    return sum(flops_by_dtype(defended, x, draws).values())
+
+
+def flops_by_dtype(defended, x: torch.Tensor, draws: dict | None = None) -> dict[str, int]:
+    """FLOPs of one eager call of `defended` on x, split by the dtype of each counted operator's first tensor
+    input: {"fp32": n, "bf16": m} (names as scc.precision.DTYPES; another dtype keeps torch's name)."""
     from torch.utils.flop_counter import FlopCounterMode
+
+    names = {v: k for k, v in DTYPES.items()}
+    split: dict[str, int] = {}
+
+    class Counter(FlopCounterMode):  # the stock counter, plus who ran each operator's FLOPs
+        def _count_flops(self, func_packet, out, args, kwargs):
+            before = self.get_total_flops()
+            out = super()._count_flops(func_packet, out, args, kwargs)
+            added = self.get_total_flops() - before
+            if added:
+                dtype = next((a.dtype for a in _pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None)
+                name = names.get(dtype, str(dtype).removeprefix("torch."))
+                split[name] = split.get(name, 0) + int(added)
+            return out
 
     fastpath = torch.backends.mha.get_fastpath_enabled()
     torch.backends.mha.set_fastpath_enabled(False)  # its fused no-grad kernel hides the projections from the counter
     try:
-        with FlopCounterMode(display=False) as counter, torch.no_grad():
+        with Counter(display=False) as counter, torch.no_grad():
             defended(x, draws)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    return int(counter.get_total_flops())
+    if sum(split.values()) != counter.get_total_flops():  # a torch whose counter no longer calls _count_flops
+        return {"fp32": int(counter.get_total_flops())}
+    return split
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seconds: float = 1.0,
@@ -83,8 +113,23 @@ def weight_bytes(classifier, dtype: torch.dtype) -> int:
     return sum(p.numel() for p in classifier.visual.parameters()) * torch.empty((), dtype=dtype).element_size()
 
 
-def roofline(flops_per_image: float, seconds_per_image: float, peak_gflops: float | None) -> dict:
-    achieved = flops_per_image / seconds_per_image / 1e9 if seconds_per_image > 0 else None
-    return {"gflop_per_image": flops_per_image / 1e9, "gflop_per_s": achieved,
-            "peak_gflop_per_s": peak_gflops,
-            "peak_fraction": achieved / peak_gflops if achieved is not None and peak_gflops else None}
+def mixed_peak(flops: dict[str, float], peaks: dict[str, float]) -> float | None:
+    """The best GFLOP/s a mix of FLOPs ({dtype: flops}) can reach when each dtype's run at its own measured peak
+    ({dtype: GFLOP/s}): total / sum_d (flops_d / peak_d). None when a dtype with FLOPs has no peak."""
+    if not flops or any(n and not peaks.get(d) for d, n in flops.items()):
+        return None
+    seconds = sum(n / peaks[d] for d, n in flops.items() if n)
+    return sum(flops.values()) / seconds if seconds > 0 else None
+
+
+def roofline(flops_per_image: dict[str, float], seconds_per_image: float, peaks: dict[str, float]) -> dict:
+    """The roofline columns of a row: FLOPs per image ({dtype: flops}, from flops_by_dtype), its median seconds per
+    image and the measured peaks ({dtype: GFLOP/s}) -> GFLOP per image (total and by dtype), achieved GFLOP/s,
+    the row's peak (mixed_peak) and the fraction of it achieved."""
+    total = sum(flops_per_image.values())
+    achieved = total / seconds_per_image / 1e9 if seconds_per_image > 0 else None
+    peak = mixed_peak(flops_per_image, peaks)
+    return {"gflop_per_image": total / 1e9,
+            "gflop_per_image_by_dtype": {d: n / 1e9 for d, n in flops_per_image.items()},
+            "gflop_per_s": achieved, "peak_gflop_per_s": peak,
+            "peak_fraction": achieved / peak if achieved is not None and peak else None}
