@@ -2,11 +2,15 @@
 
     .venv/bin/python benchmarks/cpu_compiled.py                                   # bundled model, B = 1 and 8
     .venv/bin/python benchmarks/cpu_compiled.py --model ViT-B-32 --defenses ttc --batch-sizes 1 --calls 3
+    .venv/bin/python benchmarks/cpu_compiled.py --model ViT-B-32 --defenses ttc --batch-sizes 1 --threads 2 \
+        --modes default,max-autotune-no-cudagraphs --json benchmarks/results/cpu-compile-modes-vitb32.json
 
 Timing (scc.timing): after the engine's warm-up (its compile time is reported separately), eager and compiled
 calls alternate in rounds, so both see the same machine load; each side reports the median and p20/p80 of all
 its calls. One intra-op thread by default (see --threads), recorded with the hardware and versions in
-benchmarks/results/cpu-compiled-<model>.json.
+benchmarks/results/cpu-compiled-<model>.json (or --json). `--modes` builds one engine per Inductor compile mode
+and times them in the same rounds: max-autotune-no-cudagraphs lets Inductor choose, per matmul shape, between
+its C++ GEMM templates and the ATen/MKL kernel by timing both.
 """
 from __future__ import annotations
 
@@ -18,7 +22,9 @@ import torch
 
 import scc
 from scc.backends import make_runner
+from scc.backends.compiled import MODES
 from scc.data import DTD_CLASSES, load_dataset
+from scc.precision import DTYPES, dtype_name
 from scc.provenance import hardware, versions
 from scc.timing import summarize, time_calls
 
@@ -34,26 +40,36 @@ def classifier(model: str) -> tuple[scc.ZeroShotClassifier, torch.Tensor]:
     return clf, torch.rand(16, 3, clf.image_size, clf.image_size, generator=gen)
 
 
-def measure(clf, images, defense: str, batch: int, calls: int, rounds: int, backend: str) -> dict:
+def measure(clf, images, defense: str, batch: int, calls: int, rounds: int, backend: str,
+            modes: list[str | None], dtype: torch.dtype) -> list[dict]:
+    """One row per compile mode: that engine against eager (same dtype, draws and rounds)."""
     defended = scc.defend(clf, defense, seed=0)
     x = images[:batch]
     draws = defended.draws(x)
-    eager, engine = make_runner(defended, "eager", batch), make_runner(defended, backend, batch)
+    eager = make_runner(defended, "eager", batch, dtype=dtype)
+    engines = [make_runner(defended, backend, batch, dtype=dtype, mode=mode) for mode in modes]
     with torch.no_grad():
-        eager_out, engine_out = eager(x, draws), engine(x, draws)
-    eager_t, engine_t = [], []
-    for _ in range(rounds):  # alternate, so both sides share the machine's load
+        eager_out, outs = eager(x, draws), [engine(x, draws) for engine in engines]
+    eager_t, engine_t = [], [[] for _ in engines]
+    for _ in range(rounds):  # alternate, so every side shares the machine's load
         eager_t += time_calls(lambda: eager(x, draws), x.device, calls)
-        engine_t += time_calls(lambda: engine(x, draws), x.device, calls)
-    e, c = summarize(eager_t, per=batch), summarize(engine_t, per=batch)
-    return {"defense": defense, "batch": batch, "backend": backend, "compile_s": round(engine.compile_seconds, 2),
-            "eager_ms_per_image": round(e["median"] * 1e3, 3),
-            "eager_p20_p80_ms": [round(e["p20"] * 1e3, 3), round(e["p80"] * 1e3, 3)],
-            "engine_ms_per_image": round(c["median"] * 1e3, 3),
-            "engine_p20_p80_ms": [round(c["p20"] * 1e3, 3), round(c["p80"] * 1e3, 3)],
-            "speedup": round(e["median"] / c["median"], 2), "timed_calls_each": c["calls"],
-            "top1_agreement": (eager_out.argmax(1) == engine_out.argmax(1)).float().mean().item(),
-            "max_abs_logit_diff": (eager_out - engine_out).abs().max().item(), "kernels": engine.details["kernels"]}
+        for engine, seconds in zip(engines, engine_t):
+            seconds += time_calls(lambda: engine(x, draws), x.device, calls)
+    e = summarize(eager_t, per=batch)
+    rows = []
+    for mode, engine, out, seconds in zip(modes, engines, outs, engine_t):
+        c = summarize(seconds, per=batch)
+        rows.append({"defense": defense, "batch": batch, "backend": backend, "mode": mode,
+                     "dtype": dtype_name(dtype), "compile_s": round(engine.compile_seconds, 2),
+                     "eager_ms_per_image": round(e["median"] * 1e3, 3),
+                     "eager_p20_p80_ms": [round(e["p20"] * 1e3, 3), round(e["p80"] * 1e3, 3)],
+                     "engine_ms_per_image": round(c["median"] * 1e3, 3),
+                     "engine_p20_p80_ms": [round(c["p20"] * 1e3, 3), round(c["p80"] * 1e3, 3)],
+                     "speedup": round(e["median"] / c["median"], 2), "timed_calls_each": c["calls"],
+                     "top1_agreement": (eager_out.argmax(1) == out.argmax(1)).float().mean().item(),
+                     "max_abs_logit_diff": (eager_out.float() - out.float()).abs().max().item(),
+                     "kernels": engine.details["kernels"]})
+    return rows
 
 
 def main() -> None:
@@ -65,17 +81,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--calls", type=int, default=10, help="calls per timed round")
     p.add_argument("--rounds", type=int, default=5, help="alternating eager/engine rounds (median over all calls)")
+    p.add_argument("--modes", default="default",
+                   help="compile modes, each its own engine in the same rounds: default, max-autotune-no-cudagraphs")
+    p.add_argument("--dtype", default="fp32", choices=tuple(DTYPES))
+    p.add_argument("--json", default=None, help="default: benchmarks/results/cpu-compiled-<model>.json")
     args = p.parse_args()
+    modes = [None if m == "default" else m for m in args.modes.split(",")]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        p.error(f"unknown compile mode(s) {unknown}; choose from " + ", ".join(m for m in MODES if m))
+    out = Path(args.json) if args.json else RESULTS / f"cpu-compiled-{args.model}.json"
+    if not out.parent.is_dir():
+        p.error(f"--json {out}: folder {out.parent} does not exist; create it or pick another path")
     torch.set_num_threads(args.threads)
     clf, images = classifier(args.model)
     rows = []
     for defense in args.defenses.split(","):
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            row = measure(clf, images, defense, batch, args.calls, args.rounds, args.backend)
-            print(json.dumps(row), flush=True)
-            rows.append(row)
-    RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"cpu-compiled-{args.model}.json"
+            for row in measure(clf, images, defense, batch, args.calls, args.rounds, args.backend, modes,
+                               DTYPES[args.dtype]):
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     out.write_text(json.dumps({"model": args.model, "threads": args.threads, "hardware": hardware("cpu"),
                                "versions": versions(), "statistic": "median over calls, p20/p80 beside it",
                                "rows": rows}, indent=1))

@@ -27,6 +27,7 @@ def test_bench_main_writes_the_json_schema(tmp_path, capsys):
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {"hardware", "versions", "model", "batch_size", "batch_sizes", "n_images", "rows"} <= set(report)
+    assert report["load_average_at_start"] >= 0  # taken before the model loads (the issue's "quiet at start")
     assert {"cpu", "cpu_cores"} <= set(report["hardware"]) and {"torch", "open_clip"} <= set(report["versions"])
     assert (report["model"], report["batch_sizes"], report["n_images"]) == ("scc-tiny-digits", [1, 2], 2)
     # the official TTC procedure rides with the TTC rows of every batch size
@@ -202,3 +203,41 @@ def test_release_frees_runners_and_resets_dynamo_after_compiled_ones(monkeypatch
     mixed = [(SimpleNamespace(backend="eager"), None, [], []), (SimpleNamespace(backend="compiled"), None, [], [])]
     release(mixed)
     assert mixed == [] and resets == [1]
+
+
+def test_release_frees_the_frozen_weights_of_a_compiled_runner(tiny, digits, tmp_path, monkeypatch):
+    """A real compiled runner (Inductor freezing on): after `release`, no tensor its graph modules held as constants
+    is alive. Dynamo's reset alone left them in Inductor's module cache (the bench was OOM-killed at 24 GB)."""
+    import gc
+    import weakref
+
+    import torch
+    from torch._inductor.codecache import PyCodeCache
+
+    import scc
+    from scc.bench.latency import release
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    defended = scc.defend(tiny, "ttc", seed=0)
+    x = digits[0][:1]
+    runner = make_runner(defended, "compiled", 1)
+    with torch.no_grad():
+        runner(x, defended.draws(x))
+    callers = {t.untyped_storage().data_ptr() for t in [*tiny.parameters(), *tiny.buffers()]}
+
+    def own_copy(t):  # not the caller's weights (the fixture keeps those alive); packed weights have no storage
+        try:
+            return t.untyped_storage().data_ptr() not in callers
+        except NotImplementedError:  # an MKL / oneDNN packed weight (opaque tensor)
+            return True
+
+    held = [weakref.ref(v) for mod in PyCodeCache.modules for v in vars(mod).values()
+            if isinstance(v, torch.Tensor) and own_copy(v)]
+    assert held, "the compiled graph holds no constants of its own: freezing did not run, the test checks nothing"
+    runners = [(runner, None, [], [])]
+    del runner
+    release(runners)
+    gc.collect()
+    alive = [r() for r in held if r() is not None]
+    assert not alive, f"{len(alive)} of {len(held)} frozen constants outlived release: " + \
+        ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in alive[:5])

@@ -14,9 +14,11 @@ procedure. Which dtype runs them does: a reduced-precision row runs its image to
 where the method does (the patch stem, losses and logits; R-TPT's whole text tower, which it tunes), so
 `flops_by_dtype` splits the count by the dtype of each operator's input, and a row's peak is the one its mix of
 FLOPs could reach at best, sum_d flops_d / sum_d (flops_d / peak_d): R-TPT bf16 on ViT-B/32 spends 45 % of its
-FLOPs in fp32, which a bf16-only peak would count at the bf16 rate. nn.MultiheadAttention's no-grad fast path (one fused native op) is switched off while counting: the
-counter does not see the projections inside it (ViT-B/32: 5.9 instead of 8.8 GFLOP per forward). The peak is measured, not read from a spec sheet: a (M x K) @ (K x N) matmul timed for about a
-second with the threads and dtype the benchmark uses, so "fraction of peak" compares like with like.
+FLOPs in fp32, which a bf16-only peak would count at the bf16 rate. nn.MultiheadAttention's no-grad fast path
+(one fused native op) is switched off while counting: the counter does not see the projections inside it
+(ViT-B/32: 5.9 instead of 8.8 GFLOP per forward). The peak is measured, not read from a spec sheet: a
+(M x K) @ (K x N) matmul timed for about a second with the threads and dtype the benchmark uses, so "fraction of
+peak" compares like with like.
 Weight streaming (GPU, batch 1): every sequential encoder round reads all weights once, so
     latency >= rounds x weight bytes / memory bandwidth   (bandwidth measured with a device-to-device copy).
 """

@@ -78,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.latency import PAPER, benchmark, format_table, prepare, reports_from_benchmark_json
     from ..defenses import parse_defenses
     from ..precision import parse_dtypes
-    from ..provenance import busy_warning, hardware, versions
+    from ..provenance import busy_warning, hardware, load_average, versions
 
     if args.from_benchmark_json:
         for report in reports_from_benchmark_json(args.from_benchmark_json):
@@ -101,13 +101,14 @@ def run(args: argparse.Namespace) -> int:
     classes = parse_labels(args.labels, args.labels_file)
     templates = parse_templates(args.templates)
     apply_threads(args.threads)
+    load_at_start = load_average()  # before this run's own model loading adds to it
     status(args, f"bench: loading {args.model}")
     clf, x, _, pixels = prepare(args.model, args.pretrained, args.images, args.device, args.seed, args.dataset,
                                 classes, templates)
     report = {"hardware": hardware(args.device), "versions": versions(), "model": args.model,
               "pretrained": args.pretrained, "batch_size": args.batch_size[0], "batch_sizes": args.batch_size,
               "n_images": args.images,
-              "pixels": pixels, "n_classes": clf.num_classes, "seed": args.seed}
+              "pixels": pixels, "n_classes": clf.num_classes, "seed": args.seed, "load_average_at_start": load_at_start}
     if args.explain:  # counts passes, times nothing: the machine's load does not matter here
         rows = [count_row(clf, label, x, args.seed) for label in labels]
         if args.json != "-":
