@@ -41,3 +41,23 @@ def test_roofline_columns():
     assert row["gflop_per_s"] == pytest.approx(100.0) and row["peak_gflop_per_s"] == pytest.approx(200.0)
     assert row["peak_fraction"] == pytest.approx(0.5)
     assert roofline({"bf16": 1e9}, 0.01, {})["peak_fraction"] is None
+
+
+def test_the_bench_gives_a_bf16_row_the_peak_of_its_own_flop_mix(tiny, digits):
+    from scc.bench.latency import benchmark
+
+    rows, _, limits = benchmark(tiny, digits[0][:2], ["ttc"], ["eager"], [torch.float32, torch.bfloat16],
+                                batch_size=1, official=False)
+    peaks = limits["matmul_peak_gflops"]
+    assert set(peaks) == {"fp32", "bf16"}
+    by = {r["dtype"]: r for r in rows}
+    fp32, bf16 = by["fp32"], by["bf16"]
+    assert fp32["gflop_per_image_by_dtype"].keys() == {"fp32"}
+    assert fp32["peak_gflop_per_s"] == pytest.approx(peaks["fp32"])
+    split = bf16["gflop_per_image_by_dtype"]
+    assert split.keys() == {"fp32", "bf16"}
+    assert sum(split.values()) == pytest.approx(fp32["gflop_per_image"])  # same procedure, same count
+    mix = mixed_peak({d: g * 1e9 for d, g in split.items()}, peaks)
+    assert bf16["peak_gflop_per_s"] == pytest.approx(mix)
+    assert min(peaks.values()) < bf16["peak_gflop_per_s"] < max(peaks.values())
+    assert bf16["peak_fraction"] == pytest.approx(bf16["gflop_per_s"] / mix)

@@ -154,10 +154,6 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
         draws = [defended.draws(b) for b in batches]
         with count_passes(clf, batch_size) as counter:  # one eager call counts FLOPs and encoder rounds
             flops = {torch.float32: flops_by_dtype(defended, batches[0], draws[0])}
-        for dtype in dtypes:  # who runs which FLOPs in a reduced-precision row: one eager call of it
-            if dtype not in flops:
-                flops[dtype] = flops_by_dtype(defended.with_dtype(dtype), batches[0], draws[0])
-        flops = {dtype: {k: v / batch_size for k, v in split.items()} for dtype, split in flops.items()}
         rounds = counter.image_rounds
         passes = {k: v for k, v in counter.summary().items() if k != "image_rounds"}  # per image, counted
         runners = []
@@ -190,6 +186,10 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
                     log(f"skipping {runner.defense} on {runner.backend} {dtype_name(runner.dtype)}: {err}")
                 runners[i] = None
         runners = [r for r in runners if r is not None]
+        for dtype in dict.fromkeys(r[0].dtype for r in runners):  # who runs which FLOPs in a reduced-precision
+            if dtype not in flops:                                  # row: one eager call at that dtype
+                flops[dtype] = flops_by_dtype(defended.with_dtype(dtype), batches[0], draws[0])
+        flops = {dtype: {k: v / batch_size for k, v in split.items()} for dtype, split in flops.items()}
         with torch.no_grad():
             for rep in range(repeats):
                 for b, d in zip(batches, draws):
@@ -260,7 +260,8 @@ def format_table(report: dict) -> str:
     hw = report.get("hardware", {})
     where = hw.get("gpu") or f"{hw.get('cpu', '?')} ({hw.get('cpu_cores', '?')} cores, {hw.get('torch_threads', '?')} threads)"
     sizes = report.get("batch_sizes") or [report.get("batch_size")]
-    load = f", load average {hw['load_average']:.2f} at start" if hw.get("load_average") is not None else ""
+    at_start = report.get("load_average_at_start", hw.get("load_average"))  # before the model loaded, if recorded
+    load = f", load average {at_start:.2f} at start" if at_start is not None else ""
     lines = [f"{report.get('model')} on {where}{load}, batch {','.join(str(b) for b in sizes)}, "
              f"{report.get('n_images')} images" + (f" ({report['pixels']})" if report.get("pixels") else "")]
     head = (f"{'defense':<20}{'batch':>5} {'backend':<10}{'dtype':<6}{'s/image':>9}{'p20-p80':>17}{'compile s':>11}"

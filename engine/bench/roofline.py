@@ -40,7 +40,8 @@ def count_flops(defended, x: torch.Tensor, draws: dict | None = None) -> int:
 
 def flops_by_dtype(defended, x: torch.Tensor, draws: dict | None = None) -> dict[str, int]:
     """FLOPs of one eager call of `defended` on x, split by the dtype of each counted operator's first tensor
-    input: {"fp32": n, "bf16": m} (names as scc.precision.DTYPES; another dtype keeps torch's name)."""
+    input: {"fp32": n, "bf16": m} (names as scc.precision.DTYPES; another dtype keeps torch's name; {"unknown": n}
+    where this torch's counter cannot be split, so that no peak is guessed for it)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     names = {v: k for k, v in DTYPES.items()}
@@ -64,8 +65,8 @@ def flops_by_dtype(defended, x: torch.Tensor, draws: dict | None = None) -> dict
             defended(x, draws)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
-    if sum(split.values()) != counter.get_total_flops():  # a torch whose counter no longer calls _count_flops
-        return {"fp32": int(counter.get_total_flops())}
+    if sum(split.values()) != counter.get_total_flops():  # a torch whose counter no longer calls _count_flops:
+        return {"unknown": int(counter.get_total_flops())}  # the total stays right, the row's peak is unknown
     return split
 
 
