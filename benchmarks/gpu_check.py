@@ -138,7 +138,7 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
     import scc
     from scc.backends import make_runner
     from scc.passes import count_passes
-    from scc.bench.roofline import flops_by_dtype, roofline, weight_bytes
+    from scc.bench.roofline import flops_per_image, roofline, weight_bytes
     from scc.timing import summarize, time_calls, warm_up
 
     x = images[:batch]
@@ -149,12 +149,10 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
         with torch.no_grad():
             reference[key] = defended(x, draws)
         with count_passes(clf, batch) as counter:  # one eager call counts FLOPs and encoder rounds
-            flops = flops_by_dtype(defended, x, draws)
+            reference[key, "flops", "fp32"] = flops_per_image(defended, x, draws)
         reference[key, "rounds"] = counter.image_rounds
-        reference[key, "flops", "fp32"] = {k: v / batch for k, v in flops.items()}
     if (key, "flops", dtype) not in reference:  # who runs which FLOPs at this dtype (the mix sets the row's peak)
-        split = flops_by_dtype(defended.with_dtype(DTYPES[dtype]), x, draws)
-        reference[key, "flops", dtype] = {k: v / batch for k, v in split.items()}
+        reference[key, "flops", dtype] = flops_per_image(defended, x, draws, DTYPES[dtype])
     runner = make_runner(defended, backend, batch, dtype=DTYPES[dtype], mode=mode if backend != "eager" else None)
     row = {"defense": defense, "backend": backend, "dtype": dtype, "batch": batch,
            "mode": mode if backend != "eager" else None, "compile_s": round(runner.compile_seconds or 0.0, 2),

@@ -42,6 +42,7 @@ others is refused with one line on stderr, and that bucket compiles instead.
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 import time
 import types
@@ -68,6 +69,21 @@ def own_code(fn, name: str):
     """`fn` with a code object of its own. Dynamo keeps compiled graphs, guards and its recompile limit per code
     object, so each (engine, bucket) graph gets its own cache: no limit shared by all engines of a process."""
     return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, fn.__defaults__, fn.__closure__)
+
+
+def drop_compiled_graphs() -> None:
+    """Let go of every graph torch holds for the process once its engines are gone. Dynamo caches graphs per code
+    object, and Inductor keeps each loaded graph module, with its frozen, pre-packed weights as attributes, in
+    PyCodeCache and in sys.modules, which dynamo's reset leaves alone. A live engine breaks after this (dynamo
+    recompiles under its guard stance): call it only when no engine of the process is used again."""
+    torch._dynamo.reset()
+    from torch._inductor.codecache import PyCodeCache
+
+    for module in PyCodeCache.modules:
+        if sys.modules.get(module.__name__) is module:
+            del sys.modules[module.__name__]
+    PyCodeCache.cache_clear()  # the modules in memory; their source files stay on disk for later compiles
+    gc.collect()
 
 
 def kernel_launchers() -> dict:

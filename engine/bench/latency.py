@@ -18,15 +18,14 @@ compile/capture/export time is measured by `make_runner` and reported apart (`co
 """
 from __future__ import annotations
 
-import gc
 import json
-import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from ..backends import BackendUnavailable, Runner, make_runner
+from ..backends.compiled import drop_compiled_graphs
 from ..data import DTD_CLASSES, TEMPLATES, classifier_for, load_dataset
 from ..defenses import defend, label_of, split_label
 from ..errors import SccError
@@ -36,7 +35,7 @@ from ..precision import check_dtype_on_device, dtype_name
 from ..timing import summarize, timed_call, warm_up
 from ..validation import check_device
 from .official import LABEL as OFFICIAL, official_ttc
-from .roofline import flops_by_dtype, matmul_peak, memory_bandwidth, roofline, weight_bytes
+from .roofline import flops_per_image, matmul_peak, memory_bandwidth, roofline, weight_bytes
 
 DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
 
@@ -153,7 +152,7 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
         defended = defend(clf, name, preset=preset, seed=seed)
         draws = [defended.draws(b) for b in batches]
         with count_passes(clf, batch_size) as counter:  # one eager call counts FLOPs and encoder rounds
-            flops = {torch.float32: flops_by_dtype(defended, batches[0], draws[0])}
+            flops = {torch.float32: flops_per_image(defended, batches[0], draws[0])}
         rounds = counter.image_rounds
         passes = {k: v for k, v in counter.summary().items() if k != "image_rounds"}  # per image, counted
         runners = []
@@ -188,8 +187,7 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
         runners = [r for r in runners if r is not None]
         for dtype in dict.fromkeys(r[0].dtype for r in runners):  # who runs which FLOPs in a reduced-precision
             if dtype not in flops:                                  # row: one eager call at that dtype
-                flops[dtype] = flops_by_dtype(defended.with_dtype(dtype), batches[0], draws[0])
-        flops = {dtype: {k: v / batch_size for k, v in split.items()} for dtype, split in flops.items()}
+                flops[dtype] = flops_per_image(defended, batches[0], draws[0], dtype)
         with torch.no_grad():
             for rep in range(repeats):
                 for b, d in zip(batches, draws):
@@ -227,23 +225,14 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
 
 
 def release(runners: list) -> None:
-    """Free a defense's runners before the next one is built. A compiled runner's graphs stay in torch._dynamo's
-    cache (keyed on the engine's code object, shared by every engine), and Inductor's module cache
-    (torch._inductor.codecache.PyCodeCache, and sys.modules, which dynamo's reset leaves alone) keeps every loaded
-    graph module with its frozen, pre-packed weights as attributes: without both, `scc bench --defenses ttc,scc-latency,scc,rtpt
-    --backends eager,compiled --dtype fp32,bf16 --batch-size 1,8` on ViT-B-32 held every earlier graph (killed for
-    memory at 20 GB resident; with the dynamo reset alone it still held 22.6 GB when batch 8 began)."""
+    """Free a defense's runners before the next one is built, and after compiled ones the graphs torch keeps for
+    the process (scc.backends.compiled.drop_compiled_graphs): without it, `scc bench --defenses
+    ttc,scc-latency,scc,rtpt --backends eager,compiled --dtype fp32,bf16 --batch-size 1,8` on ViT-B-32 held every
+    earlier graph (killed for memory at 20 GB resident; with dynamo's reset alone, at 23 GB in batch 8)."""
     compiled = any(r[0].backend != "eager" for r in runners)
     runners.clear()
     if compiled:
-        torch._dynamo.reset()
-        from torch._inductor.codecache import PyCodeCache
-
-        for module in PyCodeCache.modules:  # Inductor also registers each loaded graph module in sys.modules
-            if sys.modules.get(module.__name__) is module:
-                del sys.modules[module.__name__]
-        PyCodeCache.cache_clear()  # the loaded graph modules; their source files stay on disk for later compiles
-        gc.collect()
+        drop_compiled_graphs()
 
 
 # ----------------------------------------------------------------------------------------------------------

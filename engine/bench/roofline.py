@@ -2,9 +2,9 @@
 peak, and on a GPU the batch-1 weight-streaming bound.
 
     flops = count_flops(defended, x)                 # FLOPs of one call, forward and input-gradient passes
-    split = flops_by_dtype(defended.with_dtype(torch.bfloat16), x)   # {"bf16": ..., "fp32": ...}: who ran what
+    split = flops_per_image(defended, x, dtype=torch.bfloat16)   # {"bf16": ..., "fp32": ...}: who runs what
     peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}   # GFLOP/s, these threads
-    row = roofline({k: v / n for k, v in split.items()}, seconds_per_image, peaks)
+    row = roofline(split, seconds_per_image, peaks)
     # {"gflop_per_image", "gflop_per_image_by_dtype", "gflop_per_s", "peak_gflop_per_s", "peak_fraction"}
 
 FLOPs come from `torch.utils.flop_counter.FlopCounterMode` around one eager call: it sees every matmul and
@@ -49,9 +49,9 @@ def flops_by_dtype(defended, x: torch.Tensor, draws: dict | None = None) -> dict
 
     class Counter(FlopCounterMode):  # the stock counter, plus who ran each operator's FLOPs
         def _count_flops(self, func_packet, out, args, kwargs):
-            before = self.get_total_flops()
+            before = self.flop_counts["Global"][func_packet]
             out = super()._count_flops(func_packet, out, args, kwargs)
-            added = self.get_total_flops() - before
+            added = self.flop_counts["Global"][func_packet] - before
             if added:
                 dtype = next((a.dtype for a in _pytree.tree_leaves(args) if isinstance(a, torch.Tensor)), None)
                 name = names.get(dtype, str(dtype).removeprefix("torch."))
@@ -68,6 +68,14 @@ def flops_by_dtype(defended, x: torch.Tensor, draws: dict | None = None) -> dict
     if sum(split.values()) != counter.get_total_flops():  # a torch whose counter no longer calls _count_flops:
         return {"unknown": int(counter.get_total_flops())}  # the total stays right, the row's peak is unknown
     return split
+
+
+def flops_per_image(defended, x: torch.Tensor, draws: dict | None = None,
+                    dtype: torch.dtype = torch.float32) -> dict[str, float]:
+    """flops_by_dtype of `defended` with its image tower in `dtype` (Defended.with_dtype), per image of x: what a
+    benchmark row at that dtype runs, and so the mix its peak is made of."""
+    split = flops_by_dtype(defended.with_dtype(dtype), x, draws)
+    return {k: v / len(x) for k, v in split.items()}
 
 
 def matmul_peak(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seconds: float = 1.0,

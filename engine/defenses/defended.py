@@ -124,19 +124,21 @@ class Defended(nn.Module):
             check_dtype_on_device(dtype, self.classifier.text.device)
         base = self.base_classifier if self.dtype != torch.float32 else self.classifier
         clf = base if dtype == torch.float32 else engine_classifier(base, dtype, fp32_norms=export)
-        out = Defended(clf, self.defense, self.config, seed=self.seed, preset=self.preset)
-        out._secret, out.next_key, out.validate, out.dtype = self._secret, self.next_key, self.validate, dtype
-        out.base_classifier = base
-        return out
+        return self._sibling(clf, self.config, dtype, base)
 
     def with_config(self, **changes) -> "Defended":
         """The same defense (seed, secret, running key, classifier and its dtype) with config fields changed: the
         same draws for the same keys, e.g. an attacker's surrogate of it (scc.eval.suite)."""
-        out = Defended(self.classifier, self.defense, dataclasses.replace(self.config, **changes), seed=self.seed,
-                       preset=self.preset)
-        out._secret, out.next_key, out.validate, out.dtype = self._secret, self.next_key, self.validate, self.dtype
-        if hasattr(self, "base_classifier"):
-            out.base_classifier = self.base_classifier
+        return self._sibling(self.classifier, dataclasses.replace(self.config, **changes), self.dtype,
+                             getattr(self, "base_classifier", None))
+
+    def _sibling(self, classifier, config, dtype: torch.dtype, base) -> "Defended":
+        """A Defended that shares this one's identity (defense, preset, seed, secret, running key, validation):
+        the same draws for the same keys; `base` is the fp32 classifier a reduced-precision copy was made from."""
+        out = Defended(classifier, self.defense, config, seed=self.seed, preset=self.preset)
+        out._secret, out.next_key, out.validate, out.dtype = self._secret, self.next_key, self.validate, dtype
+        if base is not None:
+            out.base_classifier = base
         return out
 
     def extra_repr(self) -> str:
