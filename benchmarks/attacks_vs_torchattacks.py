@@ -1,7 +1,7 @@
 """scc.attacks against torchattacks on identical inputs: each AutoAttack component and the standard sequence, at the
 official settings, on the bundled models (the undefended classifiers: deterministic, so both see the same function).
 
-    flock /tmp/scc-cpu.lock python benchmarks/attacks_vs_torchattacks.py --images 200 \\
+    python benchmarks/attacks_vs_torchattacks.py --images 200 \\
         --out benchmarks/results/attacks-vs-torchattacks.json
     python benchmarks/attacks_vs_torchattacks.py --images 16 --queries 200 --steps 20     # a quick look
 
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     rows = []
     for model_name in args.models.split(","):
         clf = scc.load(model_name)
-        data = load_dataset(scc.models.bundled_dataset(model_name), clf.image_size, args.images)
+        data = load_dataset(scc.models.bundled_dataset(model_name), clf.preprocess, args.images)
         x, y = data.images, data.targets
         se = lambda p: math.sqrt(max(p * (1 - p), 1.0 / len(y)) / len(y))  # floored at 1/n: never zero
         for eps in parse_eps_list(args.eps):

@@ -1,6 +1,6 @@
 """Top-1 agreement of the fast rows with eager fp32 on many images (the Table 4 bench times only a few).
 
-    flock /tmp/scc-cpu.lock .venv/bin/python benchmarks/cpu_fidelity.py --model ViT-B-32 --images 64 \\
+    .venv/bin/python benchmarks/cpu_fidelity.py --model ViT-B-32 --images 64 \\
         --defenses ttc,scc-latency --threads 2 --json benchmarks/results/cpu-fidelity-vitb32.json
 
 For each defense: eager fp32 (the reference), eager bf16 and the compiled engine in fp32 and bf16 (batch

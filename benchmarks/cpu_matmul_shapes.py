@@ -1,7 +1,7 @@
 """The matmul ceiling of ViT-B-32 at its own shapes: GFLOP/s of each linear layer of one transformer block (forward
 and input-gradient products) at the token counts the defenses run, against the bench's square-ish peak.
 
-    flock /tmp/scc-cpu.lock .venv/bin/python benchmarks/cpu_matmul_shapes.py --threads 1,2 --dtype fp32,bf16 \\
+    .venv/bin/python benchmarks/cpu_matmul_shapes.py --threads 1,2 --dtype fp32,bf16 \\
         --json benchmarks/results/cpu-matmul-shapes-vitb32.json
 
 Why: `scc bench` reports each row's GFLOP/s as a fraction of a 768 x 768 @ 768 x 3072 matmul (scc.bench.roofline).

@@ -1,6 +1,6 @@
 """Operator profiles of the defenses on this CPU: where each row's time goes (matmuls vs the rest).
 
-    flock /tmp/scc-cpu.lock .venv/bin/python benchmarks/cpu_profile.py --model ViT-B-32 --threads 2 \\
+    .venv/bin/python benchmarks/cpu_profile.py --model ViT-B-32 --threads 2 \\
         --defenses ttc-official,ttc,scc-latency --backends eager,compiled --dtype fp32,bf16 --batch-size 1 \\
         --tag before
 

@@ -1,7 +1,7 @@
 """Why bf16 TTC changes answers on a random-weight ViT-B-32 and not on a trained model: per-step gradient-sign
 agreement, tau, the reference's top-1 margin, and top-1 agreement of three precision schemes with eager fp32.
 
-    flock /tmp/scc-cpu.lock .venv/bin/python benchmarks/cpu_ttc_precision.py --models ViT-B-32,scc-tiny-digits,\\
+    .venv/bin/python benchmarks/cpu_ttc_precision.py --models ViT-B-32,scc-tiny-digits,\\
         scc-tiny-fashion --images 64 --threads 2 --json benchmarks/results/cpu-ttc-precision.json
 
 For each model, on the same images and TTC draws (scc.defenses.ttc.counterattack, eager):

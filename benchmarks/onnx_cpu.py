@@ -26,7 +26,7 @@ import torch
 
 import scc
 from scc.data import load_dataset
-from scc.provenance import cpu_name
+from scc.provenance import cpu_flags, cpu_name, native_bf16
 
 from scc.export import OrtDefended, export_onnx
 
@@ -41,7 +41,8 @@ def environment() -> dict:
             pass
     return {"threads": {"torch": torch.get_num_threads(), "onnxruntime_intra_op": 1,
                         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
-            "cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(), "versions": versions,
+            "cpu": cpu_name(), "cpu_flags": sorted(cpu_flags()), "native_bf16": native_bf16(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "versions": versions,
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
 
 

@@ -118,7 +118,8 @@ def one_run(replicas: int, a, images, reference) -> dict:
                 res = json.loads(r["body"])["results"][0]
                 png = images[r["key"] % len(images)][1]
                 with torch.no_grad():
-                    ref = reference(decode_image(png, 32, 10 ** 6)[None], keys=[r["key"]]).softmax(-1)[0]
+                    x = decode_image(png, reference.classifier.preprocess, 10 ** 6)
+                    ref = reference(x[None], keys=[r["key"]]).softmax(-1)[0]
                 got = torch.tensor([res["scores"][lab] for lab in labels])
                 checked += 1
                 wrong += int(res["index"] != int(ref.argmax()) or not torch.allclose(got, ref, atol=1e-4))

@@ -4,10 +4,9 @@
     clf = scc.load("scc-tiny-digits")                 # or scc.load("ViT-B-32", pretrained="openai", labels=[...])
     defended = scc.defend(clf, "scc", preset="paper")  # nn.Module: [0,1] NCHW pixels -> logits
 
-Layers (a module imports only its own layer and the ones below it; `python ../shared/hooks/import_cycles.py .`
-finds no cycle):
+Layers (a module imports only its own layer and the ones below it, without cycles; tests/test_layers.py checks it):
     foundation    errors, validation, batching, attention, perturbation, grad, draws, passes, timing, provenance,
-                  models, precision, data                                   (flat modules of scc)
+                  images, models, precision, data                           (flat modules of scc)
     algorithms    scc.defenses (TTC, SCC, R-TPT, the Defense records), scc.attacks
     runtime       scc.kernels (Triton), scc.export (ONNX, Triton repository), scc.backends (make_runner, compiled)
     applications  scc.eval, scc.bench, scc.serve, scc.train

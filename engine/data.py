@@ -1,9 +1,9 @@
-"""Images and datasets: the bundled digits and Fashion-MNIST splits, image folders, torchvision sets from a root.
+"""Datasets: the bundled digits and Fashion-MNIST splits, image folders, torchvision sets from a root.
 
-Every loader returns pixels in [0,1], (N, 3, S, S). Image folders and torchvision sets are preprocessed as in the
-TTC protocol: bilinear resize of the short side to S*256/224, centre crop S (for S = 224: Resize(256) ->
-CenterCrop(224)). The bundled sets are small grayscale images: digits are 8x8 upscaled bilinearly to S; Fashion-MNIST
-28x28 images are zero-padded to 32x32 (their background is black) and resized bilinearly to S when S != 32.
+Every loader returns pixels in [0,1], (N, 3, S, S), made by the model's `scc.images.Preprocess` from each raw
+image (digits: the 8x8 scans /16; Fashion-MNIST: the 28x28 images /255; files and torchvision sets: decoded), the
+same function `scc classify` and `scc serve` apply to an image file. So a dataset image saved as a PNG and sent
+through any entry point gives the tensor the dataset gives (up to the PNG's 8-bit rounding of digits).
 """
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SccError
-from .models import asset_path, bundled_meta, is_bundled, load
+from .images import Preprocess
+from .models import asset_path, bundled_meta, is_bundled, load, preprocessing_of
 
 # Per-dataset prompt templates of the TTC evaluation code (spec section 1.4): one template, no ensembling.
 TEMPLATES: dict[str, list[str]] = {
@@ -61,14 +62,6 @@ FASHION_SUBSET = "fashion-test-1000.npz"  # shipped in scc/assets: 100 test imag
 FASHION_SUBSET_SIZE = 1000
 FASHION_VAL_SIZE = 5000  # held out of the 60k training split for every modelling choice
 FASHION_SPLIT_SEED = 0
-# Black frame of each bundled dataset's images (fraction of a side): read_image(..., border=) fits image files
-# into the same layout, so `scc classify --model scc-tiny-fashion` on a 28x28 Fashion-MNIST file sees what training saw.
-BORDER = {"digits": 0.0, "fashion": 2 / 32}
-
-
-# File suffixes read as images (folders given to `scc classify`, `scc loadtest --images DIR`, imagefolder: sets)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
-                  ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".dib", ".pcx", ".sgi", ".im", ".icns")
 
 
 @dataclass
@@ -81,100 +74,28 @@ class Dataset:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Preprocessing and image files
-# ----------------------------------------------------------------------------------------------------------
-def resize_center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
-    """(N, 3, H, W) -> (N, 3, size, size): bilinear short side to size*256/224, then centre crop."""
-    h, w = x.shape[-2:]
-    short = round(size * 256 / 224)
-    if (h, w) != (size, size):
-        scale = short / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-        x = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-        top, left = (nh - size) // 2, (nw - size) // 2
-        x = x[..., top: top + size, left: left + size]
-    return x.clamp(0, 1)
-
-
-def pil_to_tensor(img) -> torch.Tensor:
-    """Any PIL mode (L, LA, P, RGBA, I;16, I, F, CMYK...) -> (3, H, W) float in [0,1]."""
-    from PIL import Image
-
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr / top, 0, 1).astype(np.float32)
-        return torch.from_numpy(arr)[None].expand(3, -1, -1).contiguous()
-    if img.mode == "F":
-        arr = np.nan_to_num(np.asarray(img, dtype=np.float32))
-        lo, hi = float(arr.min()), float(arr.max())
-        arr = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-        return torch.from_numpy(arr)[None].expand(3, -1, -1).contiguous()
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(background, img)
-    img = img.convert("RGB")
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
-
-
-def read_image(path: str | Path, size: int, border: float = 0.0) -> torch.Tensor:
-    """One image file -> (3, size, size) in [0,1]; SccError naming the file when it cannot be used.
-
-    border: the fraction of each side that is a black frame in the model's training images (Fashion-MNIST:
-    2/32): the image is fitted into the inner square, then zero-padded, as `fashion_pixels` does."""
-    from PIL import Image, UnidentifiedImageError
-
-    import warnings
-
-    path = Path(path)
-    if path.is_dir():
-        raise SccError(f"{path}: is a directory, not an image file")
-    if not path.is_file():
-        raise SccError(f"{path}: no such file")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)  # over the limit: refuse, never hang
-            with Image.open(path) as img:
-                img.load()
-                if img.width < 1 or img.height < 1:
-                    raise SccError(f"{path}: empty image ({img.width}x{img.height})")
-                x = pil_to_tensor(img)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise SccError(f"{path}: image too large for PIL's safety limit of {Image.MAX_IMAGE_PIXELS} pixels "
-                       f"({err}); skipped: downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust it") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        if isinstance(err, SccError):
-            raise
-        raise SccError(f"{path}: not a readable image ({type(err).__name__}: {err})") from err
-    pad = round(border * size)
-    if pad:
-        inner = size - 2 * pad
-        if tuple(x.shape[-2:]) != (inner, inner):
-            x = resize_center_crop(x[None], inner)[0]
-        return F.pad(x, (pad, pad, pad, pad))
-    return resize_center_crop(x[None], size)[0]
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Datasets
 # ----------------------------------------------------------------------------------------------------------
-def digits_arrays(size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scikit-learn's 8x8 digits -> (x_train, y_train, x_test, y_test); a fixed stratified 1347/450 split.
-
-    Pixels /16 -> [0,1], bilinear to size x size, 3 channels. The test split is never used for training.
-    """
+def digits_raw() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """scikit-learn's 8x8 digits as (x_train, y_train, x_test, y_test), pixels /16 in [0,1], (N, 3, 8, 8); a fixed
+    stratified 1347/450 split. The test split is never used for training."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     bunch = load_digits()
-    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]
-    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1).expand(-1, 3, -1, -1)
+    x = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None].expand(-1, 3, -1, -1)
     y = torch.from_numpy(bunch.target.astype(np.int64))
     idx = np.arange(len(y))
     tr, te = train_test_split(idx, test_size=DIGITS_TEST_SIZE, stratify=bunch.target, random_state=DIGITS_SPLIT_SEED)
     tr, te = torch.from_numpy(np.sort(tr)), torch.from_numpy(np.sort(te))
     return x[tr].contiguous(), y[tr], x[te].contiguous(), y[te]
+
+
+def digits_arrays(size: int = 32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`digits_raw` resized bilinearly to size x size: the bundled digits model's training and test pixels."""
+    x_tr, y_tr, x_te, y_te = digits_raw()
+    up = lambda x: F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    return up(x_tr), y_tr, up(x_te), y_te
 
 
 def read_idx_gz(path: Path) -> np.ndarray:
@@ -262,7 +183,7 @@ def fashion_pixels(images: np.ndarray | torch.Tensor, size: int = 32) -> torch.T
     return x.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
 
 
-def _torchvision(name: str, root: str, size: int):
+def _torchvision(name: str, root: str):
     import torchvision.datasets as tvd
 
     ctor = {
@@ -293,10 +214,24 @@ def _torchvision(name: str, root: str, size: int):
     return ds, classes
 
 
-def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
-    """`digits` | `fashion` | `fashion-full` | `fashion-val` | `imagefolder:PATH` | `<torchvision name>:ROOT`
-    -> Dataset (first `limit` images), pixels (N, 3, size, size) in [0,1].
+def dataset_preprocess(name: str, size: int) -> Preprocess:
+    """The preprocessing an integer `size` stands for in `load_dataset`: a bundled dataset's own model's rule (at
+    32), otherwise the CLIP rule at that size."""
+    own = {"digits": "scc-tiny-digits", "fashion": "scc-tiny-fashion", "fashion-full": "scc-tiny-fashion",
+           "fashion-val": "scc-tiny-fashion"}.get(name)
+    if own is not None:
+        pre = preprocessing_of(own)
+        if pre.size == size:
+            return pre
+    return Preprocess(size)
 
+
+def load_dataset(spec: str, preprocess: Preprocess | int, limit: int | None = None) -> Dataset:
+    """`digits` | `fashion` | `fashion-full` | `fashion-val` | `imagefolder:PATH` | `<torchvision name>:ROOT`
+    -> Dataset (first `limit` images), pixels (N, 3, S, S) in [0,1].
+
+    preprocess: the model's rule (`scc.models.preprocessing_of(model)`, or `clf.preprocess`), applied to every raw
+    image; an int S stands for `dataset_preprocess(name, S)`.
     fashion: the 1000 Fashion-MNIST test images shipped with scc (stratified, 100 per class);
     fashion-full: all 10000 official test images; fashion-val: the 5000 validation images held out of the training
     split (both need the Debian package dataset-fashion-mnist).
@@ -305,12 +240,11 @@ def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
         raise SccError(f"limit must be a positive number of images or None (all), got {limit!r}")
     name, _, root = spec.partition(":")
     name = name.lower()
+    pre = preprocess if isinstance(preprocess, Preprocess) else dataset_preprocess(name, int(preprocess))
     if name == "digits":
-        _, _, x, y = digits_arrays(32)
-        if size != 32:
-            x = resize_center_crop(x, size)
+        _, _, x, y = digits_raw()
         x, y = (x[:limit], y[:limit]) if limit else (x, y)
-        return Dataset("digits", x, y, list(DIGIT_WORDS), ["a photo of the digit {}."])
+        return Dataset("digits", pre(x), y, list(DIGIT_WORDS), ["a photo of the digit {}."])
     if name in ("fashion", "fashion-full", "fashion-val"):
         if root:
             raise SccError(f"dataset {name} takes no location (got {spec!r}); it reads {FASHION_DIR} or the bundled subset")
@@ -321,7 +255,8 @@ def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
         else:
             _, _, x8, y8 = fashion_train_val()
         x8, y8 = (x8[:limit], y8[:limit]) if limit else (x8, y8)
-        return Dataset(name, fashion_pixels(x8, size), torch.from_numpy(y8.astype(np.int64)), list(FASHION_CLASSES),
+        x = torch.from_numpy(np.asarray(x8)).float().div(255.0)[:, None].expand(-1, 3, -1, -1)
+        return Dataset(name, pre(x), torch.from_numpy(y8.astype(np.int64)), list(FASHION_CLASSES),
                        list(TEMPLATES["fashion"]))
     if not root:
         raise SccError(f"dataset {spec!r} needs a location: {name}:PATH")
@@ -340,19 +275,21 @@ def load_dataset(spec: str, size: int, limit: int | None = None) -> Dataset:
         imgs, ys = [], []
         for path, label in files:
             try:
-                imgs.append(read_image(path, size))
+                imgs.append(pre.file(path))
                 ys.append(label)
             except SccError as err:
                 print(f"scc: skipping {err}", file=sys.stderr)
         if not imgs:
             raise SccError(f"no readable images under {folder}")
         return Dataset(f"imagefolder:{folder}", torch.stack(imgs), torch.tensor(ys), classes, TEMPLATES["imagefolder"])
-    ds, classes = _torchvision(name, root, size)
+    from .images import pil_to_tensor
+
+    ds, classes = _torchvision(name, root)
     n = min(len(ds), limit) if limit else len(ds)
     imgs, ys = [], []
     for i in range(n):
         img, label = ds[i]
-        imgs.append(resize_center_crop(pil_to_tensor(img)[None], size)[0])
+        imgs.append(pre(pil_to_tensor(img)))
         ys.append(int(label))
     return Dataset(name, torch.stack(imgs), torch.tensor(ys), classes, TEMPLATES.get(name, TEMPLATES["imagefolder"]))
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import SccError
+from .images import Preprocess
 from .validation import check_device, check_labels, check_templates, validate_pixels
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -36,6 +37,9 @@ TINY_NAME = "scc-tiny-digits"  # the original bundled model (the default everywh
 FASHION_NAME = "scc-tiny-fashion"
 # Bundled model -> the scc.data dataset it was trained for (its held-out split is that dataset).
 BUNDLED: dict[str, str] = {TINY_NAME: "digits", FASHION_NAME: "fashion"}
+# How each bundled model's training images were made from the raw ones (scc.images.Preprocess fields; size from its
+# config): the 8x8 digit scans resized whole; the 28x28 Fashion-MNIST images zero-padded by 2 pixels to 32x32.
+BUNDLED_PREPROCESS: dict[str, dict] = {TINY_NAME: {"crop": 1.0, "frame": 0}, FASHION_NAME: {"crop": 1.0, "frame": 2}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,6 +149,25 @@ def _quiet_open_clip():
         yield
     finally:
         root.setLevel(level)
+
+
+@contextlib.contextmanager
+def _captured_logs():
+    """Collect what libraries log on the root logger (open_clip's "Failed to download weights") instead of letting
+    it print ahead of scc's own one-line error: yields the list of messages; the caller decides what to show."""
+    messages: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    root = logging.getLogger()
+    handlers = root.handlers[:]
+    root.handlers = [Collect(logging.WARNING)]  # a handler present: logging does not add its stderr default
+    try:
+        yield messages
+    finally:
+        root.handlers = handlers
 
 
 def describe_checkpoint(state: dict) -> str:
@@ -295,10 +318,13 @@ def create_open_clip(model_name: str, pretrained: str | None, seed: int = 0) -> 
 
             hub_constants.HF_HUB_OFFLINE = True
         try:
-            model = open_clip.create_model(model_name, pretrained=tag)
+            with _captured_logs() as logged:
+                model = open_clip.create_model(model_name, pretrained=tag)
         except (RuntimeError, OSError) as err:
+            said = "; ".join(m.splitlines()[0][:200] for m in logged)
+            reason = "no network" if offline else str(err).splitlines()[0][:300]
             raise SccError(
-                f"could not fetch pretrained weights {model_name}/{tag} ({'no network' if offline else err}). "
+                f"could not fetch pretrained weights {model_name}/{tag} ({reason}{'; ' + said if said else ''}). "
                 "Download the checkpoint elsewhere and pass its path: "
                 "pretrained='/path/to/open_clip_model.safetensors' "
                 "(command line: --pretrained /path/to/open_clip_model.safetensors)"
@@ -322,6 +348,13 @@ def image_size_of(model_name: str) -> int:
         raise SccError(f"unknown model {model_name!r}" + (f"; did you mean {close}?" if close else ""))
     size = cfg["vision_cfg"].get("image_size", 224)
     return size[0] if isinstance(size, (list, tuple)) else int(size)
+
+
+def preprocessing_of(model_name: str) -> Preprocess:
+    """The model's image preprocessing (scc.images), from its name and config alone: a bundled model's own rule,
+    the CLIP/TTC rule (short side to S*256/224, centre crop S) for every other model."""
+    size = image_size_of(model_name)
+    return Preprocess(size, **BUNDLED_PREPROCESS[model_name]) if is_bundled(model_name) else Preprocess(size)
 
 
 def check_prompts(tokenizer, labels: Sequence[str], templates: Sequence[str], model: str) -> None:
@@ -348,11 +381,14 @@ def check_prompts(tokenizer, labels: Sequence[str], templates: Sequence[str], mo
 
 
 class ZeroShotClassifier(nn.Module):
-    """[0,1] NCHW pixels -> logits = logit_scale * cos(f(norm(x)), t_k). Weights are frozen."""
+    """[0,1] NCHW pixels -> logits = logit_scale * cos(f(norm(x)), t_k). Weights are frozen.
+
+    `preprocess` (scc.images.Preprocess) turns an image file or encoded bytes into this model's input:
+    `clf(clf.preprocess.file("cat.png")[None])`."""
 
     def __init__(self, visual: nn.Module, text_embeddings: torch.Tensor, logit_scale: float, image_size: int,
                  labels: Sequence[str], name: str = "", mean=CLIP_MEAN, std=CLIP_STD, clip: nn.Module | None = None,
-                 tokenizer=None, templates: Sequence[str] = ()):
+                 tokenizer=None, templates: Sequence[str] = (), preprocess: Preprocess | None = None):
         super().__init__()
         self.visual = visual.eval().requires_grad_(False)
         # The whole open_clip model (its text tower is needed by prompt-tuning defenses such as R-TPT) and its
@@ -365,6 +401,10 @@ class ZeroShotClassifier(nn.Module):
         self.register_buffer("text", F.normalize(text_embeddings.float(), dim=-1))  # (C, D)
         self.logit_scale = float(logit_scale)
         self.image_size = int(image_size)
+        self.preprocess = preprocess if preprocess is not None else Preprocess(self.image_size)
+        if self.preprocess.size != self.image_size:
+            raise SccError(f"preprocess makes {self.preprocess.size}x{self.preprocess.size} images, the model takes "
+                           f"{self.image_size}x{self.image_size}")
         self.labels = list(labels)
         self.name = name
         self.counter = None  # a scc.passes.PassCounter while passes are being counted
@@ -437,4 +477,5 @@ def load(model: str = TINY_NAME, pretrained: str | None = None, labels: Sequence
     pre = getattr(clip.visual, "preprocess_cfg", {}) or {}
     return ZeroShotClassifier(clip.visual, text, clip.logit_scale.exp().item(), size, labels, name=model,
                               mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)),
-                              clip=clip, tokenizer=tokenizer, templates=templates).to(device)
+                              clip=clip, tokenizer=tokenizer, templates=templates,
+                              preprocess=preprocessing_of(model) if is_bundled(model) else Preprocess(size)).to(device)

@@ -1,6 +1,7 @@
 """Precision: the dtype names every command speaks, and the reduced-precision copy of a classifier's image tower.
 
-    DTYPES["bf16"] -> torch.bfloat16;  resolve_dtype("auto", "cuda") -> torch.bfloat16;  dtype_name(torch.float32) -> "fp32"
+    DTYPES["bf16"] -> torch.bfloat16;  resolve_dtype("auto", "cpu") -> torch.float32;  dtype_name(torch.float32) -> "fp32"
+    check_dtype_on_device(torch.bfloat16, "cpu")   # one warning line where the CPU has no native bf16 matmul
     clf16 = engine_classifier(clf, torch.bfloat16)     # the tower in bf16; pixels, steps, losses and logits fp32
 
 `engine_classifier` builds the classifier every fast path runs (the eager module's `with_dtype`, the compiled
@@ -16,11 +17,14 @@ engine, the ONNX export): the image tower re-assembled with the same weights,
 from __future__ import annotations
 
 import copy
+import os
+import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import provenance
 from .errors import SccError
 from .models import ZeroShotClassifier
 
@@ -36,12 +40,23 @@ def parse_dtypes(text: str) -> list[torch.dtype]:
     return [DTYPES[d] for d in names]
 
 
+# bf16 on a CPU without native bf16 matmuls, measured on an AVX2-only AMD EPYC (ViT-B-32, batch 1, 2 threads)
+BF16_SLOWDOWN = "~30x slower than fp32 (measured on AVX2 only, ViT-B-32 TTC: 21.9 s vs 0.70 s per image)"
+# set once the bf16 warning was printed: the worker processes a command starts (eval workers, Ray) inherit it and
+# stay quiet; set it yourself to silence the warning
+BF16_WARNED_ENV = "SCC_BF16_WARNED"
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
-    """The image-tower precision `--dtype auto` picks: bf16 on CUDA (the official TTC code runs fp16 autocast there;
-    bf16 keeps fp32's range), fp32 on CPU: the bundled tiny models are slower in bf16 on this project's CPUs
-    (scc bench --dtype fp32,bf16: 0.65-0.8x at batch 1) and fp32 keeps the reproduction numbers exact; ViT-B/32
-    gains ~2x from bf16 on CPUs with AVX-512 BF16 or AMX (opt in with --dtype bf16)."""
-    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    """The image-tower precision `--dtype auto` picks, never a slow one: bf16 on a GPU with native bf16 (compute
+    capability 8.0+; the official TTC code runs fp16 autocast there; bf16 keeps fp32's range), else fp32. Always fp32
+    on CPU: the bundled tiny models are slower in bf16 even with native bf16 matmuls (scc bench --dtype fp32,bf16:
+    0.65-0.8x at batch 1), a CPU without them runs bf16 ~30x slower, and fp32 keeps the reproduction numbers exact;
+    ViT-B/32 gains ~2x from bf16 on CPUs with AVX-512 BF16 or AMX (opt in with --dtype bf16)."""
+    device = torch.device(device)
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 8:
+        return torch.bfloat16
+    return torch.float32
 
 
 def resolve_dtype(name: str, device: str | torch.device) -> torch.dtype:
@@ -59,18 +74,24 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_dtype_on_device(dtype: torch.dtype, device: str | torch.device) -> None:
-    """fp16 on a CPU without native fp16 matmuls (avx512_fp16 / amx_fp16) runs ~100x slower than fp32 (measured
-    here: 0.37 vs 30 GFLOP/s on one thread): refuse it with the alternative."""
-    device = torch.device(device)
-    if dtype != torch.float16 or device.type != "cpu":
+    """Reduced precision on a CPU without native matmuls for it (scc.provenance.cpu_flags):
+      - fp16 without avx512_fp16 / amx_fp16 runs ~100x slower than fp32 (measured here: 0.37 vs 30 GFLOP/s on one
+        thread): refused, with the alternative;
+      - bf16 without avx512_bf16 / amx_bf16 runs ~30x slower (BF16_SLOWDOWN) but works: one
+        warning line on stderr, once per process and the workers it starts (BF16_WARNED_ENV)."""
+    if torch.device(device).type != "cpu":
         return
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        flags = ""
-    if "avx512_fp16" not in flags and "amx_fp16" not in flags:
-        raise SccError("fp16 on this CPU has no native matmul (no avx512_fp16/amx_fp16) and runs ~100x slower "
-                       "than fp32; use --dtype bf16 (or fp32) on CPU, fp16 on a GPU")
+    flags, native_bf16 = provenance.cpu_flags(), provenance.native_bf16()
+    if dtype == torch.float16 and not flags & {"avx512_fp16", "amx_fp16"}:
+        instead = "bf16 (or fp32)" if native_bf16 else "fp32"
+        raise SccError(f"fp16 on this CPU has no native matmul (no avx512_fp16/amx_fp16) and runs ~100x slower "
+                       f"than fp32; use --dtype {instead} on CPU, fp16 on a GPU")
+    if dtype == torch.bfloat16 and not native_bf16 and not os.environ.get(BF16_WARNED_ENV):
+        os.environ[BF16_WARNED_ENV] = "1"
+        has = ", ".join(f for f in provenance.CPU_FLAGS if f in flags) or "no avx2"
+        print(f"scc: warning: bf16 on this CPU ({provenance.cpu_name()}: {has}; no avx512_bf16/amx_bf16) has no "
+              f"native bf16 matmul and runs {BF16_SLOWDOWN}; use --dtype fp32 or auto (dtype=torch.float32 in "
+              "Python)", file=sys.stderr, flush=True)
 
 
 class PatchMatmul(nn.Module):
@@ -145,10 +166,8 @@ class PackedSelfAttention(nn.Module):
 
     Inside nn.MultiheadAttention a batch_first input is transposed to (L, N, E) before the packed in-projection;
     the input gradient of that projection then goes through a batched matmul that materialises the (3E, E)
-    weight once per token (`[50, 2304, 768]` for ViT-B/32), a strided copy that is slow in bf16 on CPU: it made
-    bf16 SCC (4 views per image) 2-3x slower than fp32 (profile: 56% of a backward pass in aten::copy_). In fp32 the
-    same batched matmul took 31% of compiled SCC-latency's time on ViT-B/32 (profile before issue 21: `aten::bmm`,
-    228 calls); the engine's copy uses this module in every dtype."""
+    weight once per token (`[50, 2304, 768]` for ViT-B/32), a strided copy that is slow in bf16 on CPU and a large
+    share of the backward pass in fp32 too; the engine's copy uses this module in every dtype."""
 
     def __init__(self, mha: nn.MultiheadAttention):
         super().__init__()
@@ -208,7 +227,8 @@ def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float3
     if dtype != torch.float32:
         visual = CastVisual(visual, dtype, cast_input=stem is None)
     out = ZeroShotClassifier(visual, clf.text, clf.logit_scale, clf.image_size, clf.labels, name=clf.name,
-                             mean=tuple(clf.mean.flatten().tolist()), std=tuple(clf.std.flatten().tolist()))
+                             mean=tuple(clf.mean.flatten().tolist()), std=tuple(clf.std.flatten().tolist()),
+                             preprocess=clf.preprocess)
     out.text = clf.text  # bit-exact (the constructor re-normalises)
     out.kernels = dict(kernels or {})
     # the text tower and tokenizer stay the caller's (fp32, shared): prompt-tuning defenses (R-TPT) use them

@@ -29,7 +29,7 @@ def validate_pixels(x, image_size: int | None = None, *, dtype: torch.dtype | No
     size = "S, S" if image_size is None else f"{image_size}, {image_size}"
     if x.dim() != 4 or x.shape[1] != 3 or (image_size is not None and tuple(x.shape[2:]) != (image_size,) * 2):
         raise SccError(f"{name}: expected shape (B, 3, {size}) in [0,1], got {tuple(x.shape)}; "
-                       "resize/crop images first (scc.data.resize_center_crop)")
+                       "preprocess image files first: clf.preprocess.file(path) (scc.images.Preprocess)")
     if not x.is_floating_point():
         raise SccError(f"{name}: expected float pixels in [0,1], got dtype {str(x.dtype).removeprefix('torch.')}"
                        + ("; scale uint8 images: x.float() / 255" if x.dtype == torch.uint8 else "; use x.float()"))

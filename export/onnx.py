@@ -466,6 +466,7 @@ def _metadata(defended: Defended, batch_size: int | None, draws_as_inputs: bool,
         "scc.config": repr(defended.config),
         "scc.labels": json.dumps(clf.labels),
         "scc.image_size": str(clf.image_size),
+        "scc.preprocess": json.dumps(clf.preprocess.to_dict()),  # image file -> pixels (scc.images.Preprocess)
         "scc.batch_size": "dynamic" if batch_size is None else str(batch_size),
         "scc.draws": json.dumps(draws),  # name -> shape ("batch" for a dynamic batch), inputs or made in the graph
         "scc.draws_as_inputs": json.dumps(draws_as_inputs),

@@ -11,9 +11,9 @@ dropped; every image is defended independently, so padding never changes the oth
 
 Providers: the CUDA execution provider when the installed ONNX Runtime has it and torch sees a CUDA device,
 else the CPU provider; pass `providers=[...]` to choose. On CUDA, inputs and outputs go through IOBinding
-(torch CUDA tensors are bound in place, no host round trip). `onnxruntime-gpu` (Linux x86_64) and plain
-`onnxruntime` install the same `onnxruntime` module: with the plain one, or when the CUDA provider cannot
-start, the session runs on CPU and a RuntimeWarning says so.
+(torch CUDA tensors are bound in place, no host round trip). The `onnx` extra installs plain `onnxruntime` (CPU),
+`onnx-gpu` installs `onnxruntime-gpu`; both provide the same `onnxruntime` module: with the plain one, or when the
+CUDA provider cannot start, the session runs on CPU and a RuntimeWarning says so.
 
 CUDA graphs (`cuda_graph=True`, GPU only). ORT's CUDA provider can capture the whole run as one CUDA graph and
 replay it (`enable_cuda_graph`): no per-node launch cost, which is what batch-1 latency on a GPU is made of. It
@@ -39,6 +39,7 @@ from ..batching import padded_chunks
 from ..defenses import DEFENSES
 from ..draws import keyed_draws
 from ..errors import SccError, install_hint
+from ..images import Preprocess
 from ..timing import summarize, sync, time_calls, warm_up
 from ..validation import validate_pixels
 
@@ -49,12 +50,12 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.flo
 
 
 def import_onnxruntime():
-    """onnxruntime (the onnxruntime-gpu wheel on Linux x86_64, plain onnxruntime elsewhere) or an SccError."""
+    """onnxruntime (from the `onnx` extra, or `onnx-gpu` for the CUDA build) or an SccError."""
     try:
         import onnxruntime
     except ImportError as err:
-        raise SccError(f"ONNX Runtime is not installed ({err}); {install_hint('onnx')} "
-                       "(onnxruntime-gpu on Linux x86_64, onnxruntime elsewhere)") from err
+        raise SccError(f"ONNX Runtime is not installed ({err}); {install_hint('onnx')}, or the extra onnx-gpu "
+                       "for NVIDIA GPUs") from err
     return onnxruntime
 
 
@@ -67,7 +68,8 @@ def default_providers(ort=None) -> list[str]:
         if "CUDAExecutionProvider" in available:
             return ["CUDAExecutionProvider", "CPUExecutionProvider"]
         warnings.warn(f"a CUDA device is present but this ONNX Runtime ({ort.__version__}) has no CUDA provider "
-                      f"(providers {available}): running on CPU; install onnxruntime-gpu for the GPU",
+                      f"(providers {available}): running on CPU; for the GPU install the extra onnx-gpu "
+                      "(onnxruntime-gpu) in place of onnxruntime",
                       RuntimeWarning, stacklevel=3)
     return ["CPUExecutionProvider"]
 
@@ -212,6 +214,10 @@ class OrtDefended:
         shape = self.inputs["pixels"].shape
         self.batch_size = shape[0] if isinstance(shape[0], int) else None  # None: dynamic batch
         self.image_shape = tuple(shape[1:])
+        # the exported model's own image preprocessing: `ort(ort.preprocess.file(path)[None])` answers as
+        # `scc classify` does for that file
+        self.preprocess = (Preprocess.from_dict(json.loads(meta["scc.preprocess"])) if "scc.preprocess" in meta
+                           else Preprocess(int(self.image_shape[-1])))
         self.draw_names = [n for n in self.inputs if n != "pixels"]
         self.seed = seed
         self._secret = secrets.randbits(63) if seed is None else int(seed)

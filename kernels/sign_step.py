@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import SccError
-from ..perturbation import project
+from .. import perturbation
 
 from . import _launch as common
 from ._launch import constexpr, is_interpreted, jit, row_block, tl
@@ -59,8 +59,8 @@ def _(delta, grad, x, alpha, eps):
 
 
 def sign_step_ref(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float) -> torch.Tensor:
-    """The torch reference (the body of scc.perturbation.sign_step); a NaN gradient entry takes no step."""
-    return project(delta + alpha * grad.sign().nan_to_num(0.0), x, eps)
+    """The torch reference: scc.perturbation.sign_step itself (no kernels); a NaN gradient entry takes no step."""
+    return perturbation.sign_step(delta, grad, x, alpha, eps)
 
 
 def check_inputs(delta: torch.Tensor, grad: torch.Tensor, x: torch.Tensor, alpha: float, eps: float) -> None:

@@ -3,7 +3,10 @@
     out[b*L + l] = (u_l(z[b]) - mean) / std        (B*L, C, H, W), batch-major like scc.defenses.views.apply_views
     u_l(z)       = clip(flip_l(z) + sigma * noise[b, l], 0, 1)   on a noisy view,   flip_l(z) otherwise
     adjoint      : grad_z = sum_l flip_l(mask_l * grad_l) / std,  mask_l = [0 < flip_l(z) + sigma*noise_l < 1]
-                   (1 on views without noise; like torch.clamp's backward, none passes at the bounds themselves)
+                   (1 on views without noise). At the bounds themselves (pre-clamp value exactly 0 or 1) the mask
+                   follows the running torch's clamp backward, probed at import (`CLAMP_GRAD_AT_BOUNDS`):
+                   torch 2.11 passes the gradient there, torch 2.14 does not; the kernel agrees with
+                   `view_augment_ref` (torch.clamp) on either
 
 One program per image row (b, c, h): the row of z is read once and the L view rows are written from it (a
 flipped view writes the row reversed); the adjoint reads the L gradient rows of one image row and writes it
@@ -73,7 +76,7 @@ def _views_kernel(z_ptr, noise_ptr, mean_ptr, std_ptr, out_ptr, H, W, LN, sigma,
 
 @jit
 def _adjoint_kernel(grad_ptr, z_ptr, noise_ptr, std_ptr, out_ptr, H, W, LN, sigma,
-                    L: constexpr, FLIPS: constexpr, NOISY: constexpr, BLOCK_W: constexpr):
+                    L: constexpr, FLIPS: constexpr, NOISY: constexpr, BLOCK_W: constexpr, AT_BOUNDS: constexpr):
     row = tl.program_id(0)  # (b, c, h) of grad_z viewed as (B*3*H, W)
     w = tl.arange(0, BLOCK_W)
     in_row = w < W
@@ -89,12 +92,28 @@ def _adjoint_kernel(grad_ptr, z_ptr, noise_ptr, std_ptr, out_ptr, H, W, LN, sigm
         if (NOISY >> l) & 1:
             n = tl.load(noise_ptr + ((b * LN + l) * 3 * H + rest) * W + col, mask=in_row, other=0.0)
             pre = z + sigma * n
-            g = tl.where((pre > 0.0) & (pre < 1.0), g, 0.0)
+            if AT_BOUNDS:  # this torch's clamp backward passes the gradient at 0 and 1 themselves
+                g = tl.where((pre >= 0.0) & (pre <= 1.0), g, 0.0)
+            else:
+                g = tl.where((pre > 0.0) & (pre < 1.0), g, 0.0)
         acc += g
     tl.store(out_ptr + row * W + w, acc / tl.load(std_ptr + c), mask=in_row)
 
 
 INTERPRETED = is_interpreted(_views_kernel)
+
+
+def clamp_grad_at_bounds() -> bool:
+    """Whether this torch's clamp(0, 1) backward passes the gradient at the bounds themselves (a value exactly 0
+    or 1). It changed between torch releases (2.11: it does; 2.14: it does not), and the reference's adjoint is
+    torch.clamp's, so the kernel's mask asks torch instead of assuming."""
+    with torch.inference_mode(False), torch.enable_grad():
+        x = torch.tensor([0.0, 1.0], requires_grad=True)
+        (grad,) = torch.autograd.grad(x.clamp(0.0, 1.0).sum(), x)
+    return bool(grad.all())
+
+
+CLAMP_GRAD_AT_BOUNDS = clamp_grad_at_bounds()
 
 
 def bits(flags: Sequence[bool]) -> int:
@@ -133,7 +152,7 @@ def view_augment_adjoint_op(grad: torch.Tensor, z: torch.Tensor, noise: Optional
                             flips: list[bool], noisy: list[bool], sigma: float) -> torch.Tensor:
     out = torch.empty_like(z)
     grid, noise_arg, dims, meta = _launch_args(z, noise, flips, noisy)
-    _adjoint_kernel[grid](grad, z, noise_arg, std, out, *dims, sigma, **meta)
+    _adjoint_kernel[grid](grad, z, noise_arg, std, out, *dims, sigma, AT_BOUNDS=CLAMP_GRAD_AT_BOUNDS, **meta)
     return out
 
 

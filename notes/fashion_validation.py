@@ -134,7 +134,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     clf = scc.load(args.model)
-    data = load_dataset(args.split, clf.image_size, args.images)
+    data = load_dataset(args.split, clf.preprocess, args.images)
     {"tau": cmd_tau, "views": cmd_views, "pair": cmd_pair, "rtpt": cmd_rtpt}[args.what](clf, data, args)
 
 

@@ -159,15 +159,24 @@ def test_merge_of_shards_equals_the_whole():
 
 
 def test_sanity_flags_catch_masking_and_eps():
-    rows = [{"defense": "ttc", "preset": "paper", "protocol": "adaptive", "draws": "known", "attack": a, "eps": e,
-             "accuracy": acc, "stderr": 0.01} for a, e, acc in
-            [("pgd", EPS, 0.6), ("square", EPS, 0.3), ("worst", EPS, 0.2), ("worst", 8 / 255, 0.5)]]
-    flags = sanity_flags({"results": rows, "steps_curves": [
-        {"defense": "ttc", "eps": EPS, "draws": "fresh", "steps": [0, 10], "accuracy": [0.2, 0.9], "n": 100}],
-        "sanity_16": [{"defense": "ttc", "eps": 16 / 255, "steps": 20, "accuracy": 0.5, "n": 32}]})
+    """Each check flags its symptom, and a healthy report (or a rise within two standard errors) flags nothing."""
+    def report(square, worst_8, curve, at_16):
+        rows = [{"defense": "ttc", "preset": "paper", "protocol": "adaptive", "draws": "known", "attack": a, "eps": e,
+                 "accuracy": acc, "stderr": 0.01} for a, e, acc in
+                [("pgd", EPS, 0.6), ("square", EPS, square), ("worst", EPS, 0.2), ("worst", 8 / 255, worst_8)]]
+        return sanity_flags({"results": rows, "steps_curves": [
+            {"defense": "ttc", "eps": EPS, "draws": "fresh", "steps": [0, 10], "accuracy": curve, "n": 100}],
+            "sanity_16": [{"defense": "ttc", "eps": 16 / 255, "steps": 20, "accuracy": at_16, "n": 32}]})
+
+    flags = report(square=0.3, worst_8=0.5, curve=[0.2, 0.9], at_16=0.5)
     text = "\n".join(flags)
     assert "FLAG: Square" in text and "FLAG: accuracy rises with eps" in text
     assert "FLAG: accuracy rises with PGD steps" in text and "FLAG: ttc keeps 50.0%" in text
+    assert sum(f.startswith("FLAG: ") for f in flags) == 4, flags
+    for healthy in (report(square=0.7, worst_8=0.05, curve=[0.9, 0.2], at_16=0.0),
+                    report(square=0.59, worst_8=0.21, curve=[0.2, 0.21], at_16=0.1)):  # noise, not a symptom
+        assert not [f for f in healthy if f.startswith("FLAG")], healthy
+        assert sum(f.startswith("ok: ") for f in healthy) == 4, healthy
 
 
 def test_evaluate_report_schema_and_files(tmp_path):
@@ -264,6 +273,7 @@ def local_ray(monkeypatch):
     ray.shutdown()
 
 
+@pytest.mark.serve  # starts a local Ray cluster
 def test_ray_shards_equal_one_process(local_ray):
     def timeout(*_):
         raise TimeoutError("the Ray evaluation took more than 240 s")
@@ -298,3 +308,121 @@ def test_local_workers_equal_one_process(capsys):
     assert len(lines) == 1 and "over 2 worker processes" in lines[0]
     with pytest.raises(SccError, match="positive number of processes"):
         evaluate(workers=0, log=lambda line: None, **kw)
+
+
+def test_cost_estimate_times_every_attack_before_the_work(tiny, few):
+    """The estimate runs each job with 2-step budgets (every attack copes with them) and scales it to the full
+    budget; the CLI prints it on its own line before the progress bar starts."""
+    from scc.eval.options import ADAPTIVE_ATTACKS
+    from scc.eval.suite import estimate_cost, jobs_of
+
+    x, y = few
+    suite = Suite(attacks=ADAPTIVE_ATTACKS)
+    cost = estimate_cost(tiny, ["none", "dbd"], [EPS], x[:2], y[:2], suite, seed=0)  # between them: every attack
+    jobs = jobs_of(["none", "dbd"], [EPS], suite, tiny.num_classes)
+    assert {attack for _, _, attack in jobs} == {"paper-pgd", *ADAPTIVE_ATTACKS}
+    assert set(cost) == {(label or "clf", eps, "paper-pgd" if label is None else attack) for label, eps, attack in jobs}
+    assert all(wall > 0 and cpu > 0 for wall, cpu in cost.values())
+
+
+def test_cli_prints_the_estimate_before_the_progress_bar(capsys):
+    assert main(["eval", "--protocol", "adaptive", "--defenses", "none", "--attacks", "pgd", "--images", "3",
+                 "--eps", "4/255", "--workers", "1", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    at = err.index("estimated cost")
+    assert (at == 0 or err[at - 1] == "\n") and at < err.index("adaptive eval")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# plots (scc.eval.report): what they draw, not their pixels
+# ----------------------------------------------------------------------------------------------------------
+def adaptive_report(eps_list, defenses=("none", "ttc", "scc")):
+    """An adaptive report's rows: clean, pgd and worst per draws, paper pgd, and PGD trajectories."""
+    def row(defense, attack, eps, draws, accuracy, protocol="adaptive"):
+        return {"defense": defense, "preset": "paper", "attack": attack, "eps": eps, "draws": draws,
+                "protocol": protocol, "accuracy": accuracy, "stderr": 0.05, "steps": 50}
+
+    rows, curves = [], []
+    for i, d in enumerate(defenses):
+        for draws in ("known", "fresh"):
+            rows.append(row(d, "none", 0.0, draws, 0.95))
+            for e in eps_list:
+                rows += [row(d, "pgd", e, draws, 0.6 - i / 10), row(d, "worst", e, draws, 0.5 - i / 10 - e)]
+                curves.append({"defense": d, "eps": e, "draws": draws, "attack": "pgd", "steps": [0, 1, 10],
+                               "accuracy": [0.9, 0.7, 0.5], "n": 10})
+        rows += [row(d, "pgd", e, None, 0.7, protocol="paper") for e in eps_list]
+    return {"protocol": "adaptive", "model": "scc-tiny-digits", "dataset": "digits", "n_images": 10,
+            "results": rows, "steps_curves": curves}
+
+
+@pytest.fixture
+def axes():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    yield fig, ax
+    plt.close(fig)
+
+
+def legend_outside(fig, ax) -> bool:
+    fig.canvas.draw()
+    return ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+
+
+def test_one_eps_gives_grouped_bars(axes):
+    from matplotlib.container import BarContainer
+    from scc.eval.report import plot_bars
+
+    fig, ax = axes
+    plot_bars(adaptive_report([EPS]), ax)
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [b.get_label() for b in bars] == ["clean, known draws", "clean, fresh draws", "robust, known draws",
+                                             "robust, fresh draws"]
+    assert all(len(b) == 3 for b in bars)  # one per defense
+    robust_known = [p.get_height() for p in bars[2]]  # the worst case, per defense in the report's order
+    assert robust_known == pytest.approx([100 * (0.5 - i / 10 - EPS) for i in range(3)])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["none", "ttc", "scc"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [b.get_label() for b in bars]
+    assert legend_outside(fig, ax)
+
+
+def test_several_eps_give_lines_with_distinct_colours_and_markers(axes):
+    from matplotlib.container import ErrorbarContainer
+    from scc.eval.report import plot_lines
+
+    fig, ax = axes
+    plot_lines(adaptive_report([1 / 255, EPS, 8 / 255], defenses=("none", "ttc", "scc", "dbd")), ax)
+    lines = [c.lines[0] for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(lines) == 4 * 2  # the worst case per defense, known and fresh draws
+    assert all(list(line.get_xdata()) == pytest.approx([0, 1, 4, 8]) for line in lines)  # 0 = clean
+    styles = {(line.get_color(), line.get_marker()) for line in lines}
+    assert len(styles) == 4 and len({c for c, _ in styles}) == 4 and len({m for _, m in styles}) == 4
+    assert {line.get_linestyle() for line in lines} == {"-", "--"}
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == ["none", "ttc", "scc", "dbd", "known draws", "fresh draws"]
+    assert legend_outside(fig, ax)
+
+
+def test_steps_plot_keeps_each_defense_style_and_panels_per_eps(axes):
+    from scc.eval.report import defense_styles, plot_steps
+
+    fig, _ = axes
+    fig.clf()
+    report = adaptive_report([1 / 255, EPS])
+    plot_steps(report, fig)
+    panels = fig.axes
+    assert len(panels) == 2
+    styles = defense_styles(report)
+    drawn = {(line.get_color(), line.get_marker()) for line in panels[0].get_lines()}
+    assert drawn == set(styles.values())
+    assert legend_outside(fig, panels[-1])
+
+
+def test_a_report_without_rows_draws_no_plot(tmp_path):
+    from scc.eval.report import write_plots
+
+    assert write_plots({**adaptive_report([EPS]), "results": []}, tmp_path) == []

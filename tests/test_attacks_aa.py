@@ -126,11 +126,19 @@ def test_linf_plane_projection_is_minimal_and_in_the_box():
 
 
 def test_fab_counts_only_images_within_eps(tiny, batch):
+    """FAB moves an image only to break it within eps: at 8/255 it breaks most digits, at 1/255 (closer than its
+    adversarial images) fewer, and every image it did not break comes back unchanged."""
     x, y = batch
+    clean = correct(tiny, x, y)
     tight = fab_targeted(tiny, x, y, 1 / 255, steps=10, targets=2, seed=0)
     loose = fab_targeted(tiny, x, y, 8 / 255, steps=10, targets=2, seed=0)
-    assert in_threat_model(tight, x, 1 / 255) and in_threat_model(loose, x, 8 / 255)
-    assert correct(tiny, loose, y).sum() <= correct(tiny, tight, y).sum()
+    for adv, eps in ((tight, 1 / 255), (loose, 8 / 255)):
+        assert in_threat_model(adv, x, eps)
+        moved = (adv != x).flatten(1).any(1)
+        broken = clean & ~correct(tiny, adv, y)
+        assert torch.equal(moved, broken), f"eps {eps * 255:g}/255: moved {moved.tolist()}, broken {broken.tolist()}"
+    assert (clean & ~correct(tiny, loose, y)).float().mean() >= 0.5 * clean.float().mean()
+    assert correct(tiny, loose, y).sum() < correct(tiny, tight, y).sum()
 
 
 def test_square_schedule():

@@ -33,6 +33,7 @@ def check_runner(runner, defended, x, tiny, backend):
     assert torch.equal(a.argmax(1), defended(x).argmax(1))
 
 
+@pytest.mark.compile
 def test_compiled_runner_matches_eager_on_identical_draws(tiny, batch):
     """A one-step TTC (a small graph) at batch 2, the graph test_compiled.py's bucket test compiles too (Inductor's
     cache then serves the second): 5 images run as two full chunks and a padded one."""

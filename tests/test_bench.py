@@ -27,7 +27,7 @@ def test_bench_main_writes_the_json_schema(tmp_path, capsys):
                  "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert {"hardware", "versions", "model", "batch_size", "batch_sizes", "n_images", "rows"} <= set(report)
-    assert report["load_average_at_start"] >= 0  # taken before the model loads (the issue's "quiet at start")
+    assert report["load_average_at_start"] >= 0  # taken before the model loads
     assert {"cpu", "cpu_cores"} <= set(report["hardware"]) and {"torch", "open_clip"} <= set(report["versions"])
     assert (report["model"], report["batch_sizes"], report["n_images"]) == ("scc-tiny-digits", [1, 2], 2)
     # the official TTC procedure rides with the TTC rows of every batch size
@@ -205,6 +205,7 @@ def test_release_frees_runners_and_resets_dynamo_after_compiled_ones(monkeypatch
     assert mixed == [] and resets == [1]
 
 
+@pytest.mark.compile
 def test_release_frees_the_frozen_weights_of_a_compiled_runner(tiny, digits, tmp_path, monkeypatch):
     """A real compiled runner (Inductor freezing on): after `release`, no tensor its graph modules held as constants
     is alive. Dynamo's reset alone left them in Inductor's module cache (the bench was OOM-killed at 24 GB)."""

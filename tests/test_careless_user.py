@@ -1,4 +1,4 @@
-"""Issue 13: the CLI and the API hold up against a careless user: no tracebacks, no lost results, no silent
+"""The CLI and the API hold up against a careless user: no tracebacks, no lost results, no silent
 nonsense. Every case runs `scc.cli.main([...])` in this process (one real subprocess at the end) and checks the
 exit code, that no traceback escaped, and that the one `scc: error: ...` line names the bad value."""
 import json
@@ -91,7 +91,9 @@ def test_json_refuses_to_overwrite_an_input_image(capsys, files):
     assert img.read_bytes() == before
 
 
-def test_train_tiny_never_touches_the_bundled_model_by_default(capsys, tmp_path, monkeypatch):
+def test_train_tiny_never_touches_the_bundled_model_by_default(capsys, tmp_path, monkeypatch, digits):
+    from safetensors.torch import load_file
+
     from scc.models import asset_path
 
     bundled = asset_path(f"{TINY_NAME}.safetensors")
@@ -100,12 +102,24 @@ def test_train_tiny_never_touches_the_bundled_model_by_default(capsys, tmp_path,
     refused(capsys, "train-tiny", "--out", tmp_path / "x", "--replace-bundled", names=["--replace-bundled"])
     refused(capsys, "train-tiny", "--epochs", "0", names=["--epochs", "'0'"])
     code, out, err = run(capsys, "train-tiny", "--epochs", "1", "--quiet")
+    torch.set_num_threads(1)
     assert code == 0, err
     assert bundled.read_bytes() == before
     written = tmp_path / "scc-tiny-out"
-    assert (written / f"{TINY_NAME}.safetensors").is_file()
-    assert json.loads((written / f"{TINY_NAME}.meta.json").read_text())["threads"] == 1
-    torch.set_num_threads(1)
+    weights = written / f"{TINY_NAME}.safetensors"
+    # the newly trained model: every tensor of the bundled architecture, finite, not the bundled values
+    trained, shipped = load_file(weights), load_file(bundled)
+    assert trained.keys() == shipped.keys()
+    assert all(trained[k].shape == shipped[k].shape and torch.isfinite(trained[k]).all() for k in shipped)
+    assert any(not torch.equal(trained[k], shipped[k]) for k in shipped), "the bundled weights were written"
+    meta = json.loads((written / f"{TINY_NAME}.meta.json").read_text())
+    assert meta["threads"] == 1 and meta["recipe"]["epochs"] == 1 and meta["recipe"]["seed"] == 0
+    assert meta["labels"] == scc.models.bundled_meta(TINY_NAME)["labels"]
+    # it loads as a checkpoint (--pretrained), and scores on the held-out digits what its meta says
+    clf = scc.load(TINY_NAME, pretrained=str(weights))
+    with torch.no_grad():
+        accuracy = (clf(digits[0]).argmax(1) == digits[1]).float().mean().item()
+    assert round(accuracy, 4) == meta["held_out_clean_accuracy"], (accuracy, meta["held_out_clean_accuracy"])
 
 
 def test_train_tiny_has_its_own_help(capsys):
@@ -425,3 +439,11 @@ def test_a_real_process_loses_nothing_and_prints_no_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == ["scc: error: argument --images: must be a positive integer, got '-3' "
                                                 "(see `scc eval --help`)"]
+
+
+def test_one_unusable_file_alone_is_exit_2(capsys, tmp_path):
+    """A text file named .jpg is the README's "bad input": one line, exit 2 (exit 1 is kept for a batch in which
+    some files were answered)."""
+    text = tmp_path / "photo.jpg"
+    text.write_text("not an image\n")
+    refused(capsys, "classify", text, names=[str(text), "not a readable image"])

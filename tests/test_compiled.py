@@ -4,7 +4,6 @@ The graphs take ~10-90 s each to compile on 2 CPU cores (cold Inductor cache), s
 scc-latency traced at bucket 8 (the paper preset in `pytest -m slow`), a one-step ttc at bucket 2, and under the
 Triton interpreter (in a fresh process) a small scc variant with the kernels inside the graph.
 """
-import os
 import warnings
 
 import pytest
@@ -14,9 +13,6 @@ from torch._dynamo.utils import counters
 import scc
 from scc.backends.compiled import Engine
 from scc.errors import SccError
-
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-KERNEL_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +31,7 @@ def graph_breaks() -> int:
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("preset, steps", [("latency", 1 + 1), pytest.param("paper", 2 + 3, marks=pytest.mark.slow)])
 def test_scc_compiled_matches_eager_on_heldout(tiny, digits, preset, steps):
     """scc (latency: K_w=1, S=1; paper: K_w=2, S=3; 4 views) on 62 held-out digits: top-1 and per-step signs. (The
@@ -62,6 +59,7 @@ def test_scc_compiled_matches_eager_on_heldout(tiny, digits, preset, steps):
     torch.testing.assert_close(compiled, eager, atol=0.5, rtol=0)  # logits are ~100 * cosine
 
 
+@pytest.mark.compile
 def test_ttc_buckets_padding_and_splitting(tiny, digits):
     images, _ = digits
     defended = scc.defend(tiny, "ttc", seed=1, steps=1)  # one step: a smaller graph to compile
@@ -172,8 +170,8 @@ def test_triton_backend_on_cpu_falls_back_and_says_so(tiny, monkeypatch):
     assert engine.kernels["view_augment"] == "reference (zoom views: the kernel has no zoom)", engine.kernels
 
 
-@pytest.mark.skipif(KERNEL_DEVICE is None, reason="no GPU and no TRITON_INTERPRET=1: see tests/test_kernels_interpreted.py")
-def test_triton_backend_runs_kernels_in_graph(tiny, digits, monkeypatch):
+@pytest.mark.compile
+def test_triton_backend_runs_kernels_in_graph(digits, monkeypatch, kernel_device):
     """Flip views (the kernel has no zoom) and no Stages 1-2 keep the graph small: the warm-up step runs the
     sign-step kernel and the 4-view prediction the view kernel, both inside the compiled graph."""
     from scc.kernels import sign_step, view_augment
@@ -188,10 +186,10 @@ def test_triton_backend_runs_kernels_in_graph(tiny, digits, monkeypatch):
 
     monkeypatch.setattr(sign_step, "_launch", counting("sign_step", sign_step._launch))
     monkeypatch.setattr(view_augment, "_launch_args", counting("view_augment", view_augment._launch_args))
-    clf = tiny.to(KERNEL_DEVICE)
+    clf = scc.load("scc-tiny-digits", device=kernel_device)  # its own copy: the session's `tiny` stays on the CPU
     defended = scc.defend(clf, "scc", views=("id", "flip", "noise", "flip+noise"), semantic=False,
                           warmup__steps=1)
-    x = digits[0][:2].to(KERNEL_DEVICE)
+    x = digits[0][:2].to(kernel_device)
     draws = defended.draws(x)
     trace_eager, trace_engine = [], []
     eager = defended(x, draws, trace=trace_eager)

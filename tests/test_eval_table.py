@@ -14,6 +14,8 @@ from scc.eval import paper
 from scc.eval.options import parse_attacks
 from scc.eval.report import format_table1, table1_rows
 
+from test_adaptive import axes, legend_outside  # the plot tests' figure and legend check
+
 
 # ----------------------------------------------------------------------------------------------------------
 # attack names
@@ -130,3 +132,43 @@ def test_both_modules_off_is_ttc(tiny, digits):
         assert torch.equal(both_off(x, keys=range(8)), scc.defend(tiny, "ttc", seed=0)(x, keys=range(8)))
         semantic_only = scc.defend(tiny, "scc", preset="paper:spatial=off", seed=0)(x, keys=range(8))
         assert not torch.equal(semantic_only, both_off(x, keys=range(8)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the paper protocol's plot (scc.eval.report): clean accuracy included, bars at one eps, lines over several
+# ----------------------------------------------------------------------------------------------------------
+def paper_report(attacks, eps_list, clean=True):
+    rows = [{"defense": d, "preset": "paper", "attack": a, "eps": e, "draws": None, "protocol": "paper",
+             "accuracy": acc, "stderr": 0.02, "steps": 10}
+            for d, base in (("none", 0.9), ("ttc", 0.8), ("scc", 0.85))
+            for a, e, acc in ([("none", 0.0, base)] if clean else []) + [(a, e, base - 10 * e) for a in attacks
+                                                                        for e in eps_list]]
+    return {"protocol": "paper", "model": "scc-tiny-digits", "dataset": "digits", "n_images": 64, "results": rows}
+
+
+def test_paper_plot_one_eps_is_bars_with_the_clean_accuracy(axes):
+    from matplotlib.container import BarContainer
+    from scc.eval.report import plot_bars
+
+    fig, ax = axes
+    plot_bars(paper_report(["pgd", "cw"], [1 / 255]), ax)
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert [b.get_label() for b in bars] == ["clean", "PGD 1/255", "CW 1/255"]
+    assert [p.get_height() for p in bars[0]] == pytest.approx([90, 80, 85])
+    assert legend_outside(fig, ax)
+    ax.clear()
+    plot_bars(paper_report(["pgd"], [1 / 255], clean=False), ax)  # --no-clean: no clean bar
+    assert [c.get_label() for c in ax.containers if isinstance(c, BarContainer)] == ["PGD 1/255"]
+
+
+def test_paper_plot_several_eps_is_lines_from_the_clean_point(axes):
+    from matplotlib.container import ErrorbarContainer
+    from scc.eval.report import plot_lines
+
+    fig, ax = axes
+    plot_lines(paper_report(["pgd", "cw"], [1 / 255, 4 / 255]), ax)
+    lines = [c.lines[0] for c in ax.containers if isinstance(c, ErrorbarContainer)]
+    assert len(lines) == 3 * 2
+    assert all(list(line.get_xdata()) == pytest.approx([0, 1, 4]) for line in lines)
+    assert sorted(line.get_ydata()[0] for line in lines) == pytest.approx([80, 80, 85, 85, 90, 90])  # clean first
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["none", "ttc", "scc", "pgd", "cw"]

@@ -1,4 +1,4 @@
-"""The second bundled model `scc-tiny-fashion` and the Fashion-MNIST datasets (issue 14)."""
+"""The second bundled model `scc-tiny-fashion` and the Fashion-MNIST datasets."""
 import gzip
 import json
 
@@ -163,14 +163,12 @@ def test_classify_raw_fashion_mnist_files(fashion_clf, fashion, tmp_path, capsys
     """A 28x28 Fashion-MNIST file is fitted into the training layout (zero frame), not zoomed by the TTC crop."""
     from PIL import Image
 
-    from scc.data import read_image
-
     images, _, _ = fashion_subset()
     paths = []
     for i in range(6):
         paths.append(str(tmp_path / f"{i}.png"))
         Image.fromarray(images[i]).save(paths[-1])
-    assert torch.equal(read_image(paths[0], 32, border=2 / 32), fashion.images[0])
+    assert torch.equal(fashion_clf.preprocess.file(paths[0]), fashion.images[0])
     assert main(["classify", *paths, "--model", FASHION_NAME, "--defense", "none", "--json"]) == 0
     got = [r["label"] for r in json.loads(capsys.readouterr().out)["results"]]
     with torch.no_grad():

@@ -73,7 +73,7 @@ def test_bad_checkpoint(tmp_path):
         scc.load(TINY_NAME, pretrained=str(tmp_path / "other.pt"))
 
 
-def test_pretrained_weights_offline_fail_fast(monkeypatch, tmp_path):
+def test_pretrained_weights_offline_fail_fast(monkeypatch, tmp_path, capfd):
     """Without a network the openai tag must fail quickly with a message saying how to pass a checkpoint. The
     reachability probe is forced to 'offline' and the hub cache is empty, so a connected machine downloads nothing."""
     import huggingface_hub.constants as hub_constants
@@ -86,9 +86,13 @@ def test_pretrained_weights_offline_fail_fast(monkeypatch, tmp_path):
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     t0 = time.time()
-    with pytest.raises(scc.SccError, match=r"could not fetch pretrained weights ViT-B-32/openai.*--pretrained /path"):
+    with pytest.raises(scc.SccError, match=r"could not fetch pretrained weights ViT-B-32/openai.*--pretrained /path") \
+            as error:
         scc.load("ViT-B-32", pretrained="openai", labels=["a", "b"])
     assert time.time() - t0 < 30
+    out, err = capfd.readouterr()
+    # open_clip's own "Failed to download weights" log line is folded into the one error, not printed before it
+    assert "Failed to download weights" in str(error.value) and "Failed to download" not in out + err, err
 
 
 def test_word_tokenizer_keeps_eot_largest():

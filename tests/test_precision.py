@@ -1,13 +1,18 @@
 """Reduced precision (bf16 image tower; perturbation, steps, losses and logits fp32) against fp32 on identical
 draws. Tolerances are relative to fp32's own run-to-run error: the defense's randomness. Precision may change
 no more answers, and no more step signs, than redrawing the defense's random draws (a fresh seed) changes."""
+import json
+
 import pytest
 import torch
+from PIL import Image
 
 import scc
 from scc.attacks import pgd
 from scc.backends import make_runner
+from scc.cli import main
 from scc.errors import SccError
+from scc.precision import check_dtype_on_device, resolve_dtype
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +57,7 @@ def test_bf16_fidelity_on_heldout_digits(tiny, attacked, spec):
     print("\n".join(report))
 
 
+@pytest.mark.compile
 def test_compiled_bf16_matches_eager_bf16(tiny, digits):
     """The compiled engine's bf16 graph against the eager bf16 module (the same converted tower) on the same draws."""
     x = digits[0][:6]
@@ -76,12 +82,113 @@ def test_reduced_copy_leaves_the_fp32_model_alone(tiny):
     assert bf16(x).dtype == torch.float32
 
 
-def test_fp16_on_a_cpu_without_native_fp16_is_refused(tiny):
-    flags = open("/proc/cpuinfo").read() if __import__("os").path.exists("/proc/cpuinfo") else ""
-    if "avx512_fp16" in flags or "amx_fp16" in flags:
-        pytest.skip("this CPU has native fp16 matmuls")
-    with pytest.raises(SccError, match="fp16 on this CPU has no native matmul.*use --dtype bf16"):
+def test_fp16_on_a_cpu_without_native_fp16_is_refused(tiny, monkeypatch):
+    monkeypatch.setattr(scc.provenance, "cpu_flags", lambda: frozenset({"avx2", "avx512f", "avx512_bf16"}))
+    with pytest.raises(SccError, match=r"fp16 on this CPU has no native matmul.*use --dtype bf16 \(or fp32\)"):
         scc.defend(tiny, "ttc", dtype=torch.float16)
+
+
+def test_fp16_refusal_suggests_fp32_where_bf16_is_slow_too(tiny, cpu_without_native_bf16):
+    with pytest.raises(SccError, match="fp16 on this CPU has no native matmul.*use --dtype fp32 on CPU"):
+        scc.defend(tiny, "ttc", dtype=torch.float16)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bf16 on a CPU without native bf16 matmuls: one warning line, auto picks fp32, reports carry the CPU flags
+# ----------------------------------------------------------------------------------------------------------
+def warnings_in(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("scc: warning: bf16")]
+
+
+def digit_png(digits, folder) -> str:
+    path = folder / "digit.png"
+    Image.fromarray((digits[0][0].permute(1, 2, 0) * 255).byte().numpy()).save(path)
+    return str(path)
+
+
+def test_bf16_on_an_avx2_only_cpu_warns_once_and_still_runs(tiny, digits, cpu_without_native_bf16, capsys):
+    bf16 = scc.defend(tiny, "ttc", seed=0, dtype=torch.bfloat16)
+    scc.defend(tiny, "scc-latency", dtype=torch.bfloat16)
+    check_dtype_on_device(torch.bfloat16, "cpu")
+    make_runner(scc.defend(tiny, "ttc", seed=0), "eager", 2, dtype=torch.bfloat16)
+    lines = warnings_in(capsys.readouterr().err)
+    assert lines == [
+        "scc: warning: bf16 on this CPU (" + scc.provenance.cpu_name() + ": avx2; no avx512_bf16/amx_bf16) has no "
+        "native bf16 matmul and runs ~30x slower than fp32 (measured on AVX2 only, ViT-B-32 TTC: 21.9 s vs 0.70 s "
+        "per image); use --dtype fp32 or auto (dtype=torch.float32 in Python)"], lines
+    assert bf16(digits[0][:2]).dtype == torch.float32  # slow, not refused
+
+
+def test_bf16_cli_run_prints_one_warning_line(cpu_without_native_bf16, digits, tmp_path, capsys):
+    assert main(["classify", digit_png(digits, tmp_path), "--defense", "ttc", "--dtype", "bf16", "--json",
+                 str(tmp_path / "r.json")]) == 0
+    assert len(warnings_in(capsys.readouterr().err)) == 1
+
+
+def test_bf16_on_a_native_cpu_is_silent(tiny, monkeypatch, capsys):
+    for flags in ({"avx2", "avx512f", "avx512_bf16"}, {"avx2", "avx512f", "amx_tile", "amx_bf16"}):
+        monkeypatch.setattr(scc.provenance, "cpu_flags", lambda: frozenset(flags))
+        monkeypatch.delenv("SCC_BF16_WARNED", raising=False)
+        scc.defend(tiny, "ttc", dtype=torch.bfloat16)
+        assert warnings_in(capsys.readouterr().err) == [], flags
+
+
+@pytest.mark.usefixtures("requires_native_bf16")
+def test_this_cpus_own_flags_give_native_bf16(tiny, monkeypatch, capsys):
+    """Unpatched: the flags this machine reports (torch's cpuid, or /proc/cpuinfo) say native bf16."""
+    monkeypatch.delenv("SCC_BF16_WARNED", raising=False)
+    assert scc.provenance.cpu_flags() & {"avx512_bf16", "amx_bf16", "bf16"}
+    scc.defend(tiny, "ttc", dtype=torch.bfloat16)
+    assert warnings_in(capsys.readouterr().err) == []
+
+
+def test_cpu_flags_from_proc_cpuinfo_where_torch_has_no_capability_query(monkeypatch):
+    from pathlib import Path
+
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo here")
+    from_torch = scc.provenance.cpu_flags()
+    monkeypatch.delattr(torch.cpu, "get_capabilities", raising=False)
+    scc.provenance.cpu_flags.cache_clear()
+    try:
+        assert scc.provenance.cpu_flags() == from_torch  # both name the flags as /proc/cpuinfo does
+    finally:
+        scc.provenance.cpu_flags.cache_clear()
+
+
+def test_auto_never_picks_a_slow_dtype(cpu_without_native_bf16, monkeypatch, capsys):
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert warnings_in(capsys.readouterr().err) == []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for capability, dtype in (((7, 5), torch.float32), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+        assert resolve_dtype("auto", "cuda") == dtype, capability  # bf16 only on a GPU with native bf16
+
+
+def report_of(kind: str, tmp_path, digits) -> dict:
+    out = tmp_path / f"{kind}.json"
+    argv = {"classify": ["classify", digit_png(digits, tmp_path), "--defense", "none"],
+            "demo": ["demo", "--images", "2", "--defenses", "none"],
+            "eval-adaptive": ["eval", "--protocol", "adaptive", "--defenses", "none", "--attacks", "square",
+                              "--queries", "2", "--images", "2", "--eps", "4/255", "--workers", "1"],
+            "bench": ["bench", "--images", "1", "--defenses", "none", "--repeats", "1"]}[kind]
+    assert main([*argv, "--quiet", "--json", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+@pytest.mark.parametrize("kind", ["classify", "demo", "eval-adaptive", "bench"])
+def test_every_report_records_the_cpu_flags_beside_its_name(kind, cpu_without_native_bf16, digits, tmp_path):
+    hardware = report_of(kind, tmp_path, digits)["hardware"]
+    assert hardware["cpu"] == scc.provenance.cpu_name()
+    assert (hardware["cpu_flags"], hardware["native_bf16"]) == (["avx2"], False), hardware
+
+
+def test_hardware_block_names_the_flags_that_decide_bf16_speed():
+    """Every other writer (benchmark rows, benchmarks/*.py, the load test's client) records scc.provenance.hardware."""
+    hardware = scc.provenance.hardware("cpu")
+    assert set(hardware["cpu_flags"]) <= set(scc.provenance.CPU_FLAGS)
+    assert hardware["native_bf16"] == bool({"avx512_bf16", "amx_bf16", "bf16"} & set(hardware["cpu_flags"]))
+    assert {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"} <= set(scc.provenance.CPU_FLAGS)
 
 
 @pytest.mark.slow

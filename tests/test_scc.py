@@ -126,11 +126,13 @@ def test_scc_keeps_clean_accuracy_and_adds_robustness(tiny, digits):
 
     x, y = digits[0][:150], digits[1][:150]
     adv = pgd(tiny, x, y, eps=4 / 255, alpha=1 / 255, generator=torch.Generator().manual_seed(0))
-    acc = lambda m, z: (m(z).argmax(1) == y).float().mean().item()
+    acc = lambda m, z, **kw: (m(z, **kw).argmax(1) == y).float().mean().item()
+    keys = list(range(len(y)))  # image i has the same draws, clean and attacked
     with torch.no_grad():
-        undefended, ttc_rob = acc(tiny, adv), acc(scc.defend(tiny, "ttc"), adv)
-        scc_rob, scc_clean = acc(scc.defend(tiny, "scc"), adv), acc(scc.defend(tiny, "scc"), x)
-        clean = acc(tiny, x)
+        undefended, clean = acc(tiny, adv), acc(tiny, x)
+        ttc_rob = acc(scc.defend(tiny, "ttc", seed=0), adv, keys=keys)
+        defended = scc.defend(tiny, "scc", seed=0)
+        scc_rob, scc_clean = acc(defended, adv, keys=keys), acc(defended, x, keys=keys)
     assert scc_rob > undefended + 0.3, (scc_rob, undefended)
     assert scc_rob >= ttc_rob, (scc_rob, ttc_rob)
     assert scc_clean >= clean - 0.03, (scc_clean, clean)

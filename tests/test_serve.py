@@ -18,6 +18,7 @@ import torch
 
 import scc
 from scc.errors import SccError
+from scc.models import preprocessing_of
 from scc.serve.app import serve_config_yaml
 from scc.serve.client import multipart
 from scc.serve.front import Front, read_body, token_digest
@@ -25,6 +26,7 @@ from scc.serve.requests import Item, Limits, RequestError, decode_image, parse_r
 from scc.serve.service import EngineQueue, Service, service_config
 
 SIZE = 32
+PRE = preprocessing_of("scc-tiny-digits")  # the bundled model these tests send digits to (size 32)
 LIMITS = Limits.for_model(SIZE, max_body_bytes=1_000_000)  # (16*32)^2 = 262144 pixels per image, 4x per request
 
 
@@ -46,7 +48,7 @@ def png_header(width: int, height: int) -> bytes:
 
 
 def parse(ctype, body, query=None, limits=LIMITS, replay=True):
-    return parse_request(ctype, body, query or {}, SIZE, limits, replay)
+    return parse_request(ctype, body, query or {}, PRE, limits, replay)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +127,7 @@ def test_refused_requests(ctype, body, query, status, words):
 
 
 def test_pixel_budgets_refuse_before_decoding():
-    """The issue's 5.6 kB request: ten PNG headers claiming 6000x6000 pixels took 13.8 s to refuse. Here the
+    """A 5.6 kB request of ten PNG headers claiming 6000x6000 pixels is refused before decoding. Here the
     per-image budget is sized to the model ((16 S)^2), and a request of images each within it, but together over
     the per-request budget, is refused from the headers too: nothing is decoded in either case."""
     ctype, body = multipart([("image", f"{i}.png", png_header(6000, 6000)) for i in range(10)])
@@ -341,7 +343,8 @@ def make_front(service: Service | None, token: str | None = None, fail: list | N
 
     async def describe():
         return service.info() if service is not None else {"model": "m", "defense": "d", "backend": "b",
-                                                           "image_size": SIZE, "labels": ["a", "b"]}
+                                                           "image_size": SIZE, "labels": ["a", "b"],
+                                                           "preprocess": PRE.to_dict()}
 
     return Front(cfg, call_model, describe, replica_gone=lambda err: isinstance(err, Gone))
 
@@ -372,7 +375,7 @@ def test_front_fresh_draws_by_default_and_replay_on_request(service, images):
     f0, f1 = (r.body["results"][0]["scores"] for r in fresh)
     r0, r1 = (r.body["results"][0]["scores"] for r in replay)
     assert f0 != f1 and r0 == r1
-    x = decode_image(body, SIZE, LIMITS.max_pixels)
+    x = decode_image(body, PRE, LIMITS.max_pixels)
     ref = eager_probs(3, 7, x)
     labels = service.classifier.labels
     assert torch.allclose(torch.tensor([r0[lab] for lab in labels]), ref, atol=1e-5)
@@ -441,6 +444,7 @@ def test_front_admission_dead_replicas_and_deadlines(service, images):
 # ----------------------------------------------------------------------------------------------------------
 # The compile cache
 # ----------------------------------------------------------------------------------------------------------
+@pytest.mark.compile
 def test_compile_artifacts_are_written_once_keyed_and_signed(tmp_path, monkeypatch):
     """A compiled replica with --compile-cache leaves one signed torch.compiler artifact file, with its key beside
     it; a second replica with the same configuration loads that file (and answers the same), a replica that

@@ -23,6 +23,8 @@ from test_serve import png_bytes
 
 pytest.importorskip("ray", reason="Ray Serve is not installed (pip install -e '.[serve]')")
 
+pytestmark = pytest.mark.serve
+
 
 def cluster_pids(temp_dir: str) -> list[int]:
     """Every process of the cluster whose session lives under temp_dir (GCS, raylet, log monitor... name it on their

@@ -24,11 +24,15 @@ from scc.serve.client import Client, GrpcClient, multipart
 from scc.serve.process import LOOPBACK, ServerProcess, free_port
 from scc.serve.requests import decode_image
 
+from test_images import sample_files
 from test_serve import png_bytes, png_header
+from test_serve_files import assert_same_answers, classify_json, served
 
 pytest.importorskip("ray", reason="Ray Serve is not installed (pip install -e '.[serve]')")
 pytest.importorskip("fastapi", reason="Ray Serve's FastAPI ingress is not installed")
 pytest.importorskip("grpc", reason="grpcio (a Ray Serve dependency) is not installed")
+
+pytestmark = pytest.mark.serve
 
 SEED, SIZE, TIMEOUT_S = 42, 32, 8.0
 TOKEN = "e2e-token-" + "7f3a9c1b" * 4
@@ -106,7 +110,8 @@ class Service:
         """One answer against the eager module with the same seed and key, on the 8-bit pixels the server saw."""
         labels = self.reference.classifier.labels
         with torch.no_grad():
-            ref = self.reference(decode_image(png, SIZE, 10 ** 6)[None], keys=[key]).softmax(-1)[0]
+            x = decode_image(png, self.reference.classifier.preprocess, 10 ** 6)
+            ref = self.reference(x[None], keys=[key]).softmax(-1)[0]
         got = torch.tensor([result["scores"][lab] for lab in labels])
         assert result["key"] == key and result["index"] == int(ref.argmax()), (result, ref)
         assert torch.allclose(got, ref, atol=1e-4), (key, got, ref)
@@ -172,6 +177,13 @@ def test_replay_mode_is_exact_and_reported(svc, pngs):
         c.close()
     assert info["draws"] == "replay" and info["ingress"]["auth"] == "bearer" and info["replicas"]["RUNNING"] == 2
     assert TOKEN not in json.dumps(info)
+
+
+def test_image_files_answer_as_classify_over_http_and_grpc(svc, tmp_path, capsys):
+    """Grayscale, RGB, odd-sized, JPEG, 16-bit and RGBA files: the scores `scc classify` gives them."""
+    paths = sample_files(tmp_path, seed=5)
+    want = classify_json(capsys, paths, "scc-tiny-digits", "scc", SEED)
+    assert_same_answers(want, served(svc.url, f"127.0.0.1:{svc.grpc_port}", paths, SEED, TOKEN, str(svc.cert)))
 
 
 def test_tls_token_and_one_error_shape(svc):

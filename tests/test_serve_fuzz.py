@@ -17,7 +17,7 @@ from scc.serve.service import service_config
 hypothesis = pytest.importorskip("hypothesis", reason="pip install hypothesis (the test extra)")
 from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
 
-from test_serve import SIZE, animated_gif, png_header  # noqa: E402
+from test_serve import PRE, SIZE, animated_gif, png_header  # noqa: E402
 
 NAMES = ["seed", "key", "top_k", "timeout_ms", "topk", "", "key[]", "s\u00e9ed"]
 TYPES = ["image/png", "image/jpeg", "application/octet-stream", "multipart/form-data", "text/plain", "",
@@ -93,7 +93,7 @@ LIMITS = Limits.for_model(SIZE, max_body_bytes=100_000, max_images=16)
 def test_parsing_yields_images_or_a_4xx(body, query, replay):
     ctype, data = body
     try:
-        items = parse_request(ctype, data, query, SIZE, LIMITS, replay)
+        items = parse_request(ctype, data, query, PRE, LIMITS, replay)
     except RequestError as err:
         assert 400 <= err.status < 500 and "\n" not in str(err), err
         return
@@ -112,7 +112,7 @@ def stub_front(**cfg):
         return [{"name": it.name, "label": "a", "index": 0, "scores": {"a": 1.0}, "key": it.key} for it in items]
 
     async def describe():
-        return {"model": "m", "defense": "d", "backend": "b", "image_size": SIZE, "labels": ["a", "b"]}
+        return {"model": "m", "defense": "d", "backend": "b", "image_size": SIZE, "labels": ["a", "b"], "preprocess": PRE.to_dict()}
 
     cfg = service_config(**{"max_images": 16, "max_body_bytes": 100_000, "body_timeout_s": 1.0,
                             "token_sha256": token_digest("fuzz-token-0123456789"), **cfg})

@@ -78,6 +78,7 @@ def check_onnx(defended, x, steps, path):
 FORWARD_ONLY = [pytest.param("dbd", marks=pytest.mark.slow), pytest.param("agc", marks=pytest.mark.slow)]
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("name", ["anti-adv", "hd", "doc", *FORWARD_ONLY])
 def test_small_variant_compiled(toy, digits, name):
     check_compiled(scc.defend(toy, name, seed=0, **SMALL[name]), digits[0][:5], STEPS[name])
@@ -91,6 +92,7 @@ def test_small_variant_onnx(toy, digits, name, tmp_path):
     assert info["scatter_nodes"] == 0
 
 
+@pytest.mark.compile
 @pytest.mark.parametrize("name", ["dbd", "agc"])
 def test_forward_only_is_one_graph_and_traceable(toy, digits, name):
     """The whole procedure captured by dynamo with fullgraph=True (no graph break: what the compiled engine needs)

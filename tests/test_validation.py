@@ -8,7 +8,7 @@ from scc.validation import validate_draws, validate_pixels
 
 @pytest.mark.parametrize("x, message", [
     ([[0.5]], "pixels: expected a torch.Tensor, got list"),
-    (torch.rand(2, 3, 16, 16), r"pixels: expected shape \(B, 3, 32, 32\) in \[0,1\], got \(2, 3, 16, 16\); resize"),
+    (torch.rand(2, 3, 16, 16), r"pixels: expected shape \(B, 3, 32, 32\) in \[0,1\], got \(2, 3, 16, 16\); preprocess"),
     (torch.rand(2, 1, 32, 32), r"got \(2, 1, 32, 32\)"),
     (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), r"got dtype uint8; scale uint8 images: x.float\(\) / 255"),
     (torch.rand(1, 3, 32, 32) * 255, r"pixels must lie in \[0,1\], got range \[.*\]; divide 0-255 images by 255"),

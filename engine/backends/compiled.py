@@ -21,8 +21,8 @@ than the attention itself).
 backend="triton" routes the sign steps and the forward-only view batches (Stage 3, a separate Stage 1) through
 scc.kernels: the engine's classifier copy carries the launchers (`classifier.kernels`), so the choice is the
 engine's own and two engines with different kernels can serve in one process. Views inside gradient closures
-stay torch ops that Inductor fuses, because a custom op's autograd does not run under torch.func.grad (PyTorch
-#170834). `engine.kernels` says what actually runs: on CPU without TRITON_INTERPRET=1, or with zoom views, the
+stay torch ops that Inductor fuses, because a custom op's autograd does not run under torch.func.grad
+(https://github.com/pytorch/pytorch/issues/170834). `engine.kernels` says what actually runs: on CPU without TRITON_INTERPRET=1, or with zoom views, the
 torch references. One engine serves one caller at a time (CUDA-graph outputs are cloned before the next replay
 can overwrite them).
 mode: None, "max-autotune-no-cudagraphs", or on CUDA "reduce-overhead" / "max-autotune" (CUDA graphs;

@@ -29,7 +29,7 @@ from ..backends.compiled import drop_compiled_graphs
 from ..data import DTD_CLASSES, TEMPLATES, classifier_for, load_dataset
 from ..defenses import defend, label_of, split_label
 from ..errors import SccError
-from ..models import TINY_NAME, ZeroShotClassifier, bundled_dataset, image_size_of, is_bundled, load
+from ..models import TINY_NAME, ZeroShotClassifier, bundled_dataset, is_bundled, load, preprocessing_of
 from ..passes import count_passes
 from ..precision import check_dtype_on_device, dtype_name
 from ..timing import summarize, timed_call, warm_up
@@ -53,7 +53,7 @@ def prepare(model: str = TINY_NAME, pretrained: str | None = None, n_images: int
     if dataset is None and is_bundled(model):
         dataset = bundled_dataset(model)
     if dataset is not None:
-        data = load_dataset(dataset, image_size_of(model), n_images)
+        data = load_dataset(dataset, preprocessing_of(model), n_images)
         if len(data.targets) < n_images:
             raise SccError(f"dataset {dataset} has only {len(data.targets)} images, fewer than --images {n_images}")
         if labels is not None:
@@ -226,9 +226,8 @@ def _measure_batch(clf, labels, backends, x, batch_size, warmup, repeats, seed, 
 
 def release(runners: list) -> None:
     """Free a defense's runners before the next one is built, and after compiled ones the graphs torch keeps for
-    the process (scc.backends.compiled.drop_compiled_graphs): without it, `scc bench --defenses
-    ttc,scc-latency,scc,rtpt --backends eager,compiled --dtype fp32,bf16 --batch-size 1,8` on ViT-B-32 held every
-    earlier graph (killed for memory at 20 GB resident; with dynamo's reset alone, at 23 GB in batch 8)."""
+    the process (scc.backends.compiled.drop_compiled_graphs): otherwise a bench of several defenses on compiled
+    backends keeps every earlier defense's graphs, with their frozen weights, resident until the process ends."""
     compiled = any(r[0].backend != "eager" for r in runners)
     runners.clear()
     if compiled:

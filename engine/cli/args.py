@@ -98,6 +98,16 @@ def positive_float(text: str) -> float:
 positive_float.__name__ = "a positive number"
 
 
+def nonnegative_float(text: str) -> float:
+    try:
+        return 0.0 if float(text) == 0 else positive_float(text)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+
+
+nonnegative_float.__name__ = "a number >= 0"
+
+
 def add_common(p: argparse.ArgumentParser, json_output: bool = True, threads: bool = True,
                threads_default: int | None = None) -> None:
     """--threads (where the command computes), --quiet, --version, and --json PATH|- on a command."""
@@ -136,7 +146,7 @@ def add_device_arg(p: argparse.ArgumentParser) -> None:
 def add_dtype_arg(p: argparse.ArgumentParser, default: str = "auto", several: bool = False) -> None:
     p.add_argument("--dtype", default=default,
                    help=("comma-separated image-tower precisions from " if several else "image-tower precision: ")
-                   + ("" if several else "auto (bf16 on CUDA, fp32 on CPU), ") + "fp32, bf16, fp16 (GPU); the "
+                   + ("" if several else "auto (bf16 on a GPU with native bf16, else fp32), ") + "fp32, bf16, fp16 (GPU); the "
                    "perturbation, its steps and the logits stay fp32 (default: %(default)s)")
 
 
@@ -173,7 +183,7 @@ def check_device_arg(device: str) -> None:
 
 def check_output(path: str | None, flag: str = "--json", inputs: Sequence[str | Path] = ()) -> None:
     """Refuse, before any work, an output path that cannot be written: `-` (stdout) and None pass."""
-    from ..data import IMAGE_SUFFIXES
+    from ..images import IMAGE_SUFFIXES
 
     if path is None or path == "-":
         return

@@ -31,6 +31,7 @@ from ..errors import SccError
 from .args import (DEFENSE_CHOICES, TINY_NAME, add_common, add_dtype_arg, add_labels_args, add_model_args,
                    add_templates_arg, apply_threads, check_device_arg, check_output, nonnegative_int,
                    parse_labels, parse_templates, positive_int, status, write_json)
+from .interrupts import interruptible, partial_report, write_json_to
 
 DEFAULT_DEFENSES = "none,ttc,scc-latency,scc,rtpt"
 
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.explain import count_row, format_explain
     from ..bench.latency import PAPER, benchmark, format_table, prepare, reports_from_benchmark_json
     from ..defenses import parse_defenses
-    from ..precision import parse_dtypes
+    from ..precision import dtype_name, parse_dtypes
     from ..provenance import busy_warning, hardware, load_average, versions
 
     if args.from_benchmark_json:
@@ -119,12 +120,27 @@ def run(args: argparse.Namespace) -> int:
     if busy:  # a warning, printed even with --quiet
         print(busy, file=sys.stderr, flush=True)
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    def partial(rows: list[dict], limits: dict) -> None:  # a run cut short keeps the rows it measured, marked partial
-        if args.json != "-":
-            write_json({**report, "partial": True, "limits": limits, "rows": rows}, args.json)
+    planned = [(label, backend, dtype_name(dtype), size) for size in args.batch_size for label in labels
+               for backend in backends for dtype in dtypes]
+    planned += [("ttc-official", "eager", "fp32", size) for size in args.batch_size if "ttc" in labels]
+    measured = {"rows": [], "limits": {}}
 
-    rows, skipped, limits = benchmark(clf, x, labels, backends, dtypes, args.batch_size, args.warmup, args.repeats,
-                                      args.seed, log, progress=partial)
+    def snapshot():
+        rows = measured["rows"]
+        done = {(r["label"], r["backend"], r["dtype"], r["batch_size"]) for r in rows}
+        missing = [f"{label} {backend} {dtype} batch {size}" for label, backend, dtype, size in planned
+                   if (label, backend, dtype, size) not in done]
+        return {**report, "limits": measured["limits"], "rows": rows}, len(rows), len(planned), missing
+
+    def progress(rows: list[dict], limits: dict) -> None:  # a run cut short keeps the rows it measured
+        measured.update(rows=list(rows), limits=limits)
+        if args.json != "-":
+            write_json(partial_report("rows", *snapshot()), args.json)
+
+    with interruptible("rows", lambda partial: write_json_to(partial, args.json), total=len(planned)) as keep:
+        keep(snapshot)
+        rows, skipped, limits = benchmark(clf, x, labels, backends, dtypes, args.batch_size, args.warmup,
+                                          args.repeats, args.seed, log, progress=progress)
     report.update(limits=limits, rows=rows, skipped=skipped,
                   paper_table4={k: {"seconds_per_image": s, "robust_acc": a} for k, (s, a) in PAPER.items()})
     if args.json != "-":

@@ -1,5 +1,6 @@
-"""`scc classify`: image files (or every image in a folder) through a defended zero-shot classifier. A bad file is
-named on stderr and the others are still answered (exit 1); a bad argument stops before any work (exit 2)."""
+"""`scc classify`: image files (or every image in a folder) through a defended zero-shot classifier. Each file goes
+through the model's own preprocessing (`clf.preprocess`, scc.images), the one `scc serve` and `scc eval` use. A bad
+file is named on stderr and the others are still answered (exit 1); no usable file, or a bad argument, is exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,7 @@ def add_parser(sub) -> None:
 
 def expand_inputs(paths: Sequence[str]) -> list[str]:
     """Image paths, a folder replaced by its image files (sorted); a folder without any stays, to be reported."""
-    from ..data import IMAGE_SUFFIXES
+    from ..images import IMAGE_SUFFIXES
 
     out = []
     for path in paths:
@@ -61,9 +62,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from ..data import BORDER, read_image
     from ..defenses import defend, parse_defense
-    from ..models import bundled_dataset, is_bundled, load
+    from ..models import is_bundled, load
     from ..precision import resolve_dtype
 
     model = args.model or TINY_NAME
@@ -79,7 +79,6 @@ def run(args: argparse.Namespace) -> int:
     clf = load(model, args.pretrained, labels=labels, templates=templates, device=args.device,
                seed=0 if args.seed is None else args.seed)  # random weights: reproducible even when draws are secret
     defended = defend(clf, name, preset=preset, seed=args.seed, dtype=resolve_dtype(args.dtype, args.device))
-    border = BORDER[bundled_dataset(model)] if is_bundled(model) else 0.0
     results, photos = [], []
     bar = tqdm(total=len(files), desc=f"classify ({args.defense})", unit="img",
                disable=args.quiet or args.json is not None or len(files) <= args.batch_size)
@@ -87,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         images, rows = [], []
         for path in files[lo: lo + args.batch_size]:
             try:
-                x = read_image(path, clf.image_size, border)
+                x = clf.preprocess.file(path)
                 images.append(x)
                 rows.append(len(results))
                 results.append({"path": path})
@@ -96,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
             except SccError as err:
                 msg = str(err) if str(err).startswith(str(path)) else f"{path}: {err}"
                 if Path(path).is_dir():
-                    from ..data import IMAGE_SUFFIXES
+                    from ..images import IMAGE_SUFFIXES
 
                     msg = f"{path}: directory holds no image files ({', '.join(IMAGE_SUFFIXES[:6])}, ...)"
                 results.append({"path": path, "error": msg})
@@ -113,8 +112,11 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     bad = [r for r in results if "error" in r]
     if args.json is not None:
+        from ..provenance import hardware
+
         write_json({"model": model, "pretrained": args.pretrained, "defense": args.defense, "device": args.device,
-                    "seed": args.seed, "threads": threads, "labels": clf.labels, "results": results}, args.json)
+                    "seed": args.seed, "threads": threads, "hardware": hardware(args.device), "labels": clf.labels,
+                    "results": results}, args.json)
     if args.json != "-":
         for r in results:
             if "error" not in r:
@@ -126,4 +128,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"scc: note: no --model given, so the bundled {TINY_NAME} model (handwritten digits zero..nine "
               f"only) classified {len(photos)} image(s) that look like photos, e.g. {photos[0]}; for photos "
               "pass e.g. --model ViT-B-32 --pretrained openai --labels cat,dog", file=sys.stderr)
-    return 1 if bad else 0
+    return (2 if len(bad) == len(results) else 1) if bad else 0

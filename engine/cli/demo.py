@@ -25,7 +25,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=150, help="images per batch")
     add_device_arg(p)
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the defenses' draws and the attacks")
-    add_common(p)
+    # one thread: the bundled models' matmuls are too small to split, and a second OpenMP thread that waits for a
+    # busy core stalls every op (the demo ran 4x slower with 2 threads than with 1 on the 2-core CI machine)
+    add_common(p, threads_default=1)
     p.set_defaults(func=run)
 
 

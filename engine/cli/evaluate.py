@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..errors import SccError
 from .args import (DEFENSE_CHOICES, TINY_NAME, add_common, add_dtype_arg, add_model_args, add_templates_arg,
                    apply_threads, check_device_arg, check_folder, check_output, parse_templates, positive_int,
-                   status, write_json)
+                   status)
+from .interrupts import interruptible, write_json_to
 
 # (scc.eval.options.describe_attacks says the same; not imported here: the parser is built without torch)
 PAPER_HELP = ("pgd, cw, pgd100, apgd-ce, apgd-dlr, apgd-t, fab-t, square, apgd (= TTC's AutoAttack subset: "
@@ -146,45 +148,63 @@ def run(args: argparse.Namespace) -> int:
         require_extra("onnx", what="--backend onnx")
     out = check_folder(args.out, parents=True) if args.out else None
     apply_threads(args.threads)
+    keep_partial = lambda report: _save(args, report, out, announce=False)  # an interrupted run's report
 
     if not adaptive:
-        from ..eval.paper import format_table, run as evaluate, run_datasets
-        from ..eval.report import format_table1
+        from ..eval.paper import run as evaluate, run_datasets
 
         runs = ([("none", 0.0)] if args.clean else []) + [(a, e) for a in attacks for e in eps_list]
         common = dict(pretrained=args.pretrained, defenses=defenses, attacks=runs, n_images=args.images,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, attack_steps=args.steps,
                       progress=not args.quiet, templates=templates, backend=args.backend, dtype=dtype)
-        if len(pairs) == 1:
-            report = evaluate(pairs[0][1], dataset=pairs[0][0], **common)
-            text = format_table(report)
-        else:
-            report = run_datasets(pairs, log=lambda line: status(args, f"eval: {line}"), **common)
-            text = format_table1(report)
+        with interruptible("rows", keep_partial, total=len(pairs) * len(runs) * len(defenses)) as keep:
+            if len(pairs) == 1:
+                report = evaluate(pairs[0][1], dataset=pairs[0][0], keep=keep, **common)
+            else:
+                report = run_datasets(pairs, log=lambda line: status(args, f"eval: {line}"), keep=keep, **common)
     else:
         model, dataset = pairs[0][1], pairs[0][0]
         from ..eval.adaptive import evaluate
-        from ..eval.report import format_adaptive_table
         from ..eval.suite import Suite
 
         threads = torch.get_num_threads() if args.threads is not None else 1
         workers = _workers(args.workers, args.device, threads)
         suite = Suite(attacks=tuple(attacks), queries=args.queries, eot_k=args.eot_samples,
                       sanity_images=(args.images or 10**9) if args.sanity else 32)
-        report = evaluate(model, args.pretrained, dataset, defenses=defenses, eps_list=eps_list,
-                          n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
-                          suite=suite, progress=not args.quiet, templates=templates, ray_address=args.ray,
-                          log=lambda line: print(line, file=sys.stderr), workers=workers, threads=threads,
-                          dtype=dtype, backend=args.backend)
-        text = format_adaptive_table(report) + "\n" + "\n".join(report["sanity"])
+        with interruptible("images", keep_partial, total=args.images) as keep:
+            report = evaluate(model, args.pretrained, dataset, defenses=defenses, eps_list=eps_list,
+                              n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
+                              suite=suite, progress=not args.quiet, templates=templates, ray_address=args.ray,
+                              log=lambda line: print(line, file=sys.stderr, flush=True), workers=workers,
+                              threads=threads, dtype=dtype, backend=args.backend, keep=keep)
+    _save(args, report, out)
+    return 0
+
+
+def _table(report: dict) -> str:
+    from ..eval.paper import format_table
+    from ..eval.report import format_adaptive_table, format_table1
+
+    if report.get("layout") == "table1":
+        return format_table1(report)
+    if report["protocol"] == "adaptive":
+        return format_adaptive_table(report) + "\n" + "\n".join(report["sanity"])
+    return format_table(report)
+
+
+def _save(args: argparse.Namespace, report: dict, out: Path | None, announce: bool = True) -> list[str]:
+    """The table on stdout (unless --json -), the report to --json and --out; where it went. A finished run and
+    an interrupted one (scc.cli.interrupts) are written the same way."""
     if args.json != "-":
-        print(text)  # before any file: a failing write never costs the results
+        print(_table(report), flush=True)  # before any file: a failing write never costs the results
     if report.get("warning"):
-        print(report["warning"], file=sys.stderr if args.json == "-" else sys.stdout)
-    write_json(report, args.json)
+        print(report["warning"], file=sys.stderr if args.json == "-" else sys.stdout, flush=True)
+    places = write_json_to(report, args.json)
     if out is not None:
         from ..eval.report import write_report
 
         written = write_report(report, out)
-        status(args, "wrote " + ", ".join(str(p) for p in written))
-    return 0
+        if announce:
+            status(args, "wrote " + ", ".join(str(p) for p in written))
+        places.append(f"{out}/")
+    return places

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..errors import SccError
 from .args import (Parser, add_common, add_labels_args, add_templates_arg, apply_threads, check_output, parse_labels,
                    parse_templates, positive_int, seed_int, status, version)
+from .interrupts import interruptible
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
 
     dtype = resolve_dtype(args.dtype, "cpu")  # the trace runs on the CPU; "auto" is fp32 there
     progress = None if args.quiet else (lambda line: status(args, f"export: {line}"))
-    with warnings.catch_warnings():  # skipped optimizer passes are printed below instead
+    unfinished = f"the export did not finish; {args.out} may be incomplete: run the export again"
+    with interruptible("files", lambda report: [], total=1, unsaved=unfinished) as keep, \
+            warnings.catch_warnings():  # skipped optimizer passes are printed below instead
+        keep(lambda: ({}, 0, 1, [args.out]))
         warnings.filterwarnings("ignore", message=".*skipped optimizer passes.*")
         if args.format == "triton":
             from ..export.triton import export_triton, model_repository_tree, triton_config

@@ -3,6 +3,9 @@
     scc loadtest --url http://127.0.0.1:8000 --images digits --concurrency 1,4,16 --requests 256 \\
         --images-per-request 8 --protocol http --json benchmarks/results/serve_load.json
     scc loadtest --duration 600 --rate 20 --concurrency 8 --sample-s 10 --json soak.json    # soak
+    scc loadtest --wait-s 120 ...        # a server still starting: wait for GET /readyz first
+
+A server that is not running, or not ready (within --wait-s), is one error line and exit 2.
 """
 from __future__ import annotations
 
@@ -10,12 +13,16 @@ import argparse
 from pathlib import Path
 
 from ..errors import SccError
-from .args import add_common, check_output, positive_float, positive_int, seed_int, write_json
+from .args import add_common, check_output, nonnegative_float, positive_float, positive_int, seed_int
+from .interrupts import interruptible, write_json_to
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("loadtest", help="load test of a running `scc serve`", description=__doc__)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="a running scc serve (https:// with --tls-cert)")
+    p.add_argument("--wait-s", type=nonnegative_float, default=0.0, metavar="S",
+                   help="wait up to S seconds for the server to be ready (GET /readyz answers 200) before the first "
+                        "level; a server not ready by then is one error line (exit 2)")
     p.add_argument("--images", default="digits", help="digits (the held-out digits as PNGs) or a folder of images")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     p.add_argument("--requests", type=positive_int, default=256, help="requests per level")
@@ -58,7 +65,8 @@ def run(a: argparse.Namespace) -> int:
         except (argparse.ArgumentTypeError, ValueError):
             bad.append(c)
     if bad or not levels:
-        raise SccError(f"--concurrency takes comma-separated positive integers, got bad value(s) {bad or [a.concurrency]}")
+        raise SccError(f"--concurrency takes comma-separated positive integers, got bad value(s) "
+                       f"{bad or [a.concurrency]}")
     check_output(a.json)
     png = a.png or (str(Path(a.json).with_suffix(".png")) if a.json and a.json != "-" else None)
     check_output(png, "--png")
@@ -75,11 +83,18 @@ def run(a: argparse.Namespace) -> int:
         token = read_token(a.token_file)
     log = (lambda line: None) if a.quiet else (lambda line: print(line, flush=True))
     target = Target(a.url, cafile=a.cacert, token=token, grpc=a.grpc, seed=a.seed)
-    report = loadtest(target, a.images, levels, a.requests, a.max_seconds, a.replicas, a.in_process,
-                      a.compile_cache, a.cache_key_file, a.images_per_request, a.protocol, a.rate, a.duration,
-                      a.sample_s, log=log)
-    write_json(report, a.json)
-    if png:
-        plot(report, png)
+
+    def save(report: dict) -> list[str]:
+        places = write_json_to(report, a.json)
+        if png and report["levels"]:
+            plot(report, png)
+            places.append(png)
+        return places
+
+    with interruptible("levels", save, total=len(levels)) as keep:
+        report = loadtest(target, a.images, levels, a.requests, a.max_seconds, a.replicas, a.in_process,
+                          a.compile_cache, a.cache_key_file, a.images_per_request, a.protocol, a.rate, a.duration,
+                          a.sample_s, log=log, wait_s=a.wait_s, keep=keep)
+    if png in save(report):
         log(f"wrote {png}")
     return 0 if all(r["error_count"] == 0 for r in report["levels"]) else 1

@@ -136,6 +136,10 @@ def run(a: argparse.Namespace) -> int:
 
     cfg = config_of(a)
     check_tls(a.tls_cert, a.tls_key)
+    from ..precision import check_dtype_on_device, resolve_dtype
+
+    # here, before Ray starts: a replica's warning or refusal would reach only the replica's log
+    check_dtype_on_device(resolve_dtype(cfg["dtype"], cfg["device"]), cfg["device"])
     if a.print_config:
         sys.stdout.write(serve_config_yaml(cfg, a.host, a.port, a.timeout_s, a.tls_cert, a.tls_key, a.grpc_port))
         return 0

@@ -33,7 +33,7 @@ from ..backends import make_runner
 from ..data import classifier_for, load_dataset
 from ..defenses import defend, label_of, split_label
 from ..errors import SccError
-from ..models import image_size_of
+from ..models import preprocessing_of
 from ..precision import dtype_name
 from ..provenance import hardware, versions
 from ..timing import timed_call
@@ -51,9 +51,12 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
         defenses: Sequence[str] = ("none", "ttc", "scc"), attacks: Sequence[tuple[str, float]] = (("none", 0.0),),
         n_images: int | None = None, batch_size: int = 64, device: str = "cpu", seed: int = 0,
         attack_steps: int = 10, progress: bool = True, templates: Sequence[str] | None = None,
-        backend: str = "eager", dtype: torch.dtype = torch.float32, settings: Settings = Settings()) -> dict:
+        backend: str = "eager", dtype: torch.dtype = torch.float32, settings: Settings = Settings(),
+        keep: Callable[[Callable[[], tuple]], None] | None = None) -> dict:
     """Clean/robust accuracy and per-image defense time on `backend` (scc.backends); returns the JSON-ready
-    result dict. `defenses` are labels, config overrides included ('scc:semantic=off')."""
+    result dict. `defenses` are labels, config overrides included ('scc:semantic=off'). `keep(snapshot)` is
+    called once before the attacks: snapshot() -> (report of the rows finished so far, their number, the rows of
+    the whole run, the missing rows), what a run cut short writes (scc.cli.interrupts)."""
     for key, value in (("n_images", n_images), ("batch_size", batch_size), ("attack_steps", attack_steps)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
             raise SccError(f"{key} must be a positive integer" + (" or None (all images)" if key == "n_images" else "")
@@ -61,11 +64,28 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
     for attack_name, _ in attacks:
         if attack_name != "none" and attack_name not in PAPER_ATTACKS:
             raise SccError(f"unknown attack {attack_name!r}; choose from {', '.join(PAPER_ATTACKS)}")
-    data = load_dataset(dataset, image_size_of(model), n_images)
+    data = load_dataset(dataset, preprocessing_of(model), n_images)
     clf = classifier_for(data, model, pretrained, templates, device, seed)
     x_all, y_all = data.images.to(device), data.targets.to(device)
     gen = torch.Generator(device=x_all.device).manual_seed(seed)
     results, skipped, runners, aa_settings, aa_log = [], [], {}, {}, []
+    header = {"protocol": "paper", "model": model, "pretrained": pretrained, "dataset": data.name,
+              "n_images": len(y_all), "device": str(device), "backend": backend, "dtype": dtype_name(dtype),
+              "seed": seed, "hardware": hardware(device), "versions": versions(), "threads": torch.get_num_threads()}
+
+    def report_of(rows: list[dict]) -> dict:
+        report = {**header, "results": list(rows)}
+        for key, value in (("attack_settings", aa_settings), ("autoattack_log", aa_log), ("skipped", skipped)):
+            if value:
+                report[key] = value
+        if any(r["attack"] != "none" for r in rows):
+            report["warning"] = NON_ADAPTIVE_WARNING
+        return report
+
+    if keep is not None:  # rows are finished in this order: attack by attack, each defense on it
+        planned = [f"{label} {'clean' if a == 'none' else f'{a} {e * 255:g}/255'}" for a, e in attacks
+                   if not (a in COMPONENTS and skip_reason(a, clf.num_classes)) for label in defenses]
+        keep(lambda: (report_of(results), len(results), len(planned), planned[len(results):]))
     for attack_name, eps in attacks:
         why = skip_reason(attack_name, clf.num_classes) if attack_name in COMPONENTS else None
         if why:
@@ -75,20 +95,21 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
             aa_settings[attack_name] = settings.describe(SEQUENCES.get(attack_name, (attack_name,)))
         log: dict = {}
         batches = []
-        for i in tqdm(range(0, len(y_all), batch_size), desc=f"attack {attack_name} eps={eps:.4f}",
-                      disable=not progress or attack_name == "none", leave=False):
-            x, y = x_all[i: i + batch_size], y_all[i: i + batch_size]
-            if attack_name in SEQUENCES:
-                x, part = run_sequence(clf, x, y, eps, SEQUENCES[attack_name], settings, seed=seed)
-                for key, value in part.items():  # counts add up over batches; a skip reason is kept once
-                    log[key] = log.get(key, 0) + value if isinstance(value, int) else value
-            elif attack_name in COMPONENTS:
-                x = run_component(attack_name, clf, x, y, eps, settings, seed=seed)
-            elif attack_name == "pgd100":
-                x = run_attack(clf, x, y, "pgd", eps=eps, alpha=1 / 255, steps=100, generator=gen)
-            elif attack_name != "none":
-                x = run_attack(clf, x, y, attack_name, eps=eps, alpha=1 / 255, steps=attack_steps, generator=gen)
-            batches.append((x, y))
+        with tqdm(range(0, len(y_all), batch_size), desc=f"attack {attack_name} eps={eps:.4f}",
+                  disable=not progress or attack_name == "none", leave=False) as starts:
+            for i in starts:
+                x, y = x_all[i: i + batch_size], y_all[i: i + batch_size]
+                if attack_name in SEQUENCES:
+                    x, part = run_sequence(clf, x, y, eps, SEQUENCES[attack_name], settings, seed=seed)
+                    for key, value in part.items():  # counts add up over batches; a skip reason is kept once
+                        log[key] = log.get(key, 0) + value if isinstance(value, int) else value
+                elif attack_name in COMPONENTS:
+                    x = run_component(attack_name, clf, x, y, eps, settings, seed=seed)
+                elif attack_name == "pgd100":
+                    x = run_attack(clf, x, y, "pgd", eps=eps, alpha=1 / 255, steps=100, generator=gen)
+                elif attack_name != "none":
+                    x = run_attack(clf, x, y, attack_name, eps=eps, alpha=1 / 255, steps=attack_steps, generator=gen)
+                batches.append((x, y))
         if log:
             aa_log.append({"attack": attack_name, "eps": eps, **log})
             skipped += [f"{attack_name} at eps={eps:.4f}: {v}" for v in log.values() if isinstance(v, str)]
@@ -99,55 +120,61 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
                 runners[label] = defended, make_runner(defended, backend, min(batch_size, len(y_all)), dtype=dtype)
             defended, runner = runners[label]
             correct, seconds, lo = 0, 0.0, 0
-            for x, y in tqdm(batches, desc=f"{label} on {attack_name}", disable=not progress, leave=False):
-                keys = range(lo, lo + len(y))  # image i's draws come from key i, its dataset index
-                with torch.no_grad():  # the draws are part of the defense's time, as in production
-                    t, logits = timed_call(lambda: runner(x, defended.draws(x, keys)), x.device)
-                lo += len(y)
-                seconds += t
-                correct += (logits.argmax(1) == y).sum().item()
+            with tqdm(batches, desc=f"{label} on {attack_name}", disable=not progress, leave=False) as bar:
+                for x, y in bar:
+                    keys = range(lo, lo + len(y))  # image i's draws come from key i, its dataset index
+                    with torch.no_grad():  # the draws are part of the defense's time, as in production
+                        t, logits = timed_call(lambda: runner(x, defended.draws(x, keys)), x.device)
+                    lo += len(y)
+                    seconds += t
+                    correct += (logits.argmax(1) == y).sum().item()
             acc = correct / len(y_all)
             results.append({"defense": name, "preset": preset, "backend": backend, "dtype": dtype_name(dtype),
                             "attack": attack_name, "eps": eps,
                             "accuracy": acc, "seconds_per_image": seconds / len(y_all), "protocol": "paper",
                             "draws": None, "steps": steps_of(attack_name, attack_steps, settings),
                             "stderr": stderr(acc, len(y_all))})
-    report = {"protocol": "paper", "model": model, "pretrained": pretrained, "dataset": data.name,
-              "n_images": len(y_all), "device": str(device), "backend": backend, "dtype": dtype_name(dtype),
-              "seed": seed, "hardware": hardware(device), "versions": versions(), "threads": torch.get_num_threads(),
-              "results": results}
-    if aa_settings:
-        report["attack_settings"] = aa_settings
-    if aa_log:
-        report["autoattack_log"] = aa_log
-    if skipped:
-        report["skipped"] = skipped
-    if any(r["attack"] != "none" for r in results):
-        report["warning"] = NON_ADAPTIVE_WARNING
-    return report
+    return report_of(results)
 
 
 def run_datasets(pairs: Sequence[tuple[str, str]], progress: bool = True,
-                 log: Callable[[str], None] | None = None, **kwargs) -> dict:
+                 log: Callable[[str], None] | None = None, keep: Callable[[Callable[[], tuple]], None] | None = None,
+                 **kwargs) -> dict:
     """`run` on each (dataset, model) pair with the same defenses, attacks and settings: the paper's Table 1.
     Returns {"protocol": "paper", "layout": "table1", "datasets", "models", "reports": [one `run` report each],
-    "table1": scc.eval.report.table1_rows(...)}."""
+    "table1": scc.eval.report.table1_rows(...)}. `keep`: as in `run`, over every dataset."""
     from .report import table1_rows
 
     if not pairs:
         raise SccError("no dataset given; e.g. --dataset digits,fashion")
     for dataset, model in pairs:  # a bad name or a missing folder fails before the first dataset's attacks
-        load_dataset(dataset, image_size_of(model), 1)
-    reports = []
+        load_dataset(dataset, preprocessing_of(model), 1)
+
+    def table_of(done: list[dict]) -> dict:
+        table = {"protocol": "paper", "layout": "table1", "datasets": [r["dataset"] for r in done],
+                 "models": [r["model"] for r in done], "reports": done, "table1": table1_rows(done)}
+        if any("warning" in r for r in done):
+            table["warning"] = NON_ADAPTIVE_WARNING
+        return table
+
+    reports, under_way = [], []  # under_way: each dataset's snapshot, registered by its `run`
+    if keep is not None:
+        def snapshot():
+            now = [s() for s in under_way[len(reports):]]  # the dataset under way, once its attacks began
+            rows = sum(len(r["results"]) for r in reports)
+            left = pairs[len(reports) + len(now):]
+            per_dataset = max([t for _, _, t, _ in now] or [len(kwargs.get("defenses", ())) *
+                                                             len(kwargs.get("attacks", ()))])
+            missing = [f"{r['dataset']}: {m}" for r, _, _, ms in now for m in ms] + [f"{d}: every row"
+                                                                                     for d, _ in left]
+            return (table_of(reports + [r for r, *_ in now]), rows + sum(n for _, n, _, _ in now),
+                    rows + sum(t for _, _, t, _ in now) + len(left) * per_dataset, missing)
+        keep(snapshot)
     for dataset, model in pairs:
         if log is not None:
             log(f"{dataset} on {model}")
-        reports.append(run(model=model, dataset=dataset, progress=progress, **kwargs))
-    table = {"protocol": "paper", "layout": "table1", "datasets": [r["dataset"] for r in reports],
-             "models": [r["model"] for r in reports], "reports": reports, "table1": table1_rows(reports)}
-    if any("warning" in r for r in reports):
-        table["warning"] = NON_ADAPTIVE_WARNING
-    return table
+        reports.append(run(model=model, dataset=dataset, progress=progress, keep=under_way.append, **kwargs))
+    return table_of(reports)
 
 
 def format_table(report: dict) -> str:

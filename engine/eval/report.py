@@ -75,9 +75,20 @@ def format_adaptive_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def _partial_note(report: dict) -> list[str]:
+    """A report cut short (scc.cli.interrupts) says so at the top of its Markdown."""
+    if not report.get("partial"):
+        return []
+    f = report["finished"]
+    missing = report.get("missing") or []
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    return [f"**Partial: interrupted after {f['done']} of {f['total']} {f['unit']}" +
+            (f"; missing: {shown}" if shown else "") + ".**", ""]
+
+
 def format_markdown(report: dict) -> str:
     cols, text, eps_values = table_cells(report)
-    out = [f"# Robust accuracy ({report['protocol']} protocol)", "",
+    out = [f"# Robust accuracy ({report['protocol']} protocol)", "", *_partial_note(report),
            f"model `{report['model']}`, dataset `{report['dataset']}`, {report['n_images']} images, seed "
            f"{report['seed']}, {report.get('threads')} thread(s). Cells: accuracy % with known / fresh draws "
            "(paper rows: non-adaptive, one number).", "",
@@ -177,7 +188,7 @@ def format_table1(table: dict) -> str:
 
 
 def format_table1_markdown(table: dict) -> str:
-    out = ["# Table 1 layout (paper protocol)", "",
+    out = ["# Table 1 layout (paper protocol)", "", *_partial_note(table),
            "Attacks made on the undefended classifier, then each defense (non-adaptive: not a robustness claim). "
            "Cells: accuracy % (difference to the undefended model `none`). Datasets: "
            + ", ".join(f"`{d}` (model `{m}`, {r['n_images']} images, seed {r['seed']})"
@@ -196,54 +207,186 @@ def format_table1_markdown(table: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Plots: accuracy against eps (eps 0 = clean): grouped bars at one eps, lines over several; the adaptive
+# protocol's PGD trajectory. Each defense keeps one colour and one marker in every plot; legends sit outside.
+# ----------------------------------------------------------------------------------------------------------
+MARKERS = "osD^vP*Xhp<>"
+SERIES_STYLES = ("-", "--", ":", "-.")
+
+
+def accuracy_series(report: dict) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
+    """{defense label: {series: [(eps, accuracy, stderr)] by eps, eps 0 = clean}}. Adaptive protocol: the worst
+    case over the suite with "known" and "fresh" draws. Paper protocol: one series per attack ("clean" alone when
+    no attack ran)."""
+    adaptive = report["protocol"] == "adaptive"
+    out: dict[str, dict[str, list]] = {}
+    clean: dict[str, tuple] = {}
+    for r in report["results"]:
+        if adaptive and (r["protocol"] != "adaptive" or r["attack"] not in ("none", "worst")):
+            continue
+        lab = _label(r)
+        series = out.setdefault(lab, {})
+        point = (0.0 if r["attack"] == "none" else r["eps"], r["accuracy"], r["stderr"])
+        if r["attack"] == "none" and not adaptive:
+            clean[lab] = point
+        else:
+            series.setdefault(r["draws"] if adaptive else r["attack"], []).append(point)
+    for lab, point in clean.items():  # the paper protocol's clean row starts every attack's series
+        for points in out[lab].values():
+            points.append(point)
+        if not out[lab]:
+            out[lab]["clean"] = [point]
+    return {lab: {name: sorted(points) for name, points in series.items()} for lab, series in out.items()}
+
+
+def defense_styles(report: dict) -> dict[str, tuple[str, str]]:
+    """{defense label: (colour, marker)}, in the report's order: the same in every plot of a report."""
+    labels = dict.fromkeys(_label(r) for r in report["results"])
+    return {lab: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, lab in enumerate(labels)}
+
+
+def _legend_outside(ax, handles=None, labels=None, title=None):
+    """The legend right of the axes, never over the data."""
+    if handles is None:
+        handles, labels = ax.get_legend_handles_labels()
+    return ax.legend(handles, labels, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize=8,
+                     title=title, title_fontsize=8, frameon=False)
+
+
+def _title(report: dict, what: str) -> str:
+    n = report["n_images"]
+    return (f"{report['model']} on {report['dataset']}, {n} image{'s' if n != 1 else ''}, "
+            f"{report['protocol']} protocol: {what}")
+
+
+def plot_bars(report: dict, ax) -> None:
+    """One eps: per defense, grouped bars: clean and robust (adaptive: the worst case; paper: each attack), known
+    and fresh draws side by side (fresh hatched), each with its standard error and its value."""
+    series = accuracy_series(report)
+    adaptive = report["protocol"] == "adaptive"
+    # each bar: (legend name, series (None: any, its first point is clean), point: 0 clean / -1 attacked, colour,
+    # hatch)
+    if adaptive:
+        bars = [(f"{kind}, {draws} draws", draws, point, colour, "//" if draws == "fresh" else "")
+                for kind, point, colour in (("clean", 0, "#4C72B0"), ("robust", -1, "#C44E52"))
+                for draws in ("known", "fresh")]
+    else:
+        last = {name: pts[-1][0] for s in series.values() for name, pts in s.items()}
+        attacks = [a for a in dict.fromkeys(n for s in series.values() for n in s) if a != "clean"]
+        bars = [("clean", None, 0, "#4C72B0", "")] if any(r["attack"] == "none" for r in report["results"]) else []
+        bars += [(f"{a.upper()} {last[a] * 255:g}/255", a, -1, f"C{i + 1}", "") for i, a in enumerate(attacks)]
+    labels = list(series)
+    width = 0.8 / len(bars)
+    for j, (name, key, point, colour, hatch) in enumerate(bars):
+        xs, ys, es = [], [], []
+        for i, lab in enumerate(labels):
+            pts = next(iter(series[lab].values()), None) if key is None else series[lab].get(key)
+            if pts:
+                xs.append(i + (j - (len(bars) - 1) / 2) * width)
+                ys.append(100 * pts[point][1])
+                es.append(100 * pts[point][2])
+        ax.bar(xs, ys, width * 0.95, yerr=es, capsize=2, color=colour, hatch=hatch, alpha=0.55 if hatch else 0.9,
+               edgecolor=colour if hatch else "white", label=name)
+        for x, y, e in zip(xs, ys, es):  # the value above its error bar
+            ax.annotate(f"{y:.0f}", (x, y + e), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.set_xlabel("defense")
+    ax.set_ylabel("accuracy % (± standard error)")
+    ax.set_ylim(0, 112)
+    ax.grid(axis="y", alpha=0.3)
+    eps = sorted({r["eps"] for r in report["results"] if r["attack"] != "none"})
+    what = f"eps {eps[0] * 255:g}/255" if eps else "clean accuracy"
+    if adaptive:
+        what += "; robust = correct under every attack"
+    ax.set_title(_title(report, what), fontsize=9)
+    _legend_outside(ax)
+
+
+def plot_lines(report: dict, ax) -> None:
+    """Several eps: accuracy against eps (eps 0 = clean), one colour and marker per defense, one line style per
+    series (adaptive: known / fresh draws of the worst case; paper: each attack)."""
+    from matplotlib.lines import Line2D
+
+    series = accuracy_series(report)
+    names = list(dict.fromkeys(name for s in series.values() for name in s))
+    style = {name: SERIES_STYLES[i % len(SERIES_STYLES)] for i, name in enumerate(names)}
+    styles = defense_styles(report)
+    handles, labels = [], []
+    for lab, per_series in series.items():
+        colour, marker = styles[lab]
+        for name, pts in per_series.items():
+            ax.errorbar([e * 255 for e, _, _ in pts], [100 * a for _, a, _ in pts], yerr=[100 * s for _, _, s in pts],
+                        color=colour, marker=marker, ls=style[name], ms=5, capsize=2, lw=1.5)
+        handles.append(Line2D([], [], color=colour, marker=marker, ls="-"))
+        labels.append(lab)
+    if len(names) > 1:
+        handles += [Line2D([], [], color="0.3", ls=style[n]) for n in names]
+        labels += [f"{n} draws" for n in names] if report["protocol"] == "adaptive" else names
+    _legend_outside(ax, handles, labels, title="defense" + (" / series" if len(names) > 1 else ""))
+    ticks = sorted({e * 255 for s in series.values() for pts in s.values() for e, _, _ in pts})
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xlabel("eps (/255); 0 = clean")
+    ax.set_ylabel("accuracy % (± standard error)")
+    ax.set_ylim(-2, 102)
+    ax.grid(alpha=0.3)
+    ax.set_title(_title(report, "worst case over the suite" if report["protocol"] == "adaptive" else
+                        "accuracy against eps"), fontsize=9)
+
+
+def plot_steps(report: dict, fig) -> None:
+    """The adaptive protocol's PGD trajectory: accuracy against steps, one panel per eps, the defenses' colours
+    and markers, known draws solid and fresh dashed."""
+    from matplotlib.lines import Line2D
+
+    curves = report["steps_curves"]
+    eps_values = sorted({c["eps"] for c in curves})
+    styles = {lab: style for lab, style in defense_styles(report).items() if any(c["defense"] == lab for c in curves)}
+    steps = sorted({k for c in curves for k in c["steps"]})
+    axes = fig.subplots(1, len(eps_values), sharey=True, squeeze=False)[0]
+    for ax, eps in zip(axes, eps_values):
+        for c in curves:
+            if c["eps"] == eps:
+                colour, marker = styles[c["defense"]]
+                ax.plot(c["steps"], [100 * a for a in c["accuracy"]], color=colour, marker=marker,
+                        ls="-" if c["draws"] == "known" else "--", ms=4)
+        ax.set_xscale("symlog", linthresh=1)
+        ax.set_xticks(steps, [str(k) for k in steps])
+        ax.minorticks_off()
+        ax.set_xlabel("exact PGD steps")
+        ax.set_title(f"eps {eps * 255:g}/255", fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy %")
+    axes[0].set_ylim(-2, 102)
+    handles = [Line2D([], [], color=colour, marker=marker) for colour, marker in styles.values()]
+    handles += [Line2D([], [], color="0.3", ls=ls) for ls in ("-", "--")]
+    _legend_outside(axes[-1], handles, list(styles) + ["known draws", "fresh draws"], title="defense / draws")
+    fig.suptitle(_title(report, "PGD accuracy against steps"), fontsize=9)
+
+
 def write_plots(report: dict, folder: Path) -> list[Path]:
-    """acc_vs_eps.png (robust accuracy vs eps per defense and attack) and acc_vs_steps.png (PGD trajectory)."""
+    """acc_vs_eps.png (grouped bars at one eps, lines over several; clean included) and, in the adaptive protocol,
+    acc_vs_steps.png (the PGD trajectory). No rows (a run interrupted before its first one): no plots."""
+    if not report["results"]:
+        return []
     require_extra("adaptive", ["matplotlib"], what="the report's plots")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    rows = [r for r in report["results"] if r["attack"] != "none"]
-    labels = list(dict.fromkeys(_label(r) for r in rows))
-    fig, axes = plt.subplots(1, max(1, len(labels)), figsize=(4 * max(1, len(labels)), 3.4), squeeze=False)
-    for ax, lab in zip(axes[0], labels):
-        series = {}
-        for r in rows:
-            if _label(r) == lab:
-                series.setdefault((r["attack"], r["draws"] or r["protocol"]), []).append(r)
-        for (attack, draws), rs in series.items():
-            rs = sorted(rs, key=lambda r: r["eps"])
-            style = "-" if draws in ("known", "paper") else "--"
-            ax.errorbar([r["eps"] * 255 for r in rs], [100 * r["accuracy"] for r in rs],
-                        yerr=[100 * r["stderr"] for r in rs], fmt="o" + style, ms=3, capsize=2,
-                        label=f"{attack} ({draws})", lw=2.5 if attack == "worst" else 1)
-        ax.set_title(lab)
-        ax.set_xlabel("eps (/255)")
-        ax.set_ylabel("accuracy %")
-        ax.set_ylim(-2, 102)
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    path = folder / "acc_vs_eps.png"
-    fig.savefig(path, dpi=110)
+    several = len({r["eps"] for r in report["results"] if r["attack"] != "none"}) > 1
+    fig, ax = plt.subplots(figsize=(7.5, 4) if several else (max(6.0, 1.6 * len(accuracy_series(report)) + 3), 4))
+    (plot_lines if several else plot_bars)(report, ax)
+    written = [folder / "acc_vs_eps.png"]
+    fig.savefig(written[-1], dpi=110, bbox_inches="tight")
     plt.close(fig)
-    written.append(path)
-    curves = report.get("steps_curves", [])
-    if curves:
-        fig, ax = plt.subplots(figsize=(5.5, 3.6))
-        for c in curves:
-            ax.plot(c["steps"], [100 * a for a in c["accuracy"]], "o-" if c["draws"] == "known" else "o--", ms=3,
-                    label=f"{c['defense']} {c['eps'] * 255:g}/255 ({c['draws']})")
-        ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlabel("exact PGD steps")
-        ax.set_ylabel("accuracy %")
-        ax.legend(fontsize=6)
-        fig.tight_layout()
-        path = folder / "acc_vs_steps.png"
-        fig.savefig(path, dpi=110)
+    if report.get("steps_curves"):
+        fig = plt.figure(figsize=(4.5 * len({c["eps"] for c in report["steps_curves"]}) + 1.5, 3.8))
+        plot_steps(report, fig)
+        written.append(folder / "acc_vs_steps.png")
+        fig.savefig(written[-1], dpi=110, bbox_inches="tight")
         plt.close(fig)
-        written.append(path)
     return written
 
 

@@ -6,15 +6,19 @@ computed exactly as in one process (the merged report equals a one-process run, 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
+import threading
+from typing import Callable
 
 import torch
 from tqdm import tqdm
 
 from ..data import classifier_for, load_dataset
 from ..errors import require_extra
-from ..models import image_size_of
+from ..models import preprocessing_of
 from ..precision import DTYPES
 from .suite import Suite, evaluate_batches, merge
 
@@ -27,24 +31,43 @@ def shard_task(load_kw: dict, defenses, eps_list, batches, seed, suite_dict, thr
     job (local workers' progress bar)."""
     torch.set_num_threads(threads)
     templates = load_kw["templates"]
-    data = load_dataset(load_kw["dataset"], image_size_of(load_kw["model"]), load_kw["n_images"])
+    data = load_dataset(load_kw["dataset"], preprocessing_of(load_kw["model"]), load_kw["n_images"])
     clf = classifier_for(data, load_kw["model"], load_kw["pretrained"], templates, load_kw["device"])
     x_all, y_all = data.images.to(load_kw["device"]), data.targets.to(load_kw["device"])
     suite = Suite(**{**suite_dict, "attacks": tuple(suite_dict["attacks"]),
                      "checkpoints": tuple(suite_dict["checkpoints"])})
-    n = sum(hi - lo for lo, hi in batches)
-
-    def estimate(per_image: dict) -> None:  # printed by the worker (Ray forwards it to the driver)
-        if ticks is not None:  # a local worker: the driver prints one estimate for the whole run
-            return
-        total = sum(v for v, _ in per_image.values()) * n
-        print(f"shard of {n} images ({len(batches)} batches): estimated ~{total / 60:.1f} min; wall (CPU) seconds "
-              "per image: " + ", ".join(f"{a} {s} {e * 255:g}/255: {v:.2f} ({c:.2f})"
-                                        for (s, e, a), (v, c) in sorted(per_image.items())), flush=True)
-
     return evaluate_batches(clf, defenses, eps_list, x_all, y_all, batches, seed, suite, progress=False,
-                            on_first=estimate, on_job=None if ticks is None else ticks.put,
-                            dtype=DTYPES[load_kw["dtype"]], backend=load_kw["backend"])
+                            on_job=None if ticks is None else ticks.put, dtype=DTYPES[load_kw["dtype"]],
+                            backend=load_kw["backend"])
+
+
+_TICKS = None  # in a local worker process: the queue its finished jobs are announced on (run_local)
+
+
+def _init_worker(ticks) -> None:
+    """A local worker: remember the progress queue; a thread lock for tqdm (its default, a multiprocessing lock,
+    would be reported leaked when an interrupted run stops the worker; a worker draws no bar)."""
+    global _TICKS
+    _TICKS = ticks
+    tqdm.set_lock(threading.RLock())
+
+
+def _local_shard(*args) -> dict:
+    return shard_task(*args, ticks=_TICKS)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    """Processes started inside inherit an ignored SIGINT: Ctrl-C reaches the driver only, which stops them.
+    (Only the main thread sets signal handlers; elsewhere the block runs unchanged.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def default_workers(device: str) -> int:
@@ -56,22 +79,19 @@ def default_workers(device: str) -> int:
 
 
 def run_local(workers: int, load_kw: dict, defenses, eps_list, batches, seed, suite: Suite, progress,
-               estimate, n_jobs: int, threads: int = 1) -> dict:
+              n_jobs: int, threads: int = 1, on_batch: Callable[[dict], None] | None = None) -> dict:
     """Batches over `workers` local processes (spawned, `threads` torch threads each), one task per batch so the
-    pool balances itself; the first batch to finish (the small probe batch) makes the run's estimate."""
+    pool balances itself; on_batch(part) gets each finished batch's results. Ctrl-C or SIGTERM (a
+    KeyboardInterrupt here) stops the workers, which ignore SIGINT themselves, and goes on to the caller."""
     import multiprocessing
-    import threading
+    import queue
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = multiprocessing.get_context("spawn")
-    manager = ctx.Manager()
-    ticks = manager.Queue()
-    bar = tqdm(total=len(batches) * n_jobs, desc=f"adaptive eval ({workers} workers)", disable=not progress)
+    ticks = ctx.Queue()
     stop = threading.Event()
 
     def drain():
-        import queue
-
         while not stop.is_set():
             try:
                 label = ticks.get(timeout=0.2)
@@ -80,33 +100,46 @@ def run_local(workers: int, load_kw: dict, defenses, eps_list, batches, seed, su
             bar.set_postfix_str(label)
             bar.update(1)
 
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    parts, estimated = [], False
-    try:
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            args = (load_kw, list(defenses), list(eps_list))
-            suite_dict = dataclasses.asdict(suite)
-            pending = {pool.submit(shard_task, *args, [b], seed, suite_dict, threads, ticks): b for b in batches}
-            while pending:
-                done, _ = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in done:
-                    lo, hi = pending.pop(fut)
-                    part = fut.result()
-                    parts.append(part)
-                    if not estimated:
-                        estimated = True
-                        estimate({key: (sec / n, part["cpu_seconds"][key][0] / n)
-                                  for key, (sec, n) in part["seconds"].items()})
-    finally:
+    def stop_reading():  # before any worker is stopped: one killed mid-message would block a read for ever
         stop.set()
         reader.join()
-        bar.close()
-        manager.shutdown()
+
+    parts = []
+    with tqdm(total=len(batches) * n_jobs, desc=f"adaptive eval ({workers} workers)", disable=not progress) as bar:
+        reader = threading.Thread(target=drain, daemon=True)
+        reader.start()
+        try:
+            with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                     initargs=(ticks,)) as pool:
+                args = (load_kw, list(defenses), list(eps_list))
+                suite_dict = dataclasses.asdict(suite)
+                before = {p.pid for p in multiprocessing.active_children()}
+                with _sigint_ignored():  # the workers start here
+                    pending = [pool.submit(_local_shard, *args, [b], seed, suite_dict, threads) for b in batches]
+                started = [p for p in multiprocessing.active_children() if p.pid not in before]
+                try:
+                    while pending:
+                        done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                        for fut in done:
+                            pending.remove(fut)
+                            parts.append(fut.result())
+                            if on_batch is not None:
+                                on_batch(parts[-1])
+                except KeyboardInterrupt:  # the pool then fails the pending batches, and its exit returns at once
+                    stop_reading()
+                    for process in started:
+                        process.terminate()
+                    raise
+        finally:
+            stop_reading()
+            ticks.close()
     return merge(parts)
 
 
-def run_ray(address: str, load_kw: dict, defenses, eps_list, batches, seed, suite: Suite, progress, estimate):
+def run_ray(address: str, load_kw: dict, defenses, eps_list, batches, seed, suite: Suite, progress,
+            on_batch: Callable[[dict], None] | None = None) -> dict:
+    """Round-robin shards of whole batches over Ray tasks (one per CPU, or per GPU with a CUDA device);
+    on_batch(part) gets each finished shard's results."""
     require_extra("ray", what="--ray")
     import ray
 
@@ -134,6 +167,8 @@ def run_ray(address: str, load_kw: dict, defenses, eps_list, batches, seed, suit
             while pending:
                 done, pending = ray.wait(pending, num_returns=1)
                 parts.append(ray.get(done[0]))
+                if on_batch is not None:
+                    on_batch(parts[-1])
                 bar.update(1)
         return merge(parts)
     finally:

@@ -193,9 +193,16 @@ def jobs_of(defenses: Sequence[str], eps_list: Sequence[float], suite: Suite,
     return jobs
 
 
+def defended_pair(clf, label: str, seed: int, dtype: torch.dtype) -> tuple[Defended, Defended]:
+    """A defense label's module with the attacker's (known) draws and the one with fresh draws."""
+    name, preset = split_label(label)
+    return (defend(clf, name, preset=preset, seed=seed, dtype=dtype),
+            defend(clf, name, preset=preset, seed=derive_seed(seed, "fresh-draws"), dtype=dtype))
+
+
 def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_all: torch.Tensor,
                      y_all: torch.Tensor, batches: Sequence[tuple[int, int]], seed: int, suite: Suite,
-                     progress: bool = True, on_first: Callable[[dict], None] | None = None,
+                     progress: bool = True, on_batch: Callable[[dict], None] | None = None,
                      on_job: Callable[[str], None] | None = None, dtype: torch.dtype = torch.float32,
                      backend: str = "eager") -> dict:
     """Run the suite on the given batches (global (start, stop) index ranges; keys = dataset indices).
@@ -203,20 +210,19 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
     Returns per-image results that merge across shards: {"correct": {(defense, eps, attack, draws): {index:
     bool}}, "curves": {(defense, eps, draws): {k: {index: bool}}}, "seconds": {(defense, eps, attack): [s, n]},
     "sanity": {defense: {index: bool}}, "defense_seconds": {defense: [s, n]}}.
-    on_first(estimates) is called once after the first batch of every attack has run (cost estimate); on_job(label)
-    after each (batch, attack) job (a worker process reports its progress to the driver with it)."""
+    on_batch(part) gets each finished batch's own results (the same structure; `merge` of the parts is the
+    return value); on_job(label) is called after each (batch, attack) job (a worker process reports its progress
+    to the driver with it)."""
     n_classes = clf.num_classes
-    out = {"correct": {}, "curves": {}, "seconds": {}, "cpu_seconds": {}, "sanity": {}, "defense_seconds": {}}
-    put = lambda key, idx, vals: out["correct"].setdefault(key, {}).update(
-        {int(i): bool(v) for i, v in zip(idx, vals)})
     modules, score = {}, {}
     largest = max(hi - lo for lo, hi in batches)
     for label in defenses:
-        name, preset = split_label(label)
-        known = defend(clf, name, preset=preset, seed=seed, dtype=dtype)
-        fresh = defend(clf, name, preset=preset, seed=derive_seed(seed, "fresh-draws"), dtype=dtype)
+        known, fresh = defended_pair(clf, label, seed, dtype)
         modules[label] = known
         score[label] = Scorer(known, fresh, backend, largest)
+
+    def put(key, idx, vals):
+        out["correct"].setdefault(key, {}).update({int(i): bool(v) for i, v in zip(idx, vals)})
 
     def tick(key, seconds, n, cpu):
         for field, value in (("seconds", seconds), ("cpu_seconds", cpu)):
@@ -225,63 +231,95 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
             acc[1] += n
 
     jobs = jobs_of(defenses, eps_list, suite, n_classes)
-    first_done = False
-    bar = tqdm(total=len(batches) * len(jobs), desc="adaptive eval", disable=not progress)
-    for lo, hi in batches:
-        x, y = x_all[lo:hi], y_all[lo:hi]
-        keys = list(range(lo, hi))
-        # clean rows (and the defense's own time per image, on the scoring backend)
-        for label in defenses:
-            for draws in ("known", "fresh"):
-                t, pred = timed_call(lambda: score[label](x, keys, draws))
-                for eps in eps_list:
-                    put((label, eps, "none", draws), keys, (pred == y).tolist())
-                if draws == "known":
-                    acc = out["defense_seconds"].setdefault(label, [0.0, 0])
-                    acc[0] += t
-                    acc[1] += len(keys)
-        for label, eps, attack in jobs:
-            job = f"{attack} {label or 'clf'} eps={eps * 255:g}/255"
-            bar.set_postfix_str(job)
-            cpu = time.process_time()
-            if label is None:
-                gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, f"paper:{lo}"))
-                t, adv = timed_call(lambda: paper_attack(clf, x, y, "pgd", eps=eps, alpha=1 / 255, steps=10,
-                                                         generator=gen))
-                tick(("clf", eps, "paper-pgd"), t, len(keys), time.process_time() - cpu)
-                for other in defenses:
-                    put((other, eps, "paper-pgd", None), keys, (score[other](adv, keys) == y).tolist())
-            else:
-                t, (adv, info) = timed_call(lambda: attack_batch(attack, modules[label], x, y, keys, eps, suite,
-                                                                 seed, lo))
-                tick((label, eps, attack), t, len(keys), time.process_time() - cpu)
-                for draws in ("known", "fresh"):
-                    put((label, eps, attack, draws), keys, (score[label](adv, keys, draws) == y).tolist())
-                if attack == "pgd":
-                    for k, fooled in info["fooled_at"].items():
-                        out["curves"].setdefault((label, eps, "known"), {}).setdefault(k, {}).update(
-                            {i: not bool(f) for i, f in zip(keys, fooled.tolist())})
-                        pred = score[label]((x + info["deltas"][k]).clamp(0, 1), keys, "fresh")
-                        out["curves"].setdefault((label, eps, "fresh"), {}).setdefault(k, {}).update(
-                            {i: bool(v) for i, v in zip(keys, (pred == y).tolist())})
-            bar.update(1)
-            if on_job is not None:
-                on_job(job)
-        # sanity: PGD-20 at 16/255 through each defense (known draws) on the first suite.sanity_images images
-        if suite.sanity_images and lo < suite.sanity_images:
-            m = min(hi, suite.sanity_images) - lo
+    parts = []
+    with tqdm(total=len(batches) * len(jobs), desc="adaptive eval", disable=not progress) as bar:
+        for lo, hi in batches:
+            out = {"correct": {}, "curves": {}, "seconds": {}, "cpu_seconds": {}, "sanity": {}, "defense_seconds": {}}
+            x, y = x_all[lo:hi], y_all[lo:hi]
+            keys = list(range(lo, hi))
+            # clean rows (and the defense's own time per image, on the scoring backend)
             for label in defenses:
-                xs, ys, ks = x[:m], y[:m], keys[:m]
-                gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, f"sanity:{lo}"))
-                adv, _ = sign_pgd(ce_objective(KnownDraws(modules[label], xs, ks, suite.sanity_eps), ys), xs, ys,
-                                  suite.sanity_eps, suite.sanity_steps, generator=gen, keep_best=True)
-                out["sanity"].setdefault(label, {}).update(
-                    {i: bool(v) for i, v in zip(ks, (score[label](adv, ks) == ys).tolist())})
-        if not first_done and on_first is not None:
-            first_done = True
-            on_first({key: (s / n, out["cpu_seconds"][key][0] / n) for key, (s, n) in out["seconds"].items()})
-    bar.close()
+                for draws in ("known", "fresh"):
+                    t, pred = timed_call(lambda: score[label](x, keys, draws))
+                    for eps in eps_list:
+                        put((label, eps, "none", draws), keys, (pred == y).tolist())
+                    if draws == "known":
+                        out["defense_seconds"][label] = [t, len(keys)]
+            for label, eps, attack in jobs:
+                job = f"{attack} {label or 'clf'} eps={eps * 255:g}/255"
+                bar.set_postfix_str(job)
+                cpu = time.process_time()
+                if label is None:
+                    gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, f"paper:{lo}"))
+                    t, adv = timed_call(lambda: paper_attack(clf, x, y, "pgd", eps=eps, alpha=1 / 255, steps=10,
+                                                             generator=gen))
+                    tick(("clf", eps, "paper-pgd"), t, len(keys), time.process_time() - cpu)
+                    for other in defenses:
+                        put((other, eps, "paper-pgd", None), keys, (score[other](adv, keys) == y).tolist())
+                else:
+                    t, (adv, info) = timed_call(lambda: attack_batch(attack, modules[label], x, y, keys, eps, suite,
+                                                                     seed, lo))
+                    tick((label, eps, attack), t, len(keys), time.process_time() - cpu)
+                    for draws in ("known", "fresh"):
+                        put((label, eps, attack, draws), keys, (score[label](adv, keys, draws) == y).tolist())
+                    if attack == "pgd":
+                        for k, fooled in info["fooled_at"].items():
+                            out["curves"].setdefault((label, eps, "known"), {}).setdefault(k, {}).update(
+                                {i: not bool(f) for i, f in zip(keys, fooled.tolist())})
+                            pred = score[label]((x + info["deltas"][k]).clamp(0, 1), keys, "fresh")
+                            out["curves"].setdefault((label, eps, "fresh"), {}).setdefault(k, {}).update(
+                                {i: bool(v) for i, v in zip(keys, (pred == y).tolist())})
+                bar.update(1)
+                if on_job is not None:
+                    on_job(job)
+            # sanity: PGD-20 at 16/255 through each defense (known draws) on the first suite.sanity_images images
+            if suite.sanity_images and lo < suite.sanity_images:
+                m = min(hi, suite.sanity_images) - lo
+                for label in defenses:
+                    xs, ys, ks = x[:m], y[:m], keys[:m]
+                    gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, f"sanity:{lo}"))
+                    adv, _ = sign_pgd(ce_objective(KnownDraws(modules[label], xs, ks, suite.sanity_eps), ys), xs, ys,
+                                      suite.sanity_eps, suite.sanity_steps, generator=gen, keep_best=True)
+                    out["sanity"].setdefault(label, {}).update(
+                        {i: bool(v) for i, v in zip(ks, (score[label](adv, ks) == ys).tolist())})
+            parts.append(out)
+            if on_batch is not None:
+                on_batch(out)
+    return merge(parts)
+
+
+# every step and query budget of the calibration runs that time the suite before the work (`estimate_cost`)
+CALIBRATION = dict(pgd_steps=2, apgd_steps=2, eot_steps=2, bpda_steps=2, transfer_steps=2, queries=2, fab_steps=2)
+
+
+def estimate_cost(clf, defenses: Sequence[str], eps_list: Sequence[float], x: torch.Tensor, y: torch.Tensor,
+                  suite: Suite, seed: int, dtype: torch.dtype = torch.float32) -> dict:
+    """{(defense label or "clf", eps, attack): (wall, CPU) seconds per image} of the full suite, from each job run
+    on the images x with every budget cut to 2 steps (CALIBRATION) and scaled by its full budget: a few percent of
+    the work, done before it starts. An upper bound where the real batches are larger than x."""
+    small = dataclasses.replace(suite, **CALIBRATION)
+    modules = {label: defended_pair(clf, label, seed, dtype)[0] for label in defenses}
+    keys = list(range(len(y)))
+    with torch.no_grad():
+        clf(x)  # the first call's one-time costs are no attack's
+    out = {}
+    for label, eps, attack in jobs_of(defenses, eps_list, suite, clf.num_classes):
+        cpu = time.process_time()
+        if label is None:
+            gen = torch.Generator(device=x.device).manual_seed(seed)
+            t, _ = timed_call(lambda: paper_attack(clf, x, y, "pgd", eps=eps, alpha=1 / 255, steps=2, generator=gen))
+            scale = 10 / 2
+        else:
+            t, _ = timed_call(lambda: attack_batch(attack, modules[label], x, y, keys, eps, small, seed, 0))
+            scale = suite.steps_of(attack) / small.steps_of(attack)
+        out[(label or "clf", eps, "paper-pgd" if label is None else attack)] = (
+            t * scale / len(y), (time.process_time() - cpu) * scale / len(y))
     return out
+
+
+def images_of(raw: dict) -> list[int]:
+    """The image indices that (merged) results of evaluate_batches cover."""
+    return sorted(next(iter(raw["correct"].values()), {}))
 
 
 def merge(parts: Sequence[dict]) -> dict:

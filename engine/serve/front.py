@@ -27,6 +27,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
+from ..images import Preprocess
 from .requests import RequestError, _int_query, parse_parts, parse_query, parse_request
 from .service import limits_of, replica_memory
 
@@ -104,6 +105,7 @@ class Front:
         if self.model is None:
             info = await self.describe()
             self.model = {k: info[k] for k in ("model", "defense", "backend", "image_size", "labels")}
+            self.model["preprocess"] = Preprocess.from_dict(info["preprocess"])  # the replica's model's own
         return self.model
 
     async def info(self) -> dict:
@@ -121,8 +123,8 @@ class Front:
         limit = self.cfg["max_body_bytes"]
         length = headers.get("content-length")
 
-        def parse(data: bytes, size: int, limits):
-            return parse_request(headers.get("content-type"), data, query, size, limits, self.cfg["replay_draws"])
+        def parse(data: bytes, preprocess: Preprocess, limits):
+            return parse_request(headers.get("content-type"), data, query, preprocess, limits, self.cfg["replay_draws"])
 
         try:  # a client may ask for a shorter deadline than the server's (?timeout_ms=)
             budget = _int_query(query, "timeout_ms", 1, int(self.cfg["timeout_s"] * 1000),
@@ -130,11 +132,11 @@ class Front:
         except RequestError as err:
             return error_reply(err.status, str(err))
 
-        async def body_then_parse(size: int, limits):
+        async def body_then_parse(preprocess: Preprocess, limits):
             if length is not None and length.strip().isdigit() and int(length) > limit:
                 raise RequestError(413, f"body of {length.strip()} bytes exceeds the limit of {limit}")
             data = await read_body(body, limit, self.cfg["body_timeout_s"])
-            return await asyncio.get_running_loop().run_in_executor(self.pool, parse, data, size, limits)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, parse, data, preprocess, limits)
 
         return await self._serve(start, headers.get("authorization"), body_then_parse,
                                  None if budget is None else budget / 1e3)
@@ -144,14 +146,14 @@ class Front:
         """The gRPC Classify call: images already split into parts, keys/top_k/seed as query values."""
         start = time.monotonic()
 
-        def parse(size: int, limits):
+        def parse(preprocess: Preprocess, limits):
             seed, keys, top_k = parse_query(query, limits.max_top_k, self.cfg["replay_draws"], limits.max_images)
-            return parse_parts(parts, size, limits, seed, keys, top_k)
+            return parse_parts(parts, preprocess, limits, seed, keys, top_k)
 
-        async def run_parse(size: int, limits):
+        async def run_parse(preprocess: Preprocess, limits):
             if sum(len(d) for _, d in parts) > self.cfg["max_body_bytes"]:
                 raise RequestError(413, f"images exceed the limit of {self.cfg['max_body_bytes']} bytes")
-            return await asyncio.get_running_loop().run_in_executor(self.pool, parse, size, limits)
+            return await asyncio.get_running_loop().run_in_executor(self.pool, parse, preprocess, limits)
 
         return await self._serve(start, authorization, run_parse)
 
@@ -173,7 +175,7 @@ class Front:
                 return self.retry_later("no model replica answered within the request's deadline (starting or "
                                         "restarting); retry after the Retry-After delay", "deadline")
             try:
-                items = await get_items(model["image_size"], limits_of(self.cfg, model["image_size"]))
+                items = await get_items(model["preprocess"], limits_of(self.cfg, model["image_size"]))
             except RequestError as err:
                 self.counts["refused"] += 1
                 return error_reply(err.status, str(err))

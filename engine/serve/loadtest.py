@@ -27,11 +27,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from ..data import IMAGE_SUFFIXES
+from ..images import IMAGE_SUFFIXES
 from ..errors import SccError
 from ..timing import percentile
-from .client import Client, GrpcClient, get_json, multipart
+from .client import Client, GrpcClient, get_json, multipart, wait_ready
 
 
 @dataclass(frozen=True)
@@ -118,19 +119,21 @@ def run_level(target: Target, images: list[tuple[str, bytes]], concurrency: int,
     t0 = time.perf_counter()
     deadline = t0 + max_seconds
 
+    stop = threading.Event()  # set when the level ends, however it ends (an interrupt included)
+
     def worker():
         sender = Sender(target, images, protocol, timeout)
         try:
             while True:
                 with lock:
                     i = counter[0]
-                    if i >= requests or time.perf_counter() > deadline:
+                    if i >= requests or time.perf_counter() > deadline or stop.is_set():
                         return
                     counter[0] += 1
                 if rate:
                     wait = t0 + i / rate - time.perf_counter()
-                    if wait > 0:
-                        time.sleep(wait)
+                    if wait > 0 and stop.wait(wait):
+                        return
                 start = time.perf_counter()
                 try:
                     status, results, retry = sender.send(i * images_per_request, images_per_request)
@@ -153,8 +156,11 @@ def run_level(target: Target, images: list[tuple[str, bytes]], concurrency: int,
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
-    for t in threads:
-        t.join(max_seconds + timeout + 5)
+    try:
+        for t in threads:
+            t.join(max_seconds + timeout + 5)
+    finally:
+        stop.set()
     wall = time.perf_counter() - t0
     ok = [s for s in samples if s[2] == 200]
     lat = [s[1] * 1e3 for s in ok]
@@ -226,8 +232,8 @@ def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_s
     start = time.perf_counter()
     service = Service(cfg)
     start_s = time.perf_counter() - start
-    size, bs = service.classifier.image_size, service.max_batch
-    xs = [decode_image(data, size, service.limits.max_pixels, name) for name, data in images]
+    bs = service.max_batch
+    xs = [decode_image(data, service.classifier.preprocess, service.limits.max_pixels, name) for name, data in images]
     done, seconds = 0, 0.0
     deadline = time.perf_counter() + max_seconds
     while done < requests and time.perf_counter() < deadline:
@@ -241,15 +247,21 @@ def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_s
             "throughput_images_s": round(done / seconds, 3), "start_seconds": round(start_s, 2)}
 
 
+def plot_title(report: dict) -> str:
+    """What ran: model, defense, backend, the replicas when --replicas recorded them, images per request."""
+    s, replicas, level = report["service"], report.get("replicas"), report["levels"][0]
+    return (f"scc serve: {s['model']} {s['defense']} {s['backend']}" + (f" x{replicas} replicas" if replicas else "")
+            + f", {level['images_per_request']} image(s)/request, {level['protocol']}")
+
+
 def plot(report: dict, path: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    s = report["service"]
-    title = (f"scc serve: {s['model']} {s['defense']} {s['backend']} x{report.get('replicas', '?')} replicas, "
-             f"{report['levels'][0]['images_per_request']} image(s)/request, {report['levels'][0]['protocol']}")
+    title = plot_title(report)
     if report.get("memory"):
         fig, ax = plt.subplots(figsize=(7, 4))
         for name, m in sorted(report["memory"].items()):
@@ -278,7 +290,12 @@ def plot(report: dict, path: str) -> None:
         ax.axvline(0.7 * ref["throughput_images_s"], color="gray", lw=1, ls=":", label="70 % of it")
     ax.set_xlabel("throughput (images/s)")
     ax.set_ylabel("latency per request (ms, client side)")
-    ax.set_yscale("log")
+    if rows:
+        ax.set_yscale("log")
+        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):  # 60, not 6 x 10^1
+            axis(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    else:  # every request failed: the report's errors say why
+        ax.text(0.5, 0.5, "no successful request: see the report's errors", transform=ax.transAxes, ha="center")
     ax.set_title(title, fontsize=8)
     ax.legend(fontsize=8)
     ax.grid(alpha=.3)
@@ -287,15 +304,59 @@ def plot(report: dict, path: str) -> None:
     plt.close(fig)
 
 
+def check_ready(target: Target, wait_s: float = 0.0) -> None:
+    """Return once the service at `target` answers GET /readyz with 200 (polled for up to `wait_s` seconds), else
+    one SccError line: nothing listens there, or it is not ready, and what to do."""
+    try:
+        wait_ready(target.url, timeout=wait_s, cafile=target.cafile, verify=True)
+        return
+    except SccError:
+        problem = why_not_ready(target)
+    if problem is None:  # it became ready just now
+        return
+    waited = f" after waiting {wait_s:g} s" if wait_s else ""
+    hint = "wait longer with a larger --wait-s" if wait_s else "give --wait-s SECONDS to wait for it"
+    if "refused" in problem:
+        hint = "start it with `scc serve`, or " + hint
+    raise SccError(f"no ready scc serve at {target.url}{waited}: {problem}; {hint}")
+
+
+def why_not_ready(target: Target) -> str | None:
+    """One probe of GET /readyz: None when ready, else what is wrong, in a few words."""
+    client = Client(target.url, timeout=5, cafile=target.cafile, token=target.token)
+    try:
+        status, body = client.request("GET", "/readyz")
+    except ConnectionRefusedError:
+        return "connection refused (nothing listens there)"
+    except (OSError, http.client.HTTPException) as err:
+        return f"it does not answer ({type(err).__name__}: {err})"
+    finally:
+        client.close()
+    if status == 200:
+        return None
+    if status == 503:
+        return "it answers but is not ready yet (GET /readyz: HTTP 503)"
+    return f"GET /readyz answered HTTP {status} (is it an scc serve?)"
+
+
 def loadtest(target: Target, images: str = "digits", levels: list[int] = (1, 4, 16, 64), requests: int = 256,
              max_seconds: float = 120.0, replicas: int | None = None, with_in_process: bool = True,
              compile_cache: str | None = None, cache_key_file: str | None = None, images_per_request: int = 1,
              protocol: str = "http", rate: float | None = None, duration: float | None = None,
-             sample_s: float | None = None, log=print) -> dict:
-    """Every level against the service at `target`, then the in-process reference; the JSON report."""
+             sample_s: float | None = None, log=print, wait_s: float = 0.0,
+             keep: Callable[[Callable[[], tuple]], None] | None = None) -> dict:
+    """Every level against the service at `target` (ready within `wait_s` seconds, else one SccError line), then
+    the in-process reference; the JSON report. `keep(snapshot)` is called once before the levels: snapshot() ->
+    (report of the levels finished so far, their number, the levels asked for, the missing ones), what a run
+    cut short writes (scc.cli.interrupts)."""
     from ..provenance import hardware, versions
 
-    info = get_json(target.url, "/v1/info", cafile=target.cafile, token=target.token)
+    check_ready(target, wait_s)
+    try:
+        info = get_json(target.url, "/v1/info", cafile=target.cafile, token=target.token)
+    except (OSError, http.client.HTTPException) as err:
+        raise SccError(f"GET {target.url}/v1/info failed ({type(err).__name__}: {err}); is the server still "
+                       "running?") from None
     spec = images
     images = load_images(spec, limit=max(min(requests, 1024), images_per_request))
     if target.seed is not None and info.get("draws") != "replay":
@@ -308,13 +369,30 @@ def loadtest(target: Target, images: str = "digits", levels: list[int] = (1, 4, 
     if duration:
         requests, max_seconds = 10 ** 9, duration
     load_before = os.getloadavg()
-    run_level(target, images, 1, min(4, requests), 30, images_per_request, protocol)  # connections, not reported
     report = {"url": target.url, "service": {k: info.get(k) for k in ("model", "defense", "backend", "dtype",
                                                                         "max_batch", "batch_wait_ms", "threads",
                                                                         "buckets", "device", "draws")},
               "replicas": replicas, "images": spec, "requests_per_level": None if duration else requests,
               "duration_s": duration, "levels": []}
     memory_rows: list = []
+
+    def finished() -> dict:
+        """The report with what is known at its end: memory, load, the client and server versions."""
+        done = dict(report)
+        if memory_rows:
+            done["memory"] = memory_report(memory_rows)
+        done["load_average"] = {"before": [round(v, 2) for v in load_before],
+                                "after": [round(v, 2) for v in os.getloadavg()]}
+        done["client"] = {"hardware": hardware("cpu"), "versions": versions(),
+                          "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+        done["server_versions"] = info.get("versions")
+        return done
+
+    if keep is not None:
+        keep(lambda: (finished(), len(report["levels"]), len(levels),
+                      [f"concurrency {c}" for c in levels[len(report["levels"]):]]
+                      + (["the in-process reference"] if with_in_process else [])))
+    run_level(target, images, 1, min(4, requests), 30, images_per_request, protocol)  # connections, not reported
     stop = threading.Event()
     sampler = None
     if sample_s:
@@ -334,9 +412,8 @@ def loadtest(target: Target, images: str = "digits", levels: list[int] = (1, 4, 
         if sampler is not None:
             sampler.join(30)
     if memory_rows:
-        report["memory"] = memory_report(memory_rows)
         log("memory slope (MB/hour): " + ", ".join(f"{k} {v['slope_mb_per_hour']}"
-                                                   for k, v in sorted(report["memory"].items())))
+                                                   for k, v in sorted(memory_report(memory_rows).items())))
     if with_in_process:
         ref = in_process(info, images, min(requests, 1024), min(max_seconds, 120), compile_cache, cache_key_file)
         report["in_process"] = ref
@@ -348,9 +425,4 @@ def loadtest(target: Target, images: str = "digits", levels: list[int] = (1, 4, 
         log(f"in-process batch handler, batch {ref['batch_size']}, {ref['threads']} thread(s): "
             f"{ref['throughput_images_s']:.1f} img/s; service/in-process: "
             + ", ".join(f"c={r['concurrency']} {r['overhead_ratio']}" for r in report["levels"]))
-    report["load_average"] = {"before": [round(v, 2) for v in load_before],
-                              "after": [round(v, 2) for v in os.getloadavg()]}
-    report["client"] = {"hardware": hardware("cpu"), "versions": versions(),
-                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
-    report["server_versions"] = info.get("versions")
-    return report
+    return finished()

@@ -1,7 +1,7 @@
 """Request parsing for `scc serve`, plain functions tested without Ray: query + body -> `Item`s, with every limit
 checked before the work it bounds.
 
-    items = parse_request(content_type, body, query, size=32, limits=Limits.for_model(32, max_batch=8))
+    items = parse_request(content_type, body, query, clf.preprocess, limits=Limits.for_model(32))
 
 Order of the checks (each refusal one line, a 4xx): body bytes; the query (seed only in replay mode, keys, top_k);
 the multipart structure (part count bounded while splitting); every image's header (format allow-list, width x
@@ -13,7 +13,6 @@ Budgets are sized to the model: an image is resized to the model's input (S x S)
 have at most (16 S)^2 pixels and one request 4 (16 S)^2 (S = 224: 12.8 and 51 megapixels); decoding costs time and
 memory in proportion to pixels (PNG ~36 ns/pixel here), not to the bytes sent.
 """
-import io
 import re
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,9 @@ from typing import Hashable, Mapping, Sequence
 
 import torch
 
+from .. import images
 from ..errors import SccError
+from ..images import ImageError, Preprocess
 
 IMAGE_FIELD = "image"
 # decoders a client may reach: common raster formats only (PIL also opens EPS through Ghostscript, PSD, ICO, ...)
@@ -207,72 +208,41 @@ def image_parts(content_type: str | None, body: bytes, max_images: int) -> list[
 # ----------------------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------------------
-def _open(data: bytes, name: str, max_pixels: int):
-    """PIL image with only its header read (nothing decoded), within the format allow-list and the pixel budget."""
-    import warnings
-
-    from PIL import Image, UnidentifiedImageError
-
-    if not data:
-        raise RequestError(400, f"{name}: empty image")
-    Image.MAX_IMAGE_PIXELS = None  # our budget, checked below from the header, replaces PIL's warning/bomb limit
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img = Image.open(io.BytesIO(data), formats=FORMATS)
-            w, h = img.size
-    except UnidentifiedImageError as err:
-        raise RequestError(400, f"{name}: not a readable image (unknown or corrupt image format; accepted: "
-                                f"{', '.join(FORMATS)})") from err
-    except Exception as err:  # hostile bytes reach PIL's parsers, which raise many kinds: all mean "unreadable"
-        raise RequestError(400, f"{name}: not a readable image ({type(err).__name__}: {str(err)[:120]})") from err
-    if w < 1 or h < 1:
-        raise RequestError(400, f"{name}: empty image ({w}x{h})")
-    if w * h > max_pixels:
-        raise RequestError(413, f"{name}: {w}x{h} = {w * h} pixels exceed the per-image limit of {max_pixels}")
-    return img
+def _request_error(err: ImageError) -> RequestError:
+    return RequestError(413 if err.too_large else 400, str(err))
 
 
 def image_pixels(data: bytes, name: str, max_pixels: int) -> int:
     """width x height from the image's header (RequestError 400/413 when unreadable or over the budget)."""
-    with _open(data, name, max_pixels) as img:
-        return img.size[0] * img.size[1]
-
-
-def decode_image(data: bytes, size: int, max_pixels: int, name: str = "image") -> torch.Tensor:
-    """Encoded image bytes -> (3, size, size) in [0,1] (scc.data's preprocessing; the first frame of an animated
-    image); RequestError when unusable or over the per-image pixel budget (checked from the header first)."""
-    import warnings
-
-    from ..data import pil_to_tensor, resize_center_crop
-
     try:
-        with _open(data, name, max_pixels) as img, warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            img.load()
-            x = pil_to_tensor(img)
-    except RequestError:
-        raise
-    except Exception as err:  # as in _open: any decoder failure on client bytes is "unreadable", never a 500
-        raise RequestError(400, f"{name}: not a readable image ({type(err).__name__}: {str(err)[:120]})") from err
-    if not torch.isfinite(x).all():
-        raise RequestError(400, f"{name}: not a readable image (non-finite pixel values)")
-    return resize_center_crop(x[None], size)[0]
+        return images.image_pixels(data, name, max_pixels, FORMATS)
+    except ImageError as err:
+        raise _request_error(err) from None
 
 
-def parse_request(content_type: str | None, body: bytes, query: Mapping[str, Sequence[str]], size: int,
+def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int, name: str = "image") -> torch.Tensor:
+    """Encoded image bytes -> the model's input (3, S, S) in [0,1] through its own preprocessing (scc.images, the
+    one `scc classify` and `scc eval` use); RequestError when unusable or over the per-image pixel budget (checked
+    from the header first)."""
+    try:
+        return preprocess.encoded(data, name, max_pixels, FORMATS)
+    except ImageError as err:
+        raise _request_error(err) from None
+
+
+def parse_request(content_type: str | None, body: bytes, query: Mapping[str, Sequence[str]], preprocess: Preprocess,
                   limits: Limits | None = None, replay: bool = True) -> list[Item]:
     """An HTTP request -> its Items (one per image, in order), every budget checked before decoding. RequestError
     (4xx) when the request as a whole is unusable: too large, no body, an unsupported type, a bad query, a pixel
     budget exceeded, or not one readable image."""
-    limits = limits or Limits.for_model(size)
+    limits = limits or Limits.for_model(preprocess.size)
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"body of {len(body)} bytes exceeds the limit of {limits.max_body_bytes}")
     seed, keys, top_k = parse_query(query, limits.max_top_k, replay, limits.max_images)
-    return parse_parts(image_parts(content_type, body, limits.max_images), size, limits, seed, keys, top_k)
+    return parse_parts(image_parts(content_type, body, limits.max_images), preprocess, limits, seed, keys, top_k)
 
 
-def parse_parts(parts: Sequence[tuple[str, bytes]], size: int, limits: Limits, seed: int | None = None,
+def parse_parts(parts: Sequence[tuple[str, bytes]], preprocess: Preprocess, limits: Limits, seed: int | None = None,
                 keys: Sequence[Hashable] | None = None, top_k: int | None = None) -> list[Item]:
     """[(name, encoded bytes)] -> Items: every header read and both pixel budgets checked, then decoded (the
     HTTP body and the gRPC message both end here)."""
@@ -298,7 +268,7 @@ def parse_parts(parts: Sequence[tuple[str, bytes]], size: int, limits: Limits, s
     for item, (name, data) in zip(items, parts):
         if item.error is None:
             try:
-                item.x = decode_image(data, size, limits.max_pixels, name)
+                item.x = decode_image(data, preprocess, limits.max_pixels, name)
             except RequestError as err:
                 item.error, item.error_kind = str(err), "decode" if err.status == 400 else "too_large"
                 if len(parts) == 1:

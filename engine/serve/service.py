@@ -159,7 +159,8 @@ class Service:
         self.ready = False
         self.info_static = {
             "model": cfg["model"], "pretrained": cfg["pretrained"], "labels": list(self.classifier.labels),
-            "image_size": self.classifier.image_size, "defense": self.defended.label,
+            "image_size": self.classifier.image_size, "preprocess": self.classifier.preprocess.to_dict(),
+            "defense": self.defended.label,
             "config": _jsonable(self.defended.config), "backend": self.backend, "dtype": dtype_name(self.dtype),
             "device": cfg["device"], "buckets": self.buckets, "max_batch": self.max_batch,
             "batch_wait_ms": cfg["batch_wait_ms"], "seed": "secret" if cfg["seed"] is None else cfg["seed"],
