@@ -114,11 +114,11 @@ def main(argv=None) -> int:
                        "clean": clean, "ours": a_ours, "torchattacks": a_theirs, "stderr": se(a_theirs),
                        "diff_in_stderr": (a_ours - a_theirs) / se(a_theirs),
                        "identical_images": same.float().mean().item(),
-                       "seconds_ours": timed["ours"][0], "seconds_torchattacks": timed["torchattacks"][0]}
+                       "ours_wall_s": timed["ours"][0], "torchattacks_wall_s": timed["torchattacks"][0]}
                 rows.append(row)
                 print(f"{model_name} eps={eps * 255:g}/255 {name:<10} ours {100 * a_ours:5.1f}  torchattacks "
                       f"{100 * a_theirs:5.1f}  ({row['diff_in_stderr']:+.2f} se)  identical {100 * row['identical_images']:5.1f}%"
-                      f"  {row['seconds_ours']:7.1f}s / {row['seconds_torchattacks']:7.1f}s", flush=True)
+                      f"  {row['ours_wall_s']:7.1f}s / {row['torchattacks_wall_s']:7.1f}s", flush=True)
     report = {"command": " ".join([os.path.basename(sys.executable), "benchmarks/attacks_vs_torchattacks.py"]
                                   + (argv if argv is not None else sys.argv[1:])),
               "settings": settings.describe(("apgd-ce", "apgd-dlr", "apgd-t", "fab-t", "square")),

@@ -34,9 +34,10 @@ import torch
 
 from scc.backends import BackendUnavailable, make_runner, parse_backends, supports
 from scc.bench.latency import batches_of, prepare
-from scc.defenses import DEFENSES, defend, parse_defenses, split_label
+from scc.defenses import DEFENSES, defend, parse_defenses, split_spec
 from scc.provenance import hardware, versions
 from scc.errors import SccError
+from scc.metrics import top1_agreement
 from scc.timing import summarize, timed_call, warm_up
 
 OPTIONS = {  # option -> (environment variable, default, help)
@@ -77,15 +78,15 @@ def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
         models = [m.strip() for m in _setting(metafunc.config, "models").split(",") if m.strip()]
         try:
-            labels = parse_defenses(_setting(metafunc.config, "defenses"))
+            specs = parse_defenses(_setting(metafunc.config, "defenses"))
         except SccError as err:
             raise pytest.UsageError(str(err)) from None
         try:
             backends = parse_backends(_setting(metafunc.config, "backends"))
         except SccError as err:
             raise pytest.UsageError(str(err)) from None
-        cases = [(m, s, b) for m in models for s in labels for b in backends
-                 if supports(DEFENSES[split_label(s)[0]], b)]
+        cases = [(m, s, b) for m in models for s in specs for b in backends
+                 if supports(DEFENSES[split_spec(s)[0]], b)]
         metafunc.parametrize("case", cases, ids=[f"{m}-{s}-{b}" for m, s, b in cases])
 
 
@@ -139,11 +140,11 @@ def measure(benchmark, case, bench_settings, bench_data):
     """measure(): benchmark `case` = (model, defense, backend) via scc.backends.make_runner and scc.timing."""
 
     def run_case() -> None:
-        model, label, backend = case
+        model, spec, backend = case
         s = bench_settings
         data = bench_data(model)
         clf, bs = data["clf"], s["batch_size"]
-        name, preset = split_label(label)
+        name, preset = split_spec(spec)
         defended = defend(clf, name, preset=preset, seed=0)
         try:
             batches = batches_of(data["x"], bs)
@@ -155,7 +156,7 @@ def measure(benchmark, case, bench_settings, bench_data):
         except BackendUnavailable as err:  # only a missing module: unsupported pairs are never generated
             pytest.skip(str(err))
         device = batches[0].device
-        warmup_seconds = warm_up(lambda: run(batches[0], draws[0]), device, s["warmup"])
+        warmup_s = warm_up(lambda: run(batches[0], draws[0]), device, s["warmup"])
         calls = itertools.cycle(zip(batches, draws))
 
         def setup():
@@ -169,17 +170,16 @@ def measure(benchmark, case, bench_settings, bench_data):
             benchmark.pedantic(target, setup=setup, rounds=len(batches), iterations=1)
             agreement = None  # eager is the reference
             if backend != "eager":  # top-1 of this backend vs eager on the same images and draws (untimed)
-                same = sum((run(b, d).argmax(-1).cpu() == defended(b, d).argmax(-1).cpu()).sum().item()
-                           for b, d in zip(batches, draws))
-                agreement = same / (len(batches) * bs)
+                agreement = top1_agreement(torch.cat([run(b, d) for b, d in zip(batches, draws)]),
+                                           torch.cat([defended(b, d) for b, d in zip(batches, draws)]))
         info = benchmark.extra_info
         stats = getattr(benchmark.stats, "stats", None)  # None under --benchmark-disable
         if stats is not None and stats.data:
             summary = summarize(stats.data, per=bs)
-            info.update(seconds_per_image=summary["median"], p20=summary["p20"], p80=summary["p80"])
-        info.update(model=model, pretrained=s["pretrained"], defense=name, preset=preset, label=label, backend=backend,
+            info.update(s_per_image=summary["median"], p20=summary["p20"], p80=summary["p80"])
+        info.update(model=model, pretrained=s["pretrained"], defense=name, preset=preset, spec=spec, backend=backend,
                     batch_size=bs, n_images=len(batches) * bs, pixels=data["pixels"],
-                    compile_seconds=run.compile_seconds, warmup_seconds=warmup_seconds, top1_agreement=agreement,
+                    compile_s=run.compile_seconds, warmup_s=warmup_s, top1_agreement=agreement,
                     hardware=hardware(device), versions=versions())
         if data["acc"] is not None:
             x_clean, x_adv, y = data["acc"]

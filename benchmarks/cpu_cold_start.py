@@ -11,7 +11,7 @@ what a replica does before its first request: import scc, load the model (random
 - `build`:    Engine(...).build_packages(folder): the AOTInductor packages (scc.backends.packages), built once.
 - `package`:  Engine(..., packages=folder).warmup(b) loads each bucket's package instead of compiling.
 
-Reported per phase: seconds from process start to ready (`ready_seconds`, the replica's cold start), the part of it
+Reported per phase: seconds from process start to ready (`ready_s`, the replica's cold start), the part of it
 spent compiling or loading per bucket, and for `compile` and `package` one timed call and its top-1 agreement with
 the eager module in the same dtype on the same images and draws.
 """
@@ -33,6 +33,7 @@ import torch
 import scc
 from scc.backends.compiled import Engine
 from scc.bench.latency import prepare
+from scc.metrics import top1_agreement
 from scc.precision import DTYPES
 from scc.timing import timed_call
 a = json.loads(sys.argv[1])
@@ -42,22 +43,23 @@ defended = scc.defend(clf, a["defense"], seed=0)
 dtype = DTYPES[a["dtype"]]
 engine = Engine(defended, max_batch=max(a["buckets"]), dtype=dtype, packages=a["packages"])
 loaded = time.perf_counter() - start
-out = {"model_loaded_seconds": round(loaded, 2), "threads": torch.get_num_threads()}
+out = {"model_loaded_s": round(loaded, 2), "threads": torch.get_num_threads()}
 if a["phase"] == "build":
     infos = engine.build_packages(a["folder"], a["buckets"])
-    out["packages"] = [{"bucket": b, "seconds": round(i["seconds"], 1), "megabytes": round(i["bytes"] / 2**20, 1)}
+    out["packages"] = [{"bucket": b, "wall_s": round(i["seconds"], 1), "megabytes": round(i["bytes"] / 2**20, 1)}
                        for b, i in zip(a["buckets"], infos)]
 else:
-    out["bucket_seconds"] = {str(b): round(engine.warmup(b), 2) for b in a["buckets"]}
-    out["ready_seconds"] = round(time.perf_counter() - start, 2)
+    out["bucket_s"] = {str(b): round(engine.warmup(b), 2) for b in a["buckets"]}
+    out["ready_s"] = round(time.perf_counter() - start, 2)
     out["loaded_packages"] = sorted(engine.loaded_packages)
     b = max(a["buckets"])
     draws = defended.draws(x[:b])
     seconds, logits = timed_call(lambda: engine(x[:b], draws))
     with torch.no_grad():
         reference = defended.with_dtype(dtype)(x[:b], draws)
-    out["call_seconds"] = round(seconds, 4)
-    out["top1_agreement_vs_eager"] = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    out["call_s"] = round(seconds, 4)
+    out["top1_agreement"] = top1_agreement(logits, reference)
+    out["reference"] = "eager, same dtype, same draws"
 print("RESULT " + json.dumps(out))
 """
 
@@ -75,7 +77,7 @@ def run_phase(phase: str, args, folder: str) -> dict:
     line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
     if proc.returncode != 0 or line is None:
         raise SystemExit(f"phase {phase} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return {**json.loads(line[len("RESULT "):]), "process_seconds": round(wall, 2),
+    return {**json.loads(line[len("RESULT "):]), "process_s": round(wall, 2),
             "load_average_at_end": os.getloadavg()[0]}
 
 

@@ -8,9 +8,10 @@
 Timing (scc.timing): after the engine's warm-up (its compile time is reported separately), eager and compiled
 calls alternate in rounds, so both see the same machine load; each side reports the median and p20/p80 of all
 its calls. One intra-op thread by default (see --threads), recorded with the hardware and versions in
-benchmarks/results/cpu-compiled-<model>.json (or --json). `--modes` builds one engine per Inductor compile mode
-and times them in the same rounds: max-autotune-no-cudagraphs lets Inductor choose, per matmul shape, between
-its C++ GEMM templates and the ATen/MKL kernel by timing both.
+benchmarks/results/cpu-compiled-<model>.json (or --json), the model spelt vitb32, scc-tiny-digits, ...
+`--modes` builds one engine per Inductor compile mode and times them in the same rounds:
+max-autotune-no-cudagraphs lets Inductor choose, per matmul shape, between its C++ GEMM templates and the
+ATen/MKL kernel by timing both.
 """
 from __future__ import annotations
 
@@ -23,7 +24,10 @@ import torch
 import scc
 from scc.backends import make_runner
 from scc.backends.compiled import MODES
+from scc.bench.report import model_slug
 from scc.data import DTD_CLASSES, load_dataset
+from scc.defenses import split_spec
+from scc.metrics import top1_agreement
 from scc.precision import DTYPES, dtype_name
 from scc.provenance import hardware, versions
 from scc.timing import summarize, time_calls
@@ -59,14 +63,14 @@ def measure(clf, images, defense: str, batch: int, calls: int, rounds: int, back
     rows = []
     for mode, engine, out, seconds in zip(modes, engines, outs, engine_t):
         c = summarize(seconds, per=batch)
-        rows.append({"defense": defense, "batch": batch, "backend": backend, "mode": mode,
-                     "dtype": dtype_name(dtype), "compile_s": round(engine.compile_seconds, 2),
+        rows.append({"defense": split_spec(defense)[0], "spec": defense, "batch": batch, "backend": backend,
+                     "mode": mode, "dtype": dtype_name(dtype), "compile_s": round(engine.compile_seconds, 2),
                      "eager_ms_per_image": round(e["median"] * 1e3, 3),
                      "eager_p20_p80_ms": [round(e["p20"] * 1e3, 3), round(e["p80"] * 1e3, 3)],
                      "engine_ms_per_image": round(c["median"] * 1e3, 3),
                      "engine_p20_p80_ms": [round(c["p20"] * 1e3, 3), round(c["p80"] * 1e3, 3)],
                      "speedup": round(e["median"] / c["median"], 2), "timed_calls_each": c["calls"],
-                     "top1_agreement": (eager_out.argmax(1) == out.argmax(1)).float().mean().item(),
+                     "top1_agreement": top1_agreement(eager_out, out), "reference": "eager, same dtype, same draws",
                      "max_abs_logit_diff": (eager_out.float() - out.float()).abs().max().item(),
                      "kernels": engine.details["kernels"]})
     return rows
@@ -90,7 +94,7 @@ def main() -> None:
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         p.error(f"unknown compile mode(s) {unknown}; choose from " + ", ".join(m for m in MODES if m))
-    out = Path(args.json) if args.json else RESULTS / f"cpu-compiled-{args.model}.json"
+    out = Path(args.json) if args.json else RESULTS / f"cpu-compiled-{model_slug(args.model)}.json"
     if not out.parent.is_dir():
         p.error(f"--json {out}: folder {out.parent} does not exist; create it or pick another path")
     torch.set_num_threads(args.threads)

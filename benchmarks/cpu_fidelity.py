@@ -20,6 +20,7 @@ import torch
 import scc
 from scc.backends import make_runner
 from scc.bench.latency import prepare
+from scc.metrics import top1_agreement
 from scc.precision import DTYPES
 from scc.provenance import hardware, versions
 
@@ -42,12 +43,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     clf, x, _, pixels = prepare(args.model, None, args.images)
     report = {"command": " ".join(sys.argv), "model": args.model, "pixels": pixels, "images": args.images,
+              "reference": "eager fp32 with seed 0: the same draws, except the row 'fp32 fresh seed' (seed 1)",
               "load_average_at_start": os.getloadavg()[0], "rows": []}
-    for label in args.defenses.split(","):
-        defended = scc.defend(clf, label, seed=0)
+    for spec in args.defenses.split(","):
+        defended = scc.defend(clf, spec, seed=0)
         draws = defended.draws(x)
         reference = run_all(make_runner(defended, "eager", args.batch_size), x, draws, args.batch_size)
-        fresh_seed = scc.defend(clf, label, seed=1)
+        fresh_seed = scc.defend(clf, spec, seed=1)
         fresh = run_all(make_runner(fresh_seed, "eager", args.batch_size), x, fresh_seed.draws(x), args.batch_size)
         rows = [("eager", "fp32 fresh seed", fresh)]
         for backend, dt in (("eager", "bf16"), ("compiled", "fp32"), ("compiled", "bf16")):
@@ -55,8 +57,8 @@ def main() -> None:
             rows.append((backend, dt, run_all(runner, x, draws, args.batch_size)))
         for backend, dt, out in rows:
             diff = (out - reference).abs()
-            row = {"defense": label, "backend": backend, "dtype": dt,
-                   "top1_agreement": (out.argmax(1) == reference.argmax(1)).float().mean().item(),
+            row = {"defense": defended.defense, "spec": spec, "backend": backend, "dtype": dt,
+                   "top1_agreement": top1_agreement(out, reference),
                    "max_abs_logit_diff": diff.max().item(), "median_abs_logit_diff": diff.median().item()}
             report["rows"].append(row)
             print(json.dumps(row), flush=True)

@@ -13,7 +13,7 @@ passes; SCC's four views; batch 8), and reports the FLOP-weighted GFLOP/s of a w
 gradient) and its fraction of the peak, first with one block's weights reused (hot in the caches), then as a whole
 tower pass over 12 blocks' own weights, forward and input gradient (each weight read from memory once per pass, as
 in the model): the ceiling a row can reach while its time is in matmuls.
-Every product is timed as the best of repeated calls for `--seconds` (as the peak is), threads set per row.
+Every product is timed as the best of repeated calls for `--window-s` seconds (as the peak is), threads set per row.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from scc.bench.roofline import best_seconds, matmul_peak
+from scc.cli.args import deprecated_flag
 from scc.precision import dtype_name, parse_dtypes
 from scc.provenance import hardware, versions
 
@@ -89,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", default="1,2")
     p.add_argument("--dtype", default="fp32,bf16")
     p.add_argument("--multiples", default="1,2,4,8", help="rows per product in units of 50 tokens")
-    p.add_argument("--seconds", type=float, default=0.5, help="timing window per product (best call kept)")
+    p.add_argument("--window-s", type=float, default=0.5, metavar="S",
+                   help="timing window per product in seconds (best call kept)")
+    deprecated_flag(p, "--seconds", "--window-s")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.json:
@@ -100,9 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     for threads in [int(t) for t in args.threads.split(",")]:
         for dtype in parse_dtypes(args.dtype):
-            rows += measure(threads, dtype, [int(m) for m in args.multiples.split(",")], args.seconds)
+            rows += measure(threads, dtype, [int(m) for m in args.multiples.split(",")], args.window_s)
     report = {"hardware": hardware("cpu"), "versions": versions(), "tokens_per_image": TOKENS, "block": BLOCK,
-              "seconds": round(time.perf_counter() - started, 1), "rows": rows}
+              "wall_s": round(time.perf_counter() - started, 1), "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return 0

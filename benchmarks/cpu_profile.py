@@ -8,7 +8,8 @@ Every row replays the same images and draws. Per row: the median seconds per ima
 calls (rows round-robin, so load that comes and goes hits them alike), then torch.profiler over `--profile-calls`
 calls (scc.bench.profile): self time of the top operators and the share of the call spent in matmuls. The
 compiled rows are built with Inductor's per-kernel profiler records on (`cpp.enable_kernel_profile`), so the
-fused C++ kernels appear by name. Writes benchmarks/results/cpu-profile-<model>-<tag>.json and prints the tables.
+fused C++ kernels appear by name. Writes benchmarks/results/cpu-profile-<model>-<tag>.json (the model spelt vitb32,
+scc-tiny-digits, ...) and prints the tables.
 """
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ from scc.backends import make_runner
 from scc.bench.latency import prepare
 from scc.bench.official import LABEL as OFFICIAL, official_ttc
 from scc.bench.profile import format_profile, operator_profile
+from scc.bench.report import model_slug
+from scc.defenses import split_spec
+from scc.metrics import top1_agreement
 from scc.precision import dtype_name, parse_dtypes
 from scc.provenance import hardware, versions
 from scc.timing import summarize, timed_call
@@ -89,19 +93,20 @@ def main() -> None:
         base = next((outputs[j] for j, r in enumerate(rows) if r[0] == ("ttc" if label == OFFICIAL else label)
                      and r[1:3] == ("eager", "fp32")), outputs[i])  # eager fp32 on the same draws
         out = outputs[i]
-        row = {"label": label, "backend": backend, "dtype": dt, "batch_size": args.batch_size,
-               "seconds_per_image": stats["median"], "p20": stats["p20"], "p80": stats["p80"],
-               "timed_calls": stats["calls"], "compile_seconds": compile_s,
-               "top1_agreement_vs_eager_fp32": (out.argmax(-1) == base.argmax(-1)).float().mean().item(),
+        name, preset = split_spec(label)
+        row = {"defense": name, "preset": preset, "spec": label, "backend": backend, "dtype": dt,
+               "batch_size": args.batch_size, "s_per_image": stats["median"], "p20": stats["p20"], "p80": stats["p80"],
+               "timed_calls": stats["calls"], "compile_s": compile_s, "top1_agreement": top1_agreement(out, base),
                "profile": prof}
         results.append(row)
         print(format_profile(f"{label} {backend} {dt} (median {stats['median']:.4f} s/image)", prof), flush=True)
     report = {"command": " ".join(sys.argv), "model": args.model, "pixels": pixels, "batch_size": args.batch_size,
-              "threads": args.threads, "load_average_at_start": load_at_start,
+              "threads": args.threads, "reference": "eager fp32, same draws (TTC's for the official TTC)",
+              "load_average_at_start": load_at_start,
               "load_average_at_end": os.getloadavg()[0], "hardware": hardware("cpu"), "versions": versions(),
               "rows": results}
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"cpu-profile-{args.model}-{args.tag}.json"
+    out = RESULTS / f"cpu-profile-{model_slug(args.model)}-{args.tag}.json"
     out.write_text(json.dumps(report, indent=1))
     print(f"wrote {out}")
 

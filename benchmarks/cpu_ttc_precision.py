@@ -29,6 +29,7 @@ import torch
 import scc
 from scc.bench.latency import prepare
 from scc.defenses.ttc import counterattack
+from scc.metrics import top1_agreement
 from scc.precision import engine_classifier
 from scc.provenance import hardware, versions
 
@@ -61,8 +62,8 @@ def measure(model: str, n_images: int, batch: int) -> dict:
     top2 = ref.topk(2, dim=1).values
     thres = defended.config.tau_thres
     return {"model": model, "pixels": pixels, "images": len(x), "classes": ref.shape[1],
-            "top1_agreement": {k: (out[k].argmax(1) == ref.argmax(1)).float().mean().item()
-                               for k in ("fresh seed", "bf16", "bf16 + fp32")},
+            "top1_agreement": {k: top1_agreement(out[k], ref) for k in ("fresh seed", "bf16", "bf16 + fp32")},
+            "reference": "fp32, same draws (the fresh seed: other draws)",
             "sign_agreement_per_step": out["sign"].mean(0).tolist(),
             "tau_gate_agreement": ((out["tau32"] < thres) == (out["tau16"] < thres)).float().mean().item(),
             "tau_min_median_max": [out["tau32"].min().item(), out["tau32"].median().item(), out["tau32"].max().item()],

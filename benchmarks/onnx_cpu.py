@@ -26,6 +26,7 @@ import torch
 
 import scc
 from scc.data import load_dataset
+from scc.metrics import top1_agreement
 from scc.provenance import cpu_flags, cpu_name, native_bf16
 
 from scc.export import OrtDefended, export_onnx
@@ -84,7 +85,8 @@ def measure_model(model: str, defenses: list[tuple[str, str]], batches: list[int
         defended = scc.defend(clf, name, preset=preset)
         tag = f"{model}-{name}-{preset}"
         dynamic_info, dynamic = _export(defended, folder, tag, None)
-        row = {"model": model, "defense": name, "preset": preset, "dynamic": dynamic_info, "fixed": {}}
+        row = {"model": model, "defense": name, "preset": preset, "spec": defended.spec, "dynamic": dynamic_info,
+               "fixed": {}}
         for b in batches:
             fixed_info, fixed = _export(defended, folder, tag, b)
             row["fixed"][str(b)] = fixed_info
@@ -94,19 +96,19 @@ def measure_model(model: str, defenses: list[tuple[str, str]], batches: list[int
                 row.setdefault("fixed_fp16", {})[str(b)] = half_info
             if not latency:
                 continue
+            row["reference"] = "eager fp32, same draws"  # of top1_agreement
             x = pool[:b]
             draws = defended.draws(x)
             with torch.no_grad():
                 eager = defended(x, draws)
-            agreement = {k: (run(x, draws).argmax(1) == eager.argmax(1)).float().mean().item()
-                         for k, run in runs.items()}
+            agreement = {k: top1_agreement(run(x, draws), eager) for k, run in runs.items()}
             ms = _latency({"eager": lambda x, d: defended(x, d), **{f"ort_{k}": r for k, r in runs.items()}},
                           x, draws, repeats)
             row.setdefault("latency_ms_per_image", {})[str(b)] = {
                 **ms, "eager_over_ort_dynamic": round(ms["eager"] / ms["ort_dynamic"], 2),
                 "ort_fixed_over_ort_dynamic": round(ms["ort_fixed"] / ms["ort_dynamic"], 3),
                 **({"ort_fixed_fp16_over_ort_fixed": round(ms["ort_fixed_fp16"] / ms["ort_fixed"], 3)} if fp16 else {}),
-                "top1_agreement_with_eager": agreement}
+                "top1_agreement": agreement}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows

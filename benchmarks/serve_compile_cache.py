@@ -1,7 +1,7 @@
 """Replica start-up with a cold vs a warm compile cache (`scc serve --compile-cache DIR`).
 
     python benchmarks/serve_compile_cache.py --model ViT-B-32 --defense ttc --max-batch 2 \
-        --json benchmarks/results/serve_compile_cache_vitb32.json
+        --json benchmarks/results/serve-compile-cache-vitb32.json
 
 Each phase is a fresh process that builds what one replica builds (scc.serve.Service: load, make_runner, compile
 and run every bucket): `cold` starts from an empty DIR; `warm` reuses DIR (Inductor's on-disk caches and the
@@ -29,7 +29,7 @@ per = {str(b): round(t, 3) for b, t in s.bucket_seconds.items()}
 top = str(max(s.buckets))
 if s.runner.compile_seconds is not None:
     per[top] = round(per[top] + s.runner.compile_seconds, 3)
-print("RESULT " + json.dumps({"ready_seconds": round(ready, 2), "bucket_seconds": per,
+print("RESULT " + json.dumps({"ready_s": round(ready, 2), "bucket_s": per,
                               "artifacts_loaded": s.artifacts_loaded, "threads": torch.get_num_threads()}))
 """
 
@@ -67,13 +67,13 @@ def main() -> int:
             print(out.stderr[-3000:], file=sys.stderr)
             return 1
         res = json.loads(line[len("RESULT "):])
-        res["process_seconds"] = round(time.perf_counter() - start, 2)
+        res["process_s"] = round(time.perf_counter() - start, 2)
         report["phases"][phase] = res
         print(phase, res, flush=True)
     report["load_average_after"] = os.getloadavg()
     ph = report["phases"]
-    report["warm_over_cold"] = round(ph["warm"]["ready_seconds"] / ph["cold"]["ready_seconds"], 3)
-    report["new_host_over_cold"] = round(ph["new-host"]["ready_seconds"] / ph["cold"]["ready_seconds"], 3)
+    report["warm_over_cold"] = round(ph["warm"]["ready_s"] / ph["cold"]["ready_s"], 3)
+    report["new_host_over_cold"] = round(ph["new-host"]["ready_s"] / ph["cold"]["ready_s"], 3)
     from scc.provenance import hardware, versions
 
     report["hardware"], report["versions"] = hardware("cpu"), versions()

@@ -3,8 +3,8 @@
     python benchmarks/serve_faults.py --replicas 2,1 --json benchmarks/results/serve-faults.json
 
 For each replica count R: start `scc serve` (bundled model, eager SCC, replay mode, --timeout-s T) on a free
-loopback port; C client threads keep one request each in flight; after --kill-at seconds one model replica gets
-SIGKILL; the load runs --after seconds more. Recorded per request: start, latency, status, Retry-After. Reported:
+loopback port; C client threads keep one request each in flight; after --kill-at-s seconds one model replica gets
+SIGKILL; the load runs --after-s seconds more. Recorded per request: start, latency, status, Retry-After. Reported:
 requests by status, failed ones (anything but 200 or a 503 with Retry-After: must be 0), the slowest request
 against the deadline, and the recovery: seconds from the kill until /readyz answers 200 again, and until R model
 replicas run again (a new pid in the process table and RUNNING = R in /readyz); then every answer after recovery
@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import scc
+from scc.cli.args import deprecated_flag
 from scc.serve.client import Client
 from scc.serve.loadtest import load_images
 from scc.serve.process import ServerProcess
@@ -45,7 +46,7 @@ def one_run(replicas: int, a, images, reference) -> dict:
     server = ServerProcess(["--defense", "scc", "--backend", "eager", "--replicas", str(replicas), "--replay-draws",
                             "--max-batch", "8", "--timeout-s", str(a.timeout_s), "--threads", "1"], log)
     server.start()
-    report = {"replicas": replicas, "ready_seconds": round(server.ready_seconds, 1)}
+    report = {"replicas": replicas, "ready_s": round(server.ready_seconds, 1)}
     try:
         pids = server.model_pids()
         assert len(pids) == replicas, pids
@@ -85,12 +86,12 @@ def one_run(replicas: int, a, images, reference) -> dict:
 
         prober = threading.Thread(target=probe, daemon=True)
         prober.start()
-        time.sleep(a.kill_at)
+        time.sleep(a.kill_at_s)
         victim = pids[0]
         os.kill(victim, signal.SIGKILL)
         t_kill = time.perf_counter() - t0
         recovered = None
-        while time.perf_counter() - t0 < t_kill + a.after or recovered is None:
+        while time.perf_counter() - t0 < t_kill + a.after_s or recovered is None:
             now = server.model_pids()
             if recovered is None and len(now) == replicas and victim not in now and probes and \
                     probes[-1][1] == 200 and probes[-1][2] == replicas:
@@ -148,8 +149,11 @@ def main() -> int:
     p.add_argument("--replicas", default="2,1")
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--timeout-s", type=float, default=10.0)
-    p.add_argument("--kill-at", type=float, default=4.0, help="seconds of load before the kill")
-    p.add_argument("--after", type=float, default=20.0, help="seconds of load after the kill (at least)")
+    p.add_argument("--kill-at-s", type=float, default=4.0, metavar="S", help="seconds of load before the kill")
+    p.add_argument("--after-s", type=float, default=20.0, metavar="S",
+                   help="seconds of load after the kill (at least)")
+    deprecated_flag(p, "--kill-at", "--kill-at-s")
+    deprecated_flag(p, "--after", "--after-s")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     torch.set_num_threads(1)

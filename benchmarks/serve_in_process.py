@@ -3,7 +3,7 @@ benchmarks/serve_load.py's replicas (bundled model, compiled SCC, max batch 8, a
 is off as in the replicas): the reference `scc loadtest` measures at the replicas' own thread count, here at the
 machine's (2 threads on 2 cores), for the 70 % throughput target.
 
-    python benchmarks/serve_in_process.py --threads 2 --json benchmarks/results/serve_in_process_2threads.json
+    python benchmarks/serve_in_process.py --threads 2 --json benchmarks/results/serve-in-process-2threads.json
 
 Each run compiles into a fresh private cache (about 5 minutes on 2 cores), then times 1024 images in chunks of 8.
 """
@@ -15,6 +15,7 @@ import tempfile
 import time
 
 import scc
+from scc.defenses import split_spec
 from scc.provenance import hardware, versions
 from scc.serve.loadtest import in_process, load_images
 
@@ -31,19 +32,21 @@ def main() -> int:
         raise SystemExit(f"--json {a.json}: its folder does not exist; create it first")
     load_before = os.getloadavg()
     clf = scc.load("scc-tiny-digits")
-    info = {"model": "scc-tiny-digits", "pretrained": None, "labels": list(clf.labels), "defense": a.defense,
-            "backend": "compiled", "dtype": "fp32", "device": "cpu", "max_batch": 8, "threads": a.threads}
+    name = split_spec(a.defense)[0]
+    info = {"model": "scc-tiny-digits", "pretrained": None, "labels": list(clf.labels), "defense": name,
+            "spec": a.defense, "backend": "compiled", "dtype": "fp32", "device": "cpu", "max_batch": 8,
+            "threads": a.threads}
     start = time.perf_counter()
     ref = in_process(info, load_images("digits", limit=256), a.images, 300.0, tempfile.mkdtemp(prefix="scc-cc-"))
-    result = {"command": "python " + " ".join(sys.argv), **ref, "defense": a.defense, "backend": "compiled",
-              "max_batch": 8, "wall_s": round(time.perf_counter() - start, 1),
+    result = {"command": "python " + " ".join(sys.argv), **ref, "defense": name, "spec": a.defense,
+              "backend": "compiled", "max_batch": 8, "total_wall_s": round(time.perf_counter() - start, 1),
               "load_average": {"before": [round(v, 2) for v in load_before],
                                "after": [round(v, 2) for v in os.getloadavg()]},
               "hardware": hardware("cpu"), "versions": versions()}
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     print(f"in-process, batch 8, {ref['threads']} thread(s): {ref['throughput_images_s']:.1f} images/s "
-          f"(start {ref['start_seconds']:.0f} s) -> {a.json}")
+          f"(start {ref['start_s']:.0f} s) -> {a.json}")
     return 0
 
 

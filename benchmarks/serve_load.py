@@ -7,9 +7,9 @@ that one command reproduces the committed files).
 2. `scc serve --backend compiled --replicas 2 --max-batch 8 --compile-cache DIR --grpc-port P` on loopback.
 3. Throughput: `scc loadtest --images-per-request 8 --concurrency 1,4,16` over HTTP, then over gRPC, each followed
    in the same run by the in-process batch handler at batch 8 (the 70 % target is service / in-process at c = 16):
-   serve_load_8img_http.json/.png, serve_load_8img_grpc.json/.png.
-4. Soak: `scc loadtest --duration S --rate R --images-per-request 2 --concurrency 8 --sample-s 10`, the replicas'
-   resident memory read from /v1/info every 10 s: serve_soak.json/.png.
+   serve-load-8img-http.json/.png, serve-load-8img-grpc.json/.png.
+4. Soak: `scc loadtest --duration-s S --rate R --images-per-request 2 --concurrency 8 --sample-s 10`, the replicas'
+   resident memory read from /v1/info every 10 s: serve-soak.json/.png.
 """
 import argparse
 import json
@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from scc.cli.args import deprecated_flag
 from scc.serve.loadtest import Target, loadtest, plot
 from scc.serve.process import ServerProcess, free_port
 
@@ -28,9 +29,10 @@ def main() -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--defense", default="scc")
     p.add_argument("--requests", type=int, default=256, help="requests per throughput level")
-    p.add_argument("--soak-seconds", type=float, default=600.0)
+    p.add_argument("--soak-s", type=float, default=600.0, metavar="S", help="soak duration in seconds")
     p.add_argument("--soak-rate", type=float, default=10.0, help="requests per second during the soak")
     p.add_argument("--skip", default="", help="comma-separated phases to skip: http, grpc, soak")
+    deprecated_flag(p, "--soak-seconds", "--soak-s")
     a = p.parse_args()
     skip = set(filter(None, a.skip.split(",")))
     out = Path(a.out)
@@ -41,7 +43,7 @@ def main() -> int:
     Service(service_config(defense=a.defense, backend="compiled", max_batch=8, compile_cache=a.cache, threads=1))
     print(f"compile cache warm after {time.perf_counter() - t:.0f} s", flush=True)
     grpc_port = free_port()
-    log = out / "serve_load_server.log"
+    log = out / "serve-load-server.log"
     server = ServerProcess(["--defense", a.defense, "--backend", "compiled", "--replicas", "2", "--max-batch", "8",
                             "--compile-cache", a.cache, "--grpc-port", str(grpc_port), "--timeout-s", "60",
                             "--threads", "1"], log, ready_timeout=1200)
@@ -49,20 +51,20 @@ def main() -> int:
     print(f"service ready after {server.ready_seconds:.0f} s", flush=True)
     try:
         target = Target(server.url, grpc=f"127.0.0.1:{grpc_port}")
-        for protocol in ("http", "grpc"):
-            if protocol in skip:
+        for transport in ("http", "grpc"):
+            if transport in skip:
                 continue
             report = loadtest(target, "digits", [1, 4, 16], a.requests, 120.0, replicas=2, compile_cache=a.cache,
-                              images_per_request=8, protocol=protocol)
+                              images_per_request=8, transport=transport)
             report["command"] = command
-            path = out / f"serve_load_8img_{protocol}.json"
+            path = out / f"serve-load-8img-{transport}.json"
             path.write_text(json.dumps(report, indent=2) + "\n")
             plot(report, str(path.with_suffix(".png")))
         if "soak" not in skip:
-            report = loadtest(target, "digits", [8], 10 ** 9, a.soak_seconds, replicas=2, with_in_process=False,
-                              images_per_request=2, rate=a.soak_rate, duration=a.soak_seconds, sample_s=10)
+            report = loadtest(target, "digits", [8], 10 ** 9, a.soak_s, replicas=2, with_in_process=False,
+                              images_per_request=2, rate=a.soak_rate, duration_s=a.soak_s, sample_s=10)
             report["command"] = command
-            path = out / "serve_soak.json"
+            path = out / "serve-soak.json"
             path.write_text(json.dumps(report, indent=2) + "\n")
             plot(report, str(path.with_suffix(".png")))
     finally:

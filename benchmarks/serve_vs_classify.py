@@ -116,7 +116,7 @@ def main() -> None:
                       "eval_dataset": in_process(dataset, defense),
                       "centre_crop_rule_before": in_process(old_rule, defense)}
         report["defenses"][defense] = {name: summary(rows, reference, truth) for name, rows in paths_rows.items()}
-        report["defenses"][defense]["seconds"] = round(time.perf_counter() - t0, 1)
+        report["defenses"][defense]["wall_s"] = round(time.perf_counter() - t0, 1)
         print(defense, json.dumps(report["defenses"][defense]), flush=True)
     Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {a.json}")

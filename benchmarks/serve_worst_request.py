@@ -91,7 +91,7 @@ def in_process(size: int) -> list[dict]:
                 status = err.status
             spent = time.thread_time() - start
             best = spent if best is None else min(best, spent)
-        rows.append({"request": name, "bytes": len(body), "status": status, "cpu_seconds": round(best, 4),
+        rows.append({"request": name, "bytes": len(body), "status": status, "cpu_s": round(best, 4),
                      "cpu_us_per_byte": round(best / len(body) * 1e6, 3)})
         print(size, rows[-1], flush=True)
     return {"model_input": size, "limits": vars(limits), "requests": rows}
@@ -140,8 +140,8 @@ def against_service() -> dict:
             time.sleep(0.3)
             stop.set()
             th.join(30)
-            rows.append({"request": name, "bytes": len(body), "status": status, "seconds": round(wall, 3),
-                         "ingress_cpu_seconds": round(spent, 3),
+            rows.append({"request": name, "bytes": len(body), "status": status, "wall_s": round(wall, 3),
+                         "ingress_cpu_s": round(spent, 3),
                          "good_client_worst_ms": round(max(lat) * 1e3, 1) if lat else None,
                          "answer": raw[:160].decode(errors="replace")})
             print(rows[-1], flush=True)

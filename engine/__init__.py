@@ -6,7 +6,7 @@
 
 Layers (a module imports only its own layer and the ones below it, without cycles; tests/test_layers.py checks it):
     foundation    errors, validation, batching, attention, perturbation, grad, draws, passes, timing, provenance,
-                  images, models, precision, data                           (flat modules of scc)
+                  metrics, images, models, precision, data                  (flat modules of scc)
     algorithms    scc.defenses (TTC, SCC, R-TPT, the Defense records), scc.attacks
     runtime       scc.kernels (Triton), scc.export (ONNX, Triton repository), scc.backends (make_runner, compiled)
     applications  scc.eval, scc.bench, scc.serve, scc.train

@@ -1,7 +1,7 @@
 """The one user-error type, and the optional extras a command may need (found before any work starts).
 
     raise SccError("--eps 4: ambiguous; write 4/255")          # the CLI prints it as one `scc: error:` line
-    require_extra("adaptive", what="scc eval --out")            # SccError naming the missing modules and the extra
+    require_extra("plots", what="scc eval --out")               # SccError naming the missing modules and the extra
 
 Every layer imports this module; it imports nothing of scc.
 """
@@ -19,10 +19,12 @@ class SccError(ValueError):
 EXTRAS: dict[str, tuple[str, ...]] = {
     "onnx": ("onnx", "onnxscript", "onnxruntime"),
     "serve": ("ray", "fastapi", "matplotlib"),
-    "adaptive": ("matplotlib",),
+    "plots": ("matplotlib",),
     "ray": ("ray",),
-    "triton": ("tritonclient",),
+    "triton-server": ("tritonclient",),
 }
+# extras under their names of the previous release (pyproject keeps them as aliases for one release)
+EXTRA_ALIASES = {"adaptive": "plots", "triton": "triton-server"}
 
 
 def install_hint(extra: str) -> str:
@@ -38,6 +40,7 @@ def missing_modules(modules: Sequence[str]) -> list[str]:
 
 def require_extra(extra: str, modules: Sequence[str] | None = None, what: str = "this") -> None:
     """SccError, before any work, when a module of the optional `extra` (default: all of them) is missing."""
+    extra = EXTRA_ALIASES.get(extra, extra)
     missing = missing_modules(EXTRAS[extra] if modules is None else modules)
     if missing:
         raise SccError(f"{what} needs {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} not "

@@ -34,29 +34,6 @@ ROUTES = ("func", "autograd")
 _ROUTE: contextvars.ContextVar[str] = contextvars.ContextVar("scc_grad_route", default="func")
 
 
-def _traceable_one_hot() -> None:
-    """Give aten.one_hot the Python decomposition newer torch releases have (torch 2.14 ships it; 2.11 does not).
-    Without it, F.one_hot (SCC's margin) inside torch.func.grad under torch.compile checks its class values with
-    host reads, which tracing cannot do ("Could not extract specialized integer from data-dependent expression").
-    The decomposition only runs while tracing (the Python dispatcher); eager one_hot and its errors are torch's."""
-    from torch._C import DispatchKey
-
-    aten = torch.ops.aten
-    if DispatchKey.CompositeImplicitAutograd in aten.one_hot.default.py_kernels:
-        return  # this torch has its own
-
-    @aten.one_hot.default.py_impl(DispatchKey.CompositeImplicitAutograd)
-    def one_hot(self: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
-        if num_classes == -1:
-            num_classes = int(self.max().item()) + 1
-        aten._assert_async.msg(torch.all(self >= 0), "one_hot: Class values must be non-negative.")
-        aten._assert_async.msg(torch.all(self < num_classes), "one_hot: Class values must be smaller than num_classes.")
-        return (self.unsqueeze(-1) == torch.arange(num_classes, dtype=self.dtype, device=self.device)).to(torch.int64)
-
-
-_traceable_one_hot()
-
-
 @contextlib.contextmanager
 def grad_route(route: str) -> Iterator[None]:
     """Inside the block, `input_grad` functions use `route` ("func" | "autograd"); restored on exit."""

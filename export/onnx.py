@@ -531,7 +531,7 @@ def export_onnx(defended: Defended, path: str | Path, batch_size: int | None = N
     defended = defended.with_dtype(dtype, export=True)  # the module itself in fp32
 
     t0 = time.perf_counter()
-    say(f"tracing {defended.label} on {defended.classifier.name} (forward and input-gradient passes, "
+    say(f"tracing {defended.spec} on {defended.classifier.name} (forward and input-gradient passes, "
         f"{'dynamic batch' if dynamic else f'batch {batch_size}'}, {dtype_name(dtype)})")
     graph, example, input_names, output_names = trace_procedure(defended, batch_size, trace_outputs)
     trace_seconds = time.perf_counter() - t0

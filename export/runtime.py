@@ -40,6 +40,7 @@ from ..defenses import DEFENSES
 from ..draws import keyed_draws
 from ..errors import SccError, install_hint
 from ..images import Preprocess
+from ..metrics import top1_agreement
 from ..timing import summarize, sync, time_calls, warm_up
 from ..validation import validate_pixels
 
@@ -387,6 +388,6 @@ def benchmark_cuda_graph(path: str | Path, repeats: int = 50, warmup: int = 5, d
         "iobinding_ms": plain_ms, "cuda_graph_ms": graph_ms, "speedup": plain_ms / graph_ms,
         "iobinding_ms_per_image": plain_ms / b, "cuda_graph_ms_per_image": graph_ms / b,
         "max_abs_diff": (plain_out - graph_out).abs().max().item(),
-        "top1_agreement": (plain_out.argmax(1) == graph_out.argmax(1)).float().mean().item(),
+        "top1_agreement": top1_agreement(plain_out, graph_out),
         "providers": graph.providers, "onnxruntime": ort.__version__,
     }

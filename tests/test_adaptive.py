@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import scc
-from scc.attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, sign_pgd
+from scc.attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, madry_step, sign_pgd
 from scc.eval.adaptive import evaluate
 from scc.eval.report import format_adaptive_table, write_report
 from scc.eval.suite import Suite, attack_batch, build_rows, merge, sanity_flags
@@ -62,9 +62,9 @@ def test_eot_with_one_known_draw_is_exact_pgd(tiny, few):
     x, y = few
     d = scc.defend(tiny, "ttc", seed=1)
     known = KnownDraws(d, x, range(len(y)), EPS)
-    exact, _ = sign_pgd(ce_objective(known, y), x, y, EPS, 3, generator=torch.Generator().manual_seed(0),
-                        keep_best=True)
-    eot, _ = sign_pgd(eot_objective(d, y, 1, lambda rep: known.draws), x, y, EPS, 3,
+    exact, _ = sign_pgd(ce_objective(known, y), x, y, EPS, 3, madry_step(EPS, 3),
+                        generator=torch.Generator().manual_seed(0), keep_best=True)
+    eot, _ = sign_pgd(eot_objective(d, y, 1, lambda rep: known.draws), x, y, EPS, 3, madry_step(EPS, 3),
                       generator=torch.Generator().manual_seed(0), keep_best=True)
     assert torch.equal(exact, eot)
 
@@ -147,7 +147,7 @@ def test_worst_case_is_and_over_attacks():
     assert worst["fresh"]["accuracy"] == 1.0
     assert abs(worst["known"]["stderr"] - (0.25 * 0.75 / 4) ** 0.5) < 1e-12
     pgd_known = next(r for r in rows if r["attack"] == "pgd" and r["draws"] == "known")
-    assert pgd_known["attack_seconds_per_image"] == 0.5 and pgd_known["steps"] == 50
+    assert pgd_known["attack_s_per_image"] == 0.5 and pgd_known["steps"] == 50
 
 
 def test_merge_of_shards_equals_the_whole():
@@ -165,8 +165,9 @@ def test_sanity_flags_catch_masking_and_eps():
                  "accuracy": acc, "stderr": 0.01} for a, e, acc in
                 [("pgd", EPS, 0.6), ("square", EPS, square), ("worst", EPS, 0.2), ("worst", 8 / 255, worst_8)]]
         return sanity_flags({"results": rows, "steps_curves": [
-            {"defense": "ttc", "eps": EPS, "draws": "fresh", "steps": [0, 10], "accuracy": curve, "n": 100}],
-            "sanity_16": [{"defense": "ttc", "eps": 16 / 255, "steps": 20, "accuracy": at_16, "n": 32}]})
+            {"defense": "ttc", "spec": "ttc", "eps": EPS, "draws": "fresh", "steps": [0, 10], "accuracy": curve,
+             "n": 100}],
+            "sanity_16": [{"defense": "ttc", "spec": "ttc", "eps": 16 / 255, "steps": 20, "accuracy": at_16, "n": 32}]})
 
     flags = report(square=0.3, worst_8=0.5, curve=[0.2, 0.9], at_16=0.5)
     text = "\n".join(flags)
@@ -260,7 +261,7 @@ def test_one_eval_parser_for_both_protocols(capsys, monkeypatch):
     for argv in (["eval", "--attacks", "apgd-ce", "--out", "plots"], ["eval", "--protocol", "adaptive", "--out", "p"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "matplotlib" in err and "pip install 'scc-defense[adaptive]'" in err, err
+        assert err.count("\n") == 1 and "matplotlib" in err and "pip install 'scc-defense[plots]'" in err, err
 
 
 @pytest.fixture
@@ -348,7 +349,7 @@ def adaptive_report(eps_list, defenses=("none", "ttc", "scc")):
             rows.append(row(d, "none", 0.0, draws, 0.95))
             for e in eps_list:
                 rows += [row(d, "pgd", e, draws, 0.6 - i / 10), row(d, "worst", e, draws, 0.5 - i / 10 - e)]
-                curves.append({"defense": d, "eps": e, "draws": draws, "attack": "pgd", "steps": [0, 1, 10],
+                curves.append({"defense": d, "spec": d, "eps": e, "draws": draws, "attack": "pgd", "steps": [0, 1, 10],
                                "accuracy": [0.9, 0.7, 0.5], "n": 10})
         rows += [row(d, "pgd", e, None, 0.7, protocol="paper") for e in eps_list]
     return {"protocol": "adaptive", "model": "scc-tiny-digits", "dataset": "digits", "n_images": 10,

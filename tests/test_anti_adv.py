@@ -51,11 +51,11 @@ def test_ttc_budget_projects_and_aliases(tiny, digits):
     x = digits[0][:8]
     d = scc.defend(tiny, "anti-adv-ttc-budget")
     assert (d.config.alpha, d.config.eps) == (1 / 255, 4 / 255)
-    assert d.label == "anti-adv-ttc-budget"
+    assert d.spec == "anti-adv-ttc-budget"
     g = anti_adversary(tiny, x, dataclasses.replace(d.config, steps=6))  # 6 x 1/255 would leave the 4/255 ball
     assert g.abs().max() <= 4 / 255 + 1e-7 and (x + g).min() >= 0 and (x + g).max() <= 1
     original = scc.defend(tiny, "anti-adv-original")
-    assert original.label == "anti-adv" and original.config == scc.defend(tiny, "anti-adv").config
+    assert original.spec == "anti-adv" and original.config == scc.defend(tiny, "anti-adv").config
     boxed = anti_adversary(tiny, x, AntiAdvConfig(box=True))
     assert (x + boxed).min() >= 0 and (x + boxed).max() <= 1
 

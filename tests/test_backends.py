@@ -20,7 +20,7 @@ def batch(digits):
 
 
 def check_runner(runner, defended, x, tiny, backend):
-    assert runner.compile_seconds > 0 and runner.backend == backend and runner.defense == defended.label
+    assert runner.compile_seconds > 0 and runner.backend == backend and runner.spec == defended.spec
     draws = defended.draws(x)
     with torch.no_grad():
         out, ref = runner(x, draws), defended(x, draws)
@@ -75,7 +75,7 @@ def test_eager_runner_is_the_module(tiny, batch):
     defended = scc.defend(tiny, "scc", preset="latency")
     runner = make_runner(defended, "eager", 3)
     draws = defended.draws(x)
-    assert runner.compile_seconds is None and runner.defense == "scc-latency"
+    assert runner.compile_seconds is None and runner.spec == "scc-latency"
     assert torch.equal(runner(x, draws), defended(x, draws))
 
 

@@ -18,7 +18,8 @@ def main(argv):
     return cli_main(["bench", *argv])
 
 
-ROW_KEYS = {"defense", "preset", "backend", "seconds_per_image", "p20", "p80", "compile_seconds", "top1_agreement"}
+ROW_KEYS = {"defense", "preset", "spec", "backend", "s_per_image", "p20", "p80", "compile_s", "warmup_s",
+            "top1_agreement"}
 
 
 def test_bench_main_writes_the_json_schema(tmp_path, capsys):
@@ -37,12 +38,12 @@ def test_bench_main_writes_the_json_schema(tmp_path, capsys):
         [(d, p, b) for b in (1, 2) for d, p in want]
     for row in report["rows"]:
         assert ROW_KEYS <= set(row)
-        assert row["backend"] == "eager" and row["compile_seconds"] is None
-        assert 0 < row["p20"] <= row["seconds_per_image"] <= row["p80"]
+        assert row["backend"] == "eager" and row["compile_s"] is None
+        assert 0 < row["p20"] <= row["s_per_image"] <= row["p80"]
         assert row["speedup_vs_official"] == pytest.approx(
-            next(o["seconds_per_image"] for o in report["rows"]
-                 if o["label"] == "ttc-official" and o["batch_size"] == row["batch_size"]) / row["seconds_per_image"])
-        if row["label"] == "ttc-official":  # the engine's TTC gives the official procedure's answers
+            next(o["s_per_image"] for o in report["rows"]
+                 if o["spec"] == "ttc-official" and o["batch_size"] == row["batch_size"]) / row["s_per_image"])
+        if row["spec"] == "ttc-official":  # the engine's TTC gives the official procedure's answers
             assert row["top1_agreement"] == 1.0
         else:  # eager fp32 is the reference the other backends are compared with: no agreement with itself
             assert row["top1_agreement"] is None
@@ -60,7 +61,7 @@ def test_a_run_cut_short_leaves_the_rows_it_measured(tmp_path, monkeypatch):
     real, seen = latency._measure_batch, []
 
     def fail_on_batch_2(*args, **kw):
-        if args[4] == 2:  # batch size
+        if args[3] == 2:  # batch size
             seen.append(json.loads(out.read_text()))
             raise RuntimeError("killed")
         return real(*args, **kw)
@@ -70,7 +71,7 @@ def test_a_run_cut_short_leaves_the_rows_it_measured(tmp_path, monkeypatch):
         main(["--images", "2", "--batch-size", "1,2", "--defenses", "none,ttc", "--json", str(out)])
     partial = json.loads(out.read_text())
     assert partial["partial"] is True and seen == [partial] and partial["limits"]["matmul_peak_gflops"]["fp32"] > 0
-    assert [(r["label"], r["batch_size"]) for r in partial["rows"]] == [("none", 1), ("ttc-official", 1), ("ttc", 1)]
+    assert [(r["spec"], r["batch_size"]) for r in partial["rows"]] == [("none", 1), ("ttc-official", 1), ("ttc", 1)]
     monkeypatch.setattr(latency, "_measure_batch", real)
     assert main(["--images", "2", "--batch-size", "1,2", "--defenses", "none", "--json", str(out)]) == 0
     done = json.loads(out.read_text())
@@ -119,7 +120,7 @@ def test_explain_counts_match_spec_section_5(tmp_path, capsys):
     out = tmp_path / "explain.json"
     table1 = "anti-adv,anti-adv-ttc-budget,hd,hd-ttc-budget,doc,dbd,agc"
     assert main(["--explain", "--defenses", f"none,ttc,scc,scc-latency,rtpt,{table1}", "--json", str(out)]) == 0
-    rows = {r["defense"]: r for r in json.loads(out.read_text())["explain"]}
+    rows = {r["spec"]: r for r in json.loads(out.read_text())["explain"]}
     # spec section 5: image fwd, image bwd, text fwd, text bwd, sequential rounds per image
     want = {"none": (1, 0, 0, 0, 1), "ttc": (4, 2, 0, 0, 4), "scc": (19, 14, 0, 0, 7),
             "scc-latency": (10, 5, 0, 0, 4), "rtpt": (64, 0, 2, 1, 3),
@@ -136,8 +137,8 @@ def test_explain_counts_match_spec_section_5(tmp_path, capsys):
 
 
 def test_table_ratios():
-    rows = [{"defense": d, "preset": "paper", "backend": "eager", "seconds_per_image": t, "p20": t, "p80": t,
-             "compile_seconds": None, "top1_agreement": 1.0} for d, t in (("ttc", 0.01), ("scc", 0.02), ("rtpt", 0.3))]
+    rows = [{"defense": d, "preset": "paper", "backend": "eager", "s_per_image": t, "p20": t, "p80": t,
+             "compile_s": None, "top1_agreement": 1.0} for d, t in (("ttc", 0.01), ("scc", 0.02), ("rtpt", 0.3))]
     table = format_table({"model": "m", "batch_size": 1, "n_images": 1, "rows": rows})
     scc_line = next(l for l in table.splitlines() if l.startswith("scc "))
     assert "2.00" in scc_line and "15.00" in scc_line  # x TTC, R-TPT/x
@@ -156,14 +157,14 @@ def test_benchmark_suite_runs_and_its_json_prints(tmp_path, capsys):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     infos = [b["extra_info"] for b in data["benchmarks"]]
-    assert sorted(i["label"] for i in infos) == ["none", "rtpt", "ttc"]
+    assert sorted(i["spec"] for i in infos) == ["none", "rtpt", "ttc"]
     for b in data["benchmarks"]:
         assert b["group"] == "scc-tiny-digits"
         info = b["extra_info"]
-        assert {"hardware", "versions", "warmup_seconds", "compile_seconds", "p20", "p80"} <= set(info)
+        assert {"hardware", "versions", "warmup_s", "compile_s", "p20", "p80"} <= set(info)
         assert info["hardware"]["torch_threads"] >= 1 and info["top1_agreement"] is None  # eager: the reference
         assert info["acc_images"] == 4 and info["robust_acc"] <= info["clean_acc"] + 0.25
-        if info["label"] == "none":  # the undefended model is right on the first four held-out digits
+        if info["spec"] == "none":  # the undefended model is right on the first four held-out digits
             assert info["clean_acc"] == 1.0
     assert main(["--from-benchmark-json", str(out)]) == 0
     table = capsys.readouterr().out
@@ -197,10 +198,10 @@ def test_release_frees_runners_and_resets_dynamo_after_compiled_ones(monkeypatch
 
     resets = []
     monkeypatch.setattr(torch._dynamo, "reset", lambda: resets.append(1))
-    eager = [(SimpleNamespace(backend="eager"), None, [], [])]
+    eager = [SimpleNamespace(backend="eager")]
     release(eager)
     assert eager == [] and resets == []
-    mixed = [(SimpleNamespace(backend="eager"), None, [], []), (SimpleNamespace(backend="compiled"), None, [], [])]
+    mixed = [SimpleNamespace(backend="eager"), SimpleNamespace(backend="compiled")]
     release(mixed)
     assert mixed == [] and resets == [1]
 
@@ -236,10 +237,36 @@ def test_release_frees_the_frozen_weights_of_a_compiled_runner(tiny, digits, tmp
     held = [weakref.ref(v) for mod in PyCodeCache.modules if id(mod) not in before for v in vars(mod).values()
             if isinstance(v, torch.Tensor) and own_copy(v)]
     assert held, "the compiled graph holds no constants of its own: freezing did not run, the test checks nothing"
-    runners = [(runner, None, [], [])]
+    runners = [runner]
     del runner
     release(runners)
     gc.collect()
     alive = [r() for r in held if r() is not None]
     assert not alive, f"{len(alive)} of {len(held)} frozen constants outlived release: " + \
         ", ".join(f"{tuple(t.shape)} {t.dtype}" for t in alive[:5])
+
+
+def test_batch_bench_rows_are_what_benchmark_returns(tiny, digits, monkeypatch):
+    """With the clock and the machine's limits fixed, one defense's BatchBench gives exactly the rows `benchmark`
+    returns for that defense; benchmark adds only the speed-up columns, measured across rows."""
+    import copy
+
+    import torch
+
+    import scc.bench.latency as latency
+    from scc.bench.latency import BatchBench, Settings, batches_of, benchmark
+
+    limits = {"matmul_peak_gflops": {"fp32": 100.0, "bf16": 200.0}, "memory_gbps": None}
+    monkeypatch.setattr(latency, "machine_limits", lambda dtypes, device: copy.deepcopy(limits))
+    monkeypatch.setattr(latency, "timed_call", lambda fn, device="cpu": (0.01, fn()))
+    monkeypatch.setattr(latency, "warm_up", lambda fn, device="cpu", calls=1: 0.5)
+    x, dtypes = digits[0][:4], [torch.float32, torch.bfloat16]
+    rows, skipped, _ = benchmark(tiny, x, ["none", "ttc"], ["eager"], dtypes, batch_size=2)
+    bench = BatchBench.build(tiny, "ttc", batches_of(x, 2), Settings(["eager"], dtypes, limits=limits), [])
+    bench.time()
+    own = bench.rows()
+    assert [(r["spec"], r["dtype"]) for r in own] == [("ttc-official", "fp32"), ("ttc", "fp32"), ("ttc", "bf16")]
+    assert [{k: r[k] for k in own[0]} for r in rows if r["defense"] == "ttc"] == own
+    assert {k for r in rows for k in r} - set(own[0]) == {"speedup_vs_fp32", "speedup_vs_official"}
+    assert own[0]["top1_agreement"] == 1.0 and own[1]["top1_agreement"] is None and own[0]["s_per_image"] == 0.005
+    assert skipped == bench.skipped == []

@@ -296,7 +296,7 @@ def test_export_speaks_the_same_defense_and_template_language(capsys, tmp_path, 
     seen = {}
 
     def fake_export(defended, path, **kw):
-        seen.update(label=defended.label, templates=defended.classifier.templates)
+        seen.update(spec=defended.spec, templates=defended.classifier.templates)
         return {"path": str(path), "bytes": 1, "nodes": 1, "opset": 18, "batch_size": 1, "inputs": ["pixels"],
                 "seconds": 0.0, "dtype": "fp32"}
 
@@ -305,10 +305,10 @@ def test_export_speaks_the_same_defense_and_template_language(capsys, tmp_path, 
     code, _, err = run(capsys, "export", "onnx", "--model", TINY_NAME, "--defense", "scc-latency",
                        "--templates", "a photo of the digit {}.|the digit {}.", "--out", out)
     assert code == 0, err
-    assert seen == {"label": "scc-latency", "templates": ["a photo of the digit {}.", "the digit {}."]}
+    assert seen == {"spec": "scc-latency", "templates": ["a photo of the digit {}.", "the digit {}."]}
     code, _, err = run(capsys, "export", "onnx", "--model", TINY_NAME, "--defense", "scc", "--preset", "latency",
                        "--templates", "a photo of the digit {}.", "the digit {}.", "--out", out)  # older form
-    assert code == 0 and seen["label"] == "scc-latency"
+    assert code == 0 and seen["spec"] == "scc-latency"
     refused(capsys, "export", "onnx", "--model", TINY_NAME, "--defense", "scc-latency", "--preset", "paper",
             "--out", out, names=["disagree"])
     refused(capsys, "export", "onnx", "--model", TINY_NAME, "--defense", "magic", "--out", out,
@@ -325,11 +325,11 @@ def test_unknown_defense_lists_every_name(command, capsys):
     refused(capsys, *command, names=["'magic'", "scc-latency", "rtpt"])
 
 
-COMPUTES = {"demo", "classify", "eval", "bench", "onnx", "triton", "serve", "train-tiny"}  # these take --threads
+COMPUTES = {"demo", "classify", "eval", "bench", "onnx", "triton-server", "serve", "train-tiny"}  # these take --threads
 
 
 @pytest.mark.parametrize("command", [[], ["demo"], ["classify"], ["eval"], ["bench"], ["export"], ["export", "onnx"],
-                                     ["export", "triton"], ["serve"], ["loadtest"], ["train-tiny"]])
+                                     ["export", "triton-server"], ["serve"], ["loadtest"], ["train-tiny"]])
 def test_version_and_quiet_everywhere(command, capsys):
     code, out, _ = run(capsys, *command, "--version")
     assert code == 0 and out.strip() == f"scc {scc.__version__}"
@@ -345,7 +345,7 @@ def test_help_shows_every_default():
     from scc.cli import build_parser
     from scc.cli.args import Formatter
 
-    def subparsers(parser):  # every command, nested ones (export onnx|triton) included
+    def subparsers(parser):  # every command, nested ones (export onnx|triton-server) included
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for child in action.choices.values():
@@ -354,7 +354,7 @@ def test_help_shows_every_default():
 
     parsers = list(subparsers(build_parser()))
     assert {p.prog for p in parsers} >= {"scc demo", "scc classify", "scc eval", "scc bench", "scc export onnx",
-                                         "scc export triton", "scc serve", "scc loadtest", "scc train-tiny"}
+                                         "scc export triton-server", "scc serve", "scc loadtest", "scc train-tiny"}
     fmt = Formatter("scc")
     for parser in parsers:
         for action in parser._actions:

@@ -35,6 +35,7 @@ def test_classify_all_formats(image_dir, capsys):
     assert main(["classify", *files, "--defense", "scc-latency", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert [r["path"] for r in out["results"]] == files
+    assert (out["defense"], out["spec"]) == ("scc", "scc-latency")  # the bare name and the full spec
     words = "zero one two three four five six seven eight nine".split()
     hits = sum(r["label"] == words[t] for r, t in zip(out["results"][:4], labels[:4]))
     assert hits >= 3, out  # real digits: the first four keep their content whatever the file mode
@@ -109,7 +110,7 @@ def test_demo_json(capsys):
     got = {(r["defense"], r["attack"], round(r["eps"] * 255)) for r in report["results"]}
     assert got == {(d, a, e) for d in ("none", "ttc", "scc") for a, e in (("none", 0), ("pgd", 1), ("pgd", 4))}
     assert set(report["results"][0]) == {"defense", "preset", "backend", "dtype", "attack", "eps", "accuracy",
-                                         "seconds_per_image", "protocol", "draws", "steps", "stderr"}
+                                         "s_per_image", "protocol", "draws", "steps", "stderr"}
     assert {(r["protocol"], r["draws"]) for r in report["results"]} == {("paper", None)}
     clean = {r["defense"]: r["accuracy"] for r in report["results"] if r["attack"] == "none"}
     assert clean["none"] >= 0.9 and clean["scc"] >= 0.9, clean  # the bundled model on held-out digits

@@ -13,6 +13,7 @@ from torch._dynamo.utils import counters
 import scc
 from scc.backends.compiled import Engine
 from scc.errors import SccError
+from scc.metrics import top1_agreement
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +50,7 @@ def test_scc_compiled_matches_eager_on_heldout(tiny, digits, preset, steps):
     assert sorted(engine.trace_compile_seconds) == [8] and engine.compile_seconds == {}
 
     assert compiled.shape == eager.shape == (62, 10)
-    agree = (compiled.argmax(1) == eager.argmax(1)).float().mean().item()
+    agree = top1_agreement(compiled, eager)
     signs = sign_agreement(trace_engine, trace_eager)
     report = f"top-1 agreement {agree:.4f}, per-step sign agreement {[round(s, 5) for s in signs]}"
     print(report)
@@ -221,6 +222,6 @@ def test_gpu_check_cpu_parts():
             for dtype in ("fp32", "bf16")}
     assert [k for k in reference if isinstance(k[0], str)] == [("scc-latency", 2)]
     fp32, bf16 = rows["fp32"], rows["bf16"]
-    assert fp32["top1_agreement_vs_eager_fp32"] == 1.0 and fp32["max_abs_logit_diff"] == 0.0, fp32  # same module
+    assert fp32["top1_agreement"] == 1.0 and fp32["max_abs_logit_diff"] == 0.0, fp32  # same module
     assert bf16["dtype"] == "bf16" and 0 < bf16["max_abs_logit_diff"] < 5.0, bf16  # bf16 rounding, not garbage
     assert fp32["p20_ms_per_image"] <= fp32["ms_per_image"] <= fp32["p80_ms_per_image"] and fp32["timed_calls"] == 2

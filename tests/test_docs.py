@@ -97,7 +97,7 @@ def test_a_file_of_unknown_layout_still_gets_a_section(tmp_path):
     shutil.copytree(RESULTS, results)
     shutil.copytree(ROOT / "docs" / "results", tmp_path / "docs" / "results")
     (results / "new-kind.json").write_text(json.dumps({"what": "a new measurement", "threads": 3,
-                                                       "rows": [{"case": "a", "seconds": 0.25}]}))
+                                                       "rows": [{"case": "a", "wall_s": 0.25}]}))
     run = report(results, "--check")
     assert run.returncode == 1 and "other.md" in run.stderr, run.stderr
     assert report(results).returncode == 0

@@ -65,7 +65,7 @@ def test_a_new_defense_is_one_file_and_one_record(tiny, monkeypatch):
     monkeypatch.setitem(scc.PRESETS, "shift", record.presets)
     x = torch.rand(3, 3, 32, 32)
     d = scc.defend(tiny, "shift-wide", seed=1)
-    assert d.config.eps == 8 / 255 and d.label == "shift-wide"
+    assert d.config.eps == 8 / 255 and d.spec == "shift-wide"
     draws = d.draws(x)
     want = tiny((x + 8 / 255 * draws["offset"]).clamp(0, 1))
     torch.testing.assert_close(make_runner(d, "eager")(x, draws), want)

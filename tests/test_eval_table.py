@@ -8,7 +8,7 @@ import torch
 import scc
 from scc.attacks import Settings
 from scc.cli import main
-from scc.defenses import label_of, make_config, parse_defense, parse_defenses, split_label
+from scc.defenses import make_config, parse_defense, parse_defenses, spec_of, split_spec
 from scc.errors import SccError
 from scc.eval import paper
 from scc.eval.options import parse_attacks
@@ -51,10 +51,10 @@ def test_autoattack_report_carries_its_settings_and_log(tiny):
 # Table 1 layout
 # ----------------------------------------------------------------------------------------------------------
 def _report(dataset, accs):
-    """A paper report whose rows are {(label, attack): accuracy}."""
+    """A paper report whose rows are {(spec, attack): accuracy}."""
     rows = []
-    for (label, attack), acc in accs.items():
-        name, preset = split_label(label)
+    for (spec, attack), acc in accs.items():
+        name, preset = split_spec(spec)
         rows.append({"defense": name, "preset": preset, "attack": attack, "eps": 0.0 if attack == "none" else 1 / 255,
                      "accuracy": acc})
     return {"dataset": dataset, "results": rows, "n_images": 10, "seed": 0}
@@ -63,7 +63,7 @@ def _report(dataset, accs):
 def test_table1_rows_deltas_and_average():
     reports = [_report("a", {("none", "none"): 0.9, ("none", "pgd"): 0.1, ("ttc", "none"): 0.8, ("ttc", "pgd"): 0.5}),
                _report("b", {("none", "none"): 0.7, ("none", "pgd"): 0.3, ("ttc", "none"): 0.6, ("ttc", "pgd"): 0.2})]
-    rows = {(r["dataset"], r["defense"]): r for r in table1_rows(reports)}
+    rows = {(r["dataset"], r["spec"]): r for r in table1_rows(reports)}
     assert rows["a", "ttc"]["delta_rob"] == pytest.approx(0.4) and rows["b", "ttc"]["delta_acc"] == pytest.approx(-0.1)
     avg = rows["average", "ttc"]
     assert (avg["acc"], avg["rob"], avg["delta_acc"], avg["delta_rob"]) == pytest.approx((0.7, 0.35, -0.1, 0.15))
@@ -83,11 +83,11 @@ def test_eval_several_datasets_prints_table1(tmp_path, capsys):
     report = json.loads(js.read_text())
     assert report["layout"] == "table1" and report["datasets"] == ["digits", "fashion"]
     assert report["models"] == ["scc-tiny-digits", "scc-tiny-fashion"]  # each dataset's own bundled model
-    labels = {r["defense"] for r in report["table1"]}
-    assert labels == {"none", "scc-latency:spatial=off"}
+    assert {(r["defense"], r["spec"]) for r in report["table1"]} == {("none", "none"),
+                                                                    ("scc", "scc-latency:spatial=off")}
     md = (out / "report.md").read_text()
     assert "| **average** |" in md and "scc-latency:spatial=off Rob" in md
-    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["report.json", "report.md", "table1.png"]
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -104,13 +104,13 @@ def test_eval_refuses_before_any_work(capsys, argv, message):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# config overrides in labels (the ablation)
+# config overrides in specs (the ablation)
 # ----------------------------------------------------------------------------------------------------------
-def test_override_labels_round_trip():
+def test_override_specs_round_trip():
     assert parse_defenses("SCC:Semantic=OFF:spatial=0, scc-latency:warmup.steps=2,ttc:eps=2/255") == [
         "scc:semantic=off:spatial=off", "scc-latency:warmup.steps=2", "ttc:eps=2/255"]
-    assert split_label("scc-latency:steps=2") == ("scc", "latency:steps=2")
-    assert label_of("scc", "paper:semantic=off") == "scc:semantic=off"
+    assert split_spec("scc-latency:steps=2") == ("scc", "latency:steps=2")
+    assert spec_of("scc", "paper:semantic=off") == "scc:semantic=off"
     assert parse_defense("scc:views=id|noise") == ("scc", "paper:views=id|noise")
     cfg = make_config("scc", "latency:warmup.steps=2:views=id|noise:sigma=0.02")
     assert (cfg.warmup.steps, cfg.views, cfg.sigma, cfg.steps, cfg.fuse) == (2, ("id", "noise"), 0.02, 1, True)
@@ -127,7 +127,7 @@ def test_both_modules_off_is_ttc(tiny, digits):
     """The paper's ablation: SCC with the semantic and the spatial module off computes TTC (same draws)."""
     x = digits[0][:8]
     both_off = scc.defend(tiny, "scc:semantic=off:spatial=off", seed=0)
-    assert both_off.label == "scc:semantic=off:spatial=off" and not both_off.config.semantic
+    assert both_off.spec == "scc:semantic=off:spatial=off" and not both_off.config.semantic
     with torch.no_grad():
         assert torch.equal(both_off(x, keys=range(8)), scc.defend(tiny, "ttc", seed=0)(x, keys=range(8)))
         semantic_only = scc.defend(tiny, "scc", preset="paper:spatial=off", seed=0)(x, keys=range(8))

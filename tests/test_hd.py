@@ -57,6 +57,6 @@ def test_passes_aliases_and_errors(tiny, digits):
     with count_passes(tiny, 1) as c:
         scc.defend(tiny, "hd-original")(digits[0][:1])
     assert (c.summary()["image_forwards"], c.summary()["image_backwards"], c.image_rounds) == (20, 19, 20)
-    assert scc.defend(tiny, "hd-original").label == "hd"
+    assert scc.defend(tiny, "hd-original").spec == "hd"
     with pytest.raises(scc.SccError, match="steps >= 2"):
         HDConfig(steps=1)

@@ -178,12 +178,12 @@ def test_service_parses_and_answers_like_classify(model_files):
 
 def test_exports_carry_the_rule(tiny, onnx_dynamic):
     from scc.export.runtime import OrtDefended
-    from scc.export.triton import triton_config
+    from scc.export.triton_server import triton_server_config
 
     _, info = onnx_dynamic
     ort = OrtDefended(info["path"], seed=0)
     assert ort.preprocess == tiny.preprocess == preprocessing_of(TINY_NAME)
-    text = triton_config("m", {"pixels": [3, 32, 32]}, {"logits": [10]}, parameters=dict(ort.metadata))
+    text = triton_server_config("m", {"pixels": [3, 32, 32]}, {"logits": [10]}, parameters=dict(ort.metadata))
     assert "scc.preprocess" in text
 
 

@@ -147,7 +147,7 @@ def test_bench_sigterm_keeps_the_measured_rows(tmp_path):
     done, total, unit, places = run.interrupt(signal.SIGTERM, group=False)
     assert (unit, total, places) == ("rows", 5, ["bench.json"]) and done >= 1
     report = read_partial(tmp_path / "bench.json", "rows", done, total)
-    assert len(report["rows"]) == done and report["rows"][0]["label"] == "none"
+    assert len(report["rows"]) == done and report["rows"][0]["spec"] == "none"
     assert "ttc eager fp32 batch 1" in report["missing"] or done > 1
 
 
@@ -164,8 +164,8 @@ def test_export_ctrl_c_says_the_file_is_not_written(tmp_path):
 # ----------------------------------------------------------------------------------------------------------
 # A stand-in service for the load test's client side: stdlib HTTP on 127.0.0.1, the three endpoints it uses
 # ----------------------------------------------------------------------------------------------------------
-INFO = {"model": "scc-tiny-digits", "defense": "none", "backend": "eager", "dtype": "fp32", "max_batch": 8,
-        "threads": 1, "device": "cpu", "draws": "fresh", "limits": {"max_images": 16}}
+INFO = {"model": "scc-tiny-digits", "defense": "none", "spec": "none", "backend": "eager", "dtype": "fp32",
+        "max_batch": 8, "threads": 1, "device": "cpu", "draws": "fresh", "limits": {"max_images": 16}}
 
 
 class Stub:
@@ -217,7 +217,7 @@ class Stub:
 def test_loadtest_ctrl_c_keeps_the_finished_levels(tmp_path):
     with Stub() as stub:
         run = Run(["loadtest", "--url", stub.url, "--concurrency", "1,2,4", "--requests", "100000",
-                   "--max-seconds", "3", "--no-in-process", "--json", "load.json"], tmp_path)
+                   "--max-time-s", "3", "--no-in-process", "--json", "load.json"], tmp_path)
         run.wait_for(lambda: "c=  1" in run.text("out"))  # the first level's line
         done, total, unit, places = run.interrupt(signal.SIGINT, group=True)
     assert (unit, total, places) == ("levels", 3, ["load.json", "load.png"]) and done >= 1
@@ -254,7 +254,7 @@ def test_loadtest_not_ready_is_one_line_and_wait_s_waits(tmp_path, capsys):
 def test_loadtest_plot_title_names_replicas_only_when_known():
     from scc.serve.loadtest import plot_title
 
-    report = {"service": {"model": "scc-tiny-digits", "defense": "scc", "backend": "eager"}, "replicas": None,
-              "levels": [{"images_per_request": 1, "protocol": "http"}]}
-    assert plot_title(report) == "scc serve: scc-tiny-digits scc eager, 1 image(s)/request, http"
+    report = {"service": {"model": "scc-tiny-digits", "defense": "scc", "spec": "scc-latency", "backend": "eager"},
+              "replicas": None, "levels": [{"images_per_request": 1, "transport": "http"}]}
+    assert plot_title(report) == "scc serve: scc-tiny-digits scc-latency eager, 1 image(s)/request, http"
     assert "x2 replicas," in plot_title({**report, "replicas": 2})

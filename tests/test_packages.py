@@ -13,7 +13,7 @@ from scc.errors import SccError
 def test_package_key_names_everything_the_graph_depends_on(tiny):
     ttc = scc.defend(tiny, "ttc", seed=0)
     key = package_key(ttc, 2, torch.bfloat16)
-    assert (key["defense"], key["batch"], key["dtype"], key["torch"]) == ("ttc", 2, "bf16", torch.__version__)
+    assert (key["spec"], key["batch"], key["dtype"], key["torch"]) == ("ttc", 2, "bf16", torch.__version__)
     assert package_key(scc.defend(tiny, "ttc", seed=5), 2, torch.bfloat16) == key  # draws are inputs: seed-free
     others = [package_key(ttc, 1, torch.bfloat16), package_key(ttc, 2, torch.float32),
               package_key(scc.defend(tiny, "ttc", steps=1), 2, torch.bfloat16),

@@ -383,6 +383,17 @@ def test_front_fresh_draws_by_default_and_replay_on_request(service, images):
     assert refused.status == 403 and set(refused.body) == {"error"}
 
 
+def test_info_and_answers_name_the_defense_and_its_spec(images):
+    """`defense` is the bare name, `spec` the full string the server was started with; times end in _s."""
+    torch.set_num_threads(1)
+    latency = Service(service_config(defense="scc-latency:steps=2", backend="eager", max_batch=1, seed=0))
+    info = latency.info()
+    assert (info["defense"], info["spec"]) == ("scc", "scc-latency:steps=2")
+    assert {"load_s", "bucket_warm_s", "compile_s"} <= set(info) and not any("seconds" in k for k in info)
+    answer = asyncio.run(post(make_front(latency), png_bytes(images[0])))
+    assert answer.status == 200 and (answer.body["defense"], answer.body["spec"]) == ("scc", "scc-latency:steps=2")
+
+
 def test_front_token(service, images):
     token = "s3cret-token-0123456789"
     front = make_front(service, token=token)
@@ -461,13 +472,13 @@ def test_compile_artifacts_are_written_once_keyed_and_signed(tmp_path, monkeypat
     assert artifacts() == sorted([KEY_NAME, name, name + ".json", name + ".sig"])
     assert oct(cache.stat().st_mode & 0o777) == "0o700" and oct((cache / KEY_NAME).stat().st_mode & 0o777) == "0o600"
     key = json.loads(Path(first.artifacts + ".json").read_text())
-    assert key["defense"] == "none" and key["buckets"] == [1] and key["dtype"] == "fp32" and "torch" in key["versions"]
+    assert key["spec"] == "none" and key["buckets"] == [1] and key["dtype"] == "fp32" and "torch" in key["versions"]
     second = Service(cfg)  # a new replica, same configuration: loads the first one's file instead of writing one
     assert second.artifacts == first.artifacts and second.artifacts_status == "loaded"
     x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     a, b = (s.handle_batch([Item(name="x", x=x, key=1)])[0]["scores"] for s in (first, second))
     assert a == b
-    for field, other in (("defense", "ttc"), ("config", {"steps": 1}), ("dtype", "bf16"), ("buckets", [1, 2]),
+    for field, other in (("spec", "ttc"), ("config", {"steps": 1}), ("dtype", "bf16"), ("buckets", [1, 2]),
                          ("labels", ["a", "b"]), ("model", "scc-tiny-fashion"), ("backend", "triton")):
         assert artifact_path(str(cache), {**key, field: other}) != first.artifacts, field
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 import scc
 from scc.backends.compiled import Engine
+from scc.metrics import top1_agreement
 from scc.models import ZeroShotClassifier
 
 SMALL = {"anti-adv": {"steps": 1}, "hd": {"steps": 2}, "doc": {"steps": 1, "copies": 2},
@@ -36,10 +37,6 @@ def toy(tiny):
                               name="toy")
 
 
-def agreement(a, b):
-    return (a.argmax(1) == b.argmax(1)).float().mean().item()
-
-
 def signs(a, b):
     assert len(a) == len(b)
     return [(x == y).float().mean().item() for x, y in zip(a, b)]
@@ -51,8 +48,8 @@ def check_compiled(defended, x, steps):
     ref = defended(x, draws, trace=ref_trace)
     engine = Engine(defended, max_batch=2)
     out = engine(x, draws, trace=trace if steps else None)  # 5 images: chunks of 2, 2 and 1 (padded)
-    report = f"top-1 {agreement(out, ref):.3f}, signs {signs(trace, ref_trace) if steps else '-'}"
-    assert len(ref_trace) == steps and agreement(out, ref) == 1.0, report
+    report = f"top-1 {top1_agreement(out, ref):.3f}, signs {signs(trace, ref_trace) if steps else '-'}"
+    assert len(ref_trace) == steps and top1_agreement(out, ref) == 1.0, report
     if steps:
         assert min(signs(trace, ref_trace)) >= 0.999, report
     torch.testing.assert_close(out, ref, atol=0.05, rtol=0)
@@ -68,7 +65,7 @@ def check_onnx(defended, x, steps, path):
     ref_trace, trace = [], []
     ref = defended(x, draws, trace=ref_trace)
     out = torch.as_tensor(session(x, draws, trace=trace if steps else None))
-    assert agreement(out, ref) == 1.0
+    assert top1_agreement(out, ref) == 1.0
     if steps:
         assert min(signs([torch.as_tensor(t) for t in trace], ref_trace)) >= 0.999
     torch.testing.assert_close(out, ref, atol=0.05, rtol=0)

@@ -1,9 +1,10 @@
-"""`scc export triton`: a Triton Inference Server model repository (config.pbtxt, labels.txt, 1/model.onnx).
+"""`scc export triton-server`: a Triton Inference Server model repository (config.pbtxt, labels.txt,
+1/model.onnx).
 
 Every generated config is validated by this package's reader and, when `tritonclient` is installed
-(`pip install 'scc-defense[triton]'`), by Triton's own ModelConfig protobuf. The repository's model.onnx is run
-with ONNX Runtime at batch 1 and at max_batch_size, as Triton's ONNX Runtime backend would feed it. No Triton
-server runs here (it needs docker and NVIDIA's container).
+(`pip install 'scc-defense[triton-server]'`), by the server's own ModelConfig protobuf. The repository's model.onnx
+is run with ONNX Runtime at batch 1 and at max_batch_size, as the server's ONNX Runtime backend would feed it. No
+Triton Inference Server runs here (it needs docker and NVIDIA's container).
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ import torch
 import scc
 from scc.export import OrtDefended
 from scc.cli import main as cli_main
-from scc.export.triton import (export_triton, parse_pbtxt, preferred_batch_sizes, to_pbtxt, triton_config,
-                               validate_config)
+from scc.export.triton_server import (export_triton_server, parse_pbtxt, preferred_batch_sizes, to_pbtxt,
+                                      triton_server_config, validate_config)
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -25,7 +26,7 @@ except ImportError:
     model_config_pb2 = None
 
 VALIDATORS = [False, pytest.param(True, marks=pytest.mark.skipif(
-    model_config_pb2 is None, reason="tritonclient not installed (pip install 'scc-defense[triton]')"))]
+    model_config_pb2 is None, reason="tritonclient not installed (pip install 'scc-defense[triton-server]')"))]
 
 
 @pytest.fixture(autouse=True)
@@ -42,7 +43,7 @@ def sample_config(**kwargs) -> str:
     args = dict(max_batch=8, instances=2, device="gpu", tensorrt=True,
                 parameters={"scc.labels": '["zero", "one"]', "scc.note": 'a "quoted" back\\slash, café'})
     args.update(kwargs)
-    return triton_config("tiny-ttc", {"pixels": [3, 32, 32], "noise": [4, 3, 32, 32]}, {"logits": [10]}, **args)
+    return triton_server_config("tiny-ttc", {"pixels": [3, 32, 32], "noise": [4, 3, 32, 32]}, {"logits": [10]}, **args)
 
 
 def test_preferred_batch_sizes():
@@ -125,46 +126,82 @@ def test_config_errors():
 def test_export_errors_before_exporting(tiny, tmp_path):
     defended = scc.defend(tiny, "ttc")
     with pytest.raises(scc.SccError, match=r"model name 'a/b' must be letters"):
-        export_triton(defended, tmp_path / "repo", name="a/b")
+        export_triton_server(defended, tmp_path / "repo", name="a/b")
     with pytest.raises(scc.SccError, match="the folder .*missing does not exist"):
-        export_triton(defended, tmp_path / "missing" / "repo")
+        export_triton_server(defended, tmp_path / "missing" / "repo")
     (tmp_path / "repo" / "taken").mkdir(parents=True)
     with pytest.raises(scc.SccError, match="already exists; pass --overwrite"):
-        export_triton(defended, tmp_path / "repo", name="taken")
+        export_triton_server(defended, tmp_path / "repo", name="taken")
     odd = scc.load("scc-tiny-digits", labels=[f"digit\n{w}" if i == 3 else w for i, w in enumerate(tiny.labels)])
     with pytest.raises(scc.SccError, match="contain a line break"):
-        export_triton(scc.defend(odd, "ttc"), tmp_path / "repo")
+        export_triton_server(scc.defend(odd, "ttc"), tmp_path / "repo")
+    with pytest.raises(scc.SccError, match="queue delay must be a number of milliseconds >= 0, got -1"):
+        export_triton_server(defended, tmp_path / "repo", queue_delay_ms=-1)
+
+
+def test_queue_delay_is_given_in_milliseconds_and_written_in_microseconds():
+    fields = validate_config(sample_config(queue_delay_ms=0.25), use_tritonclient=False)
+    assert fields["dynamic_batching"][0]["max_queue_delay_microseconds"] == [250]
+    fields = validate_config(sample_config(queue_delay_ms=0), use_tritonclient=False)
+    assert fields["dynamic_batching"][0]["max_queue_delay_microseconds"] == [0]
+
+
+def test_old_names_still_work_and_warn_once(tiny, tmp_path, capsys):
+    """`scc export triton`, `--queue-delay-us` and scc.export.export_triton: the names of the previous release."""
+    from scc.cli import build_parser
+    from scc.export import export_triton
+
+    parse = build_parser().parse_args
+    new = parse(["export", "triton-server", "--model", "m", "--defense", "ttc", "--out", "r",
+                 "--queue-delay-ms", "0.25"])
+    assert capsys.readouterr().err == ""
+    old = parse(["export", "triton", "--model", "m", "--defense", "ttc", "--out", "r", "--queue-delay-us", "250"])
+    assert capsys.readouterr().err.splitlines() == [
+        "scc: warning: scc export triton is deprecated; use scc export triton-server",
+        "scc: warning: --queue-delay-us is deprecated; use --queue-delay-ms"]
+    assert old.queue_delay_ms == new.queue_delay_ms == 0.25 and old.func is new.func
+    assert export_main(["triton", "--model", "scc-tiny-digits", "--defense", "ttc", "--max-batch", "0",
+                        "--out", str(tmp_path / "repo")]) == 2  # the old command runs the same checks
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("scc: warning: scc export triton is deprecated") and "--max-batch" in err[1]
+    with pytest.warns(DeprecationWarning, match="export_triton is deprecated; use export_triton_server"):
+        with pytest.raises(scc.SccError, match="model name 'a/b' must be letters"):
+            export_triton(scc.defend(tiny, "ttc"), tmp_path / "repo", name="a/b", queue_delay_us=250)
 
 
 def test_cli_errors(tmp_path, capsys):
-    assert export_main(["triton", "--model", "scc-tiny-digits", "--defense", "ttc", "--device", "cpu", "--tensorrt",
+    assert export_main(["triton-server", "--model", "scc-tiny-digits", "--defense", "ttc", "--device", "cpu",
+                        "--tensorrt",
                         "--out", str(tmp_path / "repo")]) == 2
     assert "tensorrt needs GPU instances" in capsys.readouterr().err
-    assert export_main(["triton", "--model", "scc-tiny-digits", "--defense", "ttc", "--max-batch", "0",
+    assert export_main(["triton-server", "--model", "scc-tiny-digits", "--defense", "ttc", "--max-batch", "0",
                         "--out", str(tmp_path / "repo")]) == 2
     assert "--max-batch: must be a positive integer, got '0'" in capsys.readouterr().err
+    assert export_main(["triton-server", "--model", "scc-tiny-digits", "--defense", "ttc", "--queue-delay-ms", "-1",
+                        "--out", str(tmp_path / "repo")]) == 2
+    assert "--queue-delay-ms: must be a number >= 0, got '-1'" in capsys.readouterr().err
 
 
 def test_cli_writes_a_repository_around_the_exported_file(tiny, digits, onnx_dynamic, tmp_path, capsys,
                                                            monkeypatch):
-    """`scc export triton --draws-as-inputs` around the session's SCC-latency file (the export itself is the one
+    """`scc export triton-server --draws-as-inputs` around the session's SCC-latency file (the export itself is the one
     ONNX export of the default suite, copied here): config inputs/outputs and dims read from the file, labels,
     metadata, and a model that runs at batch 1 and max_batch_size with the draws fed in."""
     import shutil
 
-    import scc.export.triton as triton_module
+    import scc.export.triton_server as server_module
 
     defended, info = onnx_dynamic
     calls = []
 
     def copy_export(defended_arg, path, **kwargs):
-        calls.append((defended_arg.label, kwargs))
+        calls.append((defended_arg.spec, kwargs))
         shutil.copy(info["path"], path)
         return {**info, "path": str(path)}
 
-    monkeypatch.setattr(triton_module, "export_onnx", copy_export)
+    monkeypatch.setattr(server_module, "export_onnx", copy_export)
     repo = tmp_path / "repo"
-    assert export_main(["triton", "--model", "scc-tiny-digits", "--defense", "scc-latency", "--out", str(repo),
+    assert export_main(["triton-server", "--model", "scc-tiny-digits", "--defense", "scc-latency", "--out", str(repo),
                         "--max-batch", "8", "--draws-as-inputs", "--quiet"]) == 0
     assert calls == [("scc-latency", {"batch_size": None, "draws_as_inputs": True, "opset": None, "optimize": True,
                                       "dtype": torch.float32, "progress": None})]
@@ -190,7 +227,7 @@ def test_cli_writes_a_servable_repository(tiny, digits, tmp_path, capsys):
     """The real thing: a repository whose config parses, whose model's batch dimension is dynamic and whose
     model runs at batch 1 and at max_batch_size, with per-row in-graph draws and TTC's accuracy."""
     repo = tmp_path / "repo"
-    assert export_main(["triton", "--model", "scc-tiny-digits", "--defense", "ttc", "--out", str(repo),
+    assert export_main(["triton-server", "--model", "scc-tiny-digits", "--defense", "ttc", "--out", str(repo),
                         "--max-batch", "8", "--instances", "2"]) == 0
     printed = capsys.readouterr().out
     model_dir = repo / "scc-tiny-digits-ttc"
@@ -208,7 +245,7 @@ def test_cli_writes_a_servable_repository(tiny, digits, tmp_path, capsys):
     assert params["scc.defense"] == "ttc" and params["scc.batch_size"] == "dynamic"
     assert (model_dir / "labels.txt").read_text(encoding="utf-8").splitlines() == tiny.labels
 
-    # model.onnx as Triton's ONNX Runtime backend sees it: one input, first dimension dynamic
+    # model.onnx as Triton Inference Server's ONNX Runtime backend sees it: one input, first dimension dynamic
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     session = ort.InferenceSession(str(model_dir / "1" / "model.onnx"), options, providers=["CPUExecutionProvider"])
@@ -227,5 +264,5 @@ def test_cli_writes_a_servable_repository(tiny, digits, tmp_path, capsys):
     onnx = (ort_defended(xa).argmax(1) == ya).float().mean().item()
     assert abs(onnx - eager) <= 0.04 and onnx >= 0.9, (onnx, eager)
 
-    assert export_main(["triton", "--model", "scc-tiny-digits", "--defense", "ttc", "--out", str(repo)]) == 2
+    assert export_main(["triton-server", "--model", "scc-tiny-digits", "--defense", "ttc", "--out", str(repo)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err

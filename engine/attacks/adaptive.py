@@ -1,11 +1,12 @@
 """White-box attacks that see the defense (the adaptive protocol's building blocks, scc.eval.adaptive runs them).
 
     known = KnownDraws(defended, x0, keys, eps)          # the defense with each image's draws fixed, any sub-batch
-    adv, info = sign_pgd(ce_objective(known, y), x0, y, eps, steps=50, keep_best=True)
-    adv, _ = sign_pgd(eot_objective(defended, y, k=8, draws_for=...), x0, y, eps, steps=20)   # EOT over draws
-    adv, _ = sign_pgd(bpda_objective(defended, y, known.draws), x0, y, eps, steps=50)         # BPDA
+    adv, info = sign_pgd(ce_objective(known, y), x0, y, eps, 50, madry_step(eps, 50), keep_best=True)
+    adv, _ = sign_pgd(eot_objective(defended, y, k=8, draws_for=...), x0, y, eps, 20, madry_step(eps, 20))  # EOT
+    adv, _ = sign_pgd(bpda_objective(defended, y, known.draws), x0, y, eps, 50, madry_step(eps, 50))        # BPDA
 
-Every step size defaults to 2.5 eps / steps (Madry et al.); the random start is uniform in the eps ball.
+sign_pgd is the one PGD loop of scc.attacks (the paper protocol's PGD and CW run it too); every caller passes
+its step size. The random start is uniform in the eps ball.
 """
 from __future__ import annotations
 
@@ -67,24 +68,24 @@ class KnownDraws(nn.Module):
 Objective = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def start_of(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
-    """The uniform random start of scc.attacks.attack (same draws from the same generator)."""
-    start = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
-    return project(eps * start, x, eps)
+def madry_step(eps: float, steps: int) -> float:
+    """The PGD step size of Madry et al., 2.5 eps / steps: the adaptive suite's step for every PGD it runs."""
+    return 2.5 * eps / steps
 
 
-def sign_pgd(objective: Objective, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int,
-             alpha: float | None = None, generator: torch.Generator | None = None, keep_best: bool = False,
+def sign_pgd(objective: Objective, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int, alpha: float,
+             generator: torch.Generator | None = None, keep_best: bool = False,
              checkpoints: Sequence[int] = ()) -> tuple[torch.Tensor, dict]:
     """L_inf PGD with a uniform random start: delta <- Pi(delta + alpha sign(grad sum_b loss_b)).
 
-    objective(x_adv) -> (per-image loss (B,), logits (B, C) of the attacker's view or None); the gradient is the
-    autograd gradient of the summed loss. keep_best: per image, return the iterate that fooled the attacker's
-    view (first such), else the one with the highest loss; `info["fooled_at"]` then holds, per checkpoint k,
-    the images fooled within the first k evaluated iterates, and `info["deltas"]` the kept delta at k.
-    Without keep_best the final iterate is returned."""
-    alpha = 2.5 * eps / steps if alpha is None else alpha
-    delta = start_of(x, eps, generator)
+    The start is uniform in [-eps, eps] (projected into the [0,1] box), drawn from `generator`. objective(x_adv)
+    -> (per-image loss (B,), logits (B, C) of the attacker's view or None); the gradient is the autograd gradient
+    of the summed loss. keep_best: per image, return the iterate that fooled the attacker's view (first such),
+    else the one with the highest loss; `info["fooled_at"]` then holds, per checkpoint k, the images fooled
+    within the first k evaluated iterates, and `info["deltas"]` the kept delta at k. Without keep_best the final
+    iterate is returned."""
+    start = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1
+    delta = project(eps * start, x, eps)
     best, best_score = delta.clone(), torch.full((x.shape[0],), -math.inf, device=x.device, dtype=torch.float64)
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     info: dict = {"fooled_at": {}, "deltas": {}}

@@ -21,7 +21,8 @@ a real error and propagates.
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -41,21 +42,40 @@ class BackendUnavailable(SccError):
 
 @dataclass
 class Runner:
-    """A built backend: `runner(x, draws=None) -> logits` on the defended model's device."""
+    """A built backend: `runner(x, draws=None) -> logits` on the defended model's device; `spec` names the
+    defense it runs (e.g. "scc-latency")."""
     backend: str
-    defense: str  # e.g. "scc-latency"
     batch_size: int
     dtype: torch.dtype
     device: torch.device
     run: Callable[[torch.Tensor, dict | None], torch.Tensor] = field(repr=False)
+    spec: str | None = None  # the defense's spec, e.g. "scc-latency" (scc.defenses.Defended.spec)
     compile_seconds: float | None = None  # compile (compiled/triton) or export (onnx) time; None for eager
     details: dict = field(default_factory=dict)  # e.g. the kernels that run, the ONNX file
     # compiled/triton: warmup(n) compiles the bucket that holds n images (make_runner compiles only the largest;
     # a server compiles every bucket before it reports ready); None where nothing compiles per batch size
     warmup: Callable[[int], float] | None = field(default=None, repr=False)
+    defense: InitVar[str | None] = None  # deprecated keyword: the spec, as `spec`
+
+    def __post_init__(self, defense: str | None) -> None:
+        if defense is not None:
+            warnings.warn("Runner(defense=...) is deprecated; use Runner(spec=...)", DeprecationWarning,
+                          stacklevel=3)
+            self.spec = self.spec or defense
+        if self.spec is None:
+            raise TypeError("Runner needs spec=, the defense it runs (e.g. 'scc-latency')")
 
     def __call__(self, x: torch.Tensor, draws: dict | None = None) -> torch.Tensor:
         return self.run(x, draws)
+
+
+def _runner_defense(self: Runner) -> str:
+    """Deprecated: use `spec` (the same string; this name goes in the next release)."""
+    warnings.warn("Runner.defense is deprecated; use Runner.spec", DeprecationWarning, stacklevel=2)
+    return self.spec
+
+
+Runner.defense = property(_runner_defense)  # after @dataclass, which read `defense` as the keyword's default
 
 
 def parse_backends(text: str) -> list[str]:
@@ -93,10 +113,10 @@ def make_runner(defended: Defended, backend: str, batch_size: int = 1, dtype: to
     if dtype != torch.float32 and backend == "onnx":
         raise BackendUnavailable("backend onnx runs fp32 files here (ONNX Runtime's CPU provider has no bf16 "
                                  "kernels); reduced precision runs on eager, compiled and triton")
-    what = defended.label
+    what = defended.spec
     if not supports(defended.record, backend):
         raise BackendUnavailable(f"backend {backend} cannot run {what}: {defended.record.why_not}")
-    common = dict(backend=backend, defense=what, batch_size=batch_size, dtype=dtype, device=here)
+    common = dict(backend=backend, spec=what, batch_size=batch_size, dtype=dtype, device=here)
     if backend == "eager":
         defended = defended.with_dtype(dtype)  # a reduced-precision tower (same draws), or the module itself
         return Runner(run=lambda x, draws=None: defended(x, draws), **common)

@@ -64,13 +64,13 @@ def package_key(defended: Defended, batch: int, dtype: torch.dtype) -> dict:
     weights = [*clf.visual.named_parameters(), *clf.visual.named_buffers(), ("text", clf.text), ("mean", clf.mean),
                ("std", clf.std), ("logit_scale", torch.tensor(clf.logit_scale))]
     return {"format": "scc-aoti-1", "model": clf.name, "weights": weights_fingerprint(weights),
-            "defense": defended.label, "config": repr(defended.config), "batch": batch, "dtype": dtype_name(dtype),
+            "spec": defended.spec, "config": repr(defended.config), "batch": batch, "dtype": dtype_name(dtype),
             "device": str(clf.text.device), "torch": torch.__version__}
 
 
 def package_path(folder: str | os.PathLike, key: dict) -> str:
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=12).hexdigest()
-    return os.path.join(os.fspath(folder), f"scc-{key['defense']}-b{key['batch']}-{key['dtype']}-{digest}.pt2")
+    return os.path.join(os.fspath(folder), f"scc-{key['spec']}-b{key['batch']}-{key['dtype']}-{digest}.pt2")
 
 
 @dataclass
@@ -158,7 +158,7 @@ def load_package(defended: Defended, folder: str | os.PathLike, batch: int, dtyp
     has none, PackageRefused when it has one that fails the checks."""
     path = find_package(defended, folder, batch, dtype)
     if path is None:
-        raise SccError(f"no package in {os.fspath(folder)!r} for {defended.label} at batch {batch} in "
+        raise SccError(f"no package in {os.fspath(folder)!r} for {defended.spec} at batch {batch} in "
                        f"{dtype_name(dtype)} with these weights and this torch ({torch.__version__}); build it with "
                        "scc.backends.packages.build_package (or Engine.build_packages)")
     return open_package(path, folder, batch, key_file)

@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import torch
 
-from ..defenses import PASS_KEYS, defend, expected_passes, split_label
+from ..defenses import PASS_KEYS, defend, expected_passes, split_spec
 from ..models import ZeroShotClassifier
 from ..passes import count_passes
 
 
-def count_row(clf: ZeroShotClassifier, label: str, x: torch.Tensor, seed: int = 0) -> dict:
-    """Encoder passes per image of the defense `label`, counted in a real eager run on one image."""
-    name, preset = split_label(label)
+def count_row(clf: ZeroShotClassifier, spec: str, x: torch.Tensor, seed: int = 0) -> dict:
+    """Encoder passes per image of the defense `spec`, counted in a real eager run on one image."""
+    name, preset = split_spec(spec)
     defended = defend(clf, name, preset=preset, seed=seed)
     with count_passes(clf, 1) as counter:
         defended(x[:1])
     measured = counter.summary()
     measured["rounds"] = counter.image_rounds + counter.text_rounds
     expected = expected_passes(name, preset)
-    row = {"defense": label, "measured": {k: measured[k] for k in PASS_KEYS}, "expected": expected,
+    row = {"defense": name, "spec": spec, "measured": {k: measured[k] for k in PASS_KEYS}, "expected": expected,
            "text_prompts": clf.num_classes if measured["text_forwards"] else 0}
     row["match"] = None if expected is None else all(row["measured"][k] == row["expected"][k] for k in PASS_KEYS)
     return row
@@ -38,7 +38,7 @@ def format_explain(rows: list[dict], model: str) -> str:
         fmt = lambda v: f"{v:g}"
         expected = ("/".join(fmt(r["expected"][k]) for k in PASS_KEYS) + ("  ok" if r["match"] else "  MISMATCH")
                     if r["expected"] else "not in the spec table")
-        lines.append(f"{r['defense']:<14}{fmt(m['image_forwards']):>9}{fmt(m['image_backwards']):>9}"
+        lines.append(f"{r['spec']:<14}{fmt(m['image_forwards']):>9}{fmt(m['image_backwards']):>9}"
                      f"{m['text_forwards']:>10}{m['text_backwards']:>10}{m['rounds']:>8}"
                      f"{fmt(m['image_forwards'] + 2 * m['image_backwards']):>12}   {expected}")
         if r["text_prompts"]:

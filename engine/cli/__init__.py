@@ -8,6 +8,7 @@
     serve.py     scc serve        HTTP service on Ray Serve
     loadtest.py  scc loadtest     load test of a running service
     train.py     scc train-tiny   retrain a bundled model
+    finetune.py  scc finetune     fine-tune a vision encoder (CLIP-FT, TeCoA, PMG-AFT, FARE), DDP under torchrun
     args.py      what every command shares (a leaf: imports nothing above scc's foundation)
 
 User errors (bad files, unknown models, empty labels, bad flag values, missing extras, ...) print one line
@@ -20,10 +21,10 @@ import argparse
 import sys
 
 from ..errors import SccError
-from . import bench, classify, demo, evaluate, export, loadtest, serve, train
+from . import bench, classify, demo, evaluate, export, finetune, loadtest, serve, train
 from .args import Parser, version
 
-COMMANDS = (demo, classify, evaluate, bench, export, serve, loadtest, train)
+COMMANDS = (demo, classify, evaluate, bench, export, serve, loadtest, train, finetune)
 
 
 def build_parser() -> argparse.ArgumentParser:

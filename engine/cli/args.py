@@ -2,6 +2,7 @@
 foundation modules (errors, validation), never a command or an application package.
 
     Parser / Formatter         argparse with one-line `scc: error:` errors and defaults in --help
+    deprecated_flag            an old flag kept for one release: it sets the new one after one warning line
     positive_int, seed_int ... argparse types that refuse 0 / negative / out-of-range integers with the value
     add_common                 --threads, --quiet, --version (and --json PATH|-) on a command
     add_model_args, ...        --model/--pretrained/--device/--seed, --dtype, --labels/--labels-file, --templates
@@ -23,7 +24,7 @@ from ..validation import check_device, check_labels, check_templates
 TINY_NAME = "scc-tiny-digits"  # the default model (scc.models.TINY_NAME; not imported: models pulls in torch)
 BUNDLED = ("scc-tiny-digits", "scc-tiny-fashion")
 DEFENSE_CHOICES = ("none, ttc, scc, scc-latency, rtpt, anti-adv, anti-adv-ttc-budget, hd, hd-ttc-budget, doc, dbd, "
-                   "agc")
+                   "agc, rn")
 INT64_MAX = 2 ** 63 - 1  # seeds: torch generators and scc.draws.derive_seed take 63-bit values
 COUNT_MAX = 2 ** 31 - 1  # images, batch sizes, steps, threads, ports: anything larger is a typo
 
@@ -50,16 +51,58 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are SccErrors: one line `scc: error: ...`, exit 2, no usage dump."""
+    """An ArgumentParser whose errors are SccErrors: one line `scc: error: ...`, exit 2, no usage dump.
+
+    `replaced_by`: set on a (sub)command kept for one release under its old name; parsing it prints one
+    `scc: warning: <old> is deprecated; use <new>` line first."""
+
+    replaced_by: str | None = None
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", Formatter)
         super().__init__(*args, **kwargs)
 
+    def parse_known_args(self, args=None, namespace=None):
+        if self.replaced_by:
+            warn_deprecated(self.prog, self.replaced_by)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
         if "expected one argument" in message:
             message += " (a value that starts with '-' needs '=', e.g. --eps=-4/255)"
         raise SccError(f"{message} (see `{self.prog} --help`)")
+
+
+def warn_deprecated(old: str, new: str) -> None:
+    """One line on stderr for an old spelling kept for one release: `scc: warning: OLD is deprecated; use NEW`."""
+    print(f"scc: warning: {old} is deprecated; use {new}", file=sys.stderr, flush=True)
+
+
+class _DeprecatedFlag(argparse.Action):
+    """An old flag kept for one release: one warning line, then the new flag's destination gets the value (through
+    `convert`, when the units changed)."""
+
+    def __init__(self, option_strings, dest, new: str, convert=None, **kwargs):
+        self.new, self.convert = new, convert
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        warn_deprecated(option_string, self.new)
+        setattr(namespace, self.dest, values if self.convert is None else self.convert(values))
+
+
+def deprecated_flag(p: argparse.ArgumentParser, old: str, new: str, type=None, convert=None) -> None:
+    """Keep `old` (hidden from --help) as an alias of the already added flag `new` for one release: it takes a
+    value of `type` (default: new's type and choices), `convert`s it to new's units, and prints one warning line.
+
+        deprecated_flag(p, "--max-seconds", "--max-time-s")
+        deprecated_flag(p, "--queue-delay-us", "--queue-delay-ms", type=nonnegative_int, convert=lambda us: us / 1e3)
+    """
+    action = next(a for a in p._actions if new in a.option_strings)
+    same = type is None and convert is None
+    p.add_argument(old, dest=action.dest, action=_DeprecatedFlag, new=new, convert=convert,
+                   type=action.type if type is None else type, choices=action.choices if same else None,
+                   metavar=action.metavar, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def int_type(minimum: int, maximum: int, what: str, largest: str | None = None):

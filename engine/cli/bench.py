@@ -14,7 +14,7 @@ Timing: the images are split into batches of --batch-size and each defense draws
 before timing, so every backend replays identical draws (`top1_agreement` compares its top-1 with the eager fp32
 backend's on them). --warmup calls on the first batch are excluded; CUDA is synchronised inside the timed region;
 seconds per image = call seconds / batch size; median and p20/p80 over the timed calls, interleaved across the
-rows. A backend's compile/capture/export time is reported apart (`compile_seconds`). Each batch size of
+rows. A backend's compile/capture/export time is reported apart (`compile_s`). Each batch size of
 `--batch-size 1,8` gets its own rows, measured one batch size after the other.
 
 With TTC among the defenses, the official TTC procedure (an independent eager fp32 implementation of the official
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
     def snapshot():
         rows = measured["rows"]
-        done = {(r["label"], r["backend"], r["dtype"], r["batch_size"]) for r in rows}
+        done = {(r["spec"], r["backend"], r["dtype"], r["batch_size"]) for r in rows}
         missing = [f"{label} {backend} {dtype} batch {size}" for label, backend, dtype, size in planned
                    if (label, backend, dtype, size) not in done]
         return {**report, "limits": measured["limits"], "rows": rows}, len(rows), len(planned), missing
@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         rows, skipped, limits = benchmark(clf, x, labels, backends, dtypes, args.batch_size, args.warmup,
                                           args.repeats, args.seed, log, progress=progress)
     report.update(limits=limits, rows=rows, skipped=skipped,
-                  paper_table4={k: {"seconds_per_image": s, "robust_acc": a} for k, (s, a) in PAPER.items()})
+                  paper_table4={k: {"s_per_image": s, "robust_acc": a} for k, (s, a) in PAPER.items()})
     if args.json != "-":
         print(format_table(report))  # before the file: a failing write never costs the results
     write_json(report, args.json)

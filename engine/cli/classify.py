@@ -114,9 +114,9 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         from ..provenance import hardware
 
-        write_json({"model": model, "pretrained": args.pretrained, "defense": args.defense, "device": args.device,
-                    "seed": args.seed, "threads": threads, "hardware": hardware(args.device), "labels": clf.labels,
-                    "results": results}, args.json)
+        write_json({"model": model, "pretrained": args.pretrained, "defense": name, "spec": defended.spec,
+                    "device": args.device, "seed": args.seed, "threads": threads, "hardware": hardware(args.device),
+                    "labels": clf.labels, "results": results}, args.json)
     if args.json != "-":
         for r in results:
             if "error" not in r:

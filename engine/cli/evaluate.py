@@ -47,7 +47,8 @@ def add_parser(sub) -> None:
                         "Table 1 layout (paper protocol)")
     p.add_argument("--defenses", default="none,ttc,scc",
                    help=f"comma-separated from {DEFENSE_CHOICES}, each optionally with config overrides "
-                        "(scc:semantic=off:spatial=off)")
+                        "(scc:semantic=off:spatial=off); fine-tuned columns of a bundled model: clip-ft, tecoa, "
+                        "pmg-aft, fare (-eps4: eps_train 4/255), and test-time defenses on them: fare+ttc")
     p.add_argument("--protocol", default="paper", choices=("paper", "adaptive"),
                    help="paper: attacks on the undefended classifier (TTC/SCC reproduction, not a robustness claim); "
                         "adaptive: attacks through the defense, scored with known and fresh draws")
@@ -110,7 +111,6 @@ def _datasets(text: str, model: str | None) -> list[tuple[str, str]]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..defenses import parse_defenses
     from ..errors import require_extra
     from ..eval.options import parse_attacks, parse_eps_list
     from ..precision import check_dtype_on_device, resolve_dtype
@@ -132,7 +132,15 @@ def run(args: argparse.Namespace) -> int:
     if len(pairs) > 1 and adaptive:
         raise SccError("several datasets (the Table 1 layout) run in the paper protocol; run the adaptive protocol "
                        "once per dataset")
-    defenses = parse_defenses(args.defenses)
+    defenses, tuned = _defenses_and_backbones(args.defenses)
+    if len(tuned) > 1 and adaptive:
+        raise SccError(f"the adaptive protocol takes one fine-tuned model per run, got {', '.join(tuned)}: e.g. "
+                       "--defenses fare,fare+ttc,fare+scc")
+    if tuned and adaptive and any("+" not in d and d not in tuned for d in defenses):
+        raise SccError("with a fine-tuned model the adaptive protocol runs its rows only (fare, fare+ttc, ...): the "
+                       "original model's rows are a separate run")
+    if tuned and args.pretrained:
+        raise SccError("the fine-tuned columns are built from the bundled weights: drop --pretrained")
     eps_list = parse_eps_list(args.eps)
     attacks = parse_attacks(args.attacks, args.protocol)
     templates = parse_templates(args.templates)
@@ -140,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     check_dtype_on_device(dtype, args.device)
     if not attacks and not (args.clean and not adaptive):
         raise SccError("nothing to evaluate: --attacks none" + (" with --no-clean" if not adaptive else ""))
-    if args.out and len(pairs) == 1:
-        require_extra("adaptive", ["matplotlib"], what="--out (its plots)")
+    if args.out:
+        require_extra("plots", ["matplotlib"], what="--out (its plots)")
     if args.ray:
         require_extra("ray", what="--ray")
     if args.backend == "onnx":
@@ -154,31 +162,114 @@ def run(args: argparse.Namespace) -> int:
         from ..eval.paper import run as evaluate, run_datasets
 
         runs = ([("none", 0.0)] if args.clean else []) + [(a, e) for a in attacks for e in eps_list]
+        backbones, notes = _robust_models(args, pairs, tuned)
         common = dict(pretrained=args.pretrained, defenses=defenses, attacks=runs, n_images=args.images,
                       batch_size=args.batch_size, device=args.device, seed=args.seed, attack_steps=args.steps,
                       progress=not args.quiet, templates=templates, backend=args.backend, dtype=dtype)
         with interruptible("rows", keep_partial, total=len(pairs) * len(runs) * len(defenses)) as keep:
             if len(pairs) == 1:
-                report = evaluate(pairs[0][1], dataset=pairs[0][0], keep=keep, **common)
+                report = evaluate(pairs[0][1], dataset=pairs[0][0], keep=keep,
+                                  backbones=backbones.get(pairs[0][1]), **common)
+                if notes:
+                    report["notes"] = notes
             else:
-                report = run_datasets(pairs, log=lambda line: status(args, f"eval: {line}"), keep=keep, **common)
+                report = run_datasets(pairs, log=lambda line: status(args, f"eval: {line}"), keep=keep,
+                                      backbones=backbones, notes=notes, **common)
     else:
         model, dataset = pairs[0][1], pairs[0][0]
         from ..eval.adaptive import evaluate
         from ..eval.suite import Suite
+
+        pretrained, reference, inner = args.pretrained, None, defenses
+        if tuned:  # one fine-tuned model: its checkpoint, TTC's gate on the frozen original (the bundled weights)
+            backbones, notes = _robust_models(args, pairs, tuned)
+            pretrained, reference = backbones[model][tuned[0]]["pretrained"], {"pretrained": None}
+            inner = [d.partition("+")[2] or "none" for d in defenses]
 
         threads = torch.get_num_threads() if args.threads is not None else 1
         workers = _workers(args.workers, args.device, threads)
         suite = Suite(attacks=tuple(attacks), queries=args.queries, eot_k=args.eot_samples,
                       sanity_images=(args.images or 10**9) if args.sanity else 32)
         with interruptible("images", keep_partial, total=args.images) as keep:
-            report = evaluate(model, args.pretrained, dataset, defenses=defenses, eps_list=eps_list,
+            report = evaluate(model, pretrained, dataset, defenses=inner, eps_list=eps_list,
                               n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
                               suite=suite, progress=not args.quiet, templates=templates, ray_address=args.ray,
                               log=lambda line: print(line, file=sys.stderr, flush=True), workers=workers,
-                              threads=threads, dtype=dtype, backend=args.backend, keep=keep)
+                              threads=threads, dtype=dtype, backend=args.backend, keep=keep, tau_reference=reference)
+        if tuned:
+            _name_rows(report, tuned[0], backbones[model], notes)
     _save(args, report, out)
     return 0
+
+
+def _defenses_and_backbones(text: str) -> tuple[list[str], list[str]]:
+    """--defenses with fine-tuned models: 'none,fare,ttc,fare+ttc' -> (['none', 'fare', 'ttc', 'fare+ttc'],
+    ['fare']). A fine-tuned model's column is its label (clip-ft, tecoa, tecoa-eps4, pmg-aft, fare, fare-eps4); a
+    test-time defense on it is joined with '+'. One SccError for every bad spec."""
+    from ..defenses import parse_defenses
+    from ..train.finetune import method_label, method_labels, parse_method
+
+    specs = [d.strip() for d in str(text).split(",") if d.strip()]
+    plain = [s for s in specs if "+" not in s and s.lower() not in method_labels()]
+    canon = dict(zip(plain, parse_defenses(plain))) if plain else {}
+    out, tuned, bad = [], [], []
+    for spec in specs:
+        if spec in canon:
+            out.append(canon[spec])
+            continue
+        head, _, rest = spec.partition("+")
+        try:
+            label = method_label(*parse_method(head))
+        except SccError as err:
+            bad.append(f"{spec}: {err}")
+            continue
+        inner = parse_defenses([rest])[0] if rest.strip() else "none"
+        out.append(label if inner == "none" else f"{label}+{inner}")
+        tuned.append(label)
+    if bad:
+        raise SccError("; ".join(bad))
+    if not out:
+        raise SccError("no defense given (comma-separated)")
+    if len(set(out)) != len(out):
+        raise SccError(f"a defense is listed twice in {', '.join(out)}: each spec names one column of the report")
+    return out, list(dict.fromkeys(tuned))
+
+
+def _robust_models(args: argparse.Namespace, pairs: list[tuple[str, str]], tuned: list[str]
+                   ) -> tuple[dict, list[str]]:
+    """{model: {label: {"pretrained", "provenance"}}} of the fine-tuned columns (the cached testbed models, built
+    once when missing) and the notes the report states."""
+    if not tuned:
+        return {}, []
+    from ..train.robust import IN_DISTRIBUTION, provenance, testbed_model
+
+    out: dict = {}
+    for _, model in pairs:
+        for label in tuned:
+            path, meta = testbed_model(model, label, progress=not args.quiet, log=lambda line: status(args, line))
+            status(args, f"eval: fine-tuned {label} of {model}: {path}")
+            out.setdefault(model, {})[label] = {"pretrained": str(path), "provenance": provenance(meta, path)}
+    notes = [IN_DISTRIBUTION,
+             "Fine-tuned columns are attacked white-box on their own fine-tuned model; test-time columns on the "
+             "original model; 'X+ttc' runs TTC on fine-tuned model X and takes TTC's tau gate from the frozen "
+             "original (TTC's code for fine-tuned victims). Provenance of every fine-tuned model: 'backbones' in "
+             "each dataset's report."]
+    return out, notes
+
+
+def _name_rows(report: dict, backbone: str, backbones: dict, notes: list[str]) -> None:
+    """An adaptive report on a fine-tuned model: its rows and curves named as the columns were given ('fare',
+    'fare+ttc'), the model's provenance and the notes added."""
+    def spec(name: str) -> str:
+        return backbone if name == "none" else f"{backbone}+{name}"
+
+    for r in report.get("results", []):
+        r["backbone"], r["test_time_defense"] = backbone, r["defense"]
+        r["defense"] = spec(r["defense"])
+    for c in report.get("steps_curves", []):
+        c["spec"] = spec(c["spec"])
+    report["backbones"] = {b: v["provenance"] for b, v in backbones.items() if b == backbone}
+    report["notes"] = notes
 
 
 def _table(report: dict) -> str:

@@ -1,8 +1,9 @@
-"""`scc export onnx|triton ...`: write a defended classifier to an ONNX file or a Triton model repository.
+"""`scc export onnx|triton-server ...`: write a defended classifier to an ONNX file or a Triton Inference Server
+model repository.
 
     scc export onnx --model scc-tiny-digits --defense scc-latency --out scc.onnx                  # any batch size
     scc export onnx --model scc-tiny-digits --defense ttc --batch-size 8 --draws-as-inputs --out ttc-b8.onnx
-    scc export triton --model scc-tiny-digits --defense scc-latency --out repo --max-batch 8
+    scc export triton-server --model scc-tiny-digits --defense scc-latency --out repo --max-batch 8
     scc export onnx --model ViT-B-32 --pretrained openai --defense ttc --labels cat,dog --out ttc.onnx
 
 Progress lines (loading, tracing, exporting, optimizing, saving) go to stderr unless --quiet: a ViT-B/32 export
@@ -15,8 +16,9 @@ import warnings
 from pathlib import Path
 
 from ..errors import SccError
-from .args import (Parser, add_common, add_labels_args, add_templates_arg, apply_threads, check_output, parse_labels,
-                   parse_templates, positive_int, seed_int, status, version)
+from .args import (Parser, add_common, add_labels_args, add_templates_arg, apply_threads, check_output,
+                   deprecated_flag, nonnegative_float, nonnegative_int, parse_labels, parse_templates, positive_int,
+                   seed_int, status, version)
 from .interrupts import interruptible
 
 
@@ -43,8 +45,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("export", help="export a defended model: one ONNX file or a Triton model repository",
-                            description=__doc__)
+    parser = sub.add_parser("export", help="export a defended model: one ONNX file or a Triton Inference Server "
+                                           "model repository", description=__doc__)
     parser.add_argument("--version", action="version", version=version())
     formats = parser.add_subparsers(dest="format", metavar="FORMAT", required=True, parser_class=Parser)
     onnx = formats.add_parser("onnx", help="the whole defended procedure as one ONNX graph",
@@ -59,26 +61,42 @@ def add_parser(sub) -> None:
     onnx.add_argument("--out", required=True, help="output .onnx file (its folder must exist)")
     onnx.set_defaults(func=run)
 
-    triton = formats.add_parser("triton", help="a ready NVIDIA Triton Inference Server model repository",
-                                description="Write REPO/NAME/config.pbtxt, REPO/NAME/labels.txt and "
-                                            "REPO/NAME/1/model.onnx (batch-dynamic) for Triton's ONNX Runtime "
-                                            "backend, with dynamic batching.")
-    _model_arguments(triton)
-    triton.add_argument("--out", required=True, metavar="REPO", help="the model repository folder (created if "
+    server = formats.add_parser("triton-server", help="a ready NVIDIA Triton Inference Server model repository",
+                                description=SERVER_DESCRIPTION)
+    _server_arguments(server)
+    # the name of the previous release, kept for one release: not listed, one warning line when used
+    old = formats.add_parser("triton", description=SERVER_DESCRIPTION)
+    old.replaced_by = "scc export triton-server"
+    _server_arguments(old)
+
+
+SERVER_DESCRIPTION = ("Write REPO/NAME/config.pbtxt, REPO/NAME/labels.txt and REPO/NAME/1/model.onnx (batch-dynamic) "
+                      "for Triton Inference Server's ONNX Runtime backend, with dynamic batching.")
+
+
+def _server_arguments(server: argparse.ArgumentParser) -> None:
+    _model_arguments(server)
+    server.add_argument("--out", required=True, metavar="REPO", help="the model repository folder (created if "
                                                                      "its parent exists)")
-    triton.add_argument("--name", default=None,
+    server.add_argument("--name", default=None,
                         help="model name = its folder (default: MODEL-DEFENSE[-PRESET], e.g. scc-tiny-digits-ttc)")
-    triton.add_argument("--max-batch", type=positive_int, default=8, help="max_batch_size")
-    triton.add_argument("--instances", type=positive_int, default=1, help="model instances per device")
-    triton.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"],
+    server.add_argument("--max-batch", type=positive_int, default=8, help="max_batch_size")
+    server.add_argument("--instances", type=positive_int, default=1, help="model instances per device")
+    server.add_argument("--device", default="auto", choices=["auto", "gpu", "cpu"],
                         help="instance kind: auto = KIND_AUTO (GPUs when present, else CPU), "
                              "gpu = KIND_GPU, cpu = KIND_CPU")
-    triton.add_argument("--tensorrt", action="store_true",
+    server.add_argument("--tensorrt", action="store_true",
                         help="add ONNX Runtime's TensorRT execution provider as GPU accelerator (FP32)")
-    triton.add_argument("--queue-delay-us", type=int, default=500,
-                        help="dynamic batching max_queue_delay_microseconds")
-    triton.add_argument("--overwrite", action="store_true", help="replace an existing REPO/NAME")
-    triton.set_defaults(func=run)
+    server.add_argument("--queue-delay-ms", type=nonnegative_float, default=0.5, metavar="MS",
+                        help="dynamic batching's queue delay, written as max_queue_delay_microseconds (whole "
+                             "microseconds)")
+    deprecated_flag(server, "--queue-delay-us", "--queue-delay-ms", type=nonnegative_int,
+                    convert=lambda us: us / 1000)
+    server.add_argument("--overwrite", action="store_true", help="replace an existing REPO/NAME")
+    server.set_defaults(func=run)
+
+
+SERVER_FORMATS = ("triton-server", "triton")  # `triton`: the deprecated name of `triton-server`
 
 
 def _defended(args: argparse.Namespace):
@@ -113,19 +131,19 @@ def run(args: argparse.Namespace) -> int:
             warnings.catch_warnings():  # skipped optimizer passes are printed below instead
         keep(lambda: ({}, 0, 1, [args.out]))
         warnings.filterwarnings("ignore", message=".*skipped optimizer passes.*")
-        if args.format == "triton":
-            from ..export.triton import export_triton, model_repository_tree, triton_config
+        if args.format in SERVER_FORMATS:
+            from ..export.triton_server import export_triton_server, model_repository_tree, triton_server_config
 
             repo = Path(args.out)
             if not repo.parent.is_dir():  # fail before loading the model
                 raise SccError(f"cannot write the repository {repo}: the folder {repo.parent} does not exist")
-            triton_config("check", {"pixels": [3, 1, 1]}, {"logits": [1]}, args.max_batch, args.instances,
-                          args.device, args.tensorrt, queue_delay_us=args.queue_delay_us)  # bad numbers: fail now
-            info = export_triton(_defended(args), repo, name=args.name, max_batch=args.max_batch,
-                                 instances=args.instances, device=args.device, tensorrt=args.tensorrt,
-                                 queue_delay_us=args.queue_delay_us, draws_as_inputs=args.draws_as_inputs,
-                                 opset=args.opset, optimize=args.optimize, overwrite=args.overwrite, dtype=dtype,
-                                 progress=progress)
+            triton_server_config("check", {"pixels": [3, 1, 1]}, {"logits": [1]}, args.max_batch, args.instances,
+                                 args.device, args.tensorrt, queue_delay_ms=args.queue_delay_ms)  # bad numbers: now
+            info = export_triton_server(_defended(args), repo, name=args.name, max_batch=args.max_batch,
+                                        instances=args.instances, device=args.device, tensorrt=args.tensorrt,
+                                        queue_delay_ms=args.queue_delay_ms, draws_as_inputs=args.draws_as_inputs,
+                                        opset=args.opset, optimize=args.optimize, overwrite=args.overwrite,
+                                        dtype=dtype, progress=progress)
             onnx_info = info["onnx"]
         else:
             check_output(args.out, "--out")  # fail before loading the model
@@ -135,8 +153,9 @@ def run(args: argparse.Namespace) -> int:
             info = onnx_info = export_onnx(defended, args.out, batch_size=args.batch_size,
                                            draws_as_inputs=args.draws_as_inputs, opset=args.opset,
                                            optimize=args.optimize, dtype=dtype, progress=progress)
-    if args.format == "triton":
-        print(f"wrote the Triton model {info['name']!r} in {info['repo']} ({info['seconds']:.1f} s; config checked "
+    if args.format in SERVER_FORMATS:
+        print(f"wrote the Triton Inference Server model {info['name']!r} in {info['repo']} ({info['seconds']:.1f} s; "
+              f"config checked "
               f"with {' + '.join(info['validated_with'])}):")
         for path in model_repository_tree(info["model_dir"]):
             print(f"  {path}")

@@ -1,8 +1,8 @@
 """`scc loadtest`: load test of a running `scc serve`, beside the in-process runner (scc.serve.loadtest).
 
-    scc loadtest --url http://127.0.0.1:8000 --images digits --concurrency 1,4,16 --requests 256 \\
-        --images-per-request 8 --protocol http --json benchmarks/results/serve_load.json
-    scc loadtest --duration 600 --rate 20 --concurrency 8 --sample-s 10 --json soak.json    # soak
+    scc loadtest --url http://127.0.0.1:8000 --image-source digits --concurrency 1,4,16 --requests 256 \\
+        --images-per-request 8 --transport http --json benchmarks/results/serve-load.json
+    scc loadtest --duration-s 600 --rate 20 --concurrency 8 --sample-s 10 --json soak.json    # soak
     scc loadtest --wait-s 120 ...        # a server still starting: wait for GET /readyz first
 
 A server that is not running, or not ready (within --wait-s), is one error line and exit 2.
@@ -13,7 +13,8 @@ import argparse
 from pathlib import Path
 
 from ..errors import SccError
-from .args import add_common, check_output, nonnegative_float, positive_float, positive_int, seed_int
+from .args import (add_common, check_output, deprecated_flag, nonnegative_float, positive_float, positive_int,
+                   seed_int)
 from .interrupts import interruptible, write_json_to
 
 
@@ -23,21 +24,22 @@ def add_parser(sub) -> None:
     p.add_argument("--wait-s", type=nonnegative_float, default=0.0, metavar="S",
                    help="wait up to S seconds for the server to be ready (GET /readyz answers 200) before the first "
                         "level; a server not ready by then is one error line (exit 2)")
-    p.add_argument("--images", default="digits", help="digits (the held-out digits as PNGs) or a folder of images")
+    p.add_argument("--image-source", default="digits", metavar="SOURCE",
+                   help="digits (the held-out digits as PNGs) or a folder of images")
     p.add_argument("--concurrency", default="1,4,16,64", help="comma-separated levels")
     p.add_argument("--requests", type=positive_int, default=256, help="requests per level")
-    p.add_argument("--max-seconds", type=positive_float, default=120.0, help="time bound per level")
+    p.add_argument("--max-time-s", type=positive_float, default=120.0, metavar="S", help="time bound per level")
     p.add_argument("--images-per-request", type=positive_int, default=1,
                    help="images per request (a multipart body, or one gRPC message)")
-    p.add_argument("--protocol", choices=("http", "grpc"), default="http",
+    p.add_argument("--transport", choices=("http", "grpc"), default="http",
                    help="send over HTTP(S) or the server's gRPC ingress (--grpc)")
     p.add_argument("--grpc", default=None, help="the server's gRPC HOST:PORT (scc serve --grpc-port)")
     p.add_argument("--rate", type=positive_float, default=None,
                    help="open loop: start this many requests per second (at most --concurrency in flight)")
-    p.add_argument("--duration", type=positive_float, default=None,
-                   help="run each level this many seconds, whatever --requests says (a soak)")
-    p.add_argument("--sample-s", type=positive_float, default=None,
-                   help="read the replicas' resident memory from /v1/info every this many seconds")
+    p.add_argument("--duration-s", type=positive_float, default=None, metavar="S",
+                   help="run each level S seconds, whatever --requests says (a soak)")
+    p.add_argument("--sample-s", type=positive_float, default=None, metavar="S",
+                   help="read the replicas' resident memory from /v1/info every S seconds")
     p.add_argument("--token-file", default=None, help="bearer token of a server started with --token-file")
     p.add_argument("--cacert", default=None, help="CA / self-signed certificate to verify an https:// server")
     p.add_argument("--seed", type=seed_int, default=None,
@@ -51,6 +53,9 @@ def add_parser(sub) -> None:
     p.add_argument("--cache-key-file", default=None, help="the server's --cache-key-file, if any")
     p.add_argument("--png", default=None, help="latency vs throughput plot (default: the --json path with .png)")
     add_common(p, threads=False)
+    for old, new in (("--images", "--image-source"), ("--max-seconds", "--max-time-s"), ("--protocol", "--transport"),
+                     ("--duration", "--duration-s")):
+        deprecated_flag(p, old, new)
     p.set_defaults(func=run)
 
 
@@ -72,10 +77,10 @@ def run(a: argparse.Namespace) -> int:
     check_output(png, "--png")
     if png:
         require_extra("serve", ["matplotlib"], what="--png (the load-test plot)")
-    if a.protocol == "grpc":
-        require_extra("serve", ["grpc"], what="--protocol grpc")
+    if a.transport == "grpc":
+        require_extra("serve", ["grpc"], what="--transport grpc")
         if not a.grpc:
-            raise SccError("--protocol grpc needs --grpc HOST:PORT (the server's --grpc-port)")
+            raise SccError("--transport grpc needs --grpc HOST:PORT (the server's --grpc-port)")
     token = None
     if a.token_file:
         from .serve import read_token
@@ -92,8 +97,8 @@ def run(a: argparse.Namespace) -> int:
         return places
 
     with interruptible("levels", save, total=len(levels)) as keep:
-        report = loadtest(target, a.images, levels, a.requests, a.max_seconds, a.replicas, a.in_process,
-                          a.compile_cache, a.cache_key_file, a.images_per_request, a.protocol, a.rate, a.duration,
+        report = loadtest(target, a.image_source, levels, a.requests, a.max_time_s, a.replicas, a.in_process,
+                          a.compile_cache, a.cache_key_file, a.images_per_request, a.transport, a.rate, a.duration_s,
                           a.sample_s, log=log, wait_s=a.wait_s, keep=keep)
     if png in save(report):
         log(f"wrote {png}")

@@ -11,8 +11,8 @@ the pure function of the defense's record (scc.defenses.registry), so every back
 from __future__ import annotations
 
 import dataclasses
-
 import secrets
+import warnings
 from typing import Any, Hashable, Sequence
 
 import torch
@@ -23,7 +23,7 @@ from ..errors import SccError
 from ..models import ZeroShotClassifier
 from ..precision import check_dtype_on_device, engine_classifier
 from ..validation import validate_pixels
-from .registry import DEFENSES, Defense, label_of, make_config, parse_defense
+from .registry import DEFENSES, Defense, make_config, parse_defense, spec_of
 
 
 class Defended(nn.Module):
@@ -52,9 +52,16 @@ class Defended(nn.Module):
         self.reseed(seed)
 
     @property
+    def spec(self) -> str:
+        """'scc-latency', 'ttc', 'scc:semantic=off', ...: the defense's spec, as the CLI and the reports write it
+        (`defense` is the bare name, `preset` the preset with any config overrides)."""
+        return spec_of(self.defense, self.preset)
+
+    @property
     def label(self) -> str:
-        """'scc-latency', 'ttc', ...: the name the CLI and the reports use."""
-        return label_of(self.defense, self.preset)
+        """Deprecated: use `spec` (the same string; this name goes in the next release)."""
+        warnings.warn("Defended.label is deprecated; use Defended.spec", DeprecationWarning, stacklevel=2)
+        return self.spec
 
     def reseed(self, seed: int | None = None) -> None:
         """A new seed (None: a fresh secret one) and the running key back to 0."""
@@ -149,13 +156,14 @@ class Defended(nn.Module):
 def defend(classifier: ZeroShotClassifier, name: str = "scc", preset: str = "paper", seed: int | None = None,
            dtype: torch.dtype = torch.float32, **overrides) -> Defended:
     """Wrap a zero-shot classifier in a test-time defense: 'none' | 'ttc' | 'scc' | 'scc-latency' | 'rtpt' |
-    'anti-adv' | 'anti-adv-ttc-budget' | 'hd' | 'hd-ttc-budget' | 'doc' | 'dbd' | 'agc' (scc.defense_labels()),
-    or any label with config overrides ('scc:semantic=off:spatial=off'; scc.defenses.registry.parse_overrides).
+    'anti-adv' | 'anti-adv-ttc-budget' | 'hd' | 'hd-ttc-budget' | 'doc' | 'dbd' | 'agc' | 'rn'
+    (scc.defenses.defense_specs()), or any spec with config overrides ('scc:semantic=off:spatial=off';
+    scc.defenses.registry.parse_overrides).
 
     seed=None (default): a fresh secret seed (production); an int: reproducible draws (see `Defended`).
     dtype: the image tower's precision, torch.float32 (default), bfloat16 or float16 (GPU, or a CPU with native
     fp16 matmuls); the perturbation, its sign steps and projection, the losses and the logits stay fp32."""
-    name, preset = parse_defense(label_of(name, preset))  # 'scc-latency', 'anti-adv-original', aliases
+    name, preset = parse_defense(spec_of(name, preset))  # 'scc-latency', 'anti-adv-original', aliases
     config = make_config(name, preset, classifier.name, **overrides)
     defended = Defended(classifier, name, config, seed=seed, preset=preset)
     return defended if dtype == torch.float32 else defended.with_dtype(dtype)

@@ -9,13 +9,16 @@ Adding a defense = its file (config, procedure, draws) + one entry in DEFENSES, 
     "mine": Defense("mine", MyConfig, my_procedure, {"start": Draw("uniform", -1.0, 1.0)},
                     presets={"paper": {}}, passes={"paper": (4, 2, 0, 0, 4)}),
 
-Names: a defense's *label* is "name" for its paper preset and "name-preset" otherwise ("scc-latency").
+Names: `Defense` is the record; a *defense* (a str) is its bare name ("scc"); a *spec* is the full string a user
+writes, `name[-preset][:field=value...]`: "scc" for the paper preset, "scc-latency" otherwise, and
+"scc-latency:steps=2" with config overrides.
 Config resolution: the preset (`paper`, `latency`) -> the model's own overrides (MODEL_PRESETS, keyed by
 model name) -> the caller's overrides (`warmup__steps=1` reaches into the nested warm-up config).
 """
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
@@ -28,6 +31,7 @@ from .anti_adv import ANTI_ADV_DRAWS, AntiAdvConfig, anti_adv
 from .dbd import DBD_DRAWS, DBDConfig, dbd
 from .doc import DOC_DRAWS, DOCConfig, doc
 from .hd import HD_DRAWS, HDConfig, hd
+from .rn import RN_DRAWS, RNConfig, rn
 from .rtpt import RTPT_DRAWS, RTPTConfig, rtpt
 from .scc import SCC_DRAWS, SCCConfig, scc
 from .ttc import TTC_DRAWS, TTCConfig, ttc
@@ -57,7 +61,7 @@ class Defense:
     `passes` the same names to the expected encoder passes per image (PASS_KEYS order; None where the spec has no
     figure); `compiles`: one fullgraph torch.compile graph (scc.backends.compiled.Engine); `exports`: one ONNX
     graph (scc.export); `why_not` says why a backend refuses it; `aliases` maps other preset names to presets
-    (a label "anti-adv-original" is "anti-adv", its paper preset).
+    (a spec "anti-adv-original" is "anti-adv", its paper preset).
     """
     name: str
     config_cls: type
@@ -117,6 +121,8 @@ DEFENSES: dict[str, Defense] = {
     # forward-only: 32 views (DBD) and 1 + 32 views (AGC) in one round, the official defaults
     "dbd": Defense("dbd", DBDConfig, dbd, DBD_DRAWS, presets={"paper": {}}, passes={"paper": (32, 0, 0, 0, 1)}),
     "agc": Defense("agc", AGCConfig, agc, AGC_DRAWS, presets={"paper": {}}, passes={"paper": (33, 0, 0, 0, 1)}),
+    # RN: TTC's random start alone (U(-4/255, 4/255) per pixel, one draw per image), then one forward
+    "rn": Defense("rn", RNConfig, rn, RN_DRAWS, presets={"paper": {}}, passes={"paper": (1, 0, 0, 0, 1)}),
 }
 
 PRESETS: dict[str, Mapping[str, Mapping[str, Any]]] = {name: d.presets for name, d in DEFENSES.items()}
@@ -143,29 +149,45 @@ def _name_and_preset(head: str) -> tuple[str, str]:
     return name, preset or "paper"
 
 
-def split_label(label: str) -> tuple[str, str]:
+def split_spec(spec: str) -> tuple[str, str]:
     """'scc-latency' -> ('scc', 'latency'); 'ttc' -> ('ttc', 'paper'); config overrides stay with the preset:
     'scc:semantic=off' -> ('scc', 'paper:semantic=off') (see `parse_overrides`)."""
-    head, sep, overrides = str(label).strip().partition(":")
+    head, sep, overrides = str(spec).strip().partition(":")
     name, preset = _name_and_preset(head.strip().lower())
     return name, preset + sep + overrides
 
 
-def label_of(name: str, preset: str) -> str:
+def spec_of(name: str, preset: str) -> str:
     """('scc', 'latency') -> 'scc-latency'; ('ttc', 'paper') -> 'ttc'; ('scc', 'paper:semantic=off') ->
     'scc:semantic=off'."""
     base, sep, overrides = preset.partition(":")
     return (name if base == "paper" else f"{name}-{base}") + sep + overrides
 
 
-def defense_labels() -> list[str]:
-    """Every label the CLI and `defend` accept: 'none', 'ttc', 'scc', 'scc-latency', 'rtpt', 'anti-adv', ...
-    (preset aliases such as 'anti-adv-original' are accepted too but not listed)."""
-    return [label_of(n, p) for n, d in DEFENSES.items() for p in d.presets]
+def defense_specs() -> list[str]:
+    """Every spec without overrides the CLI and `defend` accept: 'none', 'ttc', 'scc', 'scc-latency', 'rtpt',
+    'anti-adv', ... (preset aliases such as 'anti-adv-original' are accepted too but not listed)."""
+    return [spec_of(n, p) for n, d in DEFENSES.items() for p in d.presets]
+
+
+def _deprecated(old, new):
+    """`old` kept for one release: calls `new` after a DeprecationWarning."""
+    def alias(*args, **kwargs):
+        warnings.warn(f"{old} is deprecated; use {new.__name__}", DeprecationWarning, stacklevel=2)
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated: use `{new.__name__}` (the same function; this name goes in the next release)."
+    return alias
+
+
+split_label = _deprecated("split_label", split_spec)
+label_of = _deprecated("label_of", spec_of)
+defense_labels = _deprecated("defense_labels", defense_specs)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Config overrides in a label: name[-preset]:field=value[:field=value...]
+# Config overrides in a spec: name[-preset]:field=value[:field=value...]
 # ----------------------------------------------------------------------------------------------------------
 BOOL_WORDS = {"on": True, "true": True, "yes": True, "1": True, "off": False, "false": False, "no": False, "0": False}
 OVERRIDE_SYNTAX = ("name[-preset]:field=value[:...], e.g. scc:semantic=off:spatial=off, scc:warmup.steps=1, "
@@ -219,7 +241,7 @@ def _coerce(text: str, kind: str, key: str) -> Any:
 
 def parse_overrides(name: str, text: str) -> tuple[dict[str, Any], str]:
     """'semantic=off:warmup.steps=1' -> ({'semantic': False, 'warmup__steps': 1}, 'semantic=off:warmup.steps=1'):
-    the typed overrides of defense `name` (make_config's keyword form) and their canonical text for labels.
+    the typed overrides of defense `name` (make_config's keyword form) and their canonical text for specs.
     SccError naming an unknown field (with the valid ones) or a value of the wrong type."""
     values, canon = {}, []
     for item in [t for t in text.split(":") if t.strip()]:
@@ -236,19 +258,19 @@ def parse_overrides(name: str, text: str) -> tuple[dict[str, Any], str]:
     return values, ":".join(canon)
 
 
-def parse_defense(label: str) -> tuple[str, str]:
+def parse_defense(spec: str) -> tuple[str, str]:
     """'scc-latency' -> ('scc', 'latency'), 'scc:Semantic=OFF' -> ('scc', 'paper:semantic=off') after checking the
     name, the preset and every override (its field and its value); SccError listing the valid choices."""
-    name, preset = split_label(str(label).strip())
+    name, preset = split_spec(str(spec).strip())
     name = name.lower()
     base, _, overrides = preset.partition(":")
     base = base.lower()
     if name not in DEFENSES:
-        raise SccError(f"unknown defense {label!r}; choose from {', '.join(defense_labels())} (each optionally "
+        raise SccError(f"unknown defense {spec!r}; choose from {', '.join(defense_specs())} (each optionally "
                        f"with config overrides: {OVERRIDE_SYNTAX})")
     if base not in PRESETS[name]:
         raise SccError(f"unknown preset {base!r} for {name}; choose from {sorted(PRESETS[name])} "
-                       f"(defenses: {', '.join(defense_labels())})")
+                       f"(defenses: {', '.join(defense_specs())})")
     if not overrides:
         return name, base
     values, canon = parse_overrides(name, overrides)
@@ -257,38 +279,38 @@ def parse_defense(label: str) -> tuple[str, str]:
 
 
 def parse_defenses(text: str | Sequence[str]) -> list[str]:
-    """'none,ttc,scc-latency,scc:semantic=off' -> the canonical labels; one SccError naming every bad one (and
+    """'none,ttc,scc-latency,scc:semantic=off' -> the canonical specs; one SccError naming every bad one (and
     why)."""
-    labels = [d.strip() for d in (text.split(",") if isinstance(text, str) else text) if d.strip()]
-    if not labels:
-        raise SccError(f"no defense given; choose from {', '.join(defense_labels())} (comma-separated)")
+    specs = [d.strip() for d in (text.split(",") if isinstance(text, str) else text) if d.strip()]
+    if not specs:
+        raise SccError(f"no defense given; choose from {', '.join(defense_specs())} (comma-separated)")
     out, unknown, bad = [], [], []
-    for label in labels:
+    for spec in specs:
         try:
-            out.append(label_of(*parse_defense(label)))
+            out.append(spec_of(*parse_defense(spec)))
         except SccError as err:
-            if split_label(label)[0].lower() in DEFENSES:
-                bad.append(f"{label}: {err}")
+            if split_spec(spec)[0].lower() in DEFENSES:
+                bad.append(f"{spec}: {err}")
             else:
-                unknown.append(label)
+                unknown.append(spec)
     if unknown or bad:
-        head = [f"unknown defense(s) {unknown}; choose from {', '.join(defense_labels())} (each optionally with "
+        head = [f"unknown defense(s) {unknown}; choose from {', '.join(defense_specs())} (each optionally with "
                 f"config overrides: {OVERRIDE_SYNTAX})"] if unknown else []
         raise SccError("; ".join(head + bad))
     if len(set(out)) != len(out):
-        raise SccError(f"a defense is listed twice in {', '.join(out)}: each label names one column of the report")
+        raise SccError(f"a defense is listed twice in {', '.join(out)}: each spec names one column of the report")
     return out
 
 
 def make_config(name: str, preset: str = "paper", model: str = "", **overrides) -> Any:
-    """The frozen config of `name` under `preset` (which may carry label overrides, 'paper:semantic=off'), the
+    """The frozen config of `name` under `preset` (which may carry a spec's overrides, 'paper:semantic=off'), the
     model's overrides and the caller's (SccError on any unknown setting, all of them named)."""
     base, _, text = preset.partition(":")
     base = DEFENSES[name].aliases.get(base, base) if name in DEFENSES else base
     if name not in DEFENSES or base not in PRESETS[name]:
-        parse_defense(label_of(name, base))  # raises with the valid choices
-    label_values = parse_overrides(name, text)[0] if text else {}
-    values = {**PRESETS[name][base], **MODEL_PRESETS.get(model, {}).get(name, {}), **label_values, **overrides}
+        parse_defense(spec_of(name, base))  # raises with the valid choices
+    spec_values = parse_overrides(name, text)[0] if text else {}
+    values = {**PRESETS[name][base], **MODEL_PRESETS.get(model, {}).get(name, {}), **spec_values, **overrides}
     cls = DEFENSES[name].config_cls
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted({key.partition("__")[0] for key in values} - set(fields))

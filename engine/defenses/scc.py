@@ -99,7 +99,8 @@ def soft_prototype(cos: torch.Tensor, clf: ZeroShotClassifier, cfg: SCCConfig) -
 
 def margin(cos: torch.Tensor, t_soft_cos: torch.Tensor, y_hat: torch.Tensor, aggregate: str) -> torch.Tensor:
     """L_cm summed over the batch. cos (B, L, C), t_soft_cos (B, L), y_hat (B,)."""
-    hard = F.one_hot(y_hat, cos.shape[-1]).bool()[:, None, :]  # (B, 1, C)
+    # (B, 1, C); a comparison rather than F.one_hot, whose value checks torch 2.11 cannot trace under compile
+    hard = (y_hat[:, None] == torch.arange(cos.shape[-1], device=y_hat.device))[:, None, :]
     if aggregate == "mean_cos":
         neg = cos.mean(1).masked_fill(hard[:, 0], float("-inf")).amax(-1)  # (B,)
         return (t_soft_cos.mean(1) - neg).sum()

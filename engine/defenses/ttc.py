@@ -9,6 +9,10 @@
     logits = s * cos(f(x + Delta), T)
 
 The random start `u` is an input (shape of x, uniform in [-1, 1]) so other backends can replay it.
+
+A fine-tuned classifier (TeCoA, FARE, ...) that carries `tau_reference`, the original model it was tuned from,
+takes tau from that frozen original instead, ||f_0(x + d0) - f_0(x)|| / ||f_0(x)|| (2 extra forwards), while the
+counterattack and the prediction use the tuned model: TTC's `compute_tau` for fine-tuned victims.
 """
 from __future__ import annotations
 
@@ -55,9 +59,14 @@ def counterattack(clf: ZeroShotClassifier, x: torch.Tensor, cfg: TTCConfig, star
     d = project(cfg.eps * start, x, cfg.eps)
     iterates = [d]
     tau = None
+    reference = getattr(clf, "tau_reference", None)  # the frozen original of a fine-tuned model, or None
+    if reference is not None:
+        with torch.no_grad():
+            r0 = reference.embed(x)
+            tau = (reference.embed(x + d) - r0).norm(dim=-1) / r0.norm(dim=-1)
     for k in range(cfg.steps):
         g, e = grad_fn(d)
-        if k == 0:
+        if k == 0 and reference is None:
             tau = (e - e0).norm(dim=-1) / e0.norm(dim=-1)
         if trace is not None:
             trace.append(g.sign())

@@ -33,6 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..data import classifier_for, load_dataset
+from ..defenses import split_spec
 from ..errors import SccError
 from ..models import preprocessing_of
 from ..precision import dtype_name
@@ -49,17 +50,21 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
              suite: Suite | None = None, progress: bool = True, templates: Sequence[str] | None = None,
              ray_address: str | None = None, log: Callable[[str], None] = print, workers: int = 1,
              threads: int | None = None, dtype: torch.dtype = torch.float32, backend: str = "eager",
-             keep: Callable[[Callable[[], tuple]], None] | None = None) -> dict:
+             keep: Callable[[Callable[[], tuple]], None] | None = None,
+             tau_reference: dict | None = None) -> dict:
     """The adaptive protocol end to end; returns the JSON-ready report (see the module docstring). The cost
     estimate goes to `log` before the work starts. `keep(snapshot)` is called once before the work:
     snapshot() -> (report of the batches finished so far, their images, all images, the missing image ranges),
-    what a run cut short writes (scc.cli.interrupts)."""
+    what a run cut short writes (scc.cli.interrupts). `tau_reference` ({"pretrained": P}): `pretrained` is a
+    fine-tuned model and TTC's tau gate reads `model` loaded with P, its frozen original (scc.defenses.ttc)."""
     suite = suite or Suite()
     unknown = [a for a in suite.attacks if a not in ADAPTIVE_ATTACKS]
     if unknown:
         raise SccError(f"unknown adaptive attack(s) {unknown}; choose from {', '.join(ADAPTIVE_ATTACKS)}")
     data = load_dataset(dataset, preprocessing_of(model), n_images)
     clf = classifier_for(data, model, pretrained, templates, device)
+    if tau_reference is not None:
+        clf.tau_reference = classifier_for(data, model, tau_reference["pretrained"], templates, device)
     x_all, y_all = data.images.to(device), data.targets.to(device)
     if workers < 1:
         raise SccError(f"workers must be a positive number of processes, got {workers!r}")
@@ -75,18 +80,19 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
     parts = []  # each finished batch's (or Ray shard's) results
 
     def report_of(raw: dict | None) -> dict:
-        report = {"protocol": "adaptive", "model": model, "pretrained": pretrained, "dataset": data.name,
+        report = {"protocol": "adaptive", "model": model, "pretrained": pretrained,
+                  **({"tau_reference": tau_reference} if tau_reference is not None else {}), "dataset": data.name,
                   "n_images": len(images_of(raw)) if raw else 0, "device": str(device), "dtype": dtype_name(dtype),
                   "backend": backend, "seed": seed,
                   "fresh_seed": "derived from seed (blake2b of seed and 'fresh-draws'); never seen by the attacker",
                   "threads": (threads or 1) if workers > 1 and not ray_address else torch.get_num_threads(),
                   "hardware": hardware(device), "versions": versions(extra=("ray", "matplotlib")),
                   "batch_size": batch_size, "ray": ray_address, "workers": 1 if ray_address else workers,
-                  "wall_seconds": time.perf_counter() - started, "suite": dataclasses.asdict(suite),
+                  "wall_s": time.perf_counter() - started, "suite": dataclasses.asdict(suite),
                   "results": build_rows(raw, defenses, eps_list, suite, backend, dtype) if raw else [],
                   "steps_curves": curves_of(raw) if raw else [],
-                  "sanity_16": [{"defense": s, "eps": suite.sanity_eps, "steps": suite.sanity_steps,
-                                 "accuracy": accuracy_of(d)[0], "n": accuracy_of(d)[1]}
+                  "sanity_16": [{"defense": split_spec(s)[0], "spec": s, "eps": suite.sanity_eps,
+                                 "steps": suite.sanity_steps, "accuracy": accuracy_of(d)[0], "n": accuracy_of(d)[1]}
                                 for s, d in (raw["sanity"].items() if raw else ())]}
         report["sanity"] = sanity_flags(report)
         return report
@@ -100,7 +106,7 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
         keep(snapshot)
     # what a worker process or Ray task needs to rebuild the classifier and images (loaded above: fail fast here)
     load_kw = dict(model=model, pretrained=pretrained, dataset=dataset, n_images=n_images, templates=templates,
-                   device=device, dtype=dtype_name(dtype), backend=backend)
+                   device=device, dtype=dtype_name(dtype), backend=backend, tau_reference=tau_reference)
     if ray_address:
         raw = run_ray(ray_address, load_kw, defenses, eps_list, batches, seed, suite, progress, parts.append)
     elif workers > 1:

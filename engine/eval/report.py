@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..defenses import label_of
+from ..defenses import spec_of, split_spec
 from ..errors import SccError, require_extra
 
 
@@ -19,8 +19,8 @@ ATTACK_ORDER = ("none", "pgd", "cw", "pgd100", "apgd-ce", "apgd-dlr", "apgd-t", 
                 "eot-pgd", "bpda-pgd", "transfer-nocorrect", "square", "surrogate-pgd", "worst")
 
 
-def _label(r: dict) -> str:
-    return label_of(r["defense"], r["preset"])
+def _spec(r: dict) -> str:
+    return spec_of(r["defense"], r["preset"])
 
 
 def _col_name(r: dict) -> str:
@@ -39,7 +39,7 @@ def table_cells(report: dict) -> tuple[list[str], dict[str, dict[str, str]], lis
     ranked = sorted(report["results"], key=lambda r: (r["eps"] if r["attack"] != "none" else -1,
                                                      r["protocol"] != "paper", order.get(r["attack"], 99)))
     for r in ranked:
-        lab = _label(r)
+        lab = _spec(r)
         eps_tag = "" if r["attack"] == "none" else f" @{r['eps'] * 255:g}"
         col = _col_name(r) + (eps_tag if len(eps_values) > 1 else "")
         if col not in cols:
@@ -70,7 +70,7 @@ def format_adaptive_table(report: dict) -> str:
     worst = [r for r in report["results"] if r["attack"] == "worst"]
     if worst:
         lines.append("worst case +- standard error: " + "; ".join(
-            f"{_label(r)} {r['eps'] * 255:g}/255 {r['draws']} {100 * r['accuracy']:.1f}+-{100 * r['stderr']:.1f}"
+            f"{_spec(r)} {r['eps'] * 255:g}/255 {r['draws']} {100 * r['accuracy']:.1f}+-{100 * r['stderr']:.1f}"
             for r in worst))
     return "\n".join(lines)
 
@@ -95,14 +95,17 @@ def format_markdown(report: dict) -> str:
            "| defense | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for lab, cells in text.items():
         out.append(f"| {lab} | " + " | ".join(cells.get(c, "-") for c in cols) + " |")
-    costs = [r for r in report["results"] if r.get("attack_seconds_per_image") and r["draws"] != "fresh"]
+    costs = [r for r in report["results"] if r.get("attack_s_per_image") and r["draws"] != "fresh"]
     if costs:
         out += ["", "Attack cost, seconds per image: wall (CPU time of the process; on a shared machine the wall "
                 "time includes waiting for the cores):", ""]
-        out += [f"- {_label(r)} {_col_name(r)} @{r['eps'] * 255:g}/255: {r['attack_seconds_per_image']:.3f} "
-                f"({(r.get('attack_cpu_seconds_per_image') or 0):.3f})" for r in costs]
+        out += [f"- {_spec(r)} {_col_name(r)} @{r['eps'] * 255:g}/255: {r['attack_s_per_image']:.3f} "
+                f"({(r.get('attack_cpu_s_per_image') or 0):.3f})" for r in costs]
     if report.get("sanity"):
         out += ["", "Sanity checks:", ""] + [f"- {f}" for f in report["sanity"]]
+    if report.get("notes"):
+        out += ["", "Notes:", ""] + [f"- {note}" for note in report["notes"]]
+    out += _backbone_lines([(report["model"], report.get("backbones") or {})])
     if report.get("warning"):
         out += ["", f"**{report['warning']}**"]
     return "\n".join(out) + "\n"
@@ -113,8 +116,8 @@ def format_markdown(report: dict) -> str:
 # clean accuracy (Acc) and the robust accuracy (Rob), each with its difference to the undefended model ("none").
 # ----------------------------------------------------------------------------------------------------------
 def table1_rows(reports: list[dict]) -> list[dict]:
-    """Flat records {"attack", "eps", "dataset" (or "average"), "defense" (label), "acc", "rob", "delta_acc",
-    "delta_rob"} (accuracies in [0,1]; None where not measured; deltas against the "none" label when present)
+    """Flat records {"attack", "eps", "dataset" (or "average"), "defense" (the bare name), "spec", "acc", "rob",
+    "delta_acc", "delta_rob"} (accuracies in [0,1]; None where not measured; deltas against "none" when present)
     from paper-protocol reports, one per dataset. The average is the mean over the datasets (None if one lacks
     the cell)."""
     blocks = []
@@ -123,24 +126,25 @@ def table1_rows(reports: list[dict]) -> list[dict]:
             if r["attack"] != "none" and (r["attack"], r["eps"]) not in blocks:
                 blocks.append((r["attack"], r["eps"]))
     blocks = blocks or [("none", 0.0)]
-    labels = list(dict.fromkeys(_label(r) for rep in reports for r in rep["results"]))
+    specs = list(dict.fromkeys(_spec(r) for rep in reports for r in rep["results"]))
     out = []
     for attack, eps in blocks:
         per_dataset = []
         for rep in reports:
-            acc = {_label(r): r["accuracy"] for r in rep["results"] if r["attack"] == "none"}
-            rob = {_label(r): r["accuracy"] for r in rep["results"] if (r["attack"], r["eps"]) == (attack, eps)}
+            acc = {_spec(r): r["accuracy"] for r in rep["results"] if r["attack"] == "none"}
+            rob = {_spec(r): r["accuracy"] for r in rep["results"] if (r["attack"], r["eps"]) == (attack, eps)}
             per_dataset.append((rep["dataset"], {lab: (acc.get(lab), rob.get(lab) if attack != "none" else None)
-                                                 for lab in labels}))
+                                                 for lab in specs}))
         mean = lambda vals: None if any(v is None for v in vals) else sum(vals) / len(vals)
-        average = {lab: tuple(mean([cells[lab][i] for _, cells in per_dataset]) for i in (0, 1)) for lab in labels}
+        average = {lab: tuple(mean([cells[lab][i] for _, cells in per_dataset]) for i in (0, 1)) for lab in specs}
         for dataset, cells in per_dataset + [("average", average)]:
             base = cells.get("none", (None, None))
-            for lab in labels:
+            for lab in specs:
                 a, b = cells[lab]
                 diff = lambda v, ref: None if v is None or ref is None or lab == "none" else v - ref
-                out.append({"attack": attack, "eps": eps, "dataset": dataset, "defense": lab, "acc": a, "rob": b,
-                            "delta_acc": diff(a, base[0]), "delta_rob": diff(b, base[1])})
+                out.append({"attack": attack, "eps": eps, "dataset": dataset, "defense": split_spec(lab)[0],
+                            "spec": lab, "acc": a, "rob": b, "delta_acc": diff(a, base[0]),
+                            "delta_rob": diff(b, base[1])})
     return out
 
 
@@ -151,7 +155,7 @@ def _cell(value: float | None, delta: float | None) -> str:
 
 
 def _blocks(table: dict) -> list[tuple[str, list[str], list[str], dict]]:
-    """(title, datasets, labels, {(dataset, label): record}) per (attack, eps) block of a Table 1 report."""
+    """(title, datasets, specs, {(dataset, spec): record}) per (attack, eps) block of a Table 1 report."""
     out = {}
     for r in table["table1"]:
         out.setdefault((r["attack"], r["eps"]), []).append(r)
@@ -159,8 +163,8 @@ def _blocks(table: dict) -> list[tuple[str, list[str], list[str], dict]]:
     for (attack, eps), recs in out.items():
         title = "clean accuracy" if attack == "none" else f"{attack.upper()} at {round(eps * 255, 2):g}/255"
         datasets = list(dict.fromkeys(r["dataset"] for r in recs))
-        labels = list(dict.fromkeys(r["defense"] for r in recs))
-        blocks.append((title, datasets, labels, {(r["dataset"], r["defense"]): r for r in recs}))
+        specs = list(dict.fromkeys(r["spec"] for r in recs))
+        blocks.append((title, datasets, specs, {(r["dataset"], r["spec"]): r for r in recs}))
     return blocks
 
 
@@ -170,12 +174,12 @@ def format_table1(table: dict) -> str:
     sets = ", ".join(f"{d} ({m}, {r['n_images']} images)"
                      for d, m, r in zip(table["datasets"], table["models"], table["reports"]))
     lines = [f"paper protocol (non-adaptive), accuracy % (difference to the undefended model 'none'); {sets}"]
-    for title, datasets, labels, recs in _blocks(table):
-        width = {lab: max(15, -(-(len(lab) + 2) // 2)) for lab in labels}  # per defense: Acc and Rob columns
+    for title, datasets, specs, recs in _blocks(table):
+        width = {lab: max(15, -(-(len(lab) + 2) // 2)) for lab in specs}  # per defense: Acc and Rob columns
         dwidth = max(10, *(len(d) + 2 for d in datasets))
-        lines += ["", title, f"{'':<{dwidth}}" + "".join(f"{lab:<{2 * width[lab]}}" for lab in labels).rstrip(),
+        lines += ["", title, f"{'':<{dwidth}}" + "".join(f"{lab:<{2 * width[lab]}}" for lab in specs).rstrip(),
                   f"{'dataset':<{dwidth}}" + "".join(f"{'Acc':<{width[lab]}}{'Rob':<{width[lab]}}"
-                                                     for lab in labels).rstrip()]
+                                                     for lab in specs).rstrip()]
         rule = "-" * len(lines[-1])
         lines.append(rule)
         for d in datasets:
@@ -183,7 +187,7 @@ def format_table1(table: dict) -> str:
                 lines.append(rule)
             lines.append(f"{d:<{dwidth}}" + "".join(
                 f"{_cell(recs[d, lab]['acc'], recs[d, lab]['delta_acc']):<{width[lab]}}"
-                f"{_cell(recs[d, lab]['rob'], recs[d, lab]['delta_rob']):<{width[lab]}}" for lab in labels).rstrip())
+                f"{_cell(recs[d, lab]['rob'], recs[d, lab]['delta_rob']):<{width[lab]}}" for lab in specs).rstrip())
     return "\n".join(lines)
 
 
@@ -193,18 +197,76 @@ def format_table1_markdown(table: dict) -> str:
            "Cells: accuracy % (difference to the undefended model `none`). Datasets: "
            + ", ".join(f"`{d}` (model `{m}`, {r['n_images']} images, seed {r['seed']})"
                        for d, m, r in zip(table["datasets"], table["models"], table["reports"])) + "."]
-    for title, datasets, labels, recs in _blocks(table):
-        out += ["", f"## {title}", "", "| dataset | " + " | ".join(f"{lab} Acc | {lab} Rob" for lab in labels) + " |",
-                "|---" * (2 * len(labels) + 1) + "|"]
+    for title, datasets, specs, recs in _blocks(table):
+        out += ["", f"## {title}", "", "| dataset | " + " | ".join(f"{lab} Acc | {lab} Rob" for lab in specs) + " |",
+                "|---" * (2 * len(specs) + 1) + "|"]
         for d in datasets:
             name = "**average**" if d == "average" else d
             out.append(f"| {name} | " + " | ".join(
                 f"{_cell(recs[d, lab]['acc'], recs[d, lab]['delta_acc'])} | "
-                f"{_cell(recs[d, lab]['rob'], recs[d, lab]['delta_rob'])}" for lab in labels) + " |")
+                f"{_cell(recs[d, lab]['rob'], recs[d, lab]['delta_rob'])}" for lab in specs) + " |")
     settings = {k: v for r in table["reports"] for k, v in r.get("attack_settings", {}).items()}
     if settings:
         out += ["", "AutoAttack settings:", ""] + [f"- `{k}`: {json.dumps(v)}" for k, v in settings.items()]
+    if table.get("notes"):
+        out += ["", "Notes:", ""] + [f"- {note}" for note in table["notes"]]
+    out += _backbone_lines([(r["model"], r.get("backbones") or {}) for r in table["reports"]])
     return "\n".join(out) + "\n"
+
+
+def _backbone_lines(models: list[tuple[str, dict]]) -> list[str]:
+    """The fine-tuned models' provenance as a Markdown table (nothing when there are none)."""
+    rows = [(m, b, p) for m, backbones in models for b, p in backbones.items()]
+    if not rows:
+        return []
+    out = ["", "## Fine-tuned models", "",
+           "| model | column | method (source) | eps_train | attack steps | training data | images | epochs | "
+           "last epoch loss | training s | weights sha256 |", "|---" * 11 + "|"]
+    for m, b, p in rows:
+        epochs = p.get("epochs") or [{}]
+        out.append(f"| {m} | {b} | {p.get('method')} ({p.get('source')}) | {p.get('eps_255', 0):g}/255 | "
+                   f"{p.get('attack_steps')} | {p.get('data')} | {p.get('n_images')} | {len(p.get('epochs') or [])} | "
+                   f"{epochs[-1].get('loss', float('nan')):.4f} | {p.get('train_s')} | "
+                   f"`{(p.get('checkpoint_sha256') or '')[:16]}` |")
+    return out
+
+
+def plot_table1(table: dict, folder: Path) -> list[Path]:
+    """table1.png: one panel per block (clean, then each attack and eps), bars per defense column, one colour per
+    dataset and the average (hatched). No rows: no plot."""
+    if not table.get("table1"):
+        return []
+    require_extra("plots", ["matplotlib"], what="the report's plots")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    blocks = _blocks(table)
+    panels = [("clean accuracy", "acc", blocks[0])] + [(b[0], "rob", b) for b in blocks if b[0] != "clean accuracy"]
+    specs = blocks[0][2]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(8.0, 0.75 * len(specs) + 3), 3.2 * len(panels)),
+                             squeeze=False)
+    for ax, (title, key, (_, datasets, _, recs)) in zip(axes[:, 0], panels):
+        width = 0.8 / len(datasets)
+        for j, d in enumerate(datasets):
+            xs = [i + (j - (len(datasets) - 1) / 2) * width for i in range(len(specs))]
+            ys = [100 * (recs[d, s][key] or 0) for s in specs]
+            ax.bar(xs, ys, width * 0.95, color=f"C{j}", hatch="//" if d == "average" else "",
+                   alpha=0.6 if d == "average" else 0.9, edgecolor="white", label=d)
+        ax.set_xticks(range(len(specs)), specs, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("accuracy %")
+        ax.set_ylim(0, 105)
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_title(title, fontsize=9)
+        _legend_outside(ax, title="dataset")
+    fig.suptitle("Table 1 layout, paper protocol: " + ", ".join(
+        f"{d} ({m})" for d, m in zip(table["datasets"], table["models"])), fontsize=9)
+    fig.tight_layout()
+    path = folder / "table1.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return [path]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -216,7 +278,7 @@ SERIES_STYLES = ("-", "--", ":", "-.")
 
 
 def accuracy_series(report: dict) -> dict[str, dict[str, list[tuple[float, float, float]]]]:
-    """{defense label: {series: [(eps, accuracy, stderr)] by eps, eps 0 = clean}}. Adaptive protocol: the worst
+    """{defense spec: {series: [(eps, accuracy, stderr)] by eps, eps 0 = clean}}. Adaptive protocol: the worst
     case over the suite with "known" and "fresh" draws. Paper protocol: one series per attack ("clean" alone when
     no attack ran)."""
     adaptive = report["protocol"] == "adaptive"
@@ -225,7 +287,7 @@ def accuracy_series(report: dict) -> dict[str, dict[str, list[tuple[float, float
     for r in report["results"]:
         if adaptive and (r["protocol"] != "adaptive" or r["attack"] not in ("none", "worst")):
             continue
-        lab = _label(r)
+        lab = _spec(r)
         series = out.setdefault(lab, {})
         point = (0.0 if r["attack"] == "none" else r["eps"], r["accuracy"], r["stderr"])
         if r["attack"] == "none" and not adaptive:
@@ -241,9 +303,9 @@ def accuracy_series(report: dict) -> dict[str, dict[str, list[tuple[float, float
 
 
 def defense_styles(report: dict) -> dict[str, tuple[str, str]]:
-    """{defense label: (colour, marker)}, in the report's order: the same in every plot of a report."""
-    labels = dict.fromkeys(_label(r) for r in report["results"])
-    return {lab: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, lab in enumerate(labels)}
+    """{defense spec: (colour, marker)}, in the report's order: the same in every plot of a report."""
+    specs = dict.fromkeys(_spec(r) for r in report["results"])
+    return {lab: (f"C{i % 10}", MARKERS[i % len(MARKERS)]) for i, lab in enumerate(specs)}
 
 
 def _legend_outside(ax, handles=None, labels=None, title=None):
@@ -341,13 +403,13 @@ def plot_steps(report: dict, fig) -> None:
 
     curves = report["steps_curves"]
     eps_values = sorted({c["eps"] for c in curves})
-    styles = {lab: style for lab, style in defense_styles(report).items() if any(c["defense"] == lab for c in curves)}
+    styles = {lab: style for lab, style in defense_styles(report).items() if any(c["spec"] == lab for c in curves)}
     steps = sorted({k for c in curves for k in c["steps"]})
     axes = fig.subplots(1, len(eps_values), sharey=True, squeeze=False)[0]
     for ax, eps in zip(axes, eps_values):
         for c in curves:
             if c["eps"] == eps:
-                colour, marker = styles[c["defense"]]
+                colour, marker = styles[c["spec"]]
                 ax.plot(c["steps"], [100 * a for a in c["accuracy"]], color=colour, marker=marker,
                         ls="-" if c["draws"] == "known" else "--", ms=4)
         ax.set_xscale("symlog", linthresh=1)
@@ -369,7 +431,7 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
     acc_vs_steps.png (the PGD trajectory). No rows (a run interrupted before its first one): no plots."""
     if not report["results"]:
         return []
-    require_extra("adaptive", ["matplotlib"], what="the report's plots")
+    require_extra("plots", ["matplotlib"], what="the report's plots")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -392,7 +454,7 @@ def write_plots(report: dict, folder: Path) -> list[Path]:
 
 def write_report(report: dict, folder: str | Path, stem: str = "report") -> list[Path]:
     """report.json, report.md and the plots in `folder` (created if missing); the paths written. A Table 1
-    report (several datasets) gets the JSON and the Markdown only."""
+    report (several datasets) gets one plot, table1.png."""
     folder = Path(folder)
     table1 = report.get("layout") == "table1"
     try:
@@ -402,4 +464,4 @@ def write_report(report: dict, folder: str | Path, stem: str = "report") -> list
         paths[1].write_text(format_table1_markdown(report) if table1 else format_markdown(report))
     except OSError as err:
         raise SccError(f"could not write the report to {folder}: {err.strerror or err}") from None
-    return paths if table1 else paths + write_plots(report, folder)
+    return paths + (plot_table1(report, folder) if table1 else write_plots(report, folder))

@@ -33,6 +33,9 @@ def shard_task(load_kw: dict, defenses, eps_list, batches, seed, suite_dict, thr
     templates = load_kw["templates"]
     data = load_dataset(load_kw["dataset"], preprocessing_of(load_kw["model"]), load_kw["n_images"])
     clf = classifier_for(data, load_kw["model"], load_kw["pretrained"], templates, load_kw["device"])
+    if load_kw.get("tau_reference") is not None:  # a fine-tuned model: TTC's gate on its frozen original
+        clf.tau_reference = classifier_for(data, load_kw["model"], load_kw["tau_reference"]["pretrained"], templates,
+                                           load_kw["device"])
     x_all, y_all = data.images.to(load_kw["device"]), data.targets.to(load_kw["device"])
     suite = Suite(**{**suite_dict, "attacks": tuple(suite_dict["attacks"]),
                      "checkpoints": tuple(suite_dict["checkpoints"])})

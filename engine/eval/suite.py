@@ -2,7 +2,7 @@
 worker processes or Ray tasks): attacks through the defense, scored with the attacker's draws and fresh ones,
 merged per image into rows, the worst case and AutoAttack-style sanity flags.
 
-The suite (scc.eval.options.ADAPTIVE_ATTACKS; every step size is 2.5 eps / steps, Madry et al.):
+The suite (scc.eval.options.ADAPTIVE_ATTACKS; every PGD step size is madry_step, 2.5 eps / steps, Madry et al.):
   pgd                 PGD-50 on the summed cross-entropy, exact gradients through the defense with known draws;
                       per image it keeps the iterate that fooled the attacker's view (else the highest loss).
   apgd-ce, apgd-dlr   APGD (scc.attacks.apgd; 100 iterations, 1 restart) on the known-draws module. APGD calls
@@ -52,9 +52,9 @@ import torch
 from tqdm import tqdm
 
 from ..attacks import apgd, apgd_targeted, attack as paper_attack, fab_targeted, square
-from ..attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, sign_pgd
+from ..attacks.adaptive import KnownDraws, bpda_objective, ce_objective, eot_objective, madry_step, sign_pgd
 from ..backends import make_runner
-from ..defenses import DEFENSES, Defended, defend, label_of, split_label
+from ..defenses import DEFENSES, Defended, defend, spec_of, split_spec
 from ..draws import derive_seed
 from ..errors import SccError
 from ..perturbation import clip_image
@@ -118,10 +118,14 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
     attack's own randomness, so a batch computes the same in one process or in any Ray shard."""
     gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, f"{attack}:start:{batch_id}"))
     known = KnownDraws(defended, x, keys, eps)
+
+    def madry_pgd(objective, steps, **kw):
+        return sign_pgd(objective, x, y, eps, steps, madry_step(eps, steps), generator=gen, **kw)
+
     info: dict = {}
     if attack == "pgd":
-        adv, info = sign_pgd(ce_objective(known, y), x, y, eps, suite.pgd_steps, generator=gen, keep_best=True,
-                             checkpoints=[c for c in suite.checkpoints if c <= suite.pgd_steps])
+        adv, info = madry_pgd(ce_objective(known, y), suite.pgd_steps, keep_best=True,
+                              checkpoints=[c for c in suite.checkpoints if c <= suite.pgd_steps])
     elif attack in ("apgd-ce", "apgd-dlr"):
         adv = apgd(known, x, y, eps, loss=attack.split("-")[1], steps=suite.apgd_steps,
                    seed=derive_seed(seed, f"{attack}:{batch_id}"))
@@ -136,20 +140,19 @@ def attack_batch(attack: str, defended, x: torch.Tensor, y: torch.Tensor, keys: 
         draw_gen = torch.Generator().manual_seed(derive_seed(seed, f"eot:draws:{batch_id}"))
         draws_for = lambda rep: {k: v.to(rep.device) for k, v in
                                  defended.record.draws(rep.cpu(), defended.config, draw_gen).items()}
-        adv, info = sign_pgd(eot_objective(defended, y, suite.eot_k, draws_for), x, y, eps, suite.eot_steps,
-                             generator=gen)
+        adv, info = madry_pgd(eot_objective(defended, y, suite.eot_k, draws_for), suite.eot_steps)
     elif attack == "bpda-pgd":
-        adv, info = sign_pgd(bpda_objective(defended, y, known.draws), x, y, eps, suite.bpda_steps, generator=gen)
+        adv, info = madry_pgd(bpda_objective(defended, y, known.draws), suite.bpda_steps)
     elif attack == "transfer-nocorrect":
         if defended.defense == "scc":
             core = KnownDraws(defended.with_config(semantic=False), x, keys, eps, draws=known.draws)
         else:  # the whole defense is the correction: its core is the classifier it defends
             core = defended.classifier
-        adv, info = sign_pgd(ce_objective(core, y), x, y, eps, suite.transfer_steps, generator=gen)
+        adv, info = madry_pgd(ce_objective(core, y), suite.transfer_steps)
     elif attack == "surrogate-pgd":
         surrogate = KnownDraws(defended.with_config(**SURROGATES[defended.defense]), x, keys, eps,
                                draws=known.draws)
-        adv, info = sign_pgd(ce_objective(surrogate, y), x, y, eps, suite.pgd_steps, generator=gen, keep_best=True)
+        adv, info = madry_pgd(ce_objective(surrogate, y), suite.pgd_steps, keep_best=True)
     elif attack == "square":
         adv = square(known, x, y, eps, queries=suite.queries, seed=derive_seed(seed, f"square:{batch_id}"))
     else:
@@ -188,14 +191,14 @@ def jobs_of(defenses: Sequence[str], eps_list: Sequence[float], suite: Suite,
         jobs.append((None, eps, "paper-pgd"))
         for label in defenses:
             for attack in suite.attacks:
-                if suite.applies(attack, split_label(label)[0], n_classes):
+                if suite.applies(attack, split_spec(label)[0], n_classes):
                     jobs.append((label, eps, attack))
     return jobs
 
 
 def defended_pair(clf, label: str, seed: int, dtype: torch.dtype) -> tuple[Defended, Defended]:
     """A defense label's module with the attacker's (known) draws and the one with fresh draws."""
-    name, preset = split_label(label)
+    name, preset = split_spec(label)
     return (defend(clf, name, preset=preset, seed=seed, dtype=dtype),
             defend(clf, name, preset=preset, seed=derive_seed(seed, "fresh-draws"), dtype=dtype))
 
@@ -279,7 +282,8 @@ def evaluate_batches(clf, defenses: Sequence[str], eps_list: Sequence[float], x_
                     xs, ys, ks = x[:m], y[:m], keys[:m]
                     gen = torch.Generator(device=x.device).manual_seed(derive_seed(seed, f"sanity:{lo}"))
                     adv, _ = sign_pgd(ce_objective(KnownDraws(modules[label], xs, ks, suite.sanity_eps), ys), xs, ys,
-                                      suite.sanity_eps, suite.sanity_steps, generator=gen, keep_best=True)
+                                      suite.sanity_eps, suite.sanity_steps,
+                                      madry_step(suite.sanity_eps, suite.sanity_steps), generator=gen, keep_best=True)
                     out["sanity"].setdefault(label, {}).update(
                         {i: bool(v) for i, v in zip(ks, (score[label](adv, ks) == ys).tolist())})
             parts.append(out)
@@ -360,7 +364,7 @@ def build_rows(raw: dict, defenses: Sequence[str], eps_list: Sequence[float], su
     rows = []
     steps = {"none": 0, "paper-pgd": 10, **{a: suite.steps_of(a) for a in ADAPTIVE_ATTACKS}}
     for label in defenses:
-        name, preset = split_label(label)
+        name, preset = split_spec(label)
         dsec = raw["defense_seconds"].get(label, [0.0, 1])
         for eps in eps_list:
             def cpu_of(key):
@@ -373,8 +377,8 @@ def build_rows(raw: dict, defenses: Sequence[str], eps_list: Sequence[float], su
                         "protocol": protocol, "draws": draws,
                         "attack": attack, "eps": eps, "steps": n_steps if n_steps is not None else steps.get(attack),
                         "accuracy": p,
-                        "stderr": stderr(p, n), "n": n, "seconds_per_image": dsec[0] / max(dsec[1], 1),
-                        "attack_seconds_per_image": sec, "attack_cpu_seconds_per_image": cpu}
+                        "stderr": stderr(p, n), "n": n, "s_per_image": dsec[0] / max(dsec[1], 1),
+                        "attack_s_per_image": sec, "attack_cpu_s_per_image": cpu}
             paper = raw["correct"].get((label, eps, "paper-pgd", None))
             if paper is not None:
                 sec = raw["seconds"].get(("clf", eps, "paper-pgd"))
@@ -407,7 +411,7 @@ def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
     """AutoAttack-style checks, one line each ("ok: ..." or "FLAG: ...")."""
     flags = []
     rows = [r for r in report["results"] if r["protocol"] == "adaptive"]
-    label = lambda r: label_of(r["defense"], r["preset"])
+    label = lambda r: spec_of(r["defense"], r["preset"])
     # accuracy non-increasing in eps (worst case, per draws)
     by = {}
     for r in rows:
@@ -429,7 +433,7 @@ def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
         accs = c["accuracy"]
         for (k1, a), (k2, b) in zip(zip(c["steps"], accs), zip(c["steps"][1:], accs[1:])):
             if b > a + 2 * max(stderr(a, c["n"]), stderr(b, c["n"]), 1e-9):
-                bad.append(f"{c['defense']} eps={c['eps'] * 255:g}/255 ({c['draws']}) {a:.1%} after {k1} -> "
+                bad.append(f"{c['spec']} eps={c['eps'] * 255:g}/255 ({c['draws']}) {a:.1%} after {k1} -> "
                            f"{b:.1%} after {k2} steps")
     if report.get("steps_curves"):
         flags.append(("FLAG: accuracy rises with PGD steps: " + "; ".join(bad)) if bad else
@@ -437,10 +441,10 @@ def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
     # about 0% at 16/255
     for c in report.get("sanity_16", []):
         if c["accuracy"] > 0.10:
-            flags.append(f"FLAG: {c['defense']} keeps {c['accuracy']:.1%} under exact PGD-{c['steps']} at "
+            flags.append(f"FLAG: {c['spec']} keeps {c['accuracy']:.1%} under exact PGD-{c['steps']} at "
                          f"{c['eps'] * 255:g}/255 on {c['n']} images (expected about 0%): the gradient may be masked")
         else:
-            flags.append(f"ok: {c['defense']} {c['accuracy']:.1%} under exact PGD-{c['steps']} at "
+            flags.append(f"ok: {c['spec']} {c['accuracy']:.1%} under exact PGD-{c['steps']} at "
                          f"{c['eps'] * 255:g}/255 ({c['n']} images)")
     # black box beating white box
     for (lab, eps, draws), rs in _group(rows, lambda r: (label(r), r["eps"], r["draws"])).items():
@@ -472,6 +476,6 @@ def curves_of(raw: dict) -> list[dict]:
     for (label, eps, draws), ks in sorted(raw["curves"].items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         steps = sorted(ks)
         accs = [accuracy_of(ks[k])[0] for k in steps]
-        out.append({"defense": label, "eps": eps, "draws": draws, "attack": "pgd", "steps": steps, "accuracy": accs,
-                    "n": accuracy_of(ks[steps[0]])[1] if steps else 0})
+        out.append({"defense": split_spec(label)[0], "spec": label, "eps": eps, "draws": draws, "attack": "pgd",
+                    "steps": steps, "accuracy": accs, "n": accuracy_of(ks[steps[0]])[1] if steps else 0})
     return out

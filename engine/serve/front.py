@@ -105,6 +105,7 @@ class Front:
         if self.model is None:
             info = await self.describe()
             self.model = {k: info[k] for k in ("model", "defense", "backend", "image_size", "labels")}
+            self.model["spec"] = info.get("spec", info["defense"])
             self.model["preprocess"] = Preprocess.from_dict(info["preprocess"])  # the replica's model's own
         return self.model
 
@@ -200,8 +201,9 @@ class Front:
             if all("error" in r for r in results):
                 return error_reply(500, "; ".join(r["error"] for r in results)[:2000])
             self.counts["ok"] += 1
-            return Reply(200, {"results": results, "defense": model["defense"], "model": model["model"],
-                               "backend": model["backend"], "draws": "replay" if self.cfg["replay_draws"] else "fresh",
+            return Reply(200, {"results": results, "defense": model["defense"], "spec": model["spec"],
+                               "model": model["model"], "backend": model["backend"],
+                               "draws": "replay" if self.cfg["replay_draws"] else "fresh",
                                "latency_ms": round((time.monotonic() - start) * 1e3, 3)})
         finally:
             self.inflight -= 1

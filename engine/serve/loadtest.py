@@ -1,12 +1,12 @@
 """`scc loadtest`: load test of a running `scc serve`, beside the in-process runner.
 
-    scc loadtest --url http://127.0.0.1:8000 --images digits --concurrency 1,4,16 --requests 256 \
-        --images-per-request 8 --protocol http|grpc --json benchmarks/results/serve_load.json
-    scc loadtest --duration 600 --rate 20 --concurrency 8 --json soak.json     # soak: steady rate, memory sampled
+    scc loadtest --url http://127.0.0.1:8000 --image-source digits --concurrency 1,4,16 --requests 256 \
+        --images-per-request 8 --transport http|grpc --json benchmarks/results/serve-load.json
+    scc loadtest --duration-s 600 --rate 20 --concurrency 8 --json soak.json     # soak: steady rate, memory sampled
 
 Closed loop (default): per concurrency level C, C threads each keep one request in flight (N images per request,
-keep-alive connections) until --requests requests or --max-seconds. Open loop (--rate R): requests start R times a
-second on schedule, at most C in flight (a late request starts as soon as a thread is free). --duration S runs one
+keep-alive connections) until --requests requests or --max-time-s. Open loop (--rate R): requests start R times a
+second on schedule, at most C in flight (a late request starts as soon as a thread is free). --duration-s S runs one
 level for S seconds whatever --requests says. Reported per level: throughput (images/s), latency p50/p95/p99 (ms,
 client side, per request), the mean engine batch the service formed (from each answer's `batch_size`: a batch of b
 images answers b images, so batches = sum(1/b)), errors by status, 503s with Retry-After. With --sample-s T the
@@ -25,6 +25,7 @@ import json
 import os
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -38,7 +39,7 @@ from .client import Client, GrpcClient, get_json, multipart, wait_ready
 @dataclass(frozen=True)
 class Target:
     """Where and how to send: the HTTP(S) URL (for /v1/info and HTTP requests), TLS CA, bearer token, gRPC target
-    (host:port, with protocol grpc), replay seed."""
+    (host:port, with transport grpc), replay seed."""
     url: str
     cafile: str | None = None
     token: str | None = None
@@ -46,9 +47,9 @@ class Target:
     seed: int | None = None
 
 
-def load_images(spec: str, limit: int = 256) -> list[tuple[str, bytes]]:
+def load_images(source: str, limit: int = 256) -> list[tuple[str, bytes]]:
     """[(name, encoded bytes)]: `digits` = the held-out digits as PNGs, else every image file of a folder."""
-    if spec == "digits":
+    if source == "digits":
         import numpy as np
         from PIL import Image
 
@@ -62,21 +63,21 @@ def load_images(spec: str, limit: int = 256) -> list[tuple[str, bytes]]:
             Image.fromarray(arr).save(buf, format="PNG")
             out.append((f"digit{i}.png", buf.getvalue()))
         return out
-    folder = Path(spec)
+    folder = Path(source)
     if not folder.is_dir():
-        raise SccError(f"--images: {spec} is neither 'digits' nor a folder")
+        raise SccError(f"--image-source: {source} is neither 'digits' nor a folder")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)[:limit]
     if not files:
-        raise SccError(f"--images: no image files under {folder}")
+        raise SccError(f"--image-source: no image files under {folder}")
     return [(p.name, p.read_bytes()) for p in files]
 
 
 class Sender:
     """One thread's connection: send(first image index, n images) -> (status, result dicts, retry_after)."""
 
-    def __init__(self, target: Target, images: list[tuple[str, bytes]], protocol: str, timeout: float):
-        self.target, self.images, self.protocol = target, images, protocol
-        if protocol == "grpc":
+    def __init__(self, target: Target, images: list[tuple[str, bytes]], transport: str, timeout: float):
+        self.target, self.images, self.transport = target, images, transport
+        if transport == "grpc":
             self.client = GrpcClient(target.grpc, token=target.token, timeout=timeout)
         else:
             self.client = Client(target.url, timeout, cafile=target.cafile, token=target.token)
@@ -85,7 +86,7 @@ class Sender:
         picked = [self.images[(i + j) % len(self.images)] for j in range(n)]
         keys = [str(i + j) for j in range(n)]
         seed = self.target.seed
-        if self.protocol == "grpc":
+        if self.transport == "grpc":
             code, body, trailing = self.client.classify([(name, data, k) for (name, data), k in zip(picked, keys)],
                                                         seed="" if seed is None else str(seed))
             status = 200 if code == "OK" else {"UNAVAILABLE": 503, "UNAUTHENTICATED": 401}.get(code, 400)
@@ -106,10 +107,10 @@ class Sender:
         self.client.close()
 
 
-def run_level(target: Target, images: list[tuple[str, bytes]], concurrency: int, requests: int, max_seconds: float,
-              images_per_request: int = 1, protocol: str = "http", rate: float | None = None,
+def run_level(target: Target, images: list[tuple[str, bytes]], concurrency: int, requests: int, max_time_s: float,
+              images_per_request: int = 1, transport: str = "http", rate: float | None = None,
               timeout: float = 60.0, samples: list | None = None) -> dict:
-    """One level: `concurrency` threads, `requests` requests of `images_per_request` images (or max_seconds);
+    """One level: `concurrency` threads, `requests` requests of `images_per_request` images (or max_time_s);
     closed loop, or open loop at `rate` requests/s. Each request is appended to `samples` as
     (start s from the level's start, latency s, status, images answered, batch sizes, Retry-After)."""
     lock = threading.Lock()
@@ -117,12 +118,12 @@ def run_level(target: Target, images: list[tuple[str, bytes]], concurrency: int,
     samples = [] if samples is None else samples
     errors: dict[str, int] = {}
     t0 = time.perf_counter()
-    deadline = t0 + max_seconds
+    deadline = t0 + max_time_s
 
     stop = threading.Event()  # set when the level ends, however it ends (an interrupt included)
 
     def worker():
-        sender = Sender(target, images, protocol, timeout)
+        sender = Sender(target, images, transport, timeout)
         try:
             while True:
                 with lock:
@@ -158,7 +159,7 @@ def run_level(target: Target, images: list[tuple[str, bytes]], concurrency: int,
         t.start()
     try:
         for t in threads:
-            t.join(max_seconds + timeout + 5)
+            t.join(max_time_s + timeout + 5)
     finally:
         stop.set()
     wall = time.perf_counter() - t0
@@ -166,11 +167,11 @@ def run_level(target: Target, images: list[tuple[str, bytes]], concurrency: int,
     lat = [s[1] * 1e3 for s in ok]
     batches = [b for s in ok for b in s[4] if b]
     answered = sum(s[3] for s in ok)
-    return {"concurrency": concurrency, "images_per_request": images_per_request, "protocol": protocol,
+    return {"concurrency": concurrency, "images_per_request": images_per_request, "transport": transport,
             "rate": rate, "requests": len(samples) + sum(v for k, v in errors.items() if not k.isdigit()),
             "ok": len(ok), "errors": errors, "error_count": sum(errors.values()),
             "retryable_503": sum(1 for s in samples if s[2] == 503 and s[5] is not None),
-            "seconds": round(wall, 3), "images": answered,
+            "wall_s": round(wall, 3), "images": answered,
             "throughput_images_s": round(answered / wall, 3) if wall > 0 else None,
             "latency_ms": {q: round(percentile(lat, p), 2) for q, p in (("p50", .5), ("p95", .95), ("p99", .99))}
             if lat else None,
@@ -215,7 +216,7 @@ def memory_report(rows: list) -> dict:
     return out
 
 
-def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_seconds: float,
+def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_time_s: float,
                compile_cache: str | None = None, cache_key_file: str | None = None) -> dict:
     """The same images through scc.serve.service.Service in this process (the service's configuration and threads), in
     chunks of its max batch: images/s of the batch handler alone (no HTTP, no Ray, no decoding)."""
@@ -226,7 +227,7 @@ def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_s
 
     threads = int(info.get("threads") or 1)
     cfg = service_config(model=info["model"], pretrained=info.get("pretrained"), labels=info["labels"],
-                         defense=info["defense"], backend=info["backend"], dtype=info["dtype"],
+                         defense=info.get("spec", info["defense"]), backend=info["backend"], dtype=info["dtype"],
                          device=info.get("device", "cpu"), max_batch=info["max_batch"], threads=threads,
                          compile_cache=compile_cache, cache_key_file=cache_key_file)
     start = time.perf_counter()
@@ -235,7 +236,7 @@ def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_s
     bs = service.max_batch
     xs = [decode_image(data, service.classifier.preprocess, service.limits.max_pixels, name) for name, data in images]
     done, seconds = 0, 0.0
-    deadline = time.perf_counter() + max_seconds
+    deadline = time.perf_counter() + max_time_s
     while done < requests and time.perf_counter() < deadline:
         n = min(bs, requests - done)
         items = [Item(name="x", x=xs[(done + j) % len(xs)], seed=0, key=done + j) for j in range(n)]
@@ -243,15 +244,16 @@ def in_process(info: dict, images: list[tuple[str, bytes]], requests: int, max_s
         service.handle_batch(items)
         seconds += time.perf_counter() - t0
         done += n
-    return {"batch_size": bs, "threads": torch.get_num_threads(), "images": done, "seconds": round(seconds, 3),
-            "throughput_images_s": round(done / seconds, 3), "start_seconds": round(start_s, 2)}
+    return {"batch_size": bs, "threads": torch.get_num_threads(), "images": done, "wall_s": round(seconds, 3),
+            "throughput_images_s": round(done / seconds, 3), "start_s": round(start_s, 2)}
 
 
 def plot_title(report: dict) -> str:
-    """What ran: model, defense, backend, the replicas when --replicas recorded them, images per request."""
+    """What ran: model, defense spec, backend, the replicas when --replicas recorded them, images per request,
+    transport."""
     s, replicas, level = report["service"], report.get("replicas"), report["levels"][0]
-    return (f"scc serve: {s['model']} {s['defense']} {s['backend']}" + (f" x{replicas} replicas" if replicas else "")
-            + f", {level['images_per_request']} image(s)/request, {level['protocol']}")
+    return (f"scc serve: {s['model']} {s['spec']} {s['backend']}" + (f" x{replicas} replicas" if replicas else "")
+            + f", {level['images_per_request']} image(s)/request, {level['transport']}")
 
 
 def plot(report: dict, path: str) -> None:
@@ -339,41 +341,56 @@ def why_not_ready(target: Target) -> str | None:
     return f"GET /readyz answered HTTP {status} (is it an scc serve?)"
 
 
-def loadtest(target: Target, images: str = "digits", levels: list[int] = (1, 4, 16, 64), requests: int = 256,
-             max_seconds: float = 120.0, replicas: int | None = None, with_in_process: bool = True,
+# keyword arguments of `loadtest` under their names of the previous release, kept for one release
+_OLD_KEYWORDS = {"images": "image_source", "max_seconds": "max_time_s", "protocol": "transport",
+                 "duration": "duration_s"}
+
+
+def loadtest(target: Target, image_source: str = "digits", levels: list[int] = (1, 4, 16, 64), requests: int = 256,
+             max_time_s: float = 120.0, replicas: int | None = None, with_in_process: bool = True,
              compile_cache: str | None = None, cache_key_file: str | None = None, images_per_request: int = 1,
-             protocol: str = "http", rate: float | None = None, duration: float | None = None,
+             transport: str = "http", rate: float | None = None, duration_s: float | None = None,
              sample_s: float | None = None, log=print, wait_s: float = 0.0,
-             keep: Callable[[Callable[[], tuple]], None] | None = None) -> dict:
+             keep: Callable[[Callable[[], tuple]], None] | None = None, **old) -> dict:
     """Every level against the service at `target` (ready within `wait_s` seconds, else one SccError line), then
-    the in-process reference; the JSON report. `keep(snapshot)` is called once before the levels: snapshot() ->
-    (report of the levels finished so far, their number, the levels asked for, the missing ones), what a run
-    cut short writes (scc.cli.interrupts)."""
+    the in-process reference; the JSON report. `image_source`: `digits` or a folder of images; `transport`: http
+    or grpc; `max_time_s`: the time bound per level; `duration_s`: run each level that long (a soak).
+    `keep(snapshot)` is called once before the levels: snapshot() -> (report of the levels finished so far, their
+    number, the levels asked for, the missing ones), what a run cut short writes (scc.cli.interrupts).
+    The keywords images, max_seconds, protocol and duration are deprecated spellings of the four above."""
     from ..provenance import hardware, versions
 
+    for key, value in old.items():
+        if key not in _OLD_KEYWORDS:
+            raise TypeError(f"loadtest() got an unexpected keyword argument {key!r}")
+        warnings.warn(f"loadtest({key}=...) is deprecated; use {_OLD_KEYWORDS[key]}=", DeprecationWarning,
+                      stacklevel=2)
+    image_source = old.get("images", image_source)
+    max_time_s = old.get("max_seconds", max_time_s)
+    transport = old.get("protocol", transport)
+    duration_s = old.get("duration", duration_s)
     check_ready(target, wait_s)
     try:
         info = get_json(target.url, "/v1/info", cafile=target.cafile, token=target.token)
     except (OSError, http.client.HTTPException) as err:
         raise SccError(f"GET {target.url}/v1/info failed ({type(err).__name__}: {err}); is the server still "
                        "running?") from None
-    spec = images
-    images = load_images(spec, limit=max(min(requests, 1024), images_per_request))
+    images = load_images(image_source, limit=max(min(requests, 1024), images_per_request))
     if target.seed is not None and info.get("draws") != "replay":
         raise SccError(f"{target.url} refuses client-chosen seeds: drop --seed, or restart it with --replay-draws")
     if images_per_request > info.get("limits", {}).get("max_images", images_per_request):
         raise SccError(f"--images-per-request {images_per_request} exceeds the server's max_images "
                        f"{info['limits']['max_images']}")
-    if protocol == "grpc" and not target.grpc:
-        raise SccError("--protocol grpc needs --grpc HOST:PORT (the server's --grpc-port)")
-    if duration:
-        requests, max_seconds = 10 ** 9, duration
+    if transport == "grpc" and not target.grpc:
+        raise SccError("--transport grpc needs --grpc HOST:PORT (the server's --grpc-port)")
+    if duration_s:
+        requests, max_time_s = 10 ** 9, duration_s
     load_before = os.getloadavg()
-    report = {"url": target.url, "service": {k: info.get(k) for k in ("model", "defense", "backend", "dtype",
-                                                                        "max_batch", "batch_wait_ms", "threads",
-                                                                        "buckets", "device", "draws")},
-              "replicas": replicas, "images": spec, "requests_per_level": None if duration else requests,
-              "duration_s": duration, "levels": []}
+    service = {k: info.get(k) for k in ("model", "defense", "spec", "backend", "dtype", "max_batch", "batch_wait_ms",
+                                        "threads", "buckets", "device", "draws")}
+    service["spec"] = service["spec"] or info.get("defense")  # a server of the previous release: its spec
+    report = {"url": target.url, "service": service, "replicas": replicas, "image_source": image_source,
+              "requests_per_level": None if duration_s else requests, "duration_s": duration_s, "levels": []}
     memory_rows: list = []
 
     def finished() -> dict:
@@ -392,16 +409,16 @@ def loadtest(target: Target, images: str = "digits", levels: list[int] = (1, 4, 
         keep(lambda: (finished(), len(report["levels"]), len(levels),
                       [f"concurrency {c}" for c in levels[len(report["levels"]):]]
                       + (["the in-process reference"] if with_in_process else [])))
-    run_level(target, images, 1, min(4, requests), 30, images_per_request, protocol)  # connections, not reported
+    run_level(target, images, 1, min(4, requests), 30, images_per_request, transport)  # connections, not reported
     stop = threading.Event()
     sampler = None
     if sample_s:
-        sampler = threading.Thread(target=sample_memory, args=(target, max_seconds * len(levels) + 60, sample_s,
+        sampler = threading.Thread(target=sample_memory, args=(target, max_time_s * len(levels) + 60, sample_s,
                                                                memory_rows, stop), daemon=True)
         sampler.start()
     try:
         for c in levels:
-            row = run_level(target, images, c, requests, max_seconds, images_per_request, protocol, rate)
+            row = run_level(target, images, c, requests, max_time_s, images_per_request, transport, rate)
             report["levels"].append(row)
             lat = row["latency_ms"] or {}
             log(f"c={c:3d}  {row['throughput_images_s'] or 0:8.1f} img/s  p50 {lat.get('p50', float('nan')):8.1f} ms"
@@ -415,7 +432,7 @@ def loadtest(target: Target, images: str = "digits", levels: list[int] = (1, 4, 
         log("memory slope (MB/hour): " + ", ".join(f"{k} {v['slope_mb_per_hour']}"
                                                    for k, v in sorted(memory_report(memory_rows).items())))
     if with_in_process:
-        ref = in_process(info, images, min(requests, 1024), min(max_seconds, 120), compile_cache, cache_key_file)
+        ref = in_process(info, images, min(requests, 1024), min(max_time_s, 120), compile_cache, cache_key_file)
         report["in_process"] = ref
         for row in report["levels"]:
             row["overhead_ratio"] = round(row["throughput_images_s"] / ref["throughput_images_s"], 3) \

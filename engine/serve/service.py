@@ -24,7 +24,7 @@ from ..backends import make_runner
 from ..backends.artifacts import (artifact_path, cache_mac_key, enable_compile_cache, load_compile_artifacts,
                                   save_compile_artifacts)
 from ..batching import padded_chunks, power_of_two_buckets
-from ..defenses import defend, split_label
+from ..defenses import defend, split_spec
 from ..draws import derive_seed
 from ..errors import SccError
 from ..models import TINY_NAME, load
@@ -131,7 +131,7 @@ class Service:
         self.classifier = load(cfg["model"], cfg["pretrained"], labels=cfg["labels"], templates=cfg["templates"],
                                device=cfg["device"])
         self.limits = limits_of(cfg, self.classifier.image_size)
-        name, preset = split_label(cfg["defense"])
+        name, preset = split_spec(cfg["defense"])
         self.dtype = resolve_dtype(cfg["dtype"], cfg["device"])
         self.defended = defend(self.classifier, name, preset=preset, seed=cfg["seed"])
         self.defended.validate = False  # decoded pixels are in [0,1] by construction
@@ -160,7 +160,7 @@ class Service:
         self.info_static = {
             "model": cfg["model"], "pretrained": cfg["pretrained"], "labels": list(self.classifier.labels),
             "image_size": self.classifier.image_size, "preprocess": self.classifier.preprocess.to_dict(),
-            "defense": self.defended.label,
+            "defense": self.defended.defense, "spec": self.defended.spec,
             "config": _jsonable(self.defended.config), "backend": self.backend, "dtype": dtype_name(self.dtype),
             "device": cfg["device"], "buckets": self.buckets, "max_batch": self.max_batch,
             "batch_wait_ms": cfg["batch_wait_ms"], "seed": "secret" if cfg["seed"] is None else cfg["seed"],
@@ -201,7 +201,7 @@ class Service:
         backend and versions. Its hash names the artifact file, so a change of any of them is a miss."""
         cfg = self.cfg
         return {"model": cfg["model"], "pretrained": cfg["pretrained"], "labels": list(self.classifier.labels),
-                "templates": cfg["templates"], "defense": self.defended.label,
+                "templates": cfg["templates"], "spec": self.defended.spec,
                 "config": _jsonable(self.defended.config), "backend": self.backend, "dtype": dtype,
                 "device": cfg["device"], "buckets": self.buckets, "versions": versions()}
 
@@ -209,11 +209,11 @@ class Service:
         return next(b for b in self.buckets if b >= n) if self.pad else n
 
     def info(self) -> dict:
-        return {**self.info_static, "ready": self.ready, "load_seconds": round(self.load_seconds, 3),
+        return {**self.info_static, "ready": self.ready, "load_s": round(self.load_seconds, 3),
                 "compile_artifacts": self.artifacts, "compile_artifacts_loaded": self.artifacts_loaded,
                 "compile_artifacts_status": self.artifacts_status,
-                "bucket_warm_seconds": {str(b): round(t, 3) for b, t in self.bucket_seconds.items()},
-                "compile_seconds": self.runner.compile_seconds, "stats": dict(self.stats),
+                "bucket_warm_s": {str(b): round(t, 3) for b, t in self.bucket_seconds.items()},
+                "compile_s": self.runner.compile_seconds, "stats": dict(self.stats),
                 "replica": replica_memory(), "versions": versions()}
 
     def seed_of(self, item: Item) -> int:

@@ -243,13 +243,13 @@ def train(epochs: int | None = None, seed: int = 0, out: Path | None = None, ver
             "recipe": {"epochs": epochs, "seed": seed,
                        "optimizer": f"AdamW lr {recipe.lr:.0e} wd {recipe.weight_decay:g} one-cycle".replace("e-0", "e-"),
                        "batch": batch},
-            "train_seconds": train_seconds, "threads": torch.get_num_threads(),
+            "train_s": train_seconds, "threads": torch.get_num_threads(),
             "params": sum(p.numel() for p in model.parameters())}
     if dataset == "digits":
         meta["recipe"]["split"] = split
         meta["held_out_clean_accuracy"] = accs["held_out_accuracy"]
         meta = {k: meta[k] for k in ("words", "context_length", "labels", "train_templates", "eval_templates",
-                                      "recipe", "held_out_clean_accuracy", "train_seconds", "threads", "params")}
+                                      "recipe", "held_out_clean_accuracy", "train_s", "threads", "params")}
     else:
         meta["recipe"].update({
             "dataset": dataset, "split": split, "image": "28x28 uint8 /255, zero-padded to 32x32, 3 channels",

@@ -1,29 +1,30 @@
-"""A ready NVIDIA Triton Inference Server model repository for a defended classifier (`scc export triton`).
+"""A ready NVIDIA Triton Inference Server model repository for a defended classifier (`scc export triton-server`).
 
-    export_triton(scc.defend(clf, "scc", preset="latency"), "repo", max_batch=8)
+    export_triton_server(scc.defend(clf, "scc", preset="latency"), "repo", max_batch=8)
 
 writes
 
-    repo/<name>/config.pbtxt        the model configuration (protobuf text format, Triton's ModelConfig)
+    repo/<name>/config.pbtxt        the model configuration (protobuf text format, the server's ModelConfig)
     repo/<name>/labels.txt          one class name per line, in logit order
     repo/<name>/1/model.onnx        the whole defended procedure, batch-dynamic (`scc.export.export_onnx`)
 
-The configuration: `platform: "onnxruntime_onnx"` (Triton's ONNX Runtime backend), `max_batch_size` (Triton
-adds the batch dimension itself, so `dims` leave it out; the backend requires the file's first dimension to be
+The configuration: `platform: "onnxruntime_onnx"` (the server's ONNX Runtime backend), `max_batch_size` (the
+server adds the batch dimension itself, so `dims` leave it out; the backend requires the file's first dimension to be
 dynamic when max_batch_size > 0, which the default export is), input `pixels` FP32 (3, S, S) in [0, 1] (plus
 `start`/`noise` with draws_as_inputs), output `logits` FP32 (C,) with `label_filename: "labels.txt"` so that
-Triton's classification extension can answer with class names, `dynamic_batching` (preferred sizes: the powers
-of two up to max_batch, and max_batch; a queue delay), an `instance_group` and, with `tensorrt=True`, ONNX
+the server's classification extension can answer with class names, `dynamic_batching` (preferred sizes: the
+powers of two up to max_batch, and max_batch; a queue delay, given in milliseconds and written in whole
+microseconds), an `instance_group` and, with `tensorrt=True`, ONNX
 Runtime's TensorRT execution provider as a GPU accelerator (FP32, engine cache on, a shape profile from batch 1
 to max_batch). The file's `scc.*` metadata (defense, preset, config, labels as JSON, ...) is repeated as model
 `parameters`.
 
-Instance kind (`device`): "auto" (default) writes KIND_AUTO: Triton puts the instances on every GPU it sees and
+Instance kind (`device`): "auto" (default) writes KIND_AUTO: the server puts the instances on every GPU it sees and
 on the CPU when it sees none, so one repository serves on either machine. "gpu" writes KIND_GPU (the model then
 fails to load where there is no GPU: explicit), "cpu" writes KIND_CPU. `tensorrt=True` needs "auto" or "gpu".
 
 `validate_config(text)` checks a config.pbtxt: with `tritonclient` installed (`pip install
-'scc-defense[triton]'`) by parsing it into Triton's own ModelConfig protobuf (`tritonclient.grpc.
+'scc-defense[triton-server]'`) by parsing it into the server's own ModelConfig protobuf (`tritonclient.grpc.
 model_config_pb2`), and always with this module's small text-format reader against the subset of ModelConfig
 fields listed in `_SCHEMA` (an unknown or misspelled field, a bad enum value or a value of the wrong kind is
 an SccError).
@@ -33,6 +34,7 @@ from __future__ import annotations
 import re
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +45,7 @@ from .onnx import export_onnx
 PLATFORM = "onnxruntime_onnx"
 LABELS_FILE = "labels.txt"
 DEVICES = {"auto": "KIND_AUTO", "gpu": "KIND_GPU", "cpu": "KIND_CPU"}
-DEFAULT_QUEUE_DELAY_US = 500
+DEFAULT_QUEUE_DELAY_MS = 0.5  # dynamic batching's max_queue_delay_microseconds: 500
 
 
 class Enum(str):
@@ -115,20 +117,29 @@ def preferred_batch_sizes(max_batch: int) -> list[int]:
     return sorted(set(sizes + [max_batch]))
 
 
-def triton_config(name: str, inputs: dict[str, list[int]], outputs: dict[str, list[int]], max_batch: int = 8,
-                  instances: int = 1, device: str = "auto", tensorrt: bool = False,
-                  parameters: dict[str, str] | None = None, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
-                  labels_output: str | None = "logits") -> str:
-    """The config.pbtxt text. `inputs`/`outputs`: name -> dims WITHOUT the batch dimension (Triton adds it),
-    e.g. {"pixels": [3, 32, 32]} and {"logits": [10]}. `labels_output` gets `label_filename: "labels.txt"`."""
+def queue_delay_us(queue_delay_ms: float) -> int:
+    """A queue delay in milliseconds -> the whole microseconds of `max_queue_delay_microseconds` (SccError for a
+    negative or non-finite value)."""
+    if isinstance(queue_delay_ms, bool) or not isinstance(queue_delay_ms, (int, float)) \
+            or not 0 <= queue_delay_ms < float("inf"):
+        raise SccError(f"queue delay must be a number of milliseconds >= 0, got {queue_delay_ms!r}")
+    return round(queue_delay_ms * 1000)
+
+
+def triton_server_config(name: str, inputs: dict[str, list[int]], outputs: dict[str, list[int]], max_batch: int = 8,
+                         instances: int = 1, device: str = "auto", tensorrt: bool = False,
+                         parameters: dict[str, str] | None = None, queue_delay_ms: float = DEFAULT_QUEUE_DELAY_MS,
+                         labels_output: str | None = "logits") -> str:
+    """The config.pbtxt text. `inputs`/`outputs`: name -> dims WITHOUT the batch dimension (the server adds it),
+    e.g. {"pixels": [3, 32, 32]} and {"logits": [10]}. `labels_output` gets `label_filename: "labels.txt"`.
+    `queue_delay_ms`: dynamic batching's queue delay, written as whole microseconds."""
     _check_positive("max_batch", max_batch)
     _check_positive("instances", instances)
     if device not in DEVICES:
-        raise SccError(f"device must be one of {sorted(DEVICES)} (Triton instance kind), got {device!r}")
+        raise SccError(f"device must be one of {sorted(DEVICES)} (the server's instance kind), got {device!r}")
     if tensorrt and device == "cpu":
         raise SccError("tensorrt needs GPU instances: use device 'gpu' or 'auto', not 'cpu'")
-    if not isinstance(queue_delay_us, int) or isinstance(queue_delay_us, bool) or queue_delay_us < 0:
-        raise SccError(f"queue_delay_us must be an integer >= 0 (microseconds), got {queue_delay_us!r}")
+    delay_us = queue_delay_us(queue_delay_ms)
     config: dict[str, Any] = {
         "name": name,
         "platform": PLATFORM,
@@ -137,7 +148,7 @@ def triton_config(name: str, inputs: dict[str, list[int]], outputs: dict[str, li
         "output": [{"name": k, "data_type": Enum("TYPE_FP32"), "dims": list(v),
                     **({"label_filename": LABELS_FILE} if k == labels_output else {})} for k, v in outputs.items()],
         "dynamic_batching": {"preferred_batch_size": preferred_batch_sizes(max_batch),
-                             "max_queue_delay_microseconds": queue_delay_us},
+                             "max_queue_delay_microseconds": delay_us},
         "instance_group": [{"count": instances, "kind": Enum(DEVICES[device])}],
     }
     if tensorrt:
@@ -259,7 +270,7 @@ def parse_pbtxt(text: str) -> dict[str, list]:
     return fields
 
 
-# The part of Triton's ModelConfig (model_config.proto) this module writes or a user is likely to add, as
+# The part of the server's ModelConfig (model_config.proto) this module writes or a user is likely to add, as
 # field name -> kind: "str" | "int" | "bool" | ("enum", values) | a nested schema dict | ("map", value kind).
 _DATA_TYPES = ("TYPE_INVALID", "TYPE_BOOL", "TYPE_UINT8", "TYPE_UINT16", "TYPE_UINT32", "TYPE_UINT64", "TYPE_INT8",
                "TYPE_INT16", "TYPE_INT32", "TYPE_INT64", "TYPE_FP16", "TYPE_FP32", "TYPE_FP64", "TYPE_STRING",
@@ -317,21 +328,21 @@ def _check_value(value, kind, where: str) -> None:
 def validate_config(text: str, use_tritonclient: bool | None = None) -> dict[str, list]:
     """Check a config.pbtxt (see the module docstring); returns the parsed fields ({field: [values]}).
 
-    use_tritonclient: None = also parse with Triton's own protobuf when tritonclient is installed,
+    use_tritonclient: None = also parse with the server's own protobuf when tritonclient is installed,
     True = require it (SccError when missing), False = this module's checks only.
     """
     if use_tritonclient is not False:
         pb = _model_config_pb2()
         if pb is None and use_tritonclient:
-            raise SccError("validating with Triton's ModelConfig protobuf needs tritonclient: "
-                           "pip install 'scc-defense[triton]'")
+            raise SccError("validating with Triton Inference Server's ModelConfig protobuf needs tritonclient: "
+                           "pip install 'scc-defense[triton-server]'")
         if pb is not None:
             from google.protobuf import text_format
 
             try:
                 text_format.Parse(text, pb.ModelConfig())
             except text_format.ParseError as err:
-                raise SccError(f"config.pbtxt is not a valid Triton ModelConfig: {err}") from err
+                raise SccError(f"config.pbtxt is not a valid Triton Inference Server ModelConfig: {err}") from err
     fields = parse_pbtxt(text)
     _check(fields, _SCHEMA, "ModelConfig")
     for required in ("name", "max_batch_size", "input", "output"):
@@ -361,11 +372,12 @@ def default_model_name(defended) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
-def export_triton(defended, repo: str | Path, name: str | None = None, max_batch: int = 8, instances: int = 1,
-                  device: str = "auto", tensorrt: bool = False, queue_delay_us: int = DEFAULT_QUEUE_DELAY_US,
-                  draws_as_inputs: bool = False, opset: int | None = None, optimize: bool = True,
-                  overwrite: bool = False, dtype=None, progress=None) -> dict[str, Any]:
-    """Write a Triton model repository entry for `defended` (see the module docstring) and validate its config.
+def export_triton_server(defended, repo: str | Path, name: str | None = None, max_batch: int = 8, instances: int = 1,
+                         device: str = "auto", tensorrt: bool = False, queue_delay_ms: float = DEFAULT_QUEUE_DELAY_MS,
+                         draws_as_inputs: bool = False, opset: int | None = None, optimize: bool = True,
+                         overwrite: bool = False, dtype=None, progress=None) -> dict[str, Any]:
+    """Write a Triton Inference Server model repository entry for `defended` (see the module docstring) and
+    validate its config.
 
     Returns dict(repo, name, model_dir, config (path), config_text, onnx (export_onnx's report), labels (path),
     validated_with (["scc"] or ["scc", "tritonclient"]), seconds). `repo` is created when its parent exists;
@@ -374,11 +386,11 @@ def export_triton(defended, repo: str | Path, name: str | None = None, max_batch
     repo = Path(repo)
     name = name if name is not None else default_model_name(defended)
     if not name or not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or name in (".", ".."):
-        raise SccError(f"model name {name!r} must be letters, digits, '_', '.' or '-' (a folder name; Triton's "
-                       "model name); pass --name")
+        raise SccError(f"model name {name!r} must be letters, digits, '_', '.' or '-' (a folder name; the "
+                       "server's model name); pass --name")
     # argument errors first (fail before the minute-long export)
-    triton_config(name, {"pixels": [3, 1, 1]}, {"logits": [1]}, max_batch, instances, device, tensorrt,
-                  queue_delay_us=queue_delay_us)
+    triton_server_config(name, {"pixels": [3, 1, 1]}, {"logits": [1]}, max_batch, instances, device, tensorrt,
+                         queue_delay_ms=queue_delay_ms)
     labels = defended.classifier.labels
     bad = [label for label in labels if "\n" in label or "\r" in label]
     if bad:
@@ -404,8 +416,8 @@ def export_triton(defended, repo: str | Path, name: str | None = None, max_batch
         return {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim][1:] for v in values if v.name not in inits}
 
     metadata = {p.key: p.value for p in model.metadata_props}
-    text = triton_config(name, dims(model.graph.input), dims(model.graph.output), max_batch, instances, device,
-                         tensorrt, parameters=metadata, queue_delay_us=queue_delay_us)
+    text = triton_server_config(name, dims(model.graph.input), dims(model.graph.output), max_batch, instances,
+                                device, tensorrt, parameters=metadata, queue_delay_ms=queue_delay_ms)
     validate_config(text)
     config_path = model_dir / "config.pbtxt"
     config_path.write_text(text, encoding="utf-8")
@@ -417,6 +429,16 @@ def export_triton(defended, repo: str | Path, name: str | None = None, max_batch
         "validated_with": ["scc"] + (["tritonclient"] if _model_config_pb2() is not None else []),
         "seconds": time.perf_counter() - t0,
     }
+
+
+def export_triton(defended, repo: str | Path, name: str | None = None, max_batch: int = 8, instances: int = 1,
+                  device: str = "auto", tensorrt: bool = False, queue_delay_us: int = 500, **kwargs) -> dict[str, Any]:
+    """Deprecated: use `export_triton_server` (its queue delay is `queue_delay_ms`); this name and its
+    `queue_delay_us` go in the next release."""
+    warnings.warn("scc.export.export_triton is deprecated; use export_triton_server (queue_delay_ms instead of "
+                  "queue_delay_us)", DeprecationWarning, stacklevel=2)
+    return export_triton_server(defended, repo, name, max_batch, instances, device, tensorrt,
+                                queue_delay_ms=queue_delay_us / 1000, **kwargs)
 
 
 def model_repository_tree(model_dir: str | Path) -> list[str]:
