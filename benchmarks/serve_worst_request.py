@@ -3,14 +3,17 @@
     python benchmarks/serve_worst_request.py --json benchmarks/results/serve-worst-request.json
 
 Part 1, in process (`scc.serve.requests.parse_request`, where a request's work before the model happens: split,
-headers, budgets, decode), with the default budgets of a 32-pixel model (the bundled one) and of a 224-pixel one
-(ViT-B/32): CPU seconds (thread time, best of 3) per crafted request. Part 2, against a real service (bundled
-model, eager SCC, 1 replica): each crafted request sent while a client keeps sending one good image at a time; the
-ingress process's CPU seconds (/proc utime+stime) for it, its status, and the good client's worst latency during it
-against its median alone. The crafted requests: PNG headers claiming huge sizes (the 5.6 kB request that took 13.8 s
-before the budgets), the largest image the per-image budget admits (zeros compress ~1000:1, so it is cheap to send),
-as many of them as the per-request budget admits, in PNG, progressive JPEG and an animated GIF, the most multipart
-parts allowed and many more, and the largest body of random bytes.
+headers, budgets, decode, resize), with the default budgets of a 32-pixel model (the bundled one) and of a 224-pixel
+one (ViT-B/32's rule): CPU seconds (thread time, best of 3) per crafted request, and the largest single allocation
+torch made for it (the profiler's memory events) against the stated bound `largest_tensor_bytes`. Part 2, against a
+real service (bundled model, eager SCC, 1 replica): each crafted request sent while a client keeps sending one good
+image at a time; the ingress process's CPU seconds (/proc utime+stime) for it, its status, and the good client's
+worst latency during it against its median alone. The crafted requests: PNG headers claiming huge sizes, the largest
+image the per-image budget admits (zeros compress ~1000:1, so it is cheap to send), as many of them as the
+per-request budget admits, in PNG and progressive JPEG, an animated GIF and an RLE BMP (off the default format
+list), thin shapes within the pixel budget (1xN, Nx1, 2xN, at the 16:1 aspect limit, and many of them in one
+request), a part whose header block is 1 MiB, the most multipart parts allowed and many more, and the largest body
+of random bytes.
 """
 import argparse
 import io
@@ -26,9 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
+from scc.images import Preprocess
+from scc.models import preprocessing_of
 from scc.serve.client import Client, multipart
 from scc.serve.process import ServerProcess
-from scc.serve.requests import Limits, RequestError, parse_request
+from scc.serve.requests import Limits, RequestError, largest_tensor_bytes, parse_request
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -39,17 +44,21 @@ def png_header(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def image(side: int, fmt: str, noise: bool = False, frames: int = 1) -> bytes:
+def image(side: int, fmt: str, noise: bool = False, frames: int = 1, height: int | None = None) -> bytes:
+    """A side x side image (side x height when given) of zeros or noise."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    arr = (rng.random((side, side, 3)) * 255).astype(np.uint8) if noise else np.zeros((side, side, 3), np.uint8)
+    shape = (height or side, side, 3)
+    arr = (rng.random(shape) * 255).astype(np.uint8) if noise else np.zeros(shape, np.uint8)
     img = Image.fromarray(arr)
     buf = io.BytesIO()
     if fmt == "JPEG":
         img.save(buf, format="JPEG", progressive=True, quality=95)
     elif fmt == "GIF":
         img.save(buf, format="GIF", save_all=True, append_images=[img] * (frames - 1))
+    elif fmt == "BMP":
+        img.convert("P").save(buf, format="BMP", compression="bmp_rle")
     else:
         img.save(buf, format=fmt, compress_level=9) if fmt == "PNG" else img.save(buf, format=fmt)
     return buf.getvalue()
@@ -69,7 +78,22 @@ def crafted(limits: Limits) -> dict[str, tuple[str, bytes]]:
         f"{per_request + 1} of them (over the per-request budget)": multipart(
             [("image", f"{i}.png", big_png) for i in range(per_request + 1)]),
         f"progressive JPEG {side}x{side} (noise)": ("image/jpeg", big_jpeg),
-        f"animated GIF {side}x{side}, 50 frames": ("image/gif", image(side, "GIF", frames=50)),
+        f"animated GIF {side}x{side}, 50 frames (off the default list)": ("image/gif",
+                                                                         image(side, "GIF", frames=50)),
+        f"RLE BMP {side}x{side} (off the default list)": ("image/bmp", image(side, "BMP")),
+        f"thin PNG {limits.max_pixels}x1 (within the pixel budget)": ("image/png", image(limits.max_pixels, "PNG",
+                                                                                      height=1)),
+        f"thin PNG 1x{limits.max_pixels}": ("image/png", image(1, "PNG", height=limits.max_pixels)),
+        f"thin PNG {limits.max_pixels // 2}x2": ("image/png", image(limits.max_pixels // 2, "PNG", height=2)),
+        f"PNG {4 * side}x{side // 4} (the 16:1 aspect limit, zeros)": ("image/png", image(4 * side, "PNG",
+                                                                                          height=side // 4)),
+        f"{limits.max_images} PNGs 16x1 (thin, within every limit)": multipart(
+            [("image", f"{i}.png", image(16, "PNG", noise=True, height=1)) for i in range(limits.max_images)]),
+        f"{per_request} thin PNGs {limits.max_pixels}x1": multipart(
+            [("image", f"{i}.png", image(limits.max_pixels, "PNG", height=1)) for i in range(per_request)]),
+        "a part with a 1 MiB header block": ("multipart/form-data; boundary=b", b"--b\r\nContent-Disposition: "
+                                             b'form-data; name="image"\r\nX: ' + b"x" * 2 ** 20 + b"\r\n\r\n" +
+                                             big_png + b"\r\n--b--\r\n"),
         f"{limits.max_images + 8} empty parts (the most allowed)": multipart(
             [("image", f"{i}", b"") for i in range(limits.max_images + 8)]),
         "100000 empty parts": multipart([("image", f"{i}", b"") for i in range(100_000)]),
@@ -77,24 +101,42 @@ def crafted(limits: Limits) -> dict[str, tuple[str, bytes]]:
     }
 
 
-def in_process(size: int) -> list[dict]:
-    limits = Limits.for_model(size)
+def largest_allocation(run) -> int:
+    """The largest single CPU allocation torch makes while run() runs (allocations inside kernels included)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return max([e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage > 0] or [0])
+
+
+def in_process(preprocess: Preprocess) -> dict:
+    limits = Limits.for_model(preprocess.size)
+    bound = largest_tensor_bytes(preprocess, limits)
     rows = []
     for name, (ctype, body) in crafted(limits).items():
         best, status = None, 200
+
+        def parse():
+            try:
+                parse_request(ctype, body, {}, preprocess, limits, replay=False)
+                return 200
+            except RequestError as err:
+                return err.status
+
         for _ in range(3):
             start = time.thread_time()
-            try:
-                parse_request(ctype, body, {}, size, limits, replay=False)
-                status = 200
-            except RequestError as err:
-                status = err.status
+            status = parse()
             spent = time.thread_time() - start
             best = spent if best is None else min(best, spent)
+        peak = largest_allocation(parse)
         rows.append({"request": name, "bytes": len(body), "status": status, "cpu_s": round(best, 4),
-                     "cpu_us_per_byte": round(best / len(body) * 1e6, 3)})
-        print(size, rows[-1], flush=True)
-    return {"model_input": size, "limits": vars(limits), "requests": rows}
+                     "cpu_us_per_byte": round(best / len(body) * 1e6, 3), "largest_alloc_mb": round(peak / 2 ** 20, 3),
+                     "within_bound": peak <= bound})
+        print(preprocess.size, rows[-1], flush=True)
+    return {"model_input": preprocess.size, "preprocess": preprocess.to_dict(),
+            "limits": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(limits).items()},
+            "largest_tensor_bound_mb": round(bound / 2 ** 20, 3), "requests": rows}
 
 
 def cpu_seconds(pid: int) -> float:
@@ -157,8 +199,12 @@ def main() -> int:
     a = p.parse_args()
     from scc.provenance import hardware, versions
 
-    report = {"command": "python " + " ".join(sys.argv), "load_average_before": os.getloadavg(),
-              "in_process": [in_process(32), in_process(224)], "service": against_service(),
+    import torch
+
+    torch.set_num_threads(1)
+    report = {"command": "python " + " ".join(sys.argv), "threads": 1, "load_average_before": os.getloadavg(),
+              "in_process": [in_process(preprocessing_of("scc-tiny-digits")), in_process(Preprocess(224))],
+              "service": against_service(),
               "load_average_after": os.getloadavg(), "hardware": hardware("cpu"), "versions": versions()}
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=2) + "\n")

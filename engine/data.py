@@ -60,6 +60,10 @@ FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian package datase
 FASHION_APT = "apt-get install dataset-fashion-mnist"
 FASHION_SUBSET = "fashion-test-1000.npz"  # shipped in scc/assets: 100 test images per class
 FASHION_SUBSET_SIZE = 1000
+# shipped in scc/assets: the fine-tuning subset of the training split (the robust testbed models train on it)
+FASHION_TRAIN_SUBSET = "fashion-train-2560.npz"
+FASHION_TRAIN_SUBSET_SIZE = 2560
+FASHION_TRAIN_SUBSET_SEED = 0
 FASHION_VAL_SIZE = 5000  # held out of the 60k training split for every modelling choice
 FASHION_SPLIT_SEED = 0
 
@@ -139,12 +143,27 @@ def fashion_train_val(root: Path | None = None) -> tuple[np.ndarray, np.ndarray,
     55000 training / 5000 validation images (500 per class). The bundled model trains on the first part only and
     every modelling choice (architecture, epochs, augmentation, defense presets) is made on the second.
     """
+    x, y = fashion_arrays("train", root)
+    tr, va = fashion_train_val_indices(y)
+    return x[tr], y[tr], x[va], y[va]
+
+
+def fashion_train_val_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) indices, each sorted, into the official 60000-image training split."""
     from sklearn.model_selection import train_test_split
 
-    x, y = fashion_arrays("train", root)
-    tr, va = train_test_split(np.arange(len(y)), test_size=FASHION_VAL_SIZE, stratify=y, random_state=FASHION_SPLIT_SEED)
-    tr, va = np.sort(tr), np.sort(va)
-    return x[tr], y[tr], x[va], y[va]
+    tr, va = train_test_split(np.arange(len(labels)), test_size=FASHION_VAL_SIZE, stratify=labels,
+                              random_state=FASHION_SPLIT_SEED)
+    return np.sort(tr), np.sort(va)
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
+    """Sorted positions of a stratified subset of `size` of `labels` (train_test_split, random_state=seed): the
+    subset `scc finetune --images N` trains on."""
+    from sklearn.model_selection import train_test_split
+
+    keep, _ = train_test_split(np.arange(len(labels)), train_size=size, stratify=labels, random_state=seed)
+    return np.sort(keep)
 
 
 def fashion_subset_indices(labels: np.ndarray) -> np.ndarray:
@@ -156,17 +175,60 @@ def fashion_subset_indices(labels: np.ndarray) -> np.ndarray:
     return np.sort(idx)
 
 
+def savez_fixed(path: Path, **arrays: np.ndarray) -> Path:
+    """`np.savez_compressed` without the clock: every member carries the same fixed timestamp, so the same arrays
+    (and the same zlib) give the same bytes. `np.load` reads it as any .npz."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, np.asarray(array), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.compress_type = zipfile.ZIP_DEFLATED
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buffer.getvalue())
+    return Path(path)
+
+
 def write_fashion_subset(path: Path, root: Path | None = None) -> Path:
     """Build the shipped subset from the Debian test files: images (1000, 28, 28) uint8, labels, test indices."""
     x, y = fashion_arrays("test", root)
     idx = fashion_subset_indices(y)
-    np.savez_compressed(path, images=x[idx], labels=y[idx].astype(np.uint8), index=idx.astype(np.int32))
-    return Path(path)
+    return savez_fixed(path, images=x[idx], labels=y[idx].astype(np.uint8), index=idx.astype(np.int32))
 
 
 def fashion_subset() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The bundled 1000 test images: uint8 images (1000, 28, 28), labels (1000,), indices into the test split."""
-    path = asset_path(FASHION_SUBSET)
+    return _bundled_arrays(FASHION_SUBSET)
+
+
+def fashion_train_subset_indices(labels: np.ndarray) -> np.ndarray:
+    """Indices (sorted) of the shipped fine-tuning subset in the official 60000-image training split: the
+    stratified 2560 (seed 0) of the 55000 training images (the 5000 validation images excluded), exactly what
+    `scc finetune --data fashion --images 2560 --seed 0` selects from the Debian files."""
+    tr, _ = fashion_train_val_indices(labels)
+    keep = stratified_subset(labels[tr].astype(np.int64), FASHION_TRAIN_SUBSET_SIZE, FASHION_TRAIN_SUBSET_SEED)
+    return tr[keep]
+
+
+def write_fashion_train_subset(path: Path, root: Path | None = None) -> Path:
+    """Build the shipped fine-tuning subset from the Debian training files: images (2560, 28, 28) uint8, labels
+    and indices into the official training split (`fashion_train_subset_indices`); about 1.2 MB."""
+    x, y = fashion_arrays("train", root)
+    idx = fashion_train_subset_indices(y)
+    return savez_fixed(path, images=x[idx], labels=y[idx].astype(np.uint8), index=idx.astype(np.int32))
+
+
+def fashion_train_subset() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bundled fine-tuning subset: uint8 images (2560, 28, 28), labels (2560,) and their indices (sorted)
+    into the official training split. Needs no Debian package."""
+    return _bundled_arrays(FASHION_TRAIN_SUBSET)
+
+
+def _bundled_arrays(name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    path = asset_path(name)
     if not path.is_file():
         raise SccError(f"the bundled Fashion-MNIST subset {path} is missing; reinstall scc")
     with np.load(path) as f:

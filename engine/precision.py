@@ -193,7 +193,9 @@ def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float3
                       kernels: dict | None = None, fp32_norms: bool = False) -> ZeroShotClassifier:
     """The engine's classifier: the image tower re-assembled (patch convs as matmuls, `dtype`), text buffer as
     is, and the hand kernels its defenses call (`kernels`, see scc.defenses.views.embed_views; none = torch ops).
-    `fp32_norms`: a reduced tower's LayerNorms run in fp32 (Fp32LayerNorm; the ONNX export needs it)."""
+    `fp32_norms`: a reduced tower's LayerNorms run in fp32 (Fp32LayerNorm; the ONNX export needs it).
+    A fine-tuned classifier's `tau_reference` (the frozen original TTC's gate reads, scc.defenses.ttc) comes
+    along, re-assembled the same way, so every backend and dtype gates on the original."""
     memo = {id(t): t for t in (*clf.visual.parameters(), *clf.visual.buffers())}
     visual = copy.deepcopy(clf.visual, memo)  # copy the module tree, share every tensor
     stems = 0
@@ -235,4 +237,7 @@ def engine_classifier(clf: ZeroShotClassifier, dtype: torch.dtype = torch.float3
     # eagerly; a plain attribute, so the engine's graphs and state_dict do not carry them
     object.__setattr__(out, "clip", clf.clip)
     out.tokenizer, out.templates = clf.tokenizer, list(clf.templates)
+    reference = getattr(clf, "tau_reference", None)
+    if reference is not None:  # a fine-tuned model's frozen original (TTC's tau gate): the same tower treatment
+        out.tau_reference = engine_classifier(reference, dtype, fp32_norms=fp32_norms)
     return out.to(clf.text.device)

@@ -59,6 +59,50 @@ def test_shipped_subset_is_the_stratified_official_test_sample():
     assert np.array_equal(images, x[index]) and np.array_equal(labels, y[index])
 
 
+def test_bundled_training_subset_needs_no_package(monkeypatch, tmp_path):
+    """The fine-tuning subset ships with scc (small, stratified, sorted indices into the 60000 training images,
+    none of the 5000 validation ones): `--data fashion --images 2560 --seed 0` trains from it with the Debian folder
+    missing; any other subset of the training split names the apt command and the bundled subset."""
+    from scc.models import asset_path, preprocessing_of
+    from scc.train.finetune import training_data
+
+    assert asset_path(scc_data.FASHION_TRAIN_SUBSET).stat().st_size < 1.5e6
+    images, labels, index = scc_data.fashion_train_subset()
+    assert images.shape == (2560, 28, 28) and images.dtype == np.uint8
+    assert np.bincount(labels, minlength=10).tolist() == [256] * 10
+    assert np.all(np.diff(index) > 0) and 0 <= index.min() and index.max() < 60000
+    monkeypatch.setattr(scc_data, "FASHION_DIR", tmp_path / "absent")
+    pre = preprocessing_of(FASHION_NAME)
+    data = training_data("fashion", pre, images=2560, seed=0)
+    assert len(data) == 2560 and torch.equal(data.targets, torch.from_numpy(labels))
+    torch.testing.assert_close(data.batch(torch.arange(3)), scc_data.fashion_pixels(images[:3]), atol=0, rtol=0)
+    assert data.description.endswith("a stratified subset of 2560 (train_test_split random_state=0)")
+    for images_, seed in ((None, 0), (1000, 0), (2560, 1)):
+        with pytest.raises(SccError, match="apt-get install dataset-fashion-mnist.*--images 2560 --seed 0"):
+            training_data("fashion", pre, images=images_, seed=seed)
+
+
+@debian
+def test_bundled_training_subset_is_rebuilt_bit_for_bit(monkeypatch, tmp_path):
+    """write_fashion_train_subset rebuilds the shipped file from the Debian files (arrays and bytes), and it holds
+    exactly what the Debian route of `scc finetune --data fashion --images 2560 --seed 0` selects, in its order."""
+    from scc.models import asset_path, preprocessing_of
+    from scc.train.finetune import training_data
+
+    rebuilt = scc_data.write_fashion_train_subset(tmp_path / "subset.npz")
+    assert rebuilt.read_bytes() == asset_path(scc_data.FASHION_TRAIN_SUBSET).read_bytes()
+    x, y = fashion_arrays("train")
+    images, labels, index = scc_data.fashion_train_subset()
+    assert np.array_equal(images, x[index]) and np.array_equal(labels, y[index])
+    pre = preprocessing_of(FASHION_NAME)
+    bundled = training_data("fashion", pre, images=2560, seed=0)
+    monkeypatch.setattr(scc_data, "FASHION_TRAIN_SUBSET", "absent.npz")  # forces the Debian route
+    debian_route = training_data("fashion", pre, images=2560, seed=0)
+    every = torch.arange(2560)
+    assert torch.equal(bundled.batch(every), debian_route.batch(every))
+    assert torch.equal(bundled.targets, debian_route.targets) and bundled.description == debian_route.description
+
+
 def test_full_test_split_missing_is_one_clear_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(scc_data, "FASHION_DIR", tmp_path)
     with pytest.raises(SccError, match="apt-get install dataset-fashion-mnist"):

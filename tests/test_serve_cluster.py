@@ -1,6 +1,7 @@
 """`scc serve --address`: deploy onto a Ray cluster that someone else started (here: `ray start --head` on
 127.0.0.1, started by the test and stopped by the PIDs of its processes, never `ray stop`, which would stop every
-Ray of this user on the machine), then classify through the cluster's Serve proxy. Slow: a second Ray start."""
+Ray of this user on the machine), then classify through the cluster's Serve proxy; a second deployment that asks
+for other HTTP options than the running Serve has is refused. Slow: a second Ray start."""
 from __future__ import annotations
 
 import json
@@ -65,6 +66,21 @@ def test_deploy_onto_an_existing_cluster(digits, tmp_path):
         # the default mode: the same image and key, two requests, two independent sets of draws
         assert answers[0]["results"][0]["scores"] != answers[1]["results"][0]["scores"]
         assert answers[0]["results"][0]["key"] == 7
+        # Serve already runs there with its own options: a deployment asking for another port (and HTTPS) is
+        # refused in one line naming each difference, and nothing is deployed over the running application
+        other = subprocess.run([sys.executable, "-m", "scc.cli", "serve", "--address", f"127.0.0.1:{gcs}",
+                                "--host", "127.0.0.1", "--port", str(free_port()), "--defense", "none",
+                                "--max-batch", "2", "--max-queue", "16", "--max-images", "8"],
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert other.returncode == 2, other.stdout[-2000:] + other.stderr[-2000:]
+        lines = [line for line in other.stderr.splitlines() if line.startswith("scc")]
+        assert len(lines) == 1 and "HTTP port" in lines[0] and "nothing was deployed" in lines[0], other.stderr
+        c = Client(url, timeout=60)
+        try:
+            again = json.loads(c.request("POST", "/v1/classify?key=7&top_k=10", png, {"Content-Type": "image/png"})[1])
+        finally:
+            c.close()
+        assert again["spec"] == "scc"  # still the first deployment
     finally:
         pids = cluster_pids(temp_dir)
         for p in pids:

@@ -1,7 +1,8 @@
 """One real `scc serve` (Ray Serve) on 127.0.0.1 for the whole module, as a stranger would meet it: HTTPS with a
-self-signed certificate made here, a bearer token, gRPC beside HTTP, 2 model replicas in replay mode (so answers can
-be checked against the eager module). Tests run in file order; the replica-kill test comes late, and the last test
-stops the service and checks that nothing is left (processes, ~/.ray, the home folder, alarming log lines)."""
+self-signed certificate made here, a bearer token, gRPC (over TLS) beside HTTP, 2 model replicas in replay mode (so
+answers can be checked against the eager module), short header and body deadlines and a per-address cap. Tests
+run in file order; the replica-kill test comes late, and the last test stops the service and checks that nothing is
+left (processes, ~/.ray, the home folder, alarming log lines)."""
 from __future__ import annotations
 
 import http.client
@@ -34,7 +35,7 @@ pytest.importorskip("grpc", reason="grpcio (a Ray Serve dependency) is not insta
 
 pytestmark = pytest.mark.serve
 
-SEED, SIZE, TIMEOUT_S = 42, 32, 8.0
+SEED, SIZE, TIMEOUT_S, HEADER_TIMEOUT_S, MAX_CLIENT = 42, 32, 8.0, 2.0, 24
 TOKEN = "e2e-token-" + "7f3a9c1b" * 4
 
 
@@ -90,13 +91,17 @@ class Service:
             ["--defense", "scc", "--backend", "eager", "--replicas", "2", "--replay-draws", "--max-batch", "8",
              "--max-queue", "48", "--max-images", "16", "--timeout-s", str(TIMEOUT_S), "--body-timeout-s", "2",
              "--batch-wait-ms", "5", "--token-file", str(token_file), "--tls-cert", str(self.cert), "--tls-key",
-             str(key), "--grpc-port", str(self.grpc_port)], folder / "serve.log", scheme="https")
+             str(key), "--grpc-port", str(self.grpc_port), "--header-timeout-s", str(HEADER_TIMEOUT_S),
+             "--max-client-requests", str(MAX_CLIENT), "--max-body-mb", "2"], folder / "serve.log", scheme="https")
         self.url = self.proc.url
         self.reference = scc.defend(scc.load("scc-tiny-digits"), "scc", seed=SEED)
         self.killed_pids: list[int] = []
 
     def client(self, token: str | None = TOKEN, timeout: float = 30) -> Client:
         return Client(self.url, timeout=timeout, cafile=str(self.cert), token=token)
+
+    def grpc(self, token: str | None = TOKEN, timeout: float = 30) -> GrpcClient:
+        return GrpcClient(f"127.0.0.1:{self.grpc_port}", token=token, timeout=timeout, cafile=str(self.cert))
 
     def post(self, path: str, body: bytes, ctype: str = "image/png", token: str | None = TOKEN):
         c = self.client(token)
@@ -154,7 +159,8 @@ def test_concurrent_good_and_bad_requests_answer_like_the_eager_module(svc, pngs
         answers = [f.result() for f in good]
         refused = {k: f.result() for k, f in refused.items()}
     for name, (status, body, headers) in refused.items():
-        assert status == bad[name][3] and set(body) == {"error"} and "\n" not in body["error"], (name, status, body)
+        assert status == bad[name][3] and set(body) == {"error", "code"} and "\n" not in body["error"], \
+            (name, status, body)
     batch_sizes = []
     for (kind, i), (status, body, _) in zip(jobs, answers):
         assert status == 200 and body["draws"] == "replay" and body["backend"] == "eager", body
@@ -177,13 +183,16 @@ def test_replay_mode_is_exact_and_reported(svc, pngs):
         c.close()
     assert info["draws"] == "replay" and info["ingress"]["auth"] == "bearer" and info["replicas"]["RUNNING"] == 2
     assert TOKEN not in json.dumps(info)
+    text = json.dumps(info)  # no process ids, no paths
+    assert '"pid"' not in text and str(Path.home()) not in text and "/tmp" not in text, text[:500]
 
 
 def test_image_files_answer_as_classify_over_http_and_grpc(svc, tmp_path, capsys):
     """Grayscale, RGB, odd-sized, JPEG, 16-bit and RGBA files: the scores `scc classify` gives them."""
     paths = sample_files(tmp_path, seed=5)
     want = classify_json(capsys, paths, "scc-tiny-digits", "scc", SEED)
-    assert_same_answers(want, served(svc.url, f"127.0.0.1:{svc.grpc_port}", paths, SEED, TOKEN, str(svc.cert)))
+    assert_same_answers(want, served(svc.url, f"127.0.0.1:{svc.grpc_port}", paths, SEED, TOKEN, str(svc.cert),
+                                     grpc_cafile=str(svc.cert)))
 
 
 def test_tls_token_and_one_error_shape(svc):
@@ -195,7 +204,7 @@ def test_tls_token_and_one_error_shape(svc):
             got, raw, headers = c.request(method, path, with_headers=True)
             body = json.loads(raw)
             assert got == status, (method, path, got, raw)
-            assert status == 200 or set(body) == {"error"}, (path, body)
+            assert status == 200 or set(body) == {"error", "code"}, (path, body)
     finally:
         c.close()
     plain = http.client.HTTPConnection("127.0.0.1", svc.proc.port, timeout=10)  # plaintext to the TLS port
@@ -208,7 +217,7 @@ def test_tls_token_and_one_error_shape(svc):
 
 
 def test_grpc_answers_like_http(svc, pngs):
-    g = GrpcClient(f"127.0.0.1:{svc.grpc_port}", token=TOKEN, timeout=30)
+    g = svc.grpc()
     try:
         code, body, _ = g.classify([("a", pngs[1], "11"), ("b", pngs[2], "12")], top_k=10, seed=str(SEED))
         assert code == "OK" and [r["key"] for r in body["results"]] == [11, 12]
@@ -218,7 +227,7 @@ def test_grpc_answers_like_http(svc, pngs):
         assert code == "INVALID_ARGUMENT" and "not a readable image" in details
     finally:
         g.close()
-    anonymous = GrpcClient(f"127.0.0.1:{svc.grpc_port}", token=None, timeout=30)
+    anonymous = svc.grpc(token=None)
     try:
         code, details, _ = anonymous.classify([("a", pngs[1], "11")])
         assert code == "UNAUTHENTICATED" and "bearer token" in details
@@ -226,10 +235,120 @@ def test_grpc_answers_like_http(svc, pngs):
         anonymous.close()
 
 
-def raw_tls(svc, timeout: float = 15):
+def test_grpc_speaks_tls_and_checks_the_token_before_parsing(svc, pngs):
+    """gRPC beside HTTPS is TLS too (a plaintext client gets no answer). Without the token a message is refused
+    UNAUTHENTICATED even when it is not a ClassifyRequest (the token is checked before parsing), and a message over
+    the body limit (2 MiB here) is refused by gRPC itself before it reaches the service."""
+    import grpc
+
+    from scc.serve.grpc_api import METHOD, ClassifyRequest, Image
+
+    plain = GrpcClient(f"127.0.0.1:{svc.grpc_port}", token=TOKEN, timeout=10)
+    try:
+        assert plain.classify([("a", pngs[1], "1")])[0] == "UNAVAILABLE"
+    finally:
+        plain.close()
+    channel = grpc.secure_channel(f"127.0.0.1:{svc.grpc_port}", grpc.ssl_channel_credentials(svc.cert.read_bytes()))
+    call = channel.unary_unary(METHOD, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+    big = ClassifyRequest(images=[Image(data=os.urandom(2 * 2 ** 20 + 64), key="1")]).SerializeToString()
+    try:
+        for body, token, want in ((b"\xff\xff not a message", None, "UNAUTHENTICATED"),
+                                  (b"\xff\xff not a message", TOKEN, "INVALID_ARGUMENT"),
+                                  (big, None, "RESOURCE_EXHAUSTED"), (big, TOKEN, "RESOURCE_EXHAUSTED")):
+            metadata = [("application", "scc")] + ([("authorization", f"Bearer {token}")] if token else [])
+            with pytest.raises(grpc.RpcError) as err:
+                call(body, metadata=metadata, timeout=30)
+            assert err.value.code().name == want, (len(body), token is not None, err.value.code(), err.value.details())
+    finally:
+        channel.close()
+
+
+def test_tls_is_1_2_or_newer_with_forward_secret_aead_suites(svc):
+    def handshake(ciphers: str | None = None, highest=None) -> tuple:
+        ctx = ssl.create_default_context(cafile=str(svc.cert))
+        if highest is not None:
+            ctx.maximum_version = highest
+        if ciphers:
+            ctx.set_ciphers(ciphers)
+        with socket.create_connection(("127.0.0.1", svc.proc.port), timeout=10) as sock:
+            with ctx.wrap_socket(sock, server_hostname="127.0.0.1") as tls:
+                return tls.version(), tls.cipher()[0]
+
+    assert handshake()[0] == "TLSv1.3"
+    assert handshake("ECDHE-ECDSA-AES128-GCM-SHA256", ssl.TLSVersion.TLSv1_2) == \
+        ("TLSv1.2", "ECDHE-ECDSA-AES128-GCM-SHA256")
+    for cbc in ("ECDHE-ECDSA-AES128-SHA256", "ECDHE-ECDSA-AES256-SHA384"):  # CBC with HMAC: refused
+        with pytest.raises(ssl.SSLError):
+            handshake(cbc, ssl.TLSVersion.TLSv1_2)
+    with pytest.raises(ssl.SSLError):
+        handshake("DEFAULT:@SECLEVEL=0", ssl.TLSVersion.TLSv1_1)
+
+
+def test_slow_headers_get_a_408_and_a_closed_connection(svc, pngs):
+    """uvicorn alone waits for headers forever: a connection that starts a request and stalls gets a 408 and is
+    closed after --header-timeout-s (2 s here); one that sends nothing is closed too."""
+    stalled = raw_tls(svc)
+    start = time.perf_counter()
+    stalled.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Ty")
+    reply = read_reply(stalled)
+    seconds = time.perf_counter() - start
+    assert reply.startswith("HTTP/1.1 408") and '"code": "timeout"' in reply, reply
+    assert HEADER_TIMEOUT_S - 0.5 < seconds < HEADER_TIMEOUT_S + 3, seconds
+    assert closed(stalled, 3)
+    stalled.close()
+    silent = raw_tls(svc)
+    start = time.perf_counter()
+    assert closed(silent, HEADER_TIMEOUT_S + 3) and time.perf_counter() - start > HEADER_TIMEOUT_S - 0.5
+    silent.close()
+    assert svc.post("/v1/classify?top_k=3", pngs[2])[0] == 200
+
+
+def test_one_address_cannot_take_every_slot(svc, pngs):
+    """--max-client-requests (24 here) requests from 127.0.0.1 that hold their bodies: the next one from that
+    address gets a 429 with Retry-After at once, while a client at 127.0.0.2 is answered; the held ones get their
+    408 after --body-timeout-s."""
+    body = pngs[0]
+    head = (f"POST /v1/classify HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {TOKEN}\r\n"
+            f"Content-Type: image/png\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    held = []
+    try:
+        for _ in range(MAX_CLIENT):
+            s = raw_tls(svc)
+            s.sendall(head + body[:10])
+            held.append(s)
+        time.sleep(0.5)
+        status, answer, headers = svc.post("/v1/classify?top_k=3", pngs[1])
+        assert status == 429 and headers["retry-after"] == "1" and answer["code"] == "too_many_requests", answer
+        other = raw_tls(svc, source="127.0.0.2")
+        other.sendall(head + body)
+        reply = read_reply(other)
+        other.close()
+        assert reply.startswith("HTTP/1.1 200"), reply[:300]
+        assert all(read_reply(s).startswith("HTTP/1.1 408") for s in held)
+    finally:
+        for s in held:
+            s.close()
+    assert svc.post("/v1/classify?top_k=3", pngs[1])[0] == 200
+
+
+def raw_tls(svc, timeout: float = 15, source: str | None = None):
     ctx = ssl.create_default_context(cafile=str(svc.cert))
-    return ctx.wrap_socket(socket.create_connection(("127.0.0.1", svc.proc.port), timeout=timeout),
-                           server_hostname="127.0.0.1")
+    sock = socket.create_connection(("127.0.0.1", svc.proc.port), timeout=timeout,
+                                    source_address=(source, 0) if source else None)
+    return ctx.wrap_socket(sock, server_hostname="127.0.0.1")
+
+
+def closed(s, within: float) -> bool:
+    """Whether the server closes the connection within `within` seconds (reading and dropping what it sends)."""
+    s.settimeout(within)
+    try:
+        while s.recv(4096):
+            pass
+        return True
+    except socket.timeout:
+        return False
+    except (ssl.SSLError, OSError):
+        return True
 
 
 def read_reply(s, limit: int = 1 << 16) -> str:
@@ -286,7 +405,7 @@ def test_a_full_queue_answers_503_with_retry_after(svc, pngs):
     for status, answer, headers, seconds in results:
         assert seconds < TIMEOUT_S + 5
         if status == 503:
-            assert headers["retry-after"] == "1" and set(answer) == {"error"}
+            assert headers["retry-after"] == "1" and set(answer) == {"error", "code"}
             assert re.search("overloaded|deadline", answer["error"])
         else:
             assert all("error" not in r for r in answer["results"])
@@ -319,7 +438,7 @@ def test_hostile_requests_get_a_json_4xx(svc, pngs):
         seen.append(status)
         assert status < 500, (status, raw[:300])
         if status >= 400:
-            assert set(json.loads(raw)) == {"error"}, raw[:300]
+            assert set(json.loads(raw)) == {"error", "code"}, raw[:300]
 
     check()
     assert len(seen) == 40 and any(s == 200 for s in seen) and any(s >= 400 for s in seen)

@@ -32,8 +32,9 @@ def classify_json(capsys, paths, model: str, defense: str, seed: int) -> list[di
 
 
 def served(url: str, grpc_target: str, paths, seed: int, token: str | None = None,
-           cafile: str | None = None) -> dict[str, list[dict]]:
-    """The same files, keys 0..n-1 under `seed`, as one multipart HTTP request and one gRPC call."""
+           cafile: str | None = None, grpc_cafile: str | None = None) -> dict[str, list[dict]]:
+    """The same files, keys 0..n-1 under `seed`, as one multipart HTTP request and one gRPC call (TLS with
+    `grpc_cafile`)."""
     keys = ",".join(str(i) for i in range(len(paths)))
     ctype, body = multipart([("image", p.name, p.read_bytes()) for p in paths])
     c = Client(url, timeout=60, cafile=cafile, token=token)
@@ -43,7 +44,7 @@ def served(url: str, grpc_target: str, paths, seed: int, token: str | None = Non
     finally:
         c.close()
     assert status == 200, raw
-    g = GrpcClient(grpc_target, token=token, timeout=60)
+    g = GrpcClient(grpc_target, token=token, timeout=60, cafile=grpc_cafile)
     try:
         code, answer, _ = g.classify([(p.name, p.read_bytes(), str(i)) for i, p in enumerate(paths)], top_k=3,
                                      seed=str(seed))

@@ -63,9 +63,15 @@ def package_key(defended: Defended, batch: int, dtype: torch.dtype) -> dict:
     clf = defended.classifier
     weights = [*clf.visual.named_parameters(), *clf.visual.named_buffers(), ("text", clf.text), ("mean", clf.mean),
                ("std", clf.std), ("logit_scale", torch.tensor(clf.logit_scale))]
-    return {"format": "scc-aoti-1", "model": clf.name, "weights": weights_fingerprint(weights),
-            "spec": defended.spec, "config": repr(defended.config), "batch": batch, "dtype": dtype_name(dtype),
-            "device": str(clf.text.device), "torch": torch.__version__}
+    key = {"format": "scc-aoti-1", "model": clf.name, "weights": weights_fingerprint(weights),
+           "spec": defended.spec, "config": repr(defended.config), "batch": batch, "dtype": dtype_name(dtype),
+           "device": str(clf.text.device), "torch": torch.__version__}
+    reference = getattr(clf, "tau_reference", None)
+    if reference is not None:  # TTC's gate reads a fine-tuned model's frozen original: its weights are in the graph
+        key["tau_reference"] = weights_fingerprint([*reference.visual.named_parameters(),
+                                                    *reference.visual.named_buffers(), ("mean", reference.mean),
+                                                    ("std", reference.std)])
+    return key
 
 
 def package_path(folder: str | os.PathLike, key: dict) -> str:

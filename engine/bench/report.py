@@ -421,7 +421,9 @@ def adaptive_command(r: Result):
             f"--defenses {','.join(dict.fromkeys(row_spec(x) for x in res))} "
             f"--attacks {','.join((d.get('suite') or {}).get('attacks') or [])} "
             f"--eps {','.join(eps_text(e) for e in sorted({x['eps'] for x in res if x.get('eps')}))} "
-            f"--images {d.get('n_images')} --seed {d.get('seed')} --out {Path(r.rel_path).parent.as_posix()}")
+            f"--images {d.get('n_images')} --seed {d.get('seed')}"
+            + (f" --queries {q}" if (q := (d.get("suite") or {}).get("queries")) not in (None, 1000) else "")
+            + f" --out {Path(r.rel_path).parent.as_posix()}")
 
 
 def is_serve_load(d):

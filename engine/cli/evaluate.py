@@ -195,9 +195,11 @@ def run(args: argparse.Namespace) -> int:
                               n_images=args.images, batch_size=args.batch_size, device=args.device, seed=args.seed,
                               suite=suite, progress=not args.quiet, templates=templates, ray_address=args.ray,
                               log=lambda line: print(line, file=sys.stderr, flush=True), workers=workers,
-                              threads=threads, dtype=dtype, backend=args.backend, keep=keep, tau_reference=reference)
+                              threads=threads, dtype=dtype, backend=args.backend, keep=keep, tau_reference=reference,
+                              backbone=tuned[0] if tuned else None)
         if tuned:
-            _name_rows(report, tuned[0], backbones[model], notes)
+            report["backbones"] = {tuned[0]: backbones[model][tuned[0]]["provenance"]}
+            report["notes"] = notes
     _save(args, report, out)
     return 0
 
@@ -255,21 +257,6 @@ def _robust_models(args: argparse.Namespace, pairs: list[tuple[str, str]], tuned
              "original (TTC's code for fine-tuned victims). Provenance of every fine-tuned model: 'backbones' in "
              "each dataset's report."]
     return out, notes
-
-
-def _name_rows(report: dict, backbone: str, backbones: dict, notes: list[str]) -> None:
-    """An adaptive report on a fine-tuned model: its rows and curves named as the columns were given ('fare',
-    'fare+ttc'), the model's provenance and the notes added."""
-    def spec(name: str) -> str:
-        return backbone if name == "none" else f"{backbone}+{name}"
-
-    for r in report.get("results", []):
-        r["backbone"], r["test_time_defense"] = backbone, r["defense"]
-        r["defense"] = spec(r["defense"])
-    for c in report.get("steps_curves", []):
-        c["spec"] = spec(c["spec"])
-    report["backbones"] = {b: v["provenance"] for b, v in backbones.items() if b == backbone}
-    report["notes"] = notes
 
 
 def _table(report: dict) -> str:

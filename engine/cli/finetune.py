@@ -10,7 +10,7 @@ eps, steps, data, seed, versions and the loss of every epoch. Each preset is its
 1/255 (`--eps 1/255`, the paper's Table 1) or 4/255; --epochs, --batch-size and --lr override the testbed
 schedule. An interrupted run (Ctrl-C) keeps its last finished epoch: start the same command again to resume.
 --data: digits | fashion (the bundled testbeds' training splits; fashion needs the Debian package
-dataset-fashion-mnist) | imagefolder:PATH.
+dataset-fashion-mnist, except --images 2560 --seed 0, the testbed subset, which ships with scc) | imagefolder:PATH.
 
 --testbed builds the robust versions of the bundled models that `scc eval --defenses clip-ft,tecoa,pmg-aft,fare,...`
 uses, into the cache (~/.cache/scc or $SCC_CACHE_DIR); models already there are only listed.

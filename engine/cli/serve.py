@@ -4,6 +4,7 @@ ports stay on loopback either way); SIGINT or SIGTERM shuts it down cleanly."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import SccError
@@ -50,10 +51,21 @@ def add_parser(sub) -> None:
     p.add_argument("--max-request-pixels", type=positive_int, default=None,
                    help="pixels of all images of one request; default 4x --max-pixels")
     p.add_argument("--max-images", type=positive_int, default=64, help="images per request (at most --max-queue)")
+    p.add_argument("--max-aspect", type=positive_float, default=16.0,
+                   help="refuse (413, from the header) an image whose long side exceeds this many times its short "
+                        "side; below it the model's own rule centre-crops to at most 4:1")
+    p.add_argument("--image-formats", default="png,jpeg,webp",
+                   help="the decoders a request may reach, comma-separated: png, jpeg, webp (default) and gif, bmp, "
+                        "tiff, ppm")
+    p.add_argument("--max-client-requests", type=positive_int, default=32,
+                   help="requests one client address may have in the service at once (429 + Retry-After beyond)")
     p.add_argument("--timeout-s", type=positive_float, default=30.0,
                    help="request deadline from arrival: 503 + Retry-After when no answer by then")
     p.add_argument("--body-timeout-s", type=positive_float, default=10.0,
                    help="a request body must arrive within this many seconds (408)")
+    p.add_argument("--header-timeout-s", type=positive_float, default=10.0,
+                   help="a connection's request line and headers must arrive within this many seconds (408, then "
+                        "closed)")
     p.add_argument("--retry-after-s", type=nonnegative_int, default=1, help="the Retry-After of a 503")
     p.add_argument("--decode-threads", type=positive_int, default=2, help="image-decoding threads of the ingress")
     p.add_argument("--compile-cache", default=None,
@@ -66,14 +78,20 @@ def add_parser(sub) -> None:
     p.add_argument("--tls-cert", default=None, help="PEM certificate: serve HTTPS (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert (mode 0600)")
     p.add_argument("--grpc-port", type=port_int, default=None,
-                   help="also serve gRPC scc.v1.Classifier/Classify on this port (plaintext: Ray Serve's gRPC "
-                        "ingress has no TLS; loopback unless --host says otherwise)")
+                   help="also serve gRPC scc.v1.Classifier/Classify on this port (TLS with --tls-cert; loopback "
+                        "unless --host says otherwise)")
+    p.add_argument("--insecure-grpc", action="store_true",
+                   help="allow a plaintext --grpc-port on a non-loopback --host (without --tls-cert); the token then "
+                        "travels in the clear")
     p.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0 to expose)")
     p.add_argument("--port", type=port_int, default=8000, help="HTTP port")
     p.add_argument("--metrics-port", type=port_int, default=None,
                    help="Ray's Prometheus endpoint port (local Ray; default: Ray picks one); metrics are ray_scc_*")
     p.add_argument("--address", default=None, help="an existing Ray cluster (ray://HOST:PORT, HOST:PORT or auto): "
                                                    "deploy and exit")
+    p.add_argument("--ui", action="store_true",
+                   help="serve the operator page at /ui: drop an image, see the defended and the undefended answer "
+                        "(behind the token when there is one)")
     p.add_argument("--print-config", action="store_true", help="print the Ray Serve config YAML for `serve deploy`")
     add_common(p, json_output=False, threads_default=1)
     p.set_defaults(func=run)
@@ -81,18 +99,9 @@ def add_parser(sub) -> None:
 
 def read_token(path: str) -> str:
     """The bearer token of --token-file: its first line, at least 16 characters, in a file only we can read."""
-    from ..backends.artifacts import check_private
+    from ..serve.front import load_token
 
-    try:
-        check_private(path, "--token-file", secret=True)
-        with open(path) as f:
-            token = f.readline().strip()
-    except FileNotFoundError:
-        raise SccError(f"--token-file {path}: no such file (make one: python -c 'import secrets; "
-                       f"print(secrets.token_urlsafe(32))' > {path}; chmod 600 {path})") from None
-    if len(token) < 16:
-        raise SccError(f"--token-file {path}: the token has {len(token)} characters; use at least 16 random ones")
-    return token
+    return load_token(path)
 
 
 def check_tls(cert: str | None, key: str | None) -> None:
@@ -112,12 +121,22 @@ def check_tls(cert: str | None, key: str | None) -> None:
         check_private(key, "--tls-key", secret=True)
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def check_grpc_exposure(a: argparse.Namespace) -> None:
+    """A plaintext gRPC port on a non-loopback host carries the token in the clear: refused unless --insecure-grpc."""
+    if a.grpc_port and a.host not in LOOPBACK_HOSTS and not a.tls_cert and not a.insecure_grpc:
+        raise SccError(f"--grpc-port {a.grpc_port} on --host {a.host} would be plaintext: give --tls-cert/--tls-key "
+                       "(gRPC then uses TLS too), keep --host on loopback, or accept it with --insecure-grpc")
+
+
 def config_of(a: argparse.Namespace) -> dict:
     """The service configuration (scc.serve.service.service_config) these arguments describe."""
     from ..serve.front import token_digest
     from ..serve.service import service_config
 
-    digest = token_digest(read_token(a.token_file)) if a.token_file else None
+    digest = token_digest(read_token(a.token_file)) if a.token_file else None  # the ingress's copy, never printed
     return service_config(
         model=a.model, pretrained=a.pretrained, labels=a.labels, templates=a.templates, defense=a.defense,
         backend=a.backend, dtype=a.dtype, device=a.device, seed=a.seed, max_batch=a.max_batch,
@@ -127,7 +146,10 @@ def config_of(a: argparse.Namespace) -> dict:
         max_body_bytes=int(a.max_body_mb * 2 ** 20), max_pixels=a.max_pixels, max_request_pixels=a.max_request_pixels,
         max_images=a.max_images, timeout_s=a.timeout_s, body_timeout_s=a.body_timeout_s,
         retry_after_s=a.retry_after_s, decode_threads=a.decode_threads, compile_cache=a.compile_cache,
-        cache_key_file=a.cache_key_file, replay_draws=a.replay_draws, token_sha256=digest)
+        cache_key_file=a.cache_key_file, replay_draws=a.replay_draws, token_sha256=digest,
+        token_file=os.path.abspath(a.token_file) if a.token_file else None, max_aspect=a.max_aspect,
+        image_formats=a.image_formats, max_client_requests=a.max_client_requests,
+        header_timeout_s=a.header_timeout_s, ui=a.ui)
 
 
 def run(a: argparse.Namespace) -> int:
@@ -136,6 +158,7 @@ def run(a: argparse.Namespace) -> int:
 
     cfg = config_of(a)
     check_tls(a.tls_cert, a.tls_key)
+    check_grpc_exposure(a)
     from ..precision import check_dtype_on_device, resolve_dtype
 
     # here, before Ray starts: a replica's warning or refusal would reach only the replica's log
@@ -143,7 +166,7 @@ def run(a: argparse.Namespace) -> int:
     if a.print_config:
         sys.stdout.write(serve_config_yaml(cfg, a.host, a.port, a.timeout_s, a.tls_cert, a.tls_key, a.grpc_port))
         return 0
-    if cfg["compile_cache"] and a.address is None:  # the replicas check again; refuse here with one line first
+    if cfg["compile_cache"] and a.address is None:  # the replicas check again (and never read a refused folder)
         from ..backends.artifacts import cache_mac_key, check_cache_folder
 
         check_cache_folder(cfg["compile_cache"])

@@ -164,6 +164,7 @@ def defend(classifier: ZeroShotClassifier, name: str = "scc", preset: str = "pap
     dtype: the image tower's precision, torch.float32 (default), bfloat16 or float16 (GPU, or a CPU with native
     fp16 matmuls); the perturbation, its sign steps and projection, the losses and the logits stay fp32."""
     name, preset = parse_defense(spec_of(name, preset))  # 'scc-latency', 'anti-adv-original', aliases
+    DEFENSES[name].check(classifier)  # a model that cannot run it at all (R-TPT without a CLIP-style text tower)
     config = make_config(name, preset, classifier.name, **overrides)
     defended = Defended(classifier, name, config, seed=seed, preset=preset)
     return defended if dtype == torch.float32 else defended.with_dtype(dtype)

@@ -32,7 +32,7 @@ from .dbd import DBD_DRAWS, DBDConfig, dbd
 from .doc import DOC_DRAWS, DOCConfig, doc
 from .hd import HD_DRAWS, HDConfig, hd
 from .rn import RN_DRAWS, RNConfig, rn
-from .rtpt import RTPT_DRAWS, RTPTConfig, rtpt
+from .rtpt import RTPT_DRAWS, RTPTConfig, rtpt, text_tower
 from .scc import SCC_DRAWS, SCCConfig, scc
 from .ttc import TTC_DRAWS, TTCConfig, ttc
 
@@ -73,6 +73,14 @@ class Defense:
     exports: bool = True
     why_not: str = ""  # why a backend refuses it (shown in the error)
     aliases: Mapping[str, str] = dataclasses.field(default_factory=dict)  # other preset names, e.g. original -> paper
+    # raises SccError when a classifier cannot run the defense at all (R-TPT: no CLIP-style text tower); `defend`
+    # and the evaluations call it before any work
+    check_model: Callable[[Any], None] | None = None
+
+    def check(self, classifier) -> None:
+        """SccError up front when `classifier` cannot run this defense (on any backend)."""
+        if self.check_model is not None:
+            self.check_model(classifier)
 
     def draws(self, x: torch.Tensor, cfg, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Draws for a batch from one generator stream (example inputs for compiling and tracing)."""
@@ -106,7 +114,8 @@ DEFENSES: dict[str, Defense] = {
     "rtpt": Defense("rtpt", RTPTConfig, rtpt, RTPT_DRAWS, presets={"paper": {}}, passes={"paper": (64, 0, 2, 1, 3)},
                     compiles=False, exports=False,
                     why_not="R-TPT tunes the text prompt with the open_clip text tower and an optimizer, which the "
-                            "compiled engine's classifier copy and the exporter do not carry"),
+                            "compiled engine's classifier copy and the exporter do not carry",
+                    check_model=lambda clf: text_tower(clf.clip)),
     # Table 1's other test-time defenses; "paper" is each one's own paper/official-code setting
     # Anti-adv: K = 2 descent steps of 0.15 (official AWP run), or TTC's budget (1/255 steps inside 4/255)
     "anti-adv": Defense("anti-adv", AntiAdvConfig, anti_adv, ANTI_ADV_DRAWS, presets={

@@ -33,7 +33,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..data import classifier_for, load_dataset
-from ..defenses import split_spec
+from ..defenses import DEFENSES, split_spec
 from ..errors import SccError
 from ..models import preprocessing_of
 from ..precision import dtype_name
@@ -41,7 +41,7 @@ from ..provenance import hardware, versions
 from .options import ADAPTIVE_ATTACKS
 from .sharding import run_local, run_ray
 from .suite import (Suite, accuracy_of, build_rows, curves_of, estimate_cost, evaluate_batches, images_of, jobs_of,
-                    merge, plan_batches, sanity_flags)
+                    merge, name_on_backbone, plan_batches, sanity_flags)
 
 
 def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: str = "digits",
@@ -51,12 +51,14 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
              ray_address: str | None = None, log: Callable[[str], None] = print, workers: int = 1,
              threads: int | None = None, dtype: torch.dtype = torch.float32, backend: str = "eager",
              keep: Callable[[Callable[[], tuple]], None] | None = None,
-             tau_reference: dict | None = None) -> dict:
+             tau_reference: dict | None = None, backbone: str | None = None) -> dict:
     """The adaptive protocol end to end; returns the JSON-ready report (see the module docstring). The cost
     estimate goes to `log` before the work starts. `keep(snapshot)` is called once before the work:
     snapshot() -> (report of the batches finished so far, their images, all images, the missing image ranges),
     what a run cut short writes (scc.cli.interrupts). `tau_reference` ({"pretrained": P}): `pretrained` is a
-    fine-tuned model and TTC's tau gate reads `model` loaded with P, its frozen original (scc.defenses.ttc)."""
+    fine-tuned model and TTC's tau gate reads `model` loaded with P, its frozen original (scc.defenses.ttc).
+    `backbone`: the column name of that fine-tuned model ('fare'): rows, curves and sanity lines are named as the
+    columns were asked for ('fare', 'fare+ttc'; scc.eval.suite.name_on_backbone), partial reports included."""
     suite = suite or Suite()
     unknown = [a for a in suite.attacks if a not in ADAPTIVE_ATTACKS]
     if unknown:
@@ -65,6 +67,8 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
     clf = classifier_for(data, model, pretrained, templates, device)
     if tau_reference is not None:
         clf.tau_reference = classifier_for(data, model, tau_reference["pretrained"], templates, device)
+    for spec in defenses:  # a defense this model cannot run fails before any attack
+        DEFENSES[split_spec(spec)[0]].check(clf)
     x_all, y_all = data.images.to(device), data.targets.to(device)
     if workers < 1:
         raise SccError(f"workers must be a positive number of processes, got {workers!r}")
@@ -94,6 +98,8 @@ def evaluate(model: str = "scc-tiny-digits", pretrained: str | None = None, data
                   "sanity_16": [{"defense": split_spec(s)[0], "spec": s, "eps": suite.sanity_eps,
                                  "steps": suite.sanity_steps, "accuracy": accuracy_of(d)[0], "n": accuracy_of(d)[1]}
                                 for s, d in (raw["sanity"].items() if raw else ())]}
+        if backbone is not None:
+            name_on_backbone(report, backbone)
         report["sanity"] = sanity_flags(report)
         return report
 

@@ -31,7 +31,7 @@ from ..attacks import attack as run_attack
 from ..attacks.autoattack import COMPONENTS, Settings, run_component, run_sequence, skipped as skip_reason
 from ..backends import make_runner
 from ..data import classifier_for, load_dataset
-from ..defenses import defend, spec_of, split_spec
+from ..defenses import DEFENSES, defend, spec_of, split_spec
 from ..errors import SccError
 from ..models import preprocessing_of
 from ..precision import dtype_name
@@ -82,6 +82,8 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
             tuned.tau_reference = clf  # TTC's gate on the frozen original (scc.defenses.ttc)
             classifiers[backbone] = tuned
         return classifiers[backbone]
+    for backbone, inner in parts.values():  # a defense this model cannot run fails before the first attack
+        DEFENSES[split_spec(inner)[0]].check(clf)
     x_all, y_all = data.images.to(device), data.targets.to(device)
     gen = torch.Generator(device=x_all.device).manual_seed(seed)
     results, skipped, runners, aa_settings, aa_log = [], [], {}, {}, []

@@ -407,6 +407,25 @@ def build_rows(raw: dict, defenses: Sequence[str], eps_list: Sequence[float], su
     return unique
 
 
+def on_backbone(backbone: str, spec: str) -> str:
+    """The column of test-time defense `spec` run on fine-tuned model `backbone`: ('fare', 'none') -> 'fare',
+    ('fare', 'ttc') -> 'fare+ttc', ('fare', 'scc-latency') -> 'fare+scc-latency'."""
+    return backbone if spec == "none" else f"{backbone}+{spec}"
+
+
+def name_on_backbone(report: dict, backbone: str) -> dict:
+    """An adaptive report whose defenses ran on fine-tuned model `backbone`, named as its columns were asked for
+    ('fare', 'fare+ttc'): every row (with `backbone` and `test_time_defense`, the defense that ran), PGD curve
+    and sanity entry. Call it before `sanity_flags`, which names each line by these specs."""
+    for r in report.get("results", []):
+        r["backbone"], r["test_time_defense"] = backbone, r["defense"]
+        r["defense"] = on_backbone(backbone, r["defense"])
+    for entry in (*report.get("steps_curves", []), *report.get("sanity_16", [])):
+        entry["backbone"], entry["test_time_defense"] = backbone, entry["spec"]
+        entry["defense"], entry["spec"] = on_backbone(backbone, entry["defense"]), on_backbone(backbone, entry["spec"])
+    return report
+
+
 def sanity_flags(report: dict, raw: dict | None = None) -> list[str]:
     """AutoAttack-style checks, one line each ("ok: ..." or "FLAG: ...")."""
     flags = []

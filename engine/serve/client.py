@@ -40,19 +40,22 @@ class Client:
     """One keep-alive HTTP(S) connection (per thread); `token` adds `Authorization: Bearer <token>`."""
 
     def __init__(self, url: str, timeout: float = 60.0, cafile: str | None = None, token: str | None = None,
-                 verify: bool = True):
+                 verify: bool = True, source: str | None = None):
+        """`source`: the local address to connect from (e.g. another loopback address, 127.0.0.2)."""
         u = urllib.parse.urlsplit(url)
         self.https = u.scheme == "https"
         self.host, self.prefix, self.timeout = u.hostname, u.path.rstrip("/"), timeout
         self.port = u.port or (443 if self.https else 80)
         self.context = ssl_context(cafile, verify) if self.https else None
         self.auth = {"Authorization": f"Bearer {token}"} if token else {}
+        self.source = (source, 0) if source else None
         self.conn = None
 
     def _connect(self):
         if self.https:
-            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context)
-        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+            return http.client.HTTPSConnection(self.host, self.port, timeout=self.timeout, context=self.context,
+                                               source_address=self.source)
+        return http.client.HTTPConnection(self.host, self.port, timeout=self.timeout, source_address=self.source)
 
     def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None,
                 with_headers: bool = False):
@@ -108,15 +111,22 @@ def wait_ready(url: str, timeout: float = 120.0, cafile: str | None = None, veri
 
 class GrpcClient:
     """The gRPC Classify call of a server started with --grpc-port: classify([(name, bytes, key)]) ->
-    (status code name, parsed JSON answer or the error details, trailing metadata)."""
+    (status code name, parsed JSON answer or the error details, trailing metadata); TLS with `cafile`."""
 
-    def __init__(self, target: str, token: str | None = None, timeout: float = 60.0):
+    def __init__(self, target: str, token: str | None = None, timeout: float = 60.0, cafile: str | None = None,
+                 max_message_bytes: int | None = None):
+        """`cafile`: TLS, verified against this certificate (a server started with --tls-cert)."""
         import grpc
 
         from .grpc_api import classify_call
 
         self.grpc = grpc
-        self.channel = grpc.insecure_channel(target)
+        options = [] if max_message_bytes is None else [("grpc.max_send_message_length", max_message_bytes)]
+        if cafile:
+            with open(cafile, "rb") as f:
+                self.channel = grpc.secure_channel(target, grpc.ssl_channel_credentials(f.read()), options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
         self.call = classify_call(self.channel)
         self.metadata = [("application", "scc")] + ([("authorization", f"Bearer {token}")] if token else [])
         self.timeout = timeout

@@ -1,14 +1,18 @@
 """The gRPC API of `scc serve --grpc-port P` (Ray Serve's gRPC ingress), without generated code: the messages are
 built from PROTO's descriptor at import, so neither the server nor a Python client needs protoc.
 
-    channel = grpc.insecure_channel("127.0.0.1:9000")
+    channel = grpc.insecure_channel("127.0.0.1:9000")        # or grpc.secure_channel(..., credentials) with TLS
     reply = classify_call(channel)(ClassifyRequest(images=[Image(data=png, key="7")], top_k=3),
                                    metadata=[("authorization", "Bearer " + token)])
     json.loads(reply.json)          # the same answer as POST /v1/classify
 
-Errors are gRPC status codes with the one-line reason as details: 400 -> INVALID_ARGUMENT, 401 -> UNAUTHENTICATED,
-403 -> PERMISSION_DENIED, 408 -> DEADLINE_EXCEEDED, 413 -> RESOURCE_EXHAUSTED, 415 -> INVALID_ARGUMENT,
-503 -> UNAVAILABLE (retryable; trailing metadata `retry-after`), 500 -> INTERNAL. Other languages: compile PROTO.
+Errors are gRPC status codes with the one-line reason as details and the stable code of the HTTP answer as trailing
+metadata `scc-error-code`: 400 -> INVALID_ARGUMENT, 401 -> UNAUTHENTICATED, 403 -> PERMISSION_DENIED,
+408 -> DEADLINE_EXCEEDED, 413 -> RESOURCE_EXHAUSTED, 415 -> INVALID_ARGUMENT, 429 -> RESOURCE_EXHAUSTED (retryable;
+`retry-after`), 503 -> UNAVAILABLE (retryable; trailing metadata `retry-after`), 500 -> INTERNAL. A message larger
+than the server's body limit is refused by gRPC itself (RESOURCE_EXHAUSTED) before it reaches the service. With
+--tls-cert the port speaks TLS: `grpc.secure_channel(target, grpc.ssl_channel_credentials(cert))`. Other languages:
+compile PROTO.
 """
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
@@ -46,13 +50,14 @@ def _messages():
 
 Image, ClassifyRequest, ClassifyReply = _messages()
 STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-          408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT", 500: "INTERNAL",
-          503: "UNAVAILABLE"}
+          408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED", 415: "INVALID_ARGUMENT", 429: "RESOURCE_EXHAUSTED",
+          500: "INTERNAL", 503: "UNAVAILABLE"}
 
 
 def add_ClassifierServicer_to_server(servicer, server) -> None:
     """The `grpc_servicer_functions` entry Ray Serve's gRPC proxy imports: registers scc.v1.Classifier/Classify.
-    Requests reach the deployment as raw bytes (parsed there with ClassifyRequest.FromString)."""
+    Requests reach the deployment as raw bytes, parsed there only after the token and the size are checked
+    (scc.serve.front.Front.classify_grpc)."""
     import grpc
 
     handler = grpc.unary_unary_rpc_method_handler(servicer.Classify, request_deserializer=None,

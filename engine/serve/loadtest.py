@@ -78,7 +78,7 @@ class Sender:
     def __init__(self, target: Target, images: list[tuple[str, bytes]], transport: str, timeout: float):
         self.target, self.images, self.transport = target, images, transport
         if transport == "grpc":
-            self.client = GrpcClient(target.grpc, token=target.token, timeout=timeout)
+            self.client = GrpcClient(target.grpc, token=target.token, timeout=timeout, cafile=target.cafile)
         else:
             self.client = Client(target.url, timeout, cafile=target.cafile, token=target.token)
 
@@ -180,25 +180,27 @@ def run_level(target: Target, images: list[tuple[str, bytes]], concurrency: int,
 
 
 def sample_memory(target: Target, seconds: float, every: float, out: list, stop: threading.Event) -> None:
-    """Every `every` s until `stop` or `seconds`: (t, model replica pid, its RSS MB, ingress pid, its RSS MB)."""
+    """Every `every` s until `stop` or `seconds`: (t, model replica id, its RSS MB, ingress id, its RSS MB); an id
+    is the process's random id in /v1/info."""
     t0 = time.perf_counter()
     while not stop.is_set() and time.perf_counter() - t0 < seconds:
         try:
             info = get_json(target.url, "/v1/info", cafile=target.cafile, token=target.token)
-            out.append((round(time.perf_counter() - t0, 2), info["replica"]["pid"], info["replica"]["rss_mb"],
-                        info["ingress"]["pid"], info["ingress"]["rss_mb"]))
+            replica, ingress = info["replica"], info["ingress"]
+            out.append((round(time.perf_counter() - t0, 2), replica["id"], replica["rss_mb"], ingress["id"],
+                        ingress["rss_mb"]))
         except (SccError, OSError, KeyError, ValueError):
             pass
         stop.wait(every)
 
 
 def memory_report(rows: list) -> dict:
-    """Per process (model replicas by pid, the ingress): samples, first/last/max RSS and its slope in MB/hour over
+    """Per process (model replicas by id, the ingress): samples, first/last/max RSS and its slope in MB/hour over
     the run after its first 10 % (imports and first batches)."""
     series: dict[str, list[tuple[float, float]]] = {}
-    for t, pid, rss, ipid, irss in rows:
-        series.setdefault(f"model:{pid}", []).append((t, rss))
-        series.setdefault(f"ingress:{ipid}", []).append((t, irss))
+    for t, rid, rss, iid, irss in rows:
+        series.setdefault(f"model:{rid}", []).append((t, rss))
+        series.setdefault(f"ingress:{iid}", []).append((t, irss))
     out = {}
     for name, pts in series.items():
         pts = [(t, m) for t, m in pts if m is not None]

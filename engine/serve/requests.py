@@ -4,15 +4,26 @@ checked before the work it bounds.
     items = parse_request(content_type, body, query, clf.preprocess, limits=Limits.for_model(32))
 
 Order of the checks (each refusal one line, a 4xx): body bytes; the query (seed only in replay mode, keys, top_k);
-the multipart structure (part count bounded while splitting); every image's header (format allow-list, width x
-height against the per-image pixel budget) and the request's total pixels against the per-request budget -- all
-before a single pixel is decoded; then decoding. One `Item` per image; a part that cannot be used is an Item with its
-error (the others still run); a request with nothing usable is a `RequestError`.
+the multipart structure (part count bounded while splitting, each part's header block bounded in bytes and lines);
+every image's header (format allow-list, width x height against the per-image pixel budget, the long side against
+max_aspect x the short side) and the request's total pixels against the per-request budget -- all before a single
+pixel is decoded; then decoding, image by image, until the request's deadline. One `Item` per image; a part that
+cannot be used is an Item with its error (the others still run); a request with nothing usable is a `RequestError`.
 
 Budgets are sized to the model: an image is resized to the model's input (S x S) anyway, so by default one image may
 have at most (16 S)^2 pixels and one request 4 (16 S)^2 (S = 224: 12.8 and 51 megapixels); decoding costs time and
-memory in proportion to pixels (PNG ~36 ns/pixel here), not to the bytes sent.
+memory in proportion to pixels (PNG ~36 ns/pixel here), not to the bytes sent. The geometry is bounded too: an image
+whose long side exceeds max_aspect (16) x its short side is refused from its header, and the model's own rule
+(scc.images.Preprocess) centre-crops the rest to at most 4:1 before resizing, so no resize grows a thin image into a
+large tensor. `largest_tensor_bytes(preprocess, limits)` is the resulting bound on any one tensor a request
+allocates (the decoded float image or the resize's output).
+
+Messages are the client's: they name the image, the bad value and what to do, never a decoder's or allocator's text
+(that goes to the server log, logger "scc.serve").
 """
+import io
+import logging
+import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -25,18 +36,44 @@ from ..errors import SccError
 from ..images import ImageError, Preprocess
 
 IMAGE_FIELD = "image"
-# decoders a client may reach: common raster formats only (PIL also opens EPS through Ghostscript, PSD, ICO, ...)
-FORMATS = ("PNG", "JPEG", "GIF", "WEBP", "BMP", "TIFF", "PPM")
+# decoders a client may reach by default: PNG, JPEG and WebP (PIL also opens EPS through Ghostscript, PSD, ICO...)
+FORMATS = ("PNG", "JPEG", "WEBP")
+# the others a server may add with --image-formats (BMP's RLE decoder is pure Python; TIFF has many codecs)
+OPTIONAL_FORMATS = ("GIF", "BMP", "TIFF", "PPM")
 MAX_KEY_CHARS = 200
 MAX_QUERY_VALUES = 1024  # query values in all (keys included)
+MAX_ASPECT = 16.0  # an image's long side at most this many times its short side (refused from its header beyond)
+MAX_PART_HEADER_BYTES = 1024  # one multipart part's header block
+MAX_PART_HEADERS = 8  # header lines in one multipart part
+FLOAT_BYTES = 4
+log = logging.getLogger("scc.serve")
+
+# the stable code of each status a client can meet; the message may change, the code does not
+CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed",
+         408: "timeout", 413: "too_large", 415: "unsupported_media_type", 422: "bad_request",
+         429: "too_many_requests", 500: "internal", 503: "unavailable"}
 
 
 class RequestError(SccError):
-    """A request the service refuses: `status` (4xx) and a one-line reason."""
+    """A request the service refuses: `status` (4xx, or 503 for a deadline), a one-line reason and a stable `code`."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, code: str | None = None):
         super().__init__(message)
         self.status = status
+        self.code = code or CODES.get(status, "error")
+
+
+def image_formats(text: str | Sequence[str] | None) -> tuple[str, ...]:
+    """The decoder allow-list from --image-formats ("png,jpeg,webp,gif"; None: the default PNG, JPEG, WebP)."""
+    if text is None or text == "":
+        return FORMATS
+    names = [t.strip().upper() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    names = ["JPEG" if n == "JPG" else n for n in names]
+    known = FORMATS + OPTIONAL_FORMATS
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+        raise SccError(f"image formats {unknown or text!r}: choose from {', '.join(f.lower() for f in known)}")
+    return tuple(dict.fromkeys(names))
 
 
 @dataclass
@@ -56,18 +93,35 @@ class Item:
 
 @dataclass(frozen=True)
 class Limits:
-    """What one request may cost. `for_model(S, max_batch)` sizes the pixel budgets to the model's input."""
+    """What one request may cost. `for_model(S, ...)` sizes the pixel budgets to the model's input."""
     max_body_bytes: int = 16 * 2 ** 20
     max_pixels: int = (16 * 224) ** 2  # one image, from its header, before decoding
     max_request_pixels: int = 4 * (16 * 224) ** 2  # every image of a request together
     max_images: int = 64
     max_top_k: int = 1000
+    max_aspect: float = MAX_ASPECT  # long side / short side, from the header
+    formats: tuple = FORMATS  # PIL format names the decoders may be given
+    max_part_header_bytes: int = MAX_PART_HEADER_BYTES
+    max_part_headers: int = MAX_PART_HEADERS
 
     @classmethod
     def for_model(cls, size: int, max_body_bytes: int = 16 * 2 ** 20, max_pixels: int | None = None,
-                  max_request_pixels: int | None = None, max_images: int = 64, max_top_k: int = 1000) -> "Limits":
+                  max_request_pixels: int | None = None, max_images: int = 64, max_top_k: int = 1000,
+                  max_aspect: float = MAX_ASPECT, formats: Sequence[str] | None = None) -> "Limits":
         per = max_pixels or (16 * size) ** 2
-        return cls(max_body_bytes, per, max_request_pixels or 4 * per, max_images, max_top_k)
+        return cls(max_body_bytes, per, max_request_pixels or 4 * per, max_images, max_top_k, float(max_aspect),
+                   image_formats(formats))
+
+
+def largest_tensor_bytes(preprocess: Preprocess, limits: Limits) -> int:
+    """The largest tensor one image of a request can make the service allocate, in bytes: the decoded float image
+    (3 x max_pixels) or the resize's output (the short side at the model's resize size, the long side at most
+    min(limits.max_aspect, preprocess.max_aspect) times it), whichever is larger. Images are decoded one at a time."""
+    inner = preprocess.size - 2 * preprocess.frame
+    short = max(inner, round(inner / preprocess.crop))
+    aspect = min(limits.max_aspect, preprocess.max_aspect)
+    long = max(inner, math.ceil(aspect * short) + 1)
+    return 3 * FLOAT_BYTES * max(limits.max_pixels, short * long)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -142,9 +196,12 @@ def _params(header_value: str) -> dict[str, str]:
             for m in _PARAM.finditer(header_value)}
 
 
-def split_multipart(content_type: str, body: bytes, max_parts: int) -> list[tuple[str, str | None, bytes]]:
+def split_multipart(content_type: str, body: bytes, max_parts: int, max_header_bytes: int = MAX_PART_HEADER_BYTES,
+                    max_headers: int = MAX_PART_HEADERS) -> list[tuple[str, str | None, bytes]]:
     """multipart/form-data -> [(field name, filename, bytes)] in one linear pass; more than `max_parts` parts is a
-    413 as soon as the next one starts (a body of a million empty parts costs microseconds, not a parser's time)."""
+    413 as soon as the next one starts (a body of a million empty parts costs microseconds, not a parser's time).
+    A part's header block over `max_header_bytes` or `max_headers` lines, or with two Content-Disposition lines, is
+    refused before its lines are read."""
     boundary = _params(content_type).get("boundary")
     if not boundary or len(boundary) > 70:
         raise RequestError(400, "multipart body without a valid boundary (1-70 characters) in its Content-Type")
@@ -166,13 +223,27 @@ def split_multipart(content_type: str, body: bytes, max_parts: int) -> list[tupl
             raise RequestError(400, "malformed multipart body: no closing boundary")
         if len(parts) >= max_parts:
             raise RequestError(413, f"more than {max_parts} multipart parts")
-        head, sep, data = body[start:end].partition(b"\r\n\r\n")
-        if not sep:  # a part without headers starts with its blank line
-            head, data = b"", body[start:end][2:] if body[start:end].startswith(b"\r\n") else body[start:end]
-        name, filename = "", None
-        for line in head.split(b"\r\n"):
+        if body.startswith(b"\r\n", start):  # a part without headers starts with its blank line
+            head, data = b"", body[start + 2:end]
+        else:
+            blank = body.find(b"\r\n\r\n", start, end)
+            if blank < 0:  # no blank line: no header block, all data (a nameless part, ignored)
+                head, data = b"", body[start:end]
+            elif blank - start > max_header_bytes:
+                raise RequestError(413, f"multipart part {len(parts)}: its header block has {blank - start} bytes, "
+                                        f"over the limit of {max_header_bytes}; send short part headers")
+            else:
+                head, data = body[start:blank], body[blank + 4:end]
+        if head.count(b"\r\n") + 1 > max_headers:
+            raise RequestError(413, f"multipart part {len(parts)}: more than {max_headers} header lines; send "
+                                    "Content-Disposition and Content-Type only")
+        name, filename, seen = "", None, False
+        for line in head.split(b"\r\n") if head else ():
             hname, _, value = line.decode("latin-1").partition(":")
             if hname.strip().lower() == "content-disposition":
+                if seen:
+                    raise RequestError(400, f"multipart part {len(parts)}: two Content-Disposition headers; send one")
+                seen = True
                 params = _params(value)
                 name, filename = params.get("name", ""), params.get("filename")
         parts.append((name, filename, data))
@@ -184,7 +255,7 @@ def _shown(name: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in name)[:100]
 
 
-def image_parts(content_type: str | None, body: bytes, max_images: int) -> list[tuple[str, bytes]]:
+def image_parts(content_type: str | None, body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
     """The request's images as [(name, encoded bytes)]: the whole body, or the `image` parts of a form."""
     if not body:
         raise RequestError(400, "empty body: send one image (Content-Type image/*) or a multipart form with "
@@ -192,9 +263,10 @@ def image_parts(content_type: str | None, body: bytes, max_images: int) -> list[
     ctype = (content_type or "application/octet-stream").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         parts = [(_shown(filename) if filename else f"{IMAGE_FIELD}[{i}]", data)
-                 for i, (name, filename, data) in enumerate(p for p in split_multipart(content_type, body,
-                                                                                      max_images + 8)
-                                                            if p[0] == IMAGE_FIELD)]
+                 for i, (name, filename, data) in enumerate(
+                     p for p in split_multipart(content_type, body, limits.max_images + 8,
+                                                limits.max_part_header_bytes, limits.max_part_headers)
+                     if p[0] == IMAGE_FIELD)]
         if not parts:
             raise RequestError(400, f"multipart body has no '{IMAGE_FIELD}' part")
     elif ctype.startswith("image/") or ctype == "application/octet-stream":
@@ -208,44 +280,70 @@ def image_parts(content_type: str | None, body: bytes, max_images: int) -> list[
 # ----------------------------------------------------------------------------------------------------------
 # Images
 # ----------------------------------------------------------------------------------------------------------
-def _request_error(err: ImageError) -> RequestError:
-    return RequestError(413 if err.too_large else 400, str(err))
+def _request_error(err: ImageError, name: str, formats: Sequence[str]) -> RequestError:
+    """The client's message for an unusable image: our own budget text, or a stable "not a readable image" naming
+    the accepted formats (the decoder's own text goes to the server log only)."""
+    if err.too_large:
+        return RequestError(413, str(err))
+    log.info("image %s not decoded: %s", name, err)
+    return RequestError(400, f"{_shown(name)}: not a readable image; accepted formats: {', '.join(formats)}")
 
 
-def image_pixels(data: bytes, name: str, max_pixels: int) -> int:
+def image_size(data: bytes, name: str, limits: Limits) -> tuple[int, int]:
+    """(width, height) from the image's header, nothing decoded; RequestError 400 when unreadable or not an allowed
+    format, 413 when over the per-image pixel budget or the aspect-ratio limit."""
+    from PIL import Image
+
+    try:
+        images.image_pixels(data, name, limits.max_pixels, limits.formats)
+        with Image.open(io.BytesIO(data), formats=limits.formats) as img:  # the header again: microseconds
+            w, h = img.size
+    except ImageError as err:
+        raise _request_error(err, name, limits.formats) from None
+    if max(w, h) > limits.max_aspect * min(w, h):
+        raise RequestError(413, f"{_shown(name)}: {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.4g}:1, "
+                                f"over the limit of {limits.max_aspect:g}:1; crop it to at most "
+                                f"{limits.max_aspect:g}:1")
+    return w, h
+
+
+def image_pixels(data: bytes, name: str, max_pixels: int, formats: Sequence[str] = FORMATS) -> int:
     """width x height from the image's header (RequestError 400/413 when unreadable or over the budget)."""
     try:
-        return images.image_pixels(data, name, max_pixels, FORMATS)
+        return images.image_pixels(data, name, max_pixels, formats)
     except ImageError as err:
-        raise _request_error(err) from None
+        raise _request_error(err, name, formats) from None
 
 
-def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int, name: str = "image") -> torch.Tensor:
+def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int, name: str = "image",
+                 formats: Sequence[str] = FORMATS) -> torch.Tensor:
     """Encoded image bytes -> the model's input (3, S, S) in [0,1] through its own preprocessing (scc.images, the
     one `scc classify` and `scc eval` use); RequestError when unusable or over the per-image pixel budget (checked
     from the header first)."""
     try:
-        return preprocess.encoded(data, name, max_pixels, FORMATS)
+        return preprocess.encoded(data, name, max_pixels, formats)
     except ImageError as err:
-        raise _request_error(err) from None
+        raise _request_error(err, name, formats) from None
 
 
 def parse_request(content_type: str | None, body: bytes, query: Mapping[str, Sequence[str]], preprocess: Preprocess,
-                  limits: Limits | None = None, replay: bool = True) -> list[Item]:
+                  limits: Limits | None = None, replay: bool = True, deadline: float | None = None) -> list[Item]:
     """An HTTP request -> its Items (one per image, in order), every budget checked before decoding. RequestError
     (4xx) when the request as a whole is unusable: too large, no body, an unsupported type, a bad query, a pixel
-    budget exceeded, or not one readable image."""
+    budget exceeded, or not one readable image; 503 when `deadline` (time.monotonic()) passes while decoding."""
     limits = limits or Limits.for_model(preprocess.size)
     if len(body) > limits.max_body_bytes:
         raise RequestError(413, f"body of {len(body)} bytes exceeds the limit of {limits.max_body_bytes}")
     seed, keys, top_k = parse_query(query, limits.max_top_k, replay, limits.max_images)
-    return parse_parts(image_parts(content_type, body, limits.max_images), preprocess, limits, seed, keys, top_k)
+    return parse_parts(image_parts(content_type, body, limits), preprocess, limits, seed, keys, top_k, deadline)
 
 
 def parse_parts(parts: Sequence[tuple[str, bytes]], preprocess: Preprocess, limits: Limits, seed: int | None = None,
-                keys: Sequence[Hashable] | None = None, top_k: int | None = None) -> list[Item]:
-    """[(name, encoded bytes)] -> Items: every header read and both pixel budgets checked, then decoded (the
-    HTTP body and the gRPC message both end here)."""
+                keys: Sequence[Hashable] | None = None, top_k: int | None = None,
+                deadline: float | None = None) -> list[Item]:
+    """[(name, encoded bytes)] -> Items: every header read and every budget checked (pixels per image and per
+    request, aspect ratio, format), then decoded one image at a time while `deadline` (time.monotonic()) has not
+    passed (the HTTP body and the gRPC message both end here)."""
     if not parts:
         raise RequestError(400, "no image in the request")
     if len(parts) > limits.max_images:
@@ -257,7 +355,8 @@ def parse_parts(parts: Sequence[tuple[str, bytes]], preprocess: Preprocess, limi
     pixels = 0
     for item, (name, data) in zip(items, parts):  # headers only: nothing is decoded before the budgets pass
         try:
-            pixels += image_pixels(data, name, limits.max_pixels)
+            w, h = image_size(data, name, limits)
+            pixels += w * h
         except RequestError as err:
             item.error, item.error_kind = str(err), "decode" if err.status == 400 else "too_large"
             if len(parts) == 1:
@@ -267,13 +366,16 @@ def parse_parts(parts: Sequence[tuple[str, bytes]], preprocess: Preprocess, limi
                                 f"{limits.max_request_pixels}; send fewer or smaller images per request")
     for item, (name, data) in zip(items, parts):
         if item.error is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise RequestError(503, "the request's deadline passed while its images were decoded; retry after "
+                                        "the Retry-After delay, or send fewer images per request", "deadline")
             try:
-                item.x = decode_image(data, preprocess, limits.max_pixels, name)
+                item.x = decode_image(data, preprocess, limits.max_pixels, name, limits.formats)
             except RequestError as err:
                 item.error, item.error_kind = str(err), "decode" if err.status == 400 else "too_large"
                 if len(parts) == 1:
                     raise
     if all(it.error for it in items):
         status = 413 if all(it.error_kind == "too_large" for it in items) else 400
-        raise RequestError(status, "no readable image: " + "; ".join(it.error for it in items))
+        raise RequestError(status, ("no readable image: " + "; ".join(it.error for it in items))[:2000])
     return items

@@ -6,13 +6,17 @@ warm, the batch handler and the bounded continuous-batching queue in front of it
     queue = EngineQueue(service.handle_batch, max_batch=8, max_queue=64); await queue.submit(items)
 
 Randomness. Image b's draws are a function of (seed, key) only (scc.draws.keyed_draws). By default (fresh draws)
-the seed of an image is derive_seed(replica secret, "fresh:" + nonce), where the nonce is a 128-bit secret drawn for
-each request by the front door: whatever key a client sends, two identical requests get independent draws. With
+the seed of an image is derive_seed(replica secret, "fresh:" + nonce), where the nonce is a 128-bit secret the front
+door draws for each request, followed by the image's index in it: whatever keys a client sends, in one request or in
+two, no two images meet the same draws. With
 `replay_draws` (an explicit server flag) the seed is the client's `?seed=` (or the service's --seed/secret) and the
 answer equals `scc.defend(clf, defense, seed=seed)(x, keys=[key])` on the eager module, whatever batch it was in.
 """
 import asyncio
+import logging
 import os
+import secrets
+import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +34,10 @@ from ..errors import SccError
 from ..models import TINY_NAME, load
 from ..precision import dtype_name, resolve_dtype
 from ..provenance import versions
-from .requests import Item, Limits
+from .requests import MAX_ASPECT, Item, Limits, image_formats
+
+log = logging.getLogger("scc.serve")
+PROCESS_ID = secrets.token_hex(4)  # names this process in /v1/info (its pid is not shown)
 
 DEFAULTS = {
     "model": TINY_NAME, "pretrained": None, "labels": None, "templates": None, "defense": "scc",
@@ -39,14 +46,15 @@ DEFAULTS = {
     "max_images": 64, "timeout_s": 30.0, "body_timeout_s": 10.0, "max_queue": 64, "retry_after_s": 1,
     "decode_threads": 2, "replicas": 1, "ingress_replicas": 1, "min_replicas": None, "max_replicas": None,
     "target_ongoing": None, "max_ongoing": None, "compile_cache": None, "cache_key_file": None,
-    "replay_draws": False, "token_sha256": None,
+    "replay_draws": False, "token_sha256": None, "token_file": None, "max_aspect": MAX_ASPECT,
+    "image_formats": "png,jpeg,webp", "max_client_requests": 32, "header_timeout_s": 10.0, "ui": False,
 }
 ALIASES = {"client_seeds": "replay_draws"}  # the flag's name before fresh per-request draws became the default
 INTS = ("max_batch", "threads", "top_k", "max_body_bytes", "max_pixels", "max_request_pixels", "max_images",
         "max_queue", "decode_threads", "replicas", "ingress_replicas", "min_replicas", "max_replicas", "max_ongoing",
-        "seed", "retry_after_s")
+        "seed", "retry_after_s", "max_client_requests")
 OPTIONAL = ("seed", "min_replicas", "max_replicas", "max_ongoing", "max_pixels", "max_request_pixels")
-BOOLS = ("replay_draws",)
+BOOLS = ("replay_draws", "ui")
 
 
 def _bool(name: str, value) -> bool:
@@ -72,7 +80,7 @@ def service_config(args: Mapping | None = None, **overrides) -> dict:
                 raise SccError(f"serve setting {k} must be an integer, got {cfg[k]!r}") from None
         else:
             cfg[k] = None if k in OPTIONAL else DEFAULTS[k]
-    for k in ("batch_wait_ms", "timeout_s", "body_timeout_s", "target_ongoing"):
+    for k in ("batch_wait_ms", "timeout_s", "body_timeout_s", "target_ongoing", "max_aspect", "header_timeout_s"):
         if cfg[k] is not None:
             cfg[k] = float(cfg[k])
     for k in BOOLS:
@@ -85,6 +93,10 @@ def service_config(args: Mapping | None = None, **overrides) -> dict:
     if cfg["max_queue"] < cfg["max_batch"]:
         raise SccError(f"max_queue ({cfg['max_queue']}) must be at least max_batch ({cfg['max_batch']}): a full "
                        "batch has to fit in the queue")
+    if cfg["max_aspect"] < 1 or cfg["max_client_requests"] < 1 or cfg["header_timeout_s"] <= 0:
+        raise SccError(f"max_aspect ({cfg['max_aspect']}) must be >= 1, max_client_requests "
+                       f"({cfg['max_client_requests']}) >= 1 and header_timeout_s ({cfg['header_timeout_s']}) > 0")
+    cfg["image_formats"] = ",".join(f.lower() for f in image_formats(cfg["image_formats"]))
     if cfg["max_images"] > cfg["max_queue"]:
         raise SccError(f"max_images ({cfg['max_images']}) must not exceed max_queue ({cfg['max_queue']}): a "
                        "request larger than the queue could never be admitted")
@@ -94,18 +106,51 @@ def service_config(args: Mapping | None = None, **overrides) -> dict:
 def limits_of(cfg: Mapping, image_size: int) -> Limits:
     """The request limits of a service with this configuration and model input size."""
     return Limits.for_model(image_size, cfg["max_body_bytes"], cfg["max_pixels"], cfg["max_request_pixels"],
-                            cfg["max_images"])
+                            cfg["max_images"], max_aspect=cfg["max_aspect"], formats=cfg["image_formats"])
 
 
 def replica_memory() -> dict:
-    """This process: pid and resident memory (MB, from /proc; None where /proc is absent)."""
+    """This process: a random id (stable while it lives; not its pid) and resident memory (MB, from /proc; None where
+    /proc is absent)."""
     rss = None
     try:
         with open("/proc/self/statm") as f:
             rss = round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20, 2)
     except (OSError, ValueError, IndexError):
         pass
-    return {"pid": os.getpid(), "rss_mb": rss}
+    return {"id": PROCESS_ID, "rss_mb": rss}
+
+
+def private_inductor_cache() -> str:
+    """Point Inductor (and Triton) at a fresh folder only this process can use (mode 0700, under the temporary
+    folder) and turn its remote caches off: nothing another user wrote can be read as a cache entry. Returns it."""
+    folder = tempfile.mkdtemp(prefix="scc-inductor-")  # 0700, a fresh name: nobody else can have planted in it
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(folder, "triton")
+    for name in ("TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE",
+                 "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE", "TORCHINDUCTOR_BUNDLED_AUTOTUNE_REMOTE_CACHE"):
+        os.environ[name] = "0"
+    return folder
+
+
+def prepare_compile_cache(folder: str | None) -> tuple[str | None, str]:
+    """(the cache folder to use or None, its status) for --compile-cache `folder`: checked and enabled, or, when it
+    is refused (others could have written it), one stderr line and Inductor pointed at a fresh private folder, so
+    that whatever sits in the refused one is never read -- whatever the environment (a Ray runtime_env, the
+    operator's shell) said before."""
+    import sys
+
+    if not folder:
+        return None, "no cache"
+    try:
+        enable_compile_cache(folder)
+        return folder, "enabled"
+    except SccError as err:  # never load what someone else could have written: compile without the cache
+        private = private_inductor_cache()
+        print(f"scc serve: not using the compile cache: {err}; compiling in a fresh private folder instead",
+              file=sys.stderr)
+        log.info("compile cache refused; Inductor uses %s", private)
+        return None, f"refused: {err}"
 
 
 class Service:
@@ -114,19 +159,11 @@ class Service:
     `Service(service_config(model=..., defense=..., backend=...))`; `ready` once every bucket ran."""
 
     def __init__(self, cfg: Mapping, warm: bool = True):
-        import sys
-
         cfg = service_config(cfg)
         self.cfg = cfg
         torch.set_num_threads(cfg["threads"])
-        self.artifacts_status = "no cache"
-        cache = cfg["compile_cache"]
-        if cache:
-            try:
-                enable_compile_cache(cache)
-            except SccError as err:  # never load what someone else could have written: compile without the cache
-                print(f"scc serve: not using the compile cache: {err}", file=sys.stderr)
-                self.artifacts_status, cache = f"refused: {err}", None
+        cache, status = prepare_compile_cache(cfg["compile_cache"])
+        self.artifacts_status = "no cache" if cache else status  # a usable cache: the artifact's own status below
         start = time.perf_counter()
         self.classifier = load(cfg["model"], cfg["pretrained"], labels=cfg["labels"], templates=cfg["templates"],
                                device=cfg["device"])
@@ -168,8 +205,10 @@ class Service:
             "client_seeds": cfg["replay_draws"],
             "limits": {"max_body_bytes": self.limits.max_body_bytes, "max_pixels": self.limits.max_pixels,
                        "max_request_pixels": self.limits.max_request_pixels, "max_images": self.limits.max_images,
+                       "max_aspect": self.limits.max_aspect, "image_formats": list(self.limits.formats),
                        "max_queue": cfg["max_queue"], "timeout_s": cfg["timeout_s"],
-                       "body_timeout_s": cfg["body_timeout_s"]},
+                       "body_timeout_s": cfg["body_timeout_s"], "header_timeout_s": cfg["header_timeout_s"],
+                       "max_client_requests": cfg["max_client_requests"]},
         }
         self.stats = {"batches": 0, "images": 0, "errors": 0}
         if warm:
@@ -209,9 +248,12 @@ class Service:
         return next(b for b in self.buckets if b >= n) if self.pad else n
 
     def info(self) -> dict:
+        """What /v1/info shows of this replica: no pid and no path (the artifact file by its name only; a refusal's
+        reason, which names folders, stays in the log)."""
+        status = self.artifacts_status.split(":", 1)[0]
         return {**self.info_static, "ready": self.ready, "load_s": round(self.load_seconds, 3),
-                "compile_artifacts": self.artifacts, "compile_artifacts_loaded": self.artifacts_loaded,
-                "compile_artifacts_status": self.artifacts_status,
+                "compile_artifacts": os.path.basename(self.artifacts) if self.artifacts else None,
+                "compile_artifacts_loaded": self.artifacts_loaded, "compile_artifacts_status": status,
                 "bucket_warm_s": {str(b): round(t, 3) for b, t in self.bucket_seconds.items()},
                 "compile_s": self.runner.compile_seconds, "stats": dict(self.stats),
                 "replica": replica_memory(), "versions": versions()}
@@ -229,6 +271,29 @@ class Service:
         d = self.defended
         per = [d.record.keyed_draws(it.x[None], d.config, self.seed_of(it), [it.key]) for it in items]
         return {k: torch.cat([p[k] for p in per]) for k in per[0]} if per and per[0] else {}
+
+    def undefended(self, items: Sequence[Item]) -> list[dict]:
+        """The same images through the undefended classifier (the operator page shows it beside the defended
+        answer): {"label", "index", "scores" (top-k), "compute_ms"} per image, or {"error"} for an unusable one."""
+        good = [it for it in items if it.error is None and it.x is not None]
+        if not good:
+            return [{"error": it.error or "no image"} for it in items]
+        started = time.perf_counter()
+        with torch.no_grad():
+            probs = self.classifier(torch.stack([it.x for it in good]).to(self.classifier.text.device)).float() \
+                .softmax(-1).cpu()
+        compute_ms = round((time.perf_counter() - started) * 1e3, 3)
+        labels, rows, out = self.classifier.labels, iter(probs), []
+        for it in items:
+            if it.error is not None or it.x is None:
+                out.append({"error": it.error or "no image"})
+                continue
+            p = next(rows)
+            top = p.topk(min(it.top_k or self.cfg["top_k"], len(labels)))
+            out.append({"label": labels[top.indices[0]], "index": int(top.indices[0]),
+                        "scores": {labels[j]: round(float(v), 6) for v, j in zip(top.values, top.indices)},
+                        "compute_ms": compute_ms})
+        return out
 
     def handle_batch(self, items: Sequence[Item], count: bool = True) -> list[dict]:
         """Items -> one result dict per item, in order: {"label", "index", "scores", "key", ...} or {"error"}.
@@ -255,10 +320,12 @@ class Service:
                     for _, n, rows in padded_chunks([x, *(draws[k] for k in names)], self.max_batch, self.bucket_for):
                         outs.append(self.runner(rows[0], dict(zip(names, rows[1:])))[:n].float().cpu())
                 probs = torch.cat(outs).softmax(-1)
-            except Exception as err:  # an engine failure answers every item of the batch, never kills the replica
+            except Exception:  # an engine failure answers every item of the batch, never kills the replica
+                rid = secrets.token_hex(6)
+                log.exception("internal error %s in the engine (batch of %d)", rid, len(good))
                 for i in good:
-                    results[i] = {"name": items[i].name, "error": f"internal error: {type(err).__name__}: {err}",
-                                  "error_kind": "internal"}
+                    results[i] = {"name": items[i].name, "error": f"internal error (request {rid}); the server log "
+                                                                  "has the details", "error_kind": "internal"}
                 good, probs = [], None
             compute_ms = (time.perf_counter() - started) * 1e3
             labels = self.classifier.labels
@@ -368,9 +435,11 @@ class EngineQueue:
                 continue
             try:
                 results = await loop.run_in_executor(self.pool, self.handle_batch, [it for it, _ in live])
-            except Exception as err:  # handle_batch answers per item; this is a last resort
-                results = [{"name": it.name, "error": f"internal error: {type(err).__name__}: {err}",
-                            "error_kind": "internal"} for it, _ in live]
+            except Exception:  # handle_batch answers per item; this is a last resort
+                rid = secrets.token_hex(6)
+                log.exception("internal error %s in the batch handler", rid)
+                results = [{"name": it.name, "error": f"internal error (request {rid}); the server log has the "
+                                                      "details", "error_kind": "internal"} for it, _ in live]
             self.counts["computed"] += len(live)
             for (_, f), r in zip(live, results):
                 if not f.done():

@@ -274,18 +274,38 @@ DATA_SPECS = "digits | fashion | imagefolder:PATH"
 def training_data(spec: str, preprocess, images: int | None = None, seed: int = 0) -> TrainingData:
     """The training images of `spec`: `digits` (the 1347 training digits; the 450 held-out ones are never used),
     `fashion` (the 55000 training images of Fashion-MNIST's training split, validation and test excluded; needs the
-    Debian package dataset-fashion-mnist), `imagefolder:PATH` (one sub-folder per class). `images`: a stratified
-    subset of that many (fixed by `seed`)."""
-    from ..data import DIGIT_WORDS, FASHION_CLASSES, digits_raw, fashion_train_val, load_dataset
+    Debian package dataset-fashion-mnist, but for the bundled subset below), `imagefolder:PATH` (one sub-folder per
+    class). `images`: a stratified subset of that many (fixed by `seed`).
+
+    `fashion` with images=2560 and seed=0 (the robust testbed models' subset) reads the subset bundled with scc
+    (scc.data.fashion_train_subset): the same images in the same order as that subset of the Debian files, so
+    it trains to the same bytes with or without the package."""
+    from ..data import (DIGIT_WORDS, FASHION_APT, FASHION_CLASSES, FASHION_DIR, FASHION_TRAIN_SUBSET,
+                        FASHION_TRAIN_SUBSET_SEED, FASHION_TRAIN_SUBSET_SIZE, digits_raw, fashion_train_subset,
+                        fashion_train_val, load_dataset, stratified_subset)
+    from ..models import asset_path
 
     name, _, root = str(spec).partition(":")
     name = name.strip().lower()
+    subset = None  # a description of the subset taken below, or of the bundled one
     if name == "digits" and not root:
         x, y, _, _ = digits_raw()
         pix, desc = preprocess(x), "digits training split (1347 of sklearn's 1797; the 450 held-out never used)"
         data = TrainingData("digits", lambda idx: pix[idx], y, list(DIGIT_WORDS), None, desc)
     elif name == "fashion" and not root:
-        x8, y8, _, _ = fashion_train_val()
+        bundled = (images, seed) == (FASHION_TRAIN_SUBSET_SIZE, FASHION_TRAIN_SUBSET_SEED) \
+            and asset_path(FASHION_TRAIN_SUBSET).is_file()
+        if bundled:
+            x8, y8, _ = fashion_train_subset()
+            subset, images = _subset_text(images, seed), None
+        else:
+            try:
+                x8, y8, _, _ = fashion_train_val()
+            except SccError as err:
+                raise SccError(f"Fashion-MNIST's training split is not installed ({FASHION_DIR}): run `{FASHION_APT}`; "
+                               f"without it `--data fashion` trains on the {FASHION_TRAIN_SUBSET_SIZE} training "
+                               f"images bundled with scc: --images {FASHION_TRAIN_SUBSET_SIZE} --seed "
+                               f"{FASHION_TRAIN_SUBSET_SEED} (given: --images {images or 'all'}, --seed {seed})") from err
         x8 = torch.from_numpy(x8)
         to_pix = lambda idx: preprocess(x8[idx].float().div(255.0)[:, None].expand(-1, 3, -1, -1))
         data = TrainingData("fashion", to_pix, torch.from_numpy(y8.astype(np.int64)), list(FASHION_CLASSES), None,
@@ -303,16 +323,17 @@ def training_data(spec: str, preprocess, images: int | None = None, seed: int = 
         if images < len(data.classes) or images > len(data):
             raise SccError(f"--images must be between {len(data.classes)} and {len(data)} for {spec}, got {images}")
         if images < len(data):
-            from sklearn.model_selection import train_test_split
-
-            keep, _ = train_test_split(np.arange(len(data)), train_size=images, stratify=data.targets.numpy(),
-                                       random_state=seed)
-            keep = torch.from_numpy(np.sort(keep))
+            keep = torch.from_numpy(stratified_subset(data.targets.numpy(), images, seed))
             inner = data.batch
             data = TrainingData(data.spec, lambda idx: inner(keep[idx]), data.targets[keep], data.classes,
-                                data.templates, f"{data.description}; a stratified subset of {images} "
-                                f"(train_test_split random_state={seed})")
+                                data.templates, f"{data.description}; {_subset_text(images, seed)}")
+    if subset is not None:
+        data.description = f"{data.description}; {subset}"
     return data
+
+
+def _subset_text(images: int, seed: int) -> str:
+    return f"a stratified subset of {images} (train_test_split random_state={seed})"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -337,7 +358,10 @@ def code_hash() -> str:
 
 
 def stem_of(model: str, method: str, preset: str) -> str:
-    base = model.replace("hf-hub:", "").replace("local-dir:", "").replace("/", "-").replace(":", "-")
+    """The output files' stem: 'scc-tiny-digits-tecoa'; a `local-dir:` model by its folder's name."""
+    if model.startswith("local-dir:"):
+        model = Path(model[len("local-dir:"):]).name or "local-dir"
+    base = model.replace("hf-hub:", "").replace("/", "-").replace(":", "-")
     return f"{base}-{method_label(method, preset)}"
 
 

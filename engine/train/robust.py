@@ -12,7 +12,8 @@ runs on one CPU thread from a fixed seed, so the same key rebuilds the same byte
 two runs for equality). An interrupted build resumes from its last finished epoch.
 
 Testbeds: digits trains on the 1347 training digits; fashion on a stratified 2560-image subset of Fashion-MNIST's
-55000 training images (the Debian package dataset-fashion-mnist), the same order of cost as digits. Both are
+55000 training images, the same order of cost as digits. That subset ships with scc (scc.data.fashion_train_subset,
+rebuilt bit for bit from the Debian package dataset-fashion-mnist), so both build offline from a fresh clone. Both are
 in-distribution: tuned on the testbed's training split and scored on its held-out split, unlike the paper, which
 tunes on TinyImageNet and tests zero-shot on 16 other datasets.
 """
