@@ -1,5 +1,6 @@
 """Smoke tests of `scc bench` (scc.bench.latency, scc.cli.bench) and of the pytest-benchmark suite in benchmarks/."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -152,8 +153,9 @@ def test_benchmark_suite_runs_and_its_json_prints(tmp_path, capsys):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "pytest", "benchmarks/test_backends.py", "-q", "--bench-backends", "eager",
            "--bench-images", "2", "--bench-defenses", "none,ttc,rtpt", "--bench-acc-images", "4",
-           f"--benchmark-json={out}"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+           f"--benchmark-json={out}", "-p", "no:xdist"]  # pytest-benchmark switches itself off under xdist
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
     infos = [b["extra_info"] for b in data["benchmarks"]]
