@@ -28,10 +28,11 @@ KERNEL_TESTS=(tests/test_sign_step.py tests/test_view_augment.py
               "tests/test_compiled.py::test_triton_backend_runs_kernels_in_graph")
 PARITY_TESTS=(tests/test_backends.py tests/test_compiled.py tests/test_gpu_check.py)
 
-find_python() {
+find_python() {  # a python3.12 that runs (a pyenv shim for a version that is not selected does not)
   if [ -n "${COMPAT_PYTHON:-}" ]; then echo "$COMPAT_PYTHON"; return; fi
-  command -v python3.12 2>/dev/null && return
-  for p in "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do [ -x "$p" ] && { echo "$p"; return; }; done
+  for p in "$(command -v python3.12 2>/dev/null)" "$HOME"/.pyenv/versions/3.12*/bin/python3.12; do
+    [ -x "$p" ] && "$p" -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1 && { echo "$p"; return; }
+  done
   echo "no Python 3.12 found (the GPU machine runs CPython 3.12): set COMPAT_PYTHON=/path/to/python3.12" >&2
   return 1
 }

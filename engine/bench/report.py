@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+T1_BEGIN, T1_END = "<!-- table1:begin -->", "<!-- table1:end -->"
 # A results file's name: lowercase words joined by hyphens, `<area>-<subject>[-<model>][-<variant>]` (.json, or a
 # .png plot beside it), the model spelt as `model_slug` writes it; a report folder's name follows the same rule.
 RESULT_NAME = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
@@ -927,6 +928,27 @@ def headline(results: list[Result], link: Callable[[Result], str]) -> list[str]:
     return table(["result"] + list(HEADLINE_DEFENSES) + ["measured on"], rows) if rows else []
 
 
+def table1_average(results: list[Result], link: Callable[[Result], str]) -> list[str]:
+    """The Table 1 report with the most columns, laid out as the paper's Table 1: one column per defense, rows clean
+    and PGD-10 at each eps, averaged over the report's datasets."""
+    reports = [r for r in results if r.data.get("layout") == "table1" and _renders(lambda r=r: r.data["table1"][0])]
+    if not reports:
+        return []
+    r = max(reports, key=lambda r: (len({x["spec"] for x in r.data["table1"]}), r.name))
+    recs = [x for x in r.data["table1"] if x["attack"] == "pgd"]
+    specs = list(dict.fromkeys(x["spec"] for x in recs))
+    epss = sorted({x["eps"] for x in recs})
+
+    def mean(key, spec, eps):
+        vals = [x[key] for x in recs if x["spec"] == spec and x["eps"] == eps and x.get(key) is not None]
+        return pct(sum(vals) / len(vals)) if vals else None
+
+    rows = [["clean"] + [mean("acc", s, epss[0]) for s in specs]]
+    rows += [[f"PGD-10 {eps_text(e)}"] + [mean("rob", s, e) for s in specs] for e in epss]
+    return ([f"Accuracy % averaged over {', '.join(r.data['datasets'])} ([per dataset, with Δ over CLIP and the "
+             f"fine-tuned models' provenance]({link(r)})):", ""] + table([""] + specs, rows))
+
+
 def _renders(make) -> bool:
     try:
         make()
@@ -980,7 +1002,13 @@ def render_all(results_dir: Path, docs_dir: Path, readme: Path | None) -> dict[P
             block = headline(results, lambda r: f"{to_docs}/{docs_anchor(r)}")
             head, rest = text.split(BEGIN, 1)
             _, tail = rest.split(END, 1)
-            pages[readme] = head + BEGIN + "\n" + "\n".join(block).rstrip() + "\n" + END + tail
+            text = head + BEGIN + "\n" + "\n".join(block).rstrip() + "\n" + END + tail
+            if T1_BEGIN in text and T1_END in text:
+                block = table1_average(results, lambda r: f"{to_docs}/{docs_anchor(r)}")
+                head, rest = text.split(T1_BEGIN, 1)
+                _, tail = rest.split(T1_END, 1)
+                text = head + T1_BEGIN + "\n" + "\n".join(block).rstrip() + "\n" + T1_END + tail
+            pages[readme] = text
     return pages
 
 
