@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Fill the git-ignored .whl/ with the wheels the lent GPU machine lacks, check that the work tree plus those wheels
-# fit the 64 MiB that travel with one device call, and print the one `run` command that installs them there and
-# runs benchmarks/gpu_check.py with its results in $OUT.
+# Fill the git-ignored .whl/ with the wheels the GPU machine (no package index) lacks, check that the work tree
+# plus those wheels fit the 64 MiB that travel with one device call, and print the one `run` command that installs
+# them there and runs benchmarks/gpu_check.py with its results in $OUT.
 #
 #   benchmarks/gpu_wheels.sh            # downloads (network here), sizes, prints the command
 #   WHEEL_DIR=/tmp/w benchmarks/gpu_wheels.sh

@@ -2,7 +2,7 @@
 
     clf = scc.load("scc-tiny-fashion")
     x = clf.preprocess.file("coat.png")              # (3, S, S) float32 in [0,1]
-    x = clf.preprocess.bytes(data, name="upload")    # the service's HTTP and gRPC bodies
+    x = clf.preprocess.encoded(data, name="upload")  # the service's HTTP and gRPC bodies
 
 `scc classify`, `scc eval` (image folders, torchvision sets), `scc serve` (HTTP and gRPC), `scc loadtest`, the ONNX
 files' metadata and the Triton repository all go through `Preprocess`, so one file and one model give one input

@@ -40,6 +40,7 @@ from ..defenses import DEFENSES
 from ..draws import keyed_draws
 from ..errors import SccError, install_hint
 from ..images import Preprocess
+from ..models import BUNDLED
 from ..metrics import top1_agreement
 from ..timing import summarize, sync, time_calls, warm_up
 from ..validation import validate_pixels
@@ -217,8 +218,14 @@ class OrtDefended:
         self.image_shape = tuple(shape[1:])
         # the exported model's own image preprocessing: `ort(ort.preprocess.file(path)[None])` answers as
         # `scc classify` does for that file
-        self.preprocess = (Preprocess.from_dict(json.loads(meta["scc.preprocess"])) if "scc.preprocess" in meta
-                           else Preprocess(int(self.image_shape[-1])))
+        if "scc.preprocess" in meta:
+            self.preprocess = Preprocess.from_dict(json.loads(meta["scc.preprocess"]))
+        else:  # an older export: the CLIP rule, which is wrong for a model trained on framed or uncropped images
+            self.preprocess = Preprocess(int(self.image_shape[-1]))
+            if meta.get("scc.model") in BUNDLED:
+                warnings.warn(f"{path} records no image preprocessing (exported by an older scc): `.preprocess` "
+                              f"falls back to the CLIP rule, not {meta['scc.model']}'s own; export it again",
+                              RuntimeWarning, stacklevel=2)
         self.draw_names = [n for n in self.inputs if n != "pixels"]
         self.seed = seed
         self._secret = secrets.randbits(63) if seed is None else int(seed)
@@ -266,7 +273,7 @@ class OrtDefended:
         expected = tuple(self.inputs[name].shape[1:])
         if value.dim() != len(expected) + 1 or tuple(value.shape[1:]) != expected:
             raise SccError(f"{name}: expected shape {self._expected(name)}, got {tuple(value.shape)}"
-                           + ("; resize/crop images first (scc.data.preprocess)" if name == "pixels" else ""))
+                           + ("; preprocess image files first: ort.preprocess.file(path)" if name == "pixels" else ""))
         if rows is not None and value.shape[0] != rows:
             raise SccError(f"{name}: expected {rows} rows, one per image, got {value.shape[0]}")
         if name == "pixels":  # NaN/Inf and the [0,1] range, as the eager module checks them

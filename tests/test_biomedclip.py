@@ -5,9 +5,8 @@ Every part is tiny (timm's `test_vit`: 160 px, 6 blocks of width 64; BERT: 2 lay
 vocabulary), with random weights, so the tests check the plumbing, not accuracy: classify, the paper protocol for
 every defense, one fine-tuning epoch and the ONNX export.
 """
-import importlib.metadata
+import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,24 +17,19 @@ import scc
 from scc.cli import main
 
 
-def _installed_kernels_first() -> None:
-    """transformers 5 imports the `kernels` distribution (a dependency of it). `python -m pytest` from the
-    repository root puts the root on sys.path, where this repository's own kernels/ folder (installed as
-    scc.kernels) would shadow it: import the distribution first, with the root left out of the search."""
-    try:
-        importlib.metadata.distribution("kernels")
-    except importlib.metadata.PackageNotFoundError:
-        return
+def _kernels_shadowed() -> str | None:
+    """transformers 5 imports the PyPI package `kernels`. A process that has the repository root on sys.path
+    (`python -m pytest` run from it) finds this repository's own kernels/ folder (installed as scc.kernels) first."""
+    spec = importlib.util.find_spec("kernels")
     root = Path(__file__).resolve().parents[1]
-    saved = list(sys.path)
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != root]
-    try:
-        import kernels  # noqa: F401  (the distribution, now in sys.modules)
-    finally:
-        sys.path[:] = saved
+    if spec is not None and spec.origin and Path(spec.origin).resolve().is_relative_to(root / "kernels"):
+        return ("this process has the repository root on sys.path, so its kernels/ folder hides the PyPI package "
+                "`kernels` that transformers imports: run the `pytest` script (.venv/bin/pytest), as the README does")
+    return None
 
 
-_installed_kernels_first()
+if _kernels_shadowed():
+    pytest.skip(_kernels_shadowed(), allow_module_level=True)
 pytest.importorskip("transformers")
 
 WORDS = ["this", "is", "a", "photo", "of", "the", "digit", "zero", "one", "two", "three", "lymph", "node", "tissue",

@@ -31,7 +31,10 @@ DEVELOPMENT = [re.compile(p, re.IGNORECASE) for p in (
 
 
 def product_files():
-    yield ROOT / "README.md"
+    for name in ("README.md", "CHANGELOG.md", "pyproject.toml", "mkdocs.yml", ".ci/run"):
+        yield ROOT / name
+    yield from sorted((ROOT / "benchmarks").glob("*.sh"))
+    yield from sorted((ROOT / "benchmarks" / "results").rglob("*.md"))
     for tree in ("docs", "engine", "export", "kernels", "tests"):
         for path in sorted((ROOT / tree).rglob("*")):
             if path.is_file() and path.suffix in TEXT and "__pycache__" not in path.parts:
@@ -73,10 +76,17 @@ def test_committed_results_pages_match_their_json():
         + run.stderr
 
 
-def test_a_changed_json_value_makes_its_page_stale(tmp_path):
+def copy_tree(tmp_path) -> Path:
+    """benchmarks/results, docs/results and README.md copied to tmp_path: the renderer's whole world."""
     results = tmp_path / "benchmarks" / "results"
     shutil.copytree(RESULTS, results)
     shutil.copytree(ROOT / "docs" / "results", tmp_path / "docs" / "results")
+    shutil.copy(ROOT / "README.md", tmp_path / "README.md")
+    return results
+
+
+def test_a_changed_json_value_makes_its_page_stale(tmp_path):
+    results = copy_tree(tmp_path)
     assert report(results, "--check").returncode == 0  # the copy renders as committed
 
     faults = results / "serve-faults.json"
@@ -92,10 +102,33 @@ def test_a_changed_json_value_makes_its_page_stale(tmp_path):
     assert str(data["runs"][0]["requests"]) in (tmp_path / "docs" / "results" / "serving.md").read_text()
 
 
+def test_a_changed_headline_value_makes_the_readme_stale(tmp_path):
+    results = copy_tree(tmp_path)
+    demo = next(results.glob("demo-*.json"))
+    data = json.loads(demo.read_text())
+    row = next(r for r in data["results"] if r["defense"] == "scc" and r["attack"] == "pgd" and r["eps"] > 3 / 255)
+    row["accuracy"] = 0.123
+    demo.write_text(json.dumps(data))
+    run = report(results, "--check")
+    stale = {str(Path(line.split()[1]).relative_to(tmp_path)) for line in run.stderr.splitlines()
+             if line.startswith("stale:")}
+    assert run.returncode == 1 and "README.md" in stale, run.stderr  # the repository's README, not only the folder's
+    assert report(results).returncode == 0 and "12.3" in (tmp_path / "README.md").read_text()
+
+
+def test_a_readme_without_its_markers_is_refused(tmp_path):
+    results = copy_tree(tmp_path)
+    readme = tmp_path / "README.md"
+    readme.write_text(readme.read_text().replace("<!-- results:begin -->", ""))
+    run = report(results, "--check")
+    assert run.returncode == 2 and "results:begin" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    readme.unlink()
+    run = report(results, "--check")
+    assert run.returncode == 2 and "does not exist" in run.stderr, run.stderr
+
+
 def test_a_file_of_unknown_layout_still_gets_a_section(tmp_path):
-    results = tmp_path / "benchmarks" / "results"
-    shutil.copytree(RESULTS, results)
-    shutil.copytree(ROOT / "docs" / "results", tmp_path / "docs" / "results")
+    results = copy_tree(tmp_path)
     (results / "new-kind.json").write_text(json.dumps({"what": "a new measurement", "threads": 3,
                                                        "rows": [{"case": "a", "wall_s": 0.25}]}))
     run = report(results, "--check")
@@ -103,3 +136,16 @@ def test_a_file_of_unknown_layout_still_gets_a_section(tmp_path):
     assert report(results).returncode == 0
     page = (tmp_path / "docs" / "results" / "other.md").read_text()
     assert "### new-kind" in page and "a new measurement" in page and "| a | 0.25 |" in page
+
+
+def test_ci_runs_the_readmes_test_command_and_stops_on_any_lane():
+    """.ci/run holds the README's test command verbatim, and a failure anywhere in that `&&` chain fails CI (under
+    `set -e` bash carries on after a failure before the last `&&`, so the script must check the status itself)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("# 2. run the tests", 1)[1].split("```", 1)[0]
+    command = block.split("\n", 1)[1].strip()
+    assert command.startswith("python3 -m venv .venv") and "pytest" in command, command
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert command in ci, "the README's test command is not in .ci/run verbatim"
+    after = ci.split(command, 1)[1].lstrip("\n").splitlines()
+    assert after[0].startswith("status=$?") and after[1].startswith('[ "$status" = 0 ] || exit'), after[:2]

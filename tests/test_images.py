@@ -191,3 +191,19 @@ def test_a_non_bundled_model_gets_the_clip_rule():
     clf = scc.load("ViT-B-32", pretrained=None, labels=["cat", "dog"])
     assert clf.preprocess == Preprocess(224) == preprocessing_of("ViT-B-32")
     assert scc.precision.engine_classifier(clf, torch.float32).preprocess == clf.preprocess
+
+
+def test_an_export_without_its_rule_warns_for_a_bundled_model(onnx_dynamic, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from scc.export.runtime import OrtDefended
+
+    _, info = onnx_dynamic
+    model = onnx.load(info["path"])
+    kept = [p for p in model.metadata_props if p.key != "scc.preprocess"]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    old = tmp_path / "older-export.onnx"
+    onnx.save(model, str(old))
+    with pytest.warns(RuntimeWarning, match="records no image preprocessing"):
+        ort = OrtDefended(old, seed=0)
+    assert ort.preprocess == Preprocess(32)  # the CLIP rule it falls back to, said out loud

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from ..errors import SccError
+
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
 T1_BEGIN, T1_END = "<!-- table1:begin -->", "<!-- table1:end -->"
 # A results file's name: lowercase words joined by hyphens, `<area>-<subject>[-<model>][-<variant>]` (.json, or a
@@ -957,6 +959,17 @@ def _renders(make) -> bool:
         return False
 
 
+def between(path: Path, text: str, begin: str, end: str, block: list[str]) -> str:
+    """`text` with `block` put between its `begin` and `end` markers (an SccError naming `path` without them)."""
+    missing = [m for m in (begin, end) if m not in text]
+    if missing:
+        raise SccError(f"{path} has no {' / '.join(missing)} marker: a rendered table goes between {begin} and "
+                       f"{end}; put them back (or pass --readme another file)")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return head + begin + "\n" + "\n".join(block).rstrip() + "\n" + end + tail
+
+
 def render_all(results_dir: Path, docs_dir: Path, readme: Path | None) -> dict[Path, str]:
     """Every page this renderer owns -> its text (README.md: the whole file with the block between the markers)."""
     results = load_results(results_dir)
@@ -995,20 +1008,13 @@ def render_all(results_dir: Path, docs_dir: Path, readme: Path | None) -> dict[P
                 local += section(r, lambda rel: rel)
     pages[results_dir / "README.md"] = "\n".join(local).rstrip() + "\n"
 
-    if readme is not None and readme.exists():
-        text = readme.read_text()
-        if BEGIN in text and END in text:
-            to_docs = Path(os.path.relpath(docs_dir / "results", readme.parent)).as_posix()
-            block = headline(results, lambda r: f"{to_docs}/{docs_anchor(r)}")
-            head, rest = text.split(BEGIN, 1)
-            _, tail = rest.split(END, 1)
-            text = head + BEGIN + "\n" + "\n".join(block).rstrip() + "\n" + END + tail
-            if T1_BEGIN in text and T1_END in text:
-                block = table1_average(results, lambda r: f"{to_docs}/{docs_anchor(r)}")
-                head, rest = text.split(T1_BEGIN, 1)
-                _, tail = rest.split(T1_END, 1)
-                text = head + T1_BEGIN + "\n" + "\n".join(block).rstrip() + "\n" + T1_END + tail
-            pages[readme] = text
+    if readme is not None:
+        to_docs = Path(os.path.relpath(docs_dir / "results", readme.parent)).as_posix()
+        link = lambda r: f"{to_docs}/{docs_anchor(r)}"
+        text = between(readme, readme.read_text(), BEGIN, END, headline(results, link))
+        if T1_BEGIN in text or T1_END in text:
+            text = between(readme, text, T1_BEGIN, T1_END, table1_average(results, link))
+        pages[readme] = text
     return pages
 
 
@@ -1023,7 +1029,13 @@ def main(argv: list[str] | None = None) -> int:
     root = args.results.resolve().parent.parent
     docs = args.docs or root / "docs"
     readme = args.readme or root / "README.md"
-    pages = render_all(args.results, docs, readme)
+    try:
+        if not readme.is_file():
+            raise SccError(f"{readme} does not exist: the results' headline is rendered into it; pass --readme PATH")
+        pages = render_all(args.results, docs, readme)
+    except SccError as err:
+        print(f"scc: error: {err}", file=sys.stderr)
+        return 2
     stale = [path for path, text in pages.items() if not path.exists() or path.read_text() != text]
     if args.check:
         for path in stale:
