@@ -42,7 +42,7 @@ from .errors import SccError
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm",
                   ".pnm", ".ico", ".tga", ".jp2", ".j2k", ".dib", ".pcx", ".sgi", ".im", ".icns")
 CLIP_CROP = 224 / 256  # open_clip / TTC: the centre 224 of a 256 short side
-MAX_ASPECT = 4.0
+MAX_ASPECT = 4.0  # the widest aspect ratio the resize sees: a longer side is centre-cropped to 4x the short one
 
 
 class ImageError(SccError):

@@ -7,6 +7,7 @@ import torch.nn as nn
 import scc
 from scc.backends import make_runner
 from scc.defenses import DEFENSES
+from scc.metrics import top1_agreement
 from scc.models import ZeroShotClassifier
 
 
@@ -56,7 +57,8 @@ def test_draws_are_secret_and_per_image_like_every_defense(tiny, digits, name):
 
 
 def test_every_backend_replays_the_draws(tiny, digits, tmp_path):
-    """eager and ONNX Runtime (draws as inputs) agree image by image on a toy encoder; compiled in the compile lane."""
+    """eager and ONNX Runtime (draws as inputs) agree image by image on a toy encoder, in the logits and in every
+    top-1 answer; compiled and triton in the compile lane."""
     pytest.importorskip("onnxruntime")
     from scc.export import OrtDefended, export_onnx
 
@@ -70,15 +72,25 @@ def test_every_backend_replays_the_draws(tiny, digits, tmp_path):
     export_onnx(defended, tmp_path / "rn.onnx", draws_as_inputs=True)
     out = torch.as_tensor(OrtDefended(tmp_path / "rn.onnx", threads=1)(x, draws))
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert top1_agreement(out, ref) == 1.0
 
 
 @pytest.mark.compile
-def test_compiled_engine_replays_the_draws(tiny, digits):
+@pytest.mark.parametrize("backend", ["compiled", "triton"])
+def test_compiled_engine_replays_the_draws(tiny, digits, backend):
+    """The compiled engine and the triton backend (on a CPU its kernels fall back to the torch reference, with a
+    warning) replay the eager module's draws: the same logits and every top-1 answer the same."""
+    import warnings
+
     from scc.backends.compiled import Engine
 
     defended = scc.defend(tiny, "rn", seed=0)
     x = digits[0][:3]
     draws = defended.draws(x)
-    engine = Engine(defended, max_batch=4)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*backend='triton'.* runs its reference")
+        engine = Engine(defended, backend=backend, max_batch=4)
     engine.warmup(4)
-    torch.testing.assert_close(engine(x, draws), defended(x, draws), atol=1e-4, rtol=0)
+    out, ref = engine(x, draws), defended(x, draws)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+    assert top1_agreement(out, ref) == 1.0

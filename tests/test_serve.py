@@ -606,3 +606,288 @@ def test_serve_cli_refuses_unsafe_secrets(tmp_path, capsys):
     out = capsys.readouterr().out
     assert token_digest("a-long-enough-token-0123") not in out and "a-long-enough-token" not in out
     assert "replay_draws: true" in out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The proxy's hardening fails closed (Ray and uvicorn imported, nothing started)
+# ----------------------------------------------------------------------------------------------------------
+BINDER_NAMES = ("add_grpc_address", "add_port_to_grpc_server")
+
+
+@pytest.fixture
+def worker(monkeypatch):
+    """This process as a fresh worker of the service: the service's environment set, and every Ray and uvicorn
+    attribute the setup hook patches restored afterwards."""
+    import sys
+
+    pytest.importorskip("ray.serve", reason="Ray Serve is not installed (pip install -e '.[serve]')")
+    uvicorn = pytest.importorskip("uvicorn")
+    import ray.serve._private.default_impl  # noqa: F401 (the modules the hook patches or checks)
+    import ray.serve._private.grpc_util  # noqa: F401
+    import ray.serve._private.http_util  # noqa: F401
+    import ray.serve._private.replica  # noqa: F401
+    import uvicorn.config
+
+    from scc.serve import proxy
+
+    for k, v in proxy.proxy_env(2, 3, 1 << 20).items():
+        monkeypatch.setenv(k, v)
+    config = uvicorn.config.Config
+    for attr in ("__init__", "load"):
+        monkeypatch.setattr(config, attr, getattr(config, attr))
+    monkeypatch.setattr(uvicorn, "Config", uvicorn.Config)
+    for name, module in list(sys.modules.items()):
+        if name.startswith("ray.serve") and module is not None:
+            for attr in BINDER_NAMES:
+                if attr in vars(module):
+                    monkeypatch.setattr(module, attr, getattr(module, attr))
+    return proxy
+
+
+def _hardened(config_class) -> bool:
+    """Whether a Config built by `config_class` the way Ray builds one carries the read deadlines and TLS suites."""
+    from scc.serve.proxy import TLS_CIPHERS
+
+    c = config_class(lambda: None, factory=True, lifespan="off", log_config=None, access_log=False)
+    return callable(getattr(c.http, "_scc_expire", None)) and c.ssl_ciphers == TLS_CIPHERS  # ReadDeadlines
+
+
+def test_the_hook_hardens_every_name_ray_builds_a_uvicorn_config_by(worker):
+    """Ray 2.60 builds its HTTP server with `uvicorn.Config(...)` and its ASGI lifespan with a bare imported
+    `Config`: after the hook, both (and uvicorn.config.Config) build hardened servers, every gRPC bind is replaced,
+    and check_patched finds nothing missing; a second run changes nothing."""
+    import uvicorn
+    import uvicorn.config
+    from ray.serve._private import default_impl, http_util, replica
+
+    worker.setup_worker()
+    for config_class in (uvicorn.Config, uvicorn.config.Config, http_util.uvicorn.Config, http_util.Config):
+        assert _hardened(config_class), config_class
+    assert default_impl.add_grpc_address._scc_loopback and replica.add_port_to_grpc_server._scc_loopback
+    assert worker.check_targets() == [] and worker.check_patched() == []
+    init = uvicorn.config.Config.__init__
+    worker.setup_worker()
+    assert uvicorn.config.Config.__init__ is init
+
+
+def test_a_server_whose_protocol_lost_the_deadlines_is_refused_when_it_loads(worker):
+    """An option that swaps the HTTP protocol after the Config was built (as http2= would): `load` refuses."""
+    import uvicorn.config
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    worker.setup_worker()
+    c = uvicorn.config.Config(lambda: None, factory=True, lifespan="off", log_config=None)
+    c.http = H11Protocol
+    with pytest.raises(SccError, match="read deadlines"):
+        c.load()
+
+
+def _mutations():
+    """(what breaks, the phrase the refusal must name): each a Ray or uvicorn that changed under the patches."""
+    import importlib
+    import types
+
+    def delete(module_name, attr):
+        return lambda mp: mp.delattr(importlib.import_module(module_name), attr)
+
+    def replace(module_name, attr, value):
+        return lambda mp: mp.setattr(importlib.import_module(module_name), attr, value)
+
+    other_uvicorn = types.ModuleType("uvicorn")
+    other_uvicorn.Config = type("Config", (), {})
+
+    async def binds_itself(service_handler_factory, grpc_options, *, event_loop, enable_so_reuseport=False):
+        server = object()
+        server.add_insecure_port(f"[::]:{grpc_options.port}")
+
+    return {
+        "no add_grpc_address": (delete("ray.serve._private.default_impl", "add_grpc_address"),
+                                "ray.serve._private.default_impl.add_grpc_address"),
+        "add_port_to_grpc_server of 3 arguments": (
+            replace("ray.serve._private.replica", "add_port_to_grpc_server", lambda server, address, tls: 0),
+            "ray.serve._private.replica.add_port_to_grpc_server"),
+        "Ray's uvicorn.Config another class": (replace("ray.serve._private.http_util", "uvicorn", other_uvicorn),
+                                               "ray.serve._private.http_util.uvicorn.Config"),
+        "Ray's bare Config another class": (replace("ray.serve._private.http_util", "Config", type("Config", (), {})),
+                                            "ray.serve._private.http_util.Config"),
+        "Config without ssl_ciphers": (replace("uvicorn.config", "Config", type("Config", (), {
+            "__init__": lambda self, app, http="auto": None, "load": lambda self: None})),
+            "uvicorn.config.Config(http=..., ssl_ciphers=...)"),
+        "gRPC ingress bound without add_grpc_address": (
+            replace("ray.serve._private.grpc_util", "start_grpc_server", binds_itself),
+            "ray.serve._private.grpc_util.start_grpc_server"),
+        "HTTP protocol without on_response_complete": (
+            lambda mp: mp.delattr(importlib.import_module("uvicorn.protocols.http.httptools_impl").HttpToolsProtocol,
+                                  "on_response_complete"),
+            "HttpToolsProtocol.on_response_complete"),
+    }
+
+
+@pytest.mark.parametrize("case", ["no add_grpc_address", "add_port_to_grpc_server of 3 arguments",
+                                  "Ray's uvicorn.Config another class", "Ray's bare Config another class",
+                                  "Config without ssl_ciphers", "gRPC ingress bound without add_grpc_address",
+                                  "HTTP protocol without on_response_complete"])
+def test_a_missing_patch_target_stops_the_worker_with_one_line(worker, monkeypatch, case):
+    """Each way Ray or uvicorn can move what the hook patches: the hook raises (the worker does not start) with one
+    line naming both versions and what was not found, having patched nothing; `scc serve`'s own check before Ray
+    starts (proxy.preflight) says the same."""
+    import ray
+    import uvicorn
+    from ray.serve._private import default_impl
+
+    pytest.importorskip("httptools")
+    break_it, phrase = _mutations()[case]
+    break_it(monkeypatch)
+    with pytest.raises(SccError) as err:
+        worker.setup_worker()
+    message = str(err.value)
+    assert "\n" not in message and phrase in message, message
+    assert f"ray {ray.__version__}" in message and f"uvicorn {uvicorn.__version__}" in message, message
+    assert "refusing to start" in message
+    assert not getattr(getattr(default_impl, "add_grpc_address", None), "_scc_loopback", False)
+    assert not getattr(uvicorn.config.Config.__init__, "_scc_hardened", False)
+    with pytest.raises(SccError) as again:
+        worker.preflight()
+    assert str(again.value) == message
+
+
+def test_the_hook_refuses_a_worker_without_the_services_environment(worker, monkeypatch):
+    from scc.serve.proxy import HEADER_TIMEOUT_ENV
+
+    monkeypatch.delenv(HEADER_TIMEOUT_ENV)
+    with pytest.raises(SccError, match=HEADER_TIMEOUT_ENV):
+        worker.setup_worker()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The start-up self-test's checks, against small local servers
+# ----------------------------------------------------------------------------------------------------------
+def _serve_forever(handle, listen=("127.0.0.1", 0)):
+    """A TCP server on a thread: handle(connection) for each connection, on its own thread. Returns (port, stop)."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(listen)
+    server.listen()
+    server.settimeout(0.2)
+    done = threading.Event()
+
+    def loop():
+        while not done.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+        server.close()
+
+    threading.Thread(target=loop, daemon=True).start()
+    return server.getsockname()[1], done.set
+
+
+def _tls_server(tmp_path, lowest):
+    import ssl
+    import warnings
+
+    from test_serve_e2e import self_signed
+
+    cert, key = self_signed(tmp_path)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert, key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ctx.minimum_version = lowest
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+
+    def handle(conn):
+        try:
+            with ctx.wrap_socket(conn, server_side=True):
+                pass
+        except (OSError, ssl.SSLError):
+            conn.close()
+
+    return _serve_forever(handle)
+
+
+def test_self_test_tls_floor(tmp_path):
+    """A server that still speaks TLS 1.1 fails the check; one with the service's TLS 1.2 floor passes it."""
+    import ssl
+
+    from scc.serve.selftest import tls_floor
+
+    pytest.importorskip("cryptography")
+    port, stop = _tls_server(tmp_path, ssl.TLSVersion.TLSv1)
+    try:
+        failure, _ = tls_floor("127.0.0.1", port)
+    finally:
+        stop()
+    assert failure and "accepted a TLS 1.1 handshake" in failure and "\n" not in failure, failure
+    port, stop = _tls_server(tmp_path, ssl.TLSVersion.TLSv1_2)
+    try:
+        failure, passed = tls_floor("127.0.0.1", port)
+    finally:
+        stop()
+    assert failure is None and "TLS 1.1 refused" in passed, passed
+    port, stop = _serve_forever(lambda conn: conn.close())  # no TLS at all: the refusal would prove nothing
+    try:
+        assert "completes no TLS handshake" in tls_floor("127.0.0.1", port)[0]
+    finally:
+        stop()
+
+
+def test_self_test_header_deadline():
+    """A server that keeps a stalled request head open fails the check, one that closes it without the read
+    deadline's 408 fails too, and one that answers 408 and closes within the deadline passes."""
+    from scc.serve.selftest import StalledHeaders
+
+    held = []
+
+    def never(conn):
+        held.append(conn)
+
+    def deadline(conn):
+        time.sleep(0.3)
+        conn.sendall(b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+        conn.close()
+
+    outcomes = {}
+    for name, handle in (("never", never), ("close", lambda conn: conn.close()), ("deadline", deadline)):
+        port, stop = _serve_forever(handle)
+        try:
+            start = time.perf_counter()
+            probe = StalledHeaders("127.0.0.1", port, tls=False, header_timeout_s=0.5, slack_s=0.5).start()
+            outcomes[name] = (probe.result(), time.perf_counter() - start)
+        finally:
+            stop()
+    for conn in held:
+        conn.close()
+    assert "kept a connection with an incomplete request head open for 1 s" in outcomes["never"][0]
+    assert outcomes["never"][1] < 3
+    assert "without the 408" in outcomes["close"][0]
+    assert outcomes["deadline"][0] is None
+
+
+def test_self_test_sockets_off_loopback():
+    """A process of the service listening on 0.0.0.0 fails the check under a loopback --host."""
+    import subprocess
+    import sys
+
+    from scc.serve.selftest import loopback_only
+
+    code = ("import socket, sys, time; s = socket.socket(); s.bind((sys.argv[1], 0)); s.listen(); "
+            "print(s.getsockname()[1], flush=True); time.sleep(60)")
+    for address in ("0.0.0.0", "127.0.0.1"):
+        child = subprocess.Popen([sys.executable, "-c", code, address], stdout=subprocess.PIPE, text=True)
+        try:
+            port = int(child.stdout.readline())
+            failure, passed = loopback_only("127.0.0.1", {child.pid})
+            other_host = loopback_only("0.0.0.0", {child.pid})
+        finally:
+            child.kill()
+            child.wait(10)
+        if address == "0.0.0.0":
+            assert failure and f"0.0.0.0:{port}" in failure and "off loopback" in failure, failure
+        else:
+            assert failure is None and passed == "1 listening sockets on loopback", passed
+        assert other_host[0] is None

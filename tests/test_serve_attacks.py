@@ -1,8 +1,9 @@
 """What an attacker can try against `scc serve`, in process (no Ray): images whose geometry would make a resize allocate
 gigabytes, a failed allocation's message, repeated keys inside one request, a compile cache someone else could write,
-a gRPC message sent without the token, slow bodies and one address taking every slot, multipart part headers,
-decoders off the default list, decoding past the deadline, exception text and process details in answers. The same
-attacks against a real service are in tests/test_serve_e2e.py."""
+a gRPC message sent without the token, hostile gRPC image names, slow bodies and one address taking every slot,
+multipart part headers, decoders off the default list, decoding past the deadline, exception text and process details
+in answers, forged and stale operator-page cookies. The same attacks against a real service are in
+tests/test_serve_e2e.py and tests/test_serve_ui.py."""
 from __future__ import annotations
 
 import asyncio
@@ -25,10 +26,10 @@ import torch
 from scc.images import Preprocess
 from scc.serve.client import multipart
 from scc.serve.front import Front, token_digest
-from scc.serve.requests import Item, Limits, RequestError, parse_request, split_multipart
+from scc.serve.requests import Item, Limits, RequestError, decode_image, parse_request, split_multipart
 from scc.serve.service import Service, service_config
 
-from test_serve import PRE, SIZE, chunks, make_front, png_bytes
+from test_serve import PRE, SIZE, chunks, eager_probs, make_front, png_bytes, png_header
 
 ALLOC_MESSAGE = ("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: you tried to "
                  "allocate 4294967296 bytes.")
@@ -99,7 +100,9 @@ def test_the_largest_tensor_of_a_request_is_bounded_by_its_geometry(rule, shapes
     """Hostile shapes (1xN, Nx1, tiny x huge, at and over the aspect limit, many in one request) through the
     service's parsing: no allocation exceeds largest_tensor_bytes(preprocess, limits), both under the service's
     aspect limit and with that limit lifted (then the model's own 4:1 centre crop is what bounds the resize; without
-    it the 1x512 image would make a 224-pixel model's resize allocate 3 x 256 x 131072 floats, 400 MB)."""
+    it the 1x512 image would make a 224-pixel model's resize allocate 3 x 256 x 131072 floats, 400 MB). The
+    many-image request holds the shapes each limit lets through (up to the per-request pixel budget), and every one
+    of its images is decoded while the profiler watches."""
     from scc.serve.requests import largest_tensor_bytes
 
     pre = PRE if rule == "tiny" else Preprocess(224)  # the bundled 32-pixel model; an open_clip model's rule
@@ -118,9 +121,19 @@ def test_the_largest_tensor_of_a_request_is_bounded_by_its_geometry(rule, shapes
                     assert err.status == 413 and "aspect ratio" in str(err), err
 
             seen.append(profiled_largest_allocation(parse))
-        ctype, body = multipart([("image", f"{i}.png", encoded(*shapes[i % 2], seed=i)) for i in range(12)])
-        seen.append(profiled_largest_allocation(
-            lambda: parse_request(ctype, body, {}, pre, limits) if limits.max_aspect > 16 else None))
+        allowed = [(w, h) for w, h in shapes if max(w, h) <= limits.max_aspect * min(w, h)]
+        form, pixels = [], 0
+        for i in range(4 * len(shapes)):  # cycle through what this limit lets through, within the request's budget
+            w, h = allowed[i % len(allowed)]
+            if len(form) < 12 and pixels + w * h <= limits.max_request_pixels:
+                form.append(("image", f"{i}.png", encoded(w, h, seed=i)))
+                pixels += w * h
+        ctype, body = multipart(form)
+        parsed = []
+        seen.append(profiled_largest_allocation(lambda: parsed.extend(parse_request(ctype, body, {}, pre, limits))))
+        assert len(form) >= 3 and len(parsed) == len(form), (rule, limits.max_aspect, len(form), len(parsed))
+        assert all(it.error is None and it.x is not None for it in parsed), [it.error for it in parsed]
+        assert seen[-1] > 0, (rule, limits.max_aspect, seen)  # the request's decoding was measured
         assert max(seen) <= bound, (rule, limits.max_aspect, seen, bound)
 
 
@@ -146,7 +159,8 @@ def test_a_failed_allocation_is_a_500_that_keeps_the_allocators_words_in_the_log
 # ----------------------------------------------------------------------------------------------------------
 def test_repeated_keys_in_one_request_meet_independent_draws(service, images):
     """?key=7,7,7,7 over four copies of one image: four independent sets of draws by default (four different
-    answers), one set under --replay-draws (four equal answers, equal to the eager module's)."""
+    answers), one set under --replay-draws (four equal answers, each equal to the eager module's with the same seed
+    and key on the pixels the server decoded)."""
     ctype, body = multipart([("image", f"{i}.png", png_bytes(images[0])) for i in range(4)])
 
     def ask(front, query):
@@ -159,6 +173,12 @@ def test_repeated_keys_in_one_request_meet_independent_draws(service, images):
     replay_scores = [json.dumps(r["scores"], sort_keys=True) for r in replay.body["results"]]
     assert len(set(fresh_scores)) == 4, fresh_scores
     assert len(set(replay_scores)) == 1
+    ref = eager_probs(3, 7, decode_image(png_bytes(images[0]), PRE, 10 ** 6))
+    labels = service.classifier.labels
+    for r in replay.body["results"]:
+        got = torch.tensor([r["scores"][lab] for lab in labels])
+        assert r["key"] == 7 and r["index"] == int(ref.argmax()), (r, ref)
+        assert torch.allclose(got, ref, atol=1e-5), (got, ref)
     assert [r["key"] for r in fresh.body["results"]] == [7] * 4
 
     seen = []
@@ -183,21 +203,22 @@ def world_writable(folder: Path) -> Path:
     return folder
 
 
-def test_a_refused_cache_points_inductor_at_a_fresh_private_folder(tmp_path, monkeypatch):
-    """A Ray runtime_env (or the operator's shell) may already name the folder in TORCHINDUCTOR_CACHE_DIR: when the
-    replica refuses the folder, Inductor and Triton are pointed at a fresh folder of ours, mode 0700."""
-    refused = world_writable(tmp_path / "cc")
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(refused))
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(refused / "triton"))
-    s = Service(service_config(defense="none", backend="eager", max_batch=1, compile_cache=str(refused)),
-                warm=False)
-    assert s.artifacts_status.startswith("refused")
+@pytest.mark.parametrize("given", ["refused folder", "no --compile-cache"])
+def test_a_replica_points_inductor_at_a_private_folder(tmp_path, monkeypatch, given):
+    """A Ray runtime_env (or the operator's shell) may already name a folder in TORCHINDUCTOR_CACHE_DIR, and without
+    it Inductor uses /tmp/torchinductor_<user>, which another user can create first: a replica whose --compile-cache
+    is refused, and one without --compile-cache, point Inductor and Triton at a folder of their own, mode 0700."""
+    theirs = world_writable(tmp_path / "cc")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(theirs))
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(theirs / "triton"))
+    s = Service(service_config(defense="none", backend="eager", max_batch=1,
+                               compile_cache=str(theirs) if given == "refused folder" else None), warm=False)
+    assert s.artifacts_status.startswith("refused" if given == "refused folder" else "no cache"), s.artifacts_status
     private = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    assert private != refused and refused not in private.parents
+    assert private != theirs and theirs not in private.parents
     st = private.stat()
     assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.getuid()
     assert Path(os.environ["TRITON_CACHE_DIR"]).parent == private
-    shutil.rmtree(private, ignore_errors=True)
 
 
 REPLICA = textwrap.dedent("""
@@ -209,10 +230,12 @@ REPLICA = textwrap.dedent("""
     make_runner = service.make_runner
     service.make_runner = lambda *args, **kwargs: make_runner(*args, **{**kwargs, "freeze": False})
     from scc.serve.service import Service, service_config
-    folder, use_as_cache = sys.argv[1], sys.argv[2] == "cache"
+    folder, mode = sys.argv[1], sys.argv[2]
+    if mode == "control":  # a replica that trusted its environment's Inductor folder (what `scc serve` never does)
+        service.prepare_compile_cache = lambda folder: (None, "no cache")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder  # what the replica's environment says (a Ray runtime_env, a shell)
     s = Service(service_config(defense="none", backend="compiled", max_batch=1, seed=0,
-                               compile_cache=folder if use_as_cache else None))
+                               compile_cache=folder if mode == "cache" else None))
     print("STATUS", s.artifacts_status)
 """)
 
@@ -220,20 +243,21 @@ REPLICA = textwrap.dedent("""
 @pytest.mark.compile
 def test_code_planted_in_a_refused_cache_is_never_imported(tmp_path):
     """A compiled replica fills an Inductor cache folder; its entries (generated .py modules at their hashed paths)
-    are copied into a --compile-cache folder others can write, each with a payload that leaves a mark when imported.
-    A replica given that folder (and TORCHINDUCTOR_CACHE_DIR naming it) refuses it and compiles elsewhere: no mark.
-    The control: the same planted copy named by TORCHINDUCTOR_CACHE_DIR alone is imported (the paths are the ones
-    Inductor loads for these graphs)."""
+    are copied into folders others can write, each with a payload that leaves a mark when imported. A replica given
+    such a folder as --compile-cache refuses it and compiles elsewhere: no mark. A replica without --compile-cache
+    whose environment names such a folder (TORCHINDUCTOR_CACHE_DIR, as Inductor's default /tmp/torchinductor_<user>
+    would be) compiles in its private folder: no mark. The control: a replica that trusts the environment's folder
+    imports the planted modules (the paths are the ones Inductor loads for these graphs)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
-    def replica(folder: Path, use_as_cache: bool) -> str:
-        done = subprocess.run([sys.executable, "-c", REPLICA, str(folder), "cache" if use_as_cache else "env"],
+    def replica(folder: Path, mode: str) -> str:
+        done = subprocess.run([sys.executable, "-c", REPLICA, str(folder), mode],
                               env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout + done.stderr
 
     clean = tmp_path / "clean"
-    replica(clean, use_as_cache=False)
+    replica(clean, "control")
     modules = sorted(p.relative_to(clean) for p in clean.rglob("*.py"))
     assert modules, sorted(str(p) for p in clean.rglob("*"))[:20]
 
@@ -242,16 +266,18 @@ def test_code_planted_in_a_refused_cache_is_never_imported(tmp_path):
         for rel in modules:
             path = folder / rel
             path.write_text(f"open({str(mark)!r}, 'a').write({str(rel)!r} + '\\n')\n" + path.read_text())
+        world_writable(folder)
         return folder
 
-    mark_control, mark_refused = tmp_path / "imported-control", tmp_path / "imported-refused"
-    replica(planted(tmp_path / "control", mark_control), use_as_cache=False)
-    assert mark_control.exists(), "the control: Inductor imports the planted modules from the folder it is given"
-    refused = planted(tmp_path / "shared" / "cc", mark_refused)
-    world_writable(refused)
-    out = replica(refused, use_as_cache=True)
+    marks = {name: tmp_path / f"imported-{name}" for name in ("control", "cache", "no-cache")}
+    replica(planted(tmp_path / "control", marks["control"]), "control")
+    assert marks["control"].exists(), "the control: Inductor imports the planted modules from the folder it is given"
+    out = replica(planted(tmp_path / "shared" / "cc", marks["cache"]), "cache")
     assert "STATUS refused" in out and "not using the compile cache" in out, out[-2000:]
-    assert not mark_refused.exists(), mark_refused.read_text()
+    assert not marks["cache"].exists(), marks["cache"].read_text()
+    out = replica(planted(tmp_path / "default", marks["no-cache"]), "no-cache")
+    assert "STATUS no cache" in out, out[-2000:]
+    assert not marks["no-cache"].exists(), marks["no-cache"].read_text()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,6 +309,38 @@ def test_grpc_checks_the_token_and_the_size_before_parsing(images, monkeypatch):
     assert ok.status == 200 and parsed == [len(message)]
     junk = asyncio.run(front.classify_grpc({"authorization": f"Bearer {token}"}, b"\xff\xff\xff"))
     assert junk.status == 400 and "not a ClassifyRequest message" in junk.body["error"]
+
+
+def test_grpc_image_names_are_sanitised_before_any_use(images, caplog):
+    """A gRPC Image.name is the client's, like an HTTP part's filename: 398 characters with a newline and escape
+    sequences reach no answer (a 413 or 400 message, a result's name, a bad image's error beside good ones) and no
+    log line unsanitised: printable, one line, at most 100 characters, the same rule as HTTP part names."""
+    from scc.serve import grpc_api
+
+    hostile = ("evil\n\x1b[31mred\x1b[0m\r" + "x" * 400)[:398]
+    shown = "".join(c if c.isprintable() else "?" for c in hostile)[:100]
+    front = stub_front()
+
+    def ask(*named):
+        message = grpc_api.ClassifyRequest(images=[grpc_api.Image(name=n, data=d, key=str(i))
+                                                   for i, (n, d) in enumerate(named)]).SerializeToString()
+        return asyncio.run(front.classify_grpc({}, message, "ipv4:127.0.0.1:5000"))
+
+    bomb = png_header(20_000, 20_000)  # over the per-image pixel budget: a 413 from its header
+    with caplog.at_level(logging.INFO, logger="scc.serve"):
+        too_large = ask((hostile, bomb))
+        unreadable = ask((hostile, b"\x89PNG\r\n\x1a\n not an image"))
+        mixed = ask((hostile, png_bytes(images[0])), (hostile, bomb))
+    assert (too_large.status, unreadable.status, mixed.status) == (413, 400, 200)
+    good, bad = mixed.body["results"]
+    assert good["name"] == shown and bad["name"] == shown and len(shown) == 100
+    texts = [too_large.body["error"], unreadable.body["error"], good["name"], bad["name"], bad["error"],
+             caplog.text]
+    for text in texts:
+        assert "\x1b" not in text and "\r" not in text and "x" * 101 not in text, text[:300]
+    for text in texts[:-1]:
+        assert "\n" not in text, text
+    assert shown in too_large.body["error"] and shown in bad["error"]
 
 
 def test_plaintext_grpc_off_loopback_needs_an_explicit_flag(capsys):
@@ -475,6 +533,38 @@ def test_print_config_shows_no_token_digest(tmp_path, capsys):
     args = yaml.safe_load(out)["applications"][0]["args"]
     front = Front(service_config(args), None, None)  # a `serve deploy` ingress reads the token from its file
     assert front.authorized("Bearer a-long-enough-token-0123") and not front.authorized("Bearer other-token-00000")
+
+
+def test_operator_page_cookies_expire_and_cannot_be_forged():
+    """The session cookie of --ui: good for MAX_AGE_S (12 h) after it was issued and refused after; refused when
+    made from the token's digest alone (the fixed value a cookie used to have), under another service start's key,
+    for another token, with a moved issue time, from the future, or malformed."""
+    import hashlib
+    import hmac
+
+    from scc.serve import ui
+
+    digest = bytes.fromhex(token_digest("ui-token-0123456789abcdef"))
+    key, now = ui.session_key(), time.time()
+    value = ui.session_value(key, digest, now)
+    cookie = lambda v: {ui.COOKIE: v}
+    assert ui.MAX_AGE_S == 12 * 3600 and f"Max-Age={ui.MAX_AGE_S}" in ui.cookie_header(key, digest, False)
+    assert ui.signed_in(cookie(value), digest, key, now) and ui.signed_in(cookie(value), digest, key)
+    assert ui.signed_in(cookie(value), digest, key, now + ui.MAX_AGE_S - 1)
+    assert not ui.signed_in(cookie(value), digest, key, now + ui.MAX_AGE_S + 1)  # too old
+    forged = hmac.new(digest, b"scc-operator-page-v1", hashlib.sha256).hexdigest()
+    assert not ui.signed_in(cookie(forged), digest, key, now)
+    assert not ui.signed_in(cookie(f"{int(now)}.{forged}"), digest, key, now)
+    assert ui.session_key() != key and not ui.signed_in(cookie(value), digest, ui.session_key(), now)
+    assert not ui.signed_in(cookie(value), bytes.fromhex(token_digest("another-token-0123456789")), key, now)
+    issued, mac = value.split(".")
+    assert not ui.signed_in(cookie(f"{int(issued) + 3600}.{mac}"), digest, key, now + 3600 + ui.MAX_AGE_S - 10)
+    future = ui.session_value(key, digest, now + 3600)
+    assert not ui.signed_in(cookie(future), digest, key, now)
+    for junk in ("", ".", "abc", f"{issued}.", f".{mac}", f"{issued}.{mac}x", "\u0661\u0662." + mac,
+                 "9" * 40 + "." + mac, issued + "." + "\u00e9" * 64):
+        assert not ui.signed_in(cookie(junk), digest, key, now), junk
+    assert ui.signed_in({}, None, key)  # no server token: the page is open
 
 
 def test_read_back_names_every_option_serve_does_not_run_with():

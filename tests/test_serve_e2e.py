@@ -122,6 +122,86 @@ class Service:
         assert torch.allclose(got, ref, atol=1e-4), (key, got, ref)
 
 
+# sitecustomize for every process of a service (Ray's workers inherit PYTHONPATH): a Ray Serve that renamed the
+# function its gRPC ingress binds with (default_impl.add_grpc_address -> bind_grpc_address), so that the loopback
+# patch, which replaces it by name, finds nothing to replace
+RENAMED_GRPC_BIND = """
+import importlib.abc, importlib.util, sys
+
+
+def _renamed(default_impl):
+    default_impl.bind_grpc_address = default_impl.add_grpc_address
+    del default_impl.add_grpc_address
+
+
+def _binds_by_the_new_name(grpc_util):
+    start = grpc_util.start_grpc_server
+
+    async def start_grpc_server(*args, **kwargs):
+        impl = sys.modules["ray.serve._private.default_impl"]
+        impl.add_grpc_address = impl.bind_grpc_address  # (the unchanged start_grpc_server imports it by the old name)
+        try:
+            return await start(*args, **kwargs)
+        finally:
+            del impl.add_grpc_address
+
+    grpc_util.start_grpc_server = start_grpc_server
+
+
+AFTER = {"ray.serve._private.default_impl": _renamed, "ray.serve._private.grpc_util": _binds_by_the_new_name}
+
+
+class _Rename(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name not in AFTER:
+            return None
+        sys.meta_path.remove(self)
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            sys.meta_path.insert(0, self)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            AFTER[name](module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _Rename())
+"""
+
+
+def test_a_ray_without_a_patch_target_is_refused_before_it_starts(tmp_path):
+    """First, before the module's service: `scc serve --grpc-port` on a Ray Serve that binds its gRPC ingress
+    through a function the loopback patch does not know exits 2 with one line naming the Ray and uvicorn versions
+    and what is missing, before Ray starts (nothing to kill, nothing left), instead of serving plaintext gRPC on
+    every interface."""
+    import ray
+    import uvicorn
+
+    from scc.errors import SccError
+
+    (tmp_path / "sitecustomize.py").write_text(RENAMED_GRPC_BIND)
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+    proc = ServerProcess(["--defense", "none", "--grpc-port", str(free_port())], tmp_path / "serve.log", env=env,
+                         ready_timeout=120)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(SccError) as err:
+            proc.start()
+    finally:
+        proc.stop()
+    assert "exited with 2" in str(err.value), proc.log()
+    lines = [line for line in proc.log().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("scc: error: scc serve cannot harden Ray Serve's proxy on "
+                                                   f"ray {ray.__version__}, uvicorn {uvicorn.__version__}: "), lines
+    assert "ray.serve._private.default_impl.add_grpc_address (a function of (server, address)) not found" in lines[0]
+    assert proc.left_running == [] and proc.killed == [] and time.perf_counter() - start < 90
+
+
 @pytest.fixture(scope="module")
 def svc(tmp_path_factory):
     s = Service(tmp_path_factory.mktemp("serve"))
@@ -133,6 +213,21 @@ def svc(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pngs(digits):
     return [png_bytes(x) for x in digits[0][:24]]
+
+
+def test_the_start_up_self_test_passed(svc):
+    """`scc serve` checked itself once ready, before saying so: TLS 1.1 refused on the HTTPS and the gRPC port, a
+    stalled request head answered 408 and closed within --header-timeout-s, every listening socket on loopback."""
+    svc.proc.log_lines("scc serve: ready on ", timeout=HEADER_TIMEOUT_S + 30)
+    lines = [line for line in svc.proc.log(10 ** 6).splitlines() if line.startswith("scc serve:")]
+    passed = [i for i, line in enumerate(lines) if line.startswith("scc serve: self-test passed: ")]
+    ready = [i for i, line in enumerate(lines) if line.startswith("scc serve: ready on ")]
+    assert len(passed) == 1 and ready and passed[0] < ready[0], lines
+    line = lines[passed[0]]
+    assert "HTTPS TLSv1.3, TLS 1.1 refused" in line and "gRPC " in line and line.count("TLS 1.1 refused") == 2, line
+    seconds = float(re.search(r"closed with 408 after ([\d.]+) s", line)[1])
+    assert HEADER_TIMEOUT_S - 0.5 < seconds < HEADER_TIMEOUT_S + 3, line
+    assert re.search(r"\d+ listening sockets on loopback", line), line
 
 
 def test_concurrent_good_and_bad_requests_answer_like_the_eager_module(svc, pngs):

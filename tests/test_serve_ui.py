@@ -70,6 +70,50 @@ def test_the_page_is_behind_the_token(server, digits):
         c.close()
 
 
+def test_forged_and_altered_cookies_get_the_sign_in_form(server, digits):
+    """A cookie made from the token's digest alone (all a cookie used to be: anyone who knew the digest could make
+    it, and it never expired) opens nothing; neither does a real cookie whose issue time was moved back (the MAC
+    covers it, and the service refuses a cookie MAX_AGE_S after it was issued), nor one cut short."""
+    import hashlib
+    import hmac
+
+    forged = hmac.new(hashlib.sha256(TOKEN.encode()).digest(), b"scc-operator-page-v1", hashlib.sha256).hexdigest()
+    c = Client(server.url, timeout=30)
+
+    def refused(value: str) -> None:
+        session = {"Cookie": f"scc_ui={value}"}
+        status, page = c.request("GET", "/ui", headers=session)
+        assert status == 200 and b'name="token"' in page and b"Defended" not in page, value
+        status, raw = c.request("POST", "/ui/classify", png_bytes(digits[0][0]),
+                                {"Content-Type": "image/png", **session})
+        assert status == 401 and json.loads(raw)["code"] == "unauthorized", value
+
+    try:
+        refused(forged)
+        from scc.serve.ui import MAX_AGE_S
+
+        form = {"Content-Type": "application/x-www-form-urlencoded"}
+        _, _, headers = c.request("POST", "/ui/login", urllib.parse.urlencode({"token": TOKEN}).encode(), form,
+                                  with_headers=True)
+        value = {k.lower(): v for k, v in headers.items()}["set-cookie"].split(";")[0].split("=", 1)[1]
+        issued, _, mac = value.partition(".")
+        assert abs(int(issued) - time.time()) < 120 and len(mac) == 64, value
+        for altered in (f"{int(issued) - MAX_AGE_S - 60}.{mac}", f"{issued}.{mac[:32]}", f"{issued}.{forged}"):
+            refused(altered)
+        status, page = c.request("GET", "/ui", headers={"Cookie": f"scc_ui={value}"})
+        assert status == 200 and b"Defended" in page
+    finally:
+        c.close()
+
+
+def test_the_start_up_self_test_passed(server):
+    """Plain HTTP on 127.0.0.1: the stalled-header probe got its 408 and every socket is on loopback (no TLS to
+    check)."""
+    lines = server.log_lines("scc serve: self-test passed: ", timeout=30)
+    assert len(lines) == 1 and "closed with 408 after" in lines[0] and "listening sockets on loopback" in lines[0]
+    assert "TLS" not in lines[0], lines
+
+
 class DevTools:
     """Headless Chromium and one page, driven over the DevTools protocol."""
 

@@ -25,7 +25,7 @@ from .client import wait_ready
 from .front import Front, Reply, error_reply, internal_reply
 from .grpc_api import STATUS, ClassifyReply
 from .loopback import GRPC_HOST_ENV, local_ray_env
-from .proxy import HOOK, proxy_env
+from .proxy import HOOK, preflight, proxy_env
 from .service import DEFAULTS, EngineQueue, Service, service_config
 
 APP_NAME = "scc"
@@ -158,9 +158,11 @@ def _ingress_class():
     @serve.deployment(name=APP_NAME)
     @serve.ingress(app)
     class SccIngress:
-        def __init__(self, cfg: dict, model):
+        def __init__(self, cfg: dict, model, ui_key: bytes | None = None):
             self.cfg = cfg
             self.model = model
+            # the operator page's session-cookie key: one per service start, shared by its ingress replicas
+            self.ui_key = ui_key or ui.session_key()
             self.front = Front(cfg, self._call, self._describe, replica_gone, call_compare=self._compare)
             ms = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000]
             self.m_requests = metrics.Counter("scc_requests", "requests to Classify (HTTP and gRPC)",
@@ -218,7 +220,7 @@ def _ingress_class():
             """The operator page (scc serve --ui), or its sign-in form when the server has a token."""
             if not self.cfg["ui"]:
                 return respond(error_reply(404, "no operator page: start the server with --ui"))
-            if not ui.signed_in(request.cookies, self.front.digest):
+            if not ui.signed_in(request.cookies, self.front.digest, self.ui_key):
                 return Response(ui.login(), media_type="text/html", headers=PAGE_HEADERS)
             info = await self.front.within(lambda left: self.front.static_info(), time.monotonic() + 10)
             what = f"{info['model']} · {info['spec']} · {info['backend']}" if info else ""
@@ -239,7 +241,8 @@ def _ingress_class():
                 return Response(ui.login("wrong token"), status_code=401, media_type="text/html",
                                 headers=PAGE_HEADERS)
             return Response(status_code=303, headers={
-                "Location": "/ui", "Set-Cookie": ui.cookie_header(self.front.digest, request.url.scheme == "https"),
+                "Location": "/ui",
+                "Set-Cookie": ui.cookie_header(self.ui_key, self.front.digest, request.url.scheme == "https"),
                 **PAGE_HEADERS})
 
         @app.post("/ui/classify")
@@ -253,7 +256,8 @@ def _ingress_class():
                 query.setdefault(k, []).append(v)
             client = request.client.host if request.client else None
             reply = await self.front.classify(request.headers, query, body_of(request), client, compare=True,
-                                              signed_in=ui.signed_in(request.cookies, self.front.digest))
+                                              signed_in=ui.signed_in(request.cookies, self.front.digest,
+                                                                     self.ui_key))
             self._count(reply, start)
             return respond(reply)
 
@@ -338,9 +342,13 @@ def ingress_options(cfg: Mapping) -> dict:
 def build_app(args: Mapping | None = None):
     """The Ray Serve application: `serve.run(build_app({...}))`, or `import_path: scc.serve.app:build_app` with `args`
     in a Serve config file (every value may be a string)."""
+    from .ui import session_key
+
     cfg = service_config(args)
     model = _model_class().options(**model_options(cfg)).bind(cfg)
-    return _ingress_class().options(**ingress_options(cfg)).bind(cfg, model)
+    # a random key per application built (one `scc serve` or `serve deploy`), the same in every ingress replica, so
+    # that a session cookie one replica issued is good on the others and on none of another start
+    return _ingress_class().options(**ingress_options(cfg)).bind(cfg, model, session_key())
 
 
 def http_options(host: str, port: int, timeout_s: float, tls_cert: str | None = None,
@@ -451,8 +459,13 @@ def run(cfg: Mapping, host: str = "127.0.0.1", port: int = 8000, address: str | 
     """Start (or join, with `address`) Ray, deploy the application and serve until SIGINT/SIGTERM; shut down what
     was started here. With `address` it deploys onto the existing cluster and returns. Either way, Serve's effective
     HTTP and gRPC options are read back before the application is deployed, and a difference from what was asked is
-    an SccError (one line), as is a gRPC port without TLS when --tls-cert was given."""
+    an SccError (one line), as is a gRPC port without TLS when --tls-cert was given. Before Ray starts, the Ray and
+    uvicorn internals the proxy's hardening patches are checked (scc.serve.proxy.preflight: one line naming the
+    versions and what is missing); a local service, once ready, passes the self-test of scc.serve.selftest or is
+    stopped with one line naming what failed."""
     import signal
+
+    from .selftest import StalledHeaders, self_test
 
     def _stop(signum, frame):
         raise KeyboardInterrupt
@@ -465,6 +478,7 @@ def run(cfg: Mapping, host: str = "127.0.0.1", port: int = 8000, address: str | 
         os.environ.update(local_ray_env())  # before Ray is imported: it reads the loopback switch at import
         os.environ[GRPC_HOST_ENV] = host
         os.environ.update(env)  # Ray's processes inherit it (Serve reads its gRPC message limit at import)
+    preflight()  # what every worker's setup hook checks, here first: one line instead of workers that never start
     import ray
     from ray import serve
 
@@ -483,7 +497,7 @@ def run(cfg: Mapping, host: str = "127.0.0.1", port: int = 8000, address: str | 
     # Ctrl-C, also when a background shell started us with SIGINT ignored
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, _stop)
-    deployed = False
+    deployed, probe = False, None
     try:
         asked_http, asked_grpc = http_options(host, port, cfg["timeout_s"], tls_cert, tls_key), \
             grpc_options(grpc_port, cfg["timeout_s"])
@@ -495,6 +509,8 @@ def run(cfg: Mapping, host: str = "127.0.0.1", port: int = 8000, address: str | 
             raise SccError(f"Serve on {address or 'this Ray'} runs with other options than asked: "
                            f"{'; '.join(mismatches)}; it was already running and keeps its own (shut it down with "
                            "`serve shutdown`, or ask for the options it has); nothing was deployed")
+        if not remote:  # the proxy listens before the replicas are warm: the header-deadline probe starts now
+            probe = StalledHeaders(host, port, bool(tls_cert), cfg["header_timeout_s"]).start()
         log(f"scc serve: deploying {cfg['model']} {cfg['defense']} on {cfg['backend']} "
             f"({cfg['replicas']} model replica(s), buckets up to {cfg['max_batch']}, "
             f"draws {'replayed from client seeds/keys' if cfg['replay_draws'] else 'fresh per image'})")
@@ -509,6 +525,10 @@ def run(cfg: Mapping, host: str = "127.0.0.1", port: int = 8000, address: str | 
                 + (f", gRPC {grpc_port}" if grpc_port else "") + ", as read back from Serve)")
             return 0
         waited = wait_ready(url, timeout=600)
+        failures, passed = self_test(host, port, probe, bool(tls_cert), grpc_port)
+        if failures:
+            raise SccError(f"scc serve: start-up self-test failed: {'; '.join(failures)}; the service is stopped")
+        log(f"scc serve: self-test passed: {passed}")
         log(f"scc serve: ready on {url}" + (f" and gRPC{' (TLS)' if tls_cert else ''} {host}:{grpc_port}"
                                             if grpc_port else "") +
             f" after {time.perf_counter() - started:.1f} s (readyz {waited:.1f} s); Ctrl-C stops")
@@ -522,6 +542,8 @@ def run(cfg: Mapping, host: str = "127.0.0.1", port: int = 8000, address: str | 
             serve.delete(APP_NAME)
         raise
     finally:
+        if probe is not None:
+            probe.stop.set()
         if not remote:
             try:
                 if deployed:

@@ -39,7 +39,7 @@ from typing import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 
 from ..errors import SccError
 from ..images import Preprocess
-from .requests import CODES, RequestError, _int_query, parse_parts, parse_query, parse_request
+from .requests import CODES, RequestError, _int_query, _shown, parse_parts, parse_query, parse_request
 from .service import limits_of, replica_memory
 
 RETRYABLE_KINDS = ("overloaded", "deadline")
@@ -262,7 +262,7 @@ class Front:
                     message = ClassifyRequest.FromString(raw)
                 except DecodeError:
                     raise RequestError(400, "not a ClassifyRequest message (scc.serve.grpc_api.PROTO)") from None
-                parts = [(im.name or f"image[{i}]", im.data) for i, im in enumerate(message.images)]
+                parts = [(_shown(im.name) or f"image[{i}]", im.data) for i, im in enumerate(message.images)]
                 seed, keys, top_k = parse_query(request_query(message), limits.max_top_k, self.cfg["replay_draws"],
                                                 limits.max_images)
                 return parse_parts(parts, preprocess, limits, seed, keys, top_k, deadline)

@@ -11,14 +11,18 @@ address). Two switches put a single-node Ray on 127.0.0.1:
 - Ray Serve 2.60 still binds two gRPC servers to `[::]` (every interface): each replica's inter-deployment server
   and the proxy's gRPC ingress. `bind_loopback`, run in each worker by Ray's `worker_process_setup_hook`, rewrites
   those two binds to 127.0.0.1, and serves the gRPC ingress over TLS when the service has a certificate
-  (scc.serve.proxy). It patches Ray internals by name and does nothing where they are absent; the socket-table test
-  (tests/test_serve_e2e.py) is what proves the result, on every Ray version CI installs, and `scc serve` checks the
-  gRPC port's TLS handshake itself after it starts.
+  (scc.serve.proxy). It patches Ray internals by name and fails closed: a function it replaces that is missing or
+  not a function of (server, address) raises `HardeningError` (the worker does not start, and `scc serve` refuses
+  to start before Ray does: scc.serve.proxy.check_targets). `scc serve` checks the result after it starts (its
+  processes' socket table and the gRPC port's TLS handshake, scc.serve.selftest).
 The same environment sets Ray's cluster token for this run only (`RAY_AUTH_TOKEN`, nothing written to ~/.ray) and
 turns off Ray's usage reporting.
 """
+import inspect
 import os
 import secrets
+
+from ..errors import SccError
 
 GRPC_HOST_ENV = "SCC_GRPC_HOST"  # the --host of `scc serve`: where its gRPC ingress may listen
 
@@ -50,26 +54,86 @@ def grpc_server_credentials():
         return grpc.ssl_server_credentials([(k.read(), c.read())])
 
 
+class HardeningError(SccError):
+    """A Ray or uvicorn internal that `scc serve` patches is missing or not what it expects: the service refuses to
+    start rather than run without the patch (one line, naming the versions and what was not found)."""
+
+
+def versions() -> str:
+    """"ray X, uvicorn Y" as installed (from the package metadata: works when an import fails too)."""
+    from importlib import metadata
+
+    out = []
+    for name in ("ray", "uvicorn"):
+        try:
+            out.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(f"{name} (not installed)")
+    return ", ".join(out)
+
+
+def refusal(problems: list[str], what: str = "not found") -> HardeningError:
+    """The one-line refusal: the versions, each problem, and that nothing starts without the patches."""
+    return HardeningError(f"scc serve cannot harden Ray Serve's proxy on {versions()}: {'; '.join(problems)} "
+                          f"{what}; refusing to start without its read deadlines, TLS settings and loopback gRPC "
+                          "binds (scc is tested with ray[serve] 2.60, the range its serve extra installs)")
+
+
+def is_binder(fn) -> bool:
+    """Whether `fn` is what the loopback patch replaces: a plain function of (server, address)."""
+    if not inspect.isfunction(fn):
+        return False
+    params = list(inspect.signature(fn).parameters.values())
+    return len(params) == 2 and all(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+
+
+# (module, function, host: "ingress" = SCC_GRPC_HOST, tls) of each gRPC bind Ray Serve makes on [::]
+BINDERS = (("ray.serve._private.replica", "add_port_to_grpc_server", "loopback", False),
+           ("ray.serve._private.default_impl", "add_grpc_address", "ingress", True))
+
+
+def _binder(original, host: str, tls: bool):
+    def patched(server, address):
+        credentials = grpc_server_credentials() if tls else None
+        if credentials is not None:
+            return server.add_secure_port(_rebind(address, host), credentials)
+        return original(server, _rebind(address, host))
+
+    patched._scc_loopback = True
+    patched.__name__ = patched.__qualname__ = original.__name__
+    return patched
+
+
 def bind_loopback() -> None:
     """In this process, bind each replica's inter-deployment gRPC server to 127.0.0.1 and the proxy's gRPC ingress
     to `scc serve --host` (SCC_GRPC_HOST, default 127.0.0.1) instead of `[::]`, the latter over TLS when the service
-    has a certificate (SCC_GRPC_TLS_CERT/KEY) (idempotent)."""
-    try:
-        from ray.serve._private import default_impl, replica
-    except ImportError:  # not a Serve worker's Ray
-        return
+    has a certificate (SCC_GRPC_TLS_CERT/KEY) (idempotent). HardeningError when a function it replaces is missing or
+    is not a function of (server, address): nothing is left binding [::] unchecked."""
+    import importlib
+
     ingress_host = os.environ.get(GRPC_HOST_ENV, "127.0.0.1")
-    for module, name, host, tls in ((replica, "add_port_to_grpc_server", "127.0.0.1", False),
-                                    (default_impl, "add_grpc_address", ingress_host, True)):
-        original = getattr(module, name, None)
-        if original is None or getattr(original, "_scc_loopback", False):
+    problems, todo = [], []
+    for module_name, name, host, tls in BINDERS:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError:
+            problems.append(f"module {module_name}")
             continue
+        original = getattr(module, name, None)
+        if getattr(original, "_scc_loopback", False):
+            continue
+        if not is_binder(original):
+            problems.append(f"{module_name}.{name} (a function of (server, address))")
+            continue
+        todo.append((module, name, _binder(original, ingress_host if host == "ingress" else "127.0.0.1", tls)))
+    if problems:
+        raise refusal(problems)
+    import sys
 
-        def patched(server, address, _original=original, _host=host, _tls=tls):
-            credentials = grpc_server_credentials() if _tls else None
-            if credentials is not None:
-                return server.add_secure_port(_rebind(address, _host), credentials)
-            return _original(server, _rebind(address, _host))
-
-        patched._scc_loopback = True
+    for module, name, patched in todo:
+        original = getattr(module, name)
+        # every binding of the function in Ray Serve's loaded modules (a `from ... import` copies the name)
+        for other in [m for k, m in list(sys.modules.items()) if k.startswith("ray.serve") and m is not None]:
+            if getattr(other, name, None) is original:
+                setattr(other, name, patched)
         setattr(module, name, patched)

@@ -2,6 +2,7 @@
 
     with ServerProcess(["--replicas", "2", "--replay-draws"], log_path) as server:   # free port, waits for /readyz
         server.url; server.model_pids(); server.listening()                          # its replicas, its sockets
+        server.log_lines("scc serve: self-test passed")                               # waits for the line
     server.left_running                                                               # pids still alive after stop
 
 Everything it starts it stops: SIGINT (the service's own clean shutdown), then SIGKILL of whatever of its process
@@ -126,6 +127,16 @@ class ServerProcess:
 
     def log(self, tail: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-tail:] if self.log_path.exists() else ""
+
+    def log_lines(self, prefix: str, timeout: float = 30.0) -> list[str]:
+        """The log's lines that start with `prefix`, waiting up to `timeout` s for one while the service runs (it
+        prints its self-test's verdict and "ready on" after /readyz already answers)."""
+        deadline = time.perf_counter() + timeout
+        while True:
+            lines = [line for line in self.log(10 ** 7).splitlines() if line.startswith(prefix)]
+            if lines or time.perf_counter() > deadline or self.proc is None or self.proc.poll() is not None:
+                return lines
+            time.sleep(0.2)
 
     def start(self) -> "ServerProcess":
         start = time.perf_counter()

@@ -42,7 +42,8 @@ FORMATS = ("PNG", "JPEG", "WEBP")
 OPTIONAL_FORMATS = ("GIF", "BMP", "TIFF", "PPM")
 MAX_KEY_CHARS = 200
 MAX_QUERY_VALUES = 1024  # query values in all (keys included)
-MAX_ASPECT = 16.0  # an image's long side at most this many times its short side (refused from its header beyond)
+REFUSE_ASPECT = 16.0  # the service refuses (413, from the header) an image whose long side is over this many
+# times its short side (--max-aspect); below it, scc.images.MAX_ASPECT (4) is the centre crop every entry point makes
 MAX_PART_HEADER_BYTES = 1024  # one multipart part's header block
 MAX_PART_HEADERS = 8  # header lines in one multipart part
 FLOAT_BYTES = 4
@@ -99,7 +100,7 @@ class Limits:
     max_request_pixels: int = 4 * (16 * 224) ** 2  # every image of a request together
     max_images: int = 64
     max_top_k: int = 1000
-    max_aspect: float = MAX_ASPECT  # long side / short side, from the header
+    max_aspect: float = REFUSE_ASPECT  # long side / short side, from the header
     formats: tuple = FORMATS  # PIL format names the decoders may be given
     max_part_header_bytes: int = MAX_PART_HEADER_BYTES
     max_part_headers: int = MAX_PART_HEADERS
@@ -107,7 +108,7 @@ class Limits:
     @classmethod
     def for_model(cls, size: int, max_body_bytes: int = 16 * 2 ** 20, max_pixels: int | None = None,
                   max_request_pixels: int | None = None, max_images: int = 64, max_top_k: int = 1000,
-                  max_aspect: float = MAX_ASPECT, formats: Sequence[str] | None = None) -> "Limits":
+                  max_aspect: float = REFUSE_ASPECT, formats: Sequence[str] | None = None) -> "Limits":
         per = max_pixels or (16 * size) ** 2
         return cls(max_body_bytes, per, max_request_pixels or 4 * per, max_images, max_top_k, float(max_aspect),
                    image_formats(formats))
@@ -251,8 +252,10 @@ def split_multipart(content_type: str, body: bytes, max_parts: int, max_header_b
 
 
 def _shown(name: str) -> str:
-    """A client-chosen part name as it may appear in an answer: printable, one line, at most 100 characters."""
-    return "".join(c if c.isprintable() else "?" for c in name)[:100]
+    """A client-chosen image name (an HTTP part's filename, a gRPC Image.name) as the service may use it anywhere --
+    answers, error messages, logs: printable, one line, at most 100 characters. Every name goes through it before
+    any use (parse_parts, classify_grpc and the image functions below apply it again: it is idempotent)."""
+    return "".join(c if c.isprintable() else "?" for c in str(name)[:100])
 
 
 def image_parts(content_type: str | None, body: bytes, limits: Limits) -> list[tuple[str, bytes]]:
@@ -294,6 +297,7 @@ def image_size(data: bytes, name: str, limits: Limits) -> tuple[int, int]:
     format, 413 when over the per-image pixel budget or the aspect-ratio limit."""
     from PIL import Image
 
+    name = _shown(name)
     try:
         images.image_pixels(data, name, limits.max_pixels, limits.formats)
         with Image.open(io.BytesIO(data), formats=limits.formats) as img:  # the header again: microseconds
@@ -309,6 +313,7 @@ def image_size(data: bytes, name: str, limits: Limits) -> tuple[int, int]:
 
 def image_pixels(data: bytes, name: str, max_pixels: int, formats: Sequence[str] = FORMATS) -> int:
     """width x height from the image's header (RequestError 400/413 when unreadable or over the budget)."""
+    name = _shown(name)
     try:
         return images.image_pixels(data, name, max_pixels, formats)
     except ImageError as err:
@@ -320,6 +325,7 @@ def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int, name: str
     """Encoded image bytes -> the model's input (3, S, S) in [0,1] through its own preprocessing (scc.images, the
     one `scc classify` and `scc eval` use); RequestError when unusable or over the per-image pixel budget (checked
     from the header first)."""
+    name = _shown(name)
     try:
         return preprocess.encoded(data, name, max_pixels, formats)
     except ImageError as err:
@@ -343,14 +349,15 @@ def parse_parts(parts: Sequence[tuple[str, bytes]], preprocess: Preprocess, limi
                 deadline: float | None = None) -> list[Item]:
     """[(name, encoded bytes)] -> Items: every header read and every budget checked (pixels per image and per
     request, aspect ratio, format), then decoded one image at a time while `deadline` (time.monotonic()) has not
-    passed (the HTTP body and the gRPC message both end here)."""
+    passed (the HTTP body and the gRPC message both end here). Names are sanitised (`_shown`) before any use."""
+    parts = [(_shown(name), data) for name, data in parts]
     if not parts:
         raise RequestError(400, "no image in the request")
     if len(parts) > limits.max_images:
         raise RequestError(413, f"{len(parts)} images in one request exceed the limit of {limits.max_images}")
     if keys is not None and len(keys) != len(parts):
         raise RequestError(400, f"key: one per image, got {len(keys)} keys for {len(parts)} images")
-    items = [Item(name=_shown(name), seed=seed, key=None if keys is None else keys[i], top_k=top_k)
+    items = [Item(name=name, seed=seed, key=None if keys is None else keys[i], top_k=top_k)
              for i, (name, _) in enumerate(parts)]
     pixels = 0
     for item, (name, data) in zip(items, parts):  # headers only: nothing is decoded before the budgets pass

@@ -34,7 +34,7 @@ from ..errors import SccError
 from ..models import TINY_NAME, load
 from ..precision import dtype_name, resolve_dtype
 from ..provenance import versions
-from .requests import MAX_ASPECT, Item, Limits, image_formats
+from .requests import REFUSE_ASPECT, Item, Limits, image_formats
 
 log = logging.getLogger("scc.serve")
 PROCESS_ID = secrets.token_hex(4)  # names this process in /v1/info (its pid is not shown)
@@ -46,7 +46,7 @@ DEFAULTS = {
     "max_images": 64, "timeout_s": 30.0, "body_timeout_s": 10.0, "max_queue": 64, "retry_after_s": 1,
     "decode_threads": 2, "replicas": 1, "ingress_replicas": 1, "min_replicas": None, "max_replicas": None,
     "target_ongoing": None, "max_ongoing": None, "compile_cache": None, "cache_key_file": None,
-    "replay_draws": False, "token_sha256": None, "token_file": None, "max_aspect": MAX_ASPECT,
+    "replay_draws": False, "token_sha256": None, "token_file": None, "max_aspect": REFUSE_ASPECT,
     "image_formats": "png,jpeg,webp", "max_client_requests": 32, "header_timeout_s": 10.0, "ui": False,
 }
 ALIASES = {"client_seeds": "replay_draws"}  # the flag's name before fresh per-request draws became the default
@@ -121,26 +121,38 @@ def replica_memory() -> dict:
     return {"id": PROCESS_ID, "rss_mb": rss}
 
 
+_PRIVATE_CACHE: str | None = None  # this process's private Inductor folder, made once
+
+
 def private_inductor_cache() -> str:
-    """Point Inductor (and Triton) at a fresh folder only this process can use (mode 0700, under the temporary
-    folder) and turn its remote caches off: nothing another user wrote can be read as a cache entry. Returns it."""
-    folder = tempfile.mkdtemp(prefix="scc-inductor-")  # 0700, a fresh name: nobody else can have planted in it
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = folder
-    os.environ["TRITON_CACHE_DIR"] = os.path.join(folder, "triton")
+    """Point Inductor (and Triton) at a folder only this process can use (mode 0700, a fresh name under the
+    temporary folder, made once per process and removed when it exits) and turn its remote caches off: nothing
+    another user wrote can be read as a cache entry. Returns it."""
+    global _PRIVATE_CACHE
+    if _PRIVATE_CACHE is None or not os.path.isdir(_PRIVATE_CACHE):
+        import atexit
+        import shutil
+
+        _PRIVATE_CACHE = tempfile.mkdtemp(prefix="scc-inductor-")  # 0700, a fresh name: nobody can have planted in it
+        atexit.register(shutil.rmtree, _PRIVATE_CACHE, ignore_errors=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = _PRIVATE_CACHE
+    os.environ["TRITON_CACHE_DIR"] = os.path.join(_PRIVATE_CACHE, "triton")
     for name in ("TORCHINDUCTOR_FX_GRAPH_REMOTE_CACHE", "TORCHINDUCTOR_AUTOGRAD_REMOTE_CACHE",
                  "TORCHINDUCTOR_AUTOTUNE_REMOTE_CACHE", "TORCHINDUCTOR_BUNDLED_AUTOTUNE_REMOTE_CACHE"):
         os.environ[name] = "0"
-    return folder
+    return _PRIVATE_CACHE
 
 
 def prepare_compile_cache(folder: str | None) -> tuple[str | None, str]:
-    """(the cache folder to use or None, its status) for --compile-cache `folder`: checked and enabled, or, when it
-    is refused (others could have written it), one stderr line and Inductor pointed at a fresh private folder, so
-    that whatever sits in the refused one is never read -- whatever the environment (a Ray runtime_env, the
-    operator's shell) said before."""
+    """(the cache folder to use or None, its status) for --compile-cache `folder`: checked and enabled; otherwise
+    Inductor is pointed at this process's private folder (private_inductor_cache), whatever the environment (a Ray
+    runtime_env, the operator's shell, Inductor's default /tmp/torchinductor_<user>, which another user can create
+    first) said before. A refused folder (others could have written it) also prints one stderr line. Either way
+    nothing in a folder the service did not check is ever read as compiled code."""
     import sys
 
     if not folder:
+        private_inductor_cache()
         return None, "no cache"
     try:
         enable_compile_cache(folder)

@@ -2,31 +2,55 @@
 their top-k scores and the latency. One static page (no outside resources), served by the ingress at GET /ui.
 
 With a token the page is behind it: GET /ui answers a small sign-in form until the browser holds the session cookie
-that POST /ui/login sets for the right token (HttpOnly, SameSite=Strict, Path=/ui, Secure over HTTPS; its value is
-an HMAC of the token's digest, so it changes with the token and reveals nothing of it). The page's own calls
-(POST /ui/classify) carry that cookie; the API (/v1/*) still wants the bearer token.
+that POST /ui/login sets for the right token (HttpOnly, SameSite=Strict, Path=/ui, Secure over HTTPS). Its value is
+"<issue time>.<HMAC-SHA256>", keyed with a random secret of this service start (`session_key()`, made once by
+`build_app` and handed to each ingress replica, never written anywhere) over the issue time and the token's digest:
+it reveals nothing of the token, cannot be made from the token's digest alone, dies with the service (a restart
+makes a new key) and with a token change, and is refused MAX_AGE_S (12 h) after it was issued whatever the browser
+keeps. The page's own calls (POST /ui/classify) carry that cookie; the API (/v1/*) still wants the bearer token.
 """
 import hashlib
 import hmac
+import secrets
+import time
 
 COOKIE = "scc_ui"
+MAX_AGE_S = 12 * 3600  # a session cookie is refused this long after it was issued
+CLOCK_SKEW_S = 60  # an issue time this far in the future is accepted (ingress replicas on hosts whose clocks differ)
 
 
-def session_value(digest: bytes) -> str:
-    """The session cookie's value for a server token whose SHA-256 is `digest`."""
-    return hmac.new(digest, b"scc-operator-page-v1", hashlib.sha256).hexdigest()
+def session_key() -> bytes:
+    """A fresh random key for the session cookies of one service start."""
+    return secrets.token_bytes(32)
 
 
-def cookie_header(digest: bytes, secure: bool) -> str:
-    return (f"{COOKIE}={session_value(digest)}; HttpOnly; SameSite=Strict; Path=/ui; Max-Age=43200"
+def _mac(key: bytes, digest: bytes, issued: int) -> str:
+    return hmac.new(key, b"scc-operator-page-v2\0" + digest + b"\0" + str(issued).encode(), hashlib.sha256).hexdigest()
+
+
+def session_value(key: bytes, digest: bytes, now: float | None = None) -> str:
+    """The session cookie's value, issued `now` (time.time()) for a server token whose SHA-256 is `digest`."""
+    issued = int(time.time() if now is None else now)
+    return f"{issued}.{_mac(key, digest, issued)}"
+
+
+def cookie_header(key: bytes, digest: bytes, secure: bool, now: float | None = None) -> str:
+    return (f"{COOKIE}={session_value(key, digest, now)}; HttpOnly; SameSite=Strict; Path=/ui; Max-Age={MAX_AGE_S}"
             + ("; Secure" if secure else ""))
 
 
-def signed_in(cookies: dict, digest: bytes | None) -> bool:
-    """Whether a request may see the page (always, without a server token)."""
+def signed_in(cookies: dict, digest: bytes | None, key: bytes, now: float | None = None) -> bool:
+    """Whether a request may see the page: always without a server token; otherwise its cookie must carry this
+    service start's MAC over the token's digest and an issue time at most MAX_AGE_S old."""
     if digest is None:
         return True
-    return hmac.compare_digest(cookies.get(COOKIE, ""), session_value(digest))
+    issued, _, mac = str(cookies.get(COOKIE, "")).partition(".")
+    if not (issued.isascii() and issued.isdigit() and len(issued) <= 12):
+        return False
+    now = time.time() if now is None else now
+    if not now - MAX_AGE_S <= int(issued) <= now + CLOCK_SKEW_S:
+        return False
+    return hmac.compare_digest(mac.encode("utf-8", "replace"), _mac(key, digest, int(issued)).encode())
 
 
 STYLE = """

@@ -44,9 +44,11 @@ terms (PMG-AFT's official KL) are multiplied by N before DDP averages the gradie
 global batch.
 
 Resume: after every epoch the state (weights, optimiser, schedule, losses) goes to `<stem>.resume.pt` in the
-output folder; the same command started again continues from it. The finished run writes `<stem>.safetensors` (a
-whole open_clip state dict: `--pretrained PATH` loads it in every command) and `<stem>.meta.json` (method, eps,
-steps, data, seed, versions, per-epoch losses), and deletes the resume file.
+output folder; the same command started again continues from it. It is read with torch.load(weights_only=True)
+(tensors, dicts, lists and numbers), so a file that would unpickle anything else is refused, never run. The
+finished run writes `<stem>.safetensors` (a whole open_clip state dict: `--pretrained PATH` loads it in every
+command) and `<stem>.meta.json` (method, eps, steps, data, seed, versions, per-epoch losses), and deletes the resume
+file. Each file is written under a temporary name and moved into place whole.
 """
 from __future__ import annotations
 
@@ -100,16 +102,32 @@ class FinetuneConfig:
         if self.method not in METHODS:
             raise SccError(f"unknown fine-tuning method {self.method!r}; choose from {', '.join(METHODS)}")
         if not 0 <= self.eps <= 1:
-            raise SccError(f"eps must be in [0, 1] (pixels; write 1/255), got {self.eps}")
-        if self.method != "clip-ft" and (self.eps <= 0 or self.attack_steps < 1 or self.attack_alpha <= 0):
-            raise SccError(f"{self.method} needs eps > 0, attack_steps >= 1 and attack_alpha > 0")
+            raise SccError(f"eps is a radius in pixels of [0, 1], got eps={self.eps}; write 1/255 or 4/255 (--eps "
+                           "1/255), not 1 or 4")
+        if self.method != "clip-ft":
+            if self.eps <= 0:
+                raise SccError(f"{self.method} trains on attacked images and needs eps > 0, got eps={self.eps}; give "
+                               "eps=1/255 or 4/255 (clip-ft is the method without an attack)")
+            if self.attack_steps < 1:
+                raise SccError(f"{self.method}'s inner attack needs attack_steps >= 1, got attack_steps="
+                               f"{self.attack_steps}; give the preset's (leave it out) or a positive count")
+            if self.attack_alpha <= 0:
+                raise SccError(f"{self.method}'s inner attack needs a step attack_alpha > 0, got attack_alpha="
+                               f"{self.attack_alpha}; give the preset's 1/255 (leave it out) or another positive step")
         if self.reduction not in REDUCTIONS:
             raise SccError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.optimizer not in ("sgd", "adamw"):
             raise SccError(f"optimizer must be sgd or adamw, got {self.optimizer!r}")
-        if self.lr <= 0 or self.epochs < 1 or self.batch < 1 or not 0 <= self.warmup < 1:
-            raise SccError(f"need lr > 0, epochs >= 1, batch >= 1 and 0 <= warmup < 1; got lr={self.lr}, "
-                           f"epochs={self.epochs}, batch={self.batch}, warmup={self.warmup}")
+        if self.lr <= 0:
+            raise SccError(f"the learning rate must be > 0, got lr={self.lr}; give a positive --lr or leave it out "
+                           "for the preset's")
+        if self.epochs < 1:
+            raise SccError(f"training needs at least one epoch, got epochs={self.epochs}; give --epochs 1 or more")
+        if self.batch < 1:
+            raise SccError(f"the global batch must be at least 1, got batch={self.batch}; give --batch-size 1 or more")
+        if not 0 <= self.warmup < 1:
+            raise SccError(f"warmup is the fraction of the optimiser steps spent warming up, got warmup={self.warmup}; "
+                           "give a value in [0, 1) (the presets use 0.1)")
 
 
 # The testbed schedule (tiny models, ~1-2k training images): 10 epochs of batch 128, 10 % warm-up, cosine.
@@ -352,9 +370,62 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# The scc modules whose code the training loop runs (this file, the projection, the seed derivation). What else
+# decides the weights reaches the loop as tensors (the pixels, the labels, the initial model: `starting_point`) or
+# comes from a library (`library_versions`).
+TRAINING_MODULES = ("scc.train.finetune", "scc.perturbation", "scc.draws")
+
+
 def code_hash() -> str:
-    """A hash of the source that defines the training (this file): a cached model is rebuilt when it changes."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    """A hash of the source of TRAINING_MODULES, each module's file as it is on disk: a cached model is rebuilt
+    when any of them changes."""
+    import importlib
+
+    h = hashlib.sha256()
+    for name in TRAINING_MODULES:
+        h.update(name.encode() + b"\0" + Path(importlib.import_module(name).__file__).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def library_versions() -> dict[str, str]:
+    """The libraries whose code computes or writes the weights (torch, open_clip, numpy, safetensors), and the
+    CPU kernels torch dispatches to (the machine and its vector extension): each can change the bytes."""
+    import importlib.metadata as md
+    import platform
+
+    out = {"torch": torch.__version__}
+    for key, package in (("open_clip", "open_clip_torch"), ("numpy", "numpy"), ("safetensors", "safetensors")):
+        try:
+            out[key] = md.version(package)
+        except md.PackageNotFoundError:
+            out[key] = "absent"
+    out["cpu"] = f"{platform.machine()} {torch.backends.cpu.get_cpu_capability()}"
+    return out
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous()
+    return f"{t.dtype} {tuple(t.shape)}".encode() + b"\0" + t.reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def starting_point(model: str, data: str, pretrained: str | None = None, images: int | None = None,
+                   seed: int = 0) -> dict[str, str]:
+    """sha256 of what a run starts from, built by the functions the run builds it with: the training pixels and
+    labels in their order (scc.data, the stratified subset, the model's preprocessing) and the initial model (every
+    tensor of the whole CLIP, the class text embeddings from the training prompts, the logit scale and the
+    normalisation). Any change to the data, its split or preprocessing, the weights or their loading changes it."""
+    dataset = _training_set(model, data, images, seed)
+    h = hashlib.sha256()
+    for lo in range(0, len(dataset), 1024):
+        h.update(_tensor_bytes(dataset.batch(torch.arange(lo, min(lo + 1024, len(dataset))))))
+    h.update(_tensor_bytes(dataset.targets))
+    clf, _ = _initial_model(model, pretrained, dataset, "cpu", seed)
+    m = hashlib.sha256()
+    for name, tensor in sorted(clf.clip.state_dict().items()):
+        m.update(name.encode() + b"\0" + _tensor_bytes(tensor))
+    for tensor in (clf.text, clf.mean, clf.std, torch.tensor(clf.logit_scale, dtype=torch.float64)):
+        m.update(_tensor_bytes(tensor))
+    return {"data_sha256": h.hexdigest(), "model_sha256": m.hexdigest()}
 
 
 def stem_of(model: str, method: str, preset: str) -> str:
@@ -376,12 +447,13 @@ def finetune(model: str = "scc-tiny-digits", method: str = "tecoa", preset: str 
              out: str | Path = "finetune-out", pretrained: str | None = None, seed: int = 0,
              images: int | None = None, device: str = "cpu", progress: bool = True,
              log: Callable[[str], None] | None = None, keep: Callable | None = None, max_steps: int | None = None,
-             **overrides) -> dict:
+             meta_extra: dict | None = None, **overrides) -> dict:
     """Fine-tune `model`'s vision encoder with `method` and write `<stem>.safetensors` + `<stem>.meta.json` to
     `out`; returns the meta dict. `overrides`: FinetuneConfig fields (epochs, batch, lr, ...). `max_steps` stops
     after that many optimiser steps in all (tests); `keep(snapshot)` registers the interrupt snapshot
-    (scc.cli.interrupts). Under torchrun every rank calls it; rank 0 writes; the process group is set up and torn
-    down here (gloo on CPU, nccl on CUDA) unless the caller made one."""
+    (scc.cli.interrupts); `meta_extra` adds fields to the meta file (the robust cache's key). Under torchrun every
+    rank calls it; rank 0 writes; the process group is set up and torn down here (gloo on CPU, nccl on CUDA) unless
+    the caller made one. Every file is written to a temporary name and moved into place whole (os.replace)."""
     _, world = _world()
     owned = False
     if world > 1:
@@ -392,7 +464,7 @@ def finetune(model: str = "scc-tiny-digits", method: str = "tecoa", preset: str 
             owned = True
     try:
         return _finetune(model, method, preset, data, out, pretrained, seed, images, device, progress, log, keep,
-                         max_steps, **overrides)
+                         max_steps, meta_extra, **overrides)
     finally:
         if owned:
             import torch.distributed as dist
@@ -400,12 +472,57 @@ def finetune(model: str = "scc-tiny-digits", method: str = "tecoa", preset: str 
             dist.destroy_process_group()
 
 
+def _training_set(model: str, data: str, images: int | None, seed: int) -> TrainingData:
+    from ..models import preprocessing_of
+
+    return training_data(data, preprocessing_of(model), images, seed)
+
+
+def _initial_model(model: str, pretrained: str | None, dataset: TrainingData, device: str, seed: int):
+    """(the classifier a run starts from, its prompts): the class text embeddings come from the dataset's prompts,
+    or a bundled model's training prompts (its evaluation prompt stays held out)."""
+    from ..models import bundled_meta, is_bundled, load
+
+    templates = dataset.templates
+    if templates is None:
+        templates = bundled_meta(model)["train_templates"] if is_bundled(model) else ["a photo of a {}."]
+    clf = load(model, pretrained, labels=dataset.classes, templates=templates, device=device, seed=seed)
+    return clf, templates
+
+
+def _write_whole(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(temporary path)`, then os.replace onto `path`: a reader sees the whole file or the previous one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_resume(path: Path, device: str) -> dict:
+    """The resume state: plain tensors, dicts, lists and numbers, read with weights_only=True, so a file that would
+    need to unpickle anything else (code) is refused, not run."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise SccError(f"{path} is not a resume file that scc wrote ({reason}); delete it to start the run "
+                       "over") from None
+    if not isinstance(state, dict):
+        raise SccError(f"{path} is not a resume file that scc wrote (it holds a {type(state).__name__}); delete it "
+                       "to start the run over")
+    return state
+
+
 def _finetune(model, method, preset, data, out, pretrained, seed, images, device, progress, log, keep, max_steps,
-              **overrides) -> dict:
+              meta_extra, **overrides) -> dict:
     from safetensors.torch import save_file
     from tqdm import tqdm
 
-    from ..models import bundled_meta, is_bundled, load, preprocessing_of
+    from ..models import is_bundled
     from ..provenance import versions
 
     cfg = make_config(method, preset, **overrides)
@@ -414,14 +531,11 @@ def _finetune(model, method, preset, data, out, pretrained, seed, images, device
         raise SccError(f"the global batch {cfg.batch} must be divisible by the {world} processes")
     say = (lambda line: log(line)) if log is not None and rank == 0 else (lambda line: None)
     out = Path(out)
-    dataset = training_data(data, preprocessing_of(model), images, seed)
+    dataset = _training_set(model, data, images, seed)
     n = len(dataset)
     if n < cfg.batch:
         raise SccError(f"{n} training images are fewer than one batch of {cfg.batch}; lower --batch-size")
-    templates = dataset.templates
-    if templates is None:  # a bundled model: its training prompts (the evaluation prompt stays held out)
-        templates = bundled_meta(model)["train_templates"] if is_bundled(model) else ["a photo of a {}."]
-    clf = load(model, pretrained, labels=dataset.classes, templates=templates, device=device, seed=seed)
+    clf, templates = _initial_model(model, pretrained, dataset, device, seed)
     clip = clf.clip
     visual = clip.visual
     frozen = _frozen_copy(visual)
@@ -447,9 +561,9 @@ def _finetune(model, method, preset, data, out, pretrained, seed, images, device
     history: list[dict] = []
     start_epoch = 0
     if resume_path.is_file():
-        state = torch.load(resume_path, map_location=device, weights_only=False)
-        if state["identity"] != identity:
-            raise SccError(f"{resume_path} belongs to another run ({_diff(state['identity'], identity)}); give "
+        state = _read_resume(resume_path, device)
+        if state.get("identity") != identity:
+            raise SccError(f"{resume_path} belongs to another run ({_diff(state.get('identity'), identity)}); give "
                            "another --out or delete it")
         visual.load_state_dict(state["visual"])
         opt.load_state_dict(state["optimizer"])
@@ -508,10 +622,9 @@ def _finetune(model, method, preset, data, out, pretrained, seed, images, device
                         "lr_end": sched.get_last_lr()[0], "epoch_s": round(time.time() - t0, 2)})
         if rank == 0:  # the epoch is kept before it is announced
             out.mkdir(parents=True, exist_ok=True)
-            tmp = resume_path.with_suffix(".tmp")
-            torch.save({"identity": identity, "visual": visual.state_dict(), "optimizer": opt.state_dict(),
-                        "schedule": sched.state_dict(), "history": history, "epoch": epoch + 1}, tmp)
-            os.replace(tmp, resume_path)
+            state = {"identity": identity, "visual": visual.state_dict(), "optimizer": opt.state_dict(),
+                     "schedule": sched.state_dict(), "history": history, "epoch": epoch + 1}
+            _write_whole(resume_path, lambda tmp: torch.save(state, tmp))
         _barrier(world)
         say(f"{stem} epoch {epoch + 1}/{cfg.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in history[-1].items()
                                                                    if k not in ("epoch", "lr_end", "epoch_s"))
@@ -525,11 +638,13 @@ def _finetune(model, method, preset, data, out, pretrained, seed, images, device
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in clip.state_dict().items()}
         weights = out / f"{stem}.safetensors"
-        save_file(state, str(weights))
+        _write_whole(weights, lambda tmp: save_file(state, str(tmp)))
         meta["checkpoint"] = weights.name
         meta["checkpoint_sha256"] = file_sha256(weights)
-        (out / f"{stem}.meta.json").write_text(json.dumps(meta, indent=2))
+        meta.update(meta_extra or {})
+        _write_whole(out / f"{stem}.meta.json", lambda tmp: tmp.write_text(json.dumps(meta, indent=2)))
         resume_path.unlink(missing_ok=True)
+    meta.update(meta_extra or {})  # every rank returns the meta rank 0 wrote
     _barrier(world)
     return meta
 
@@ -545,6 +660,7 @@ def _jsonable(d: dict) -> dict:
 
 
 def _diff(a: dict, b: dict) -> str:
+    a = a if isinstance(a, dict) else {}
     return ", ".join(f"{k}: {a.get(k)!r} there, {b.get(k)!r} now" for k in b if a.get(k) != b.get(k)) or "?"
 
 
