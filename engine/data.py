@@ -245,28 +245,39 @@ def fashion_pixels(images: np.ndarray | torch.Tensor, size: int = 32) -> torch.T
     return x.clamp(0, 1).expand(-1, 3, -1, -1).contiguous()
 
 
-def _torchvision(name: str, root: str):
+# torchvision sets read from a local ROOT (downloads off): the class, and the keyword arguments of each split scc
+# reads: "test" is what `scc eval --dataset NAME:ROOT` evaluates on, "train" what `scc finetune --data NAME:ROOT`
+# trains on (the official training split, or train+val where the set defines one; never the test images)
+TORCHVISION_SETS: dict[str, tuple[str, dict[str, dict]]] = {
+    "cifar10": ("CIFAR10", {"train": {"train": True}, "test": {"train": False}}),
+    "cifar100": ("CIFAR100", {"train": {"train": True}, "test": {"train": False}}),
+    "stl10": ("STL10", {"train": {"split": "train"}, "test": {"split": "test"}}),
+    "dtd": ("DTD", {"train": {"split": "train"}, "test": {"split": "test"}}),
+    "eurosat": ("EuroSAT", {"test": {}}),  # one folder, no official split: evaluation only
+    "flowers102": ("Flowers102", {"train": {"split": "train"}, "test": {"split": "test"}}),
+    "food101": ("Food101", {"train": {"split": "train"}, "test": {"split": "test"}}),
+    "oxfordpets": ("OxfordIIITPet", {"train": {"split": "trainval"}, "test": {"split": "test"}}),
+    "fgvcaircraft": ("FGVCAircraft", {"train": {"split": "trainval"}, "test": {"split": "test"}}),
+    "country211": ("Country211", {"train": {"split": "train"}, "test": {"split": "test"}}),
+    "stanfordcars": ("StanfordCars", {"train": {"split": "train"}, "test": {"split": "test"}}),
+    "pcam": ("PCAM", {"train": {"split": "train"}, "test": {"split": "test"}}),
+}
+
+
+def torchvision_set(name: str, root: str, split: str = "test"):
+    """(the torchvision dataset `name` under `root`, split "test" or "train", and its class names as prompts use
+    them); SccError naming the problem when the set is unknown, has no such split or is not there."""
     import torchvision.datasets as tvd
 
-    ctor = {
-        "cifar10": lambda: tvd.CIFAR10(root, train=False, download=False),
-        "cifar100": lambda: tvd.CIFAR100(root, train=False, download=False),
-        "stl10": lambda: tvd.STL10(root, split="test", download=False),
-        "dtd": lambda: tvd.DTD(root, split="test", download=False),
-        "eurosat": lambda: tvd.EuroSAT(root, download=False),
-        "flowers102": lambda: tvd.Flowers102(root, split="test", download=False),
-        "food101": lambda: tvd.Food101(root, split="test", download=False),
-        "oxfordpets": lambda: tvd.OxfordIIITPet(root, split="test", download=False),
-        "fgvcaircraft": lambda: tvd.FGVCAircraft(root, split="test", download=False),
-        "country211": lambda: tvd.Country211(root, split="test", download=False),
-        "stanfordcars": lambda: tvd.StanfordCars(root, split="test", download=False),
-        "pcam": lambda: tvd.PCAM(root, split="test", download=False),
-    }
-    if name not in ctor:
+    if name not in TORCHVISION_SETS:
         raise SccError(f"unknown dataset {name!r}; known: digits, fashion, fashion-full, fashion-val, imagefolder:PATH, "
-                       + ", ".join(f"{k}:ROOT" for k in ctor))
+                       + ", ".join(f"{k}:ROOT" for k in TORCHVISION_SETS))
+    cls, splits = TORCHVISION_SETS[name]
+    if split not in splits:
+        raise SccError(f"torchvision's {cls} has no {split} split (one folder, its test images included); "
+                       "split it yourself into folders and use imagefolder:PATH")
     try:
-        ds = ctor[name]()
+        ds = getattr(tvd, cls)(root, download=False, **splits[split])
     except (RuntimeError, FileNotFoundError, OSError) as err:
         raise SccError(f"dataset {name} not found under {root!r} ({err}); downloads are disabled: "
                        f"place the torchvision-format files there first") from err
@@ -274,6 +285,19 @@ def _torchvision(name: str, root: str):
     if name == "pcam":
         classes = ["healthy lymph node tissue", "lymph node tumor tissue"]
     return ds, classes
+
+
+def torchvision_targets(ds) -> torch.Tensor:
+    """The labels of a torchvision dataset, read from its index where it keeps one (nothing decoded), else image by
+    image."""
+    for attr in ("targets", "_labels", "labels"):
+        labels = getattr(ds, attr, None)
+        if labels is not None and len(labels) == len(ds):
+            return torch.as_tensor(np.asarray(labels, dtype=np.int64))
+    samples = getattr(ds, "_samples", None)  # StanfordCars: [(path, label)]
+    if samples is not None and len(samples) == len(ds):
+        return torch.tensor([int(label) for _, label in samples])
+    return torch.tensor([int(ds[i][1]) for i in range(len(ds))])
 
 
 def dataset_preprocess(name: str, size: int) -> Preprocess:
@@ -346,7 +370,7 @@ def load_dataset(spec: str, preprocess: Preprocess | int, limit: int | None = No
         return Dataset(f"imagefolder:{folder}", torch.stack(imgs), torch.tensor(ys), classes, TEMPLATES["imagefolder"])
     from .images import pil_to_tensor
 
-    ds, classes = _torchvision(name, root)
+    ds, classes = torchvision_set(name, root, "test")
     n = min(len(ds), limit) if limit else len(ds)
     imgs, ys = [], []
     for i in range(n):

@@ -260,6 +260,64 @@ def test_checkpoint_loads_everywhere_and_meta_records_the_run(tmp_path, capsys):
     capsys.readouterr()
 
 
+def fake_dtd(root: Path, per_split=(("train", 3), ("test", 2), ("val", 1))) -> dict[str, list[str]]:
+    """A torchvision-format DTD folder made from the digits (class folders named after the digit words, JPEG files
+    of another size than the model's), each split's file list as DTD ships it (labels/<split>1.txt)."""
+    from PIL import Image
+
+    from scc.data import DIGIT_WORDS
+
+    ds = load_dataset("digits", 32)
+    data, lists = root / "dtd" / "dtd", {split: [] for split, _ in per_split}
+    want = dict(per_split)
+    for i, label in enumerate(ds.targets.tolist()):
+        c = DIGIT_WORDS[label]
+        split = next((s for s, n in per_split if sum(f.startswith(c + "/") for f in lists[s]) < n), None)
+        if split is None:
+            continue
+        (data / "images" / c).mkdir(parents=True, exist_ok=True)
+        name = f"{c}/{c}_{i:04d}.jpg"
+        pixels = (ds.images[i].permute(1, 2, 0).numpy() * 255).astype("uint8")
+        Image.fromarray(pixels).resize((48, 40)).save(data / "images" / name, quality=95)
+        lists[split].append(name)
+    (data / "labels").mkdir()
+    for split, files in lists.items():
+        assert len(files) == 10 * want[split]
+        (data / "labels" / f"{split}1.txt").write_text("\n".join(files) + "\n")
+    return lists
+
+
+def test_a_torchvision_sets_training_split_trains_and_its_test_split_evaluates(tmp_path):
+    """`--data dtd:ROOT` reads DTD's training split from a local torchvision-format folder (a stratified subset of
+    it with --images), never its test split, which is what `scc eval --dataset dtd:ROOT` reads; the checkpoint
+    answers on those test images; a set without a training split is refused in one line."""
+    lists = fake_dtd(tmp_path / "dtd-root")
+    spec = f"dtd:{tmp_path / 'dtd-root'}"
+    data = ft.training_data(spec, scc_models.preprocessing_of("scc-tiny-digits"))
+    assert len(data) == len(lists["train"]) == 30 and "training split" in data.description
+    assert sorted(data.targets.bincount().tolist()) == [3] * 10
+    assert data.batch(torch.arange(4)).shape == (4, 3, 32, 32)
+    test = load_dataset(spec, scc_models.preprocessing_of("scc-tiny-digits"))
+    assert len(test.targets) == len(lists["test"]) == 20 and test.classes == data.classes
+
+    out = tmp_path / "o"
+    assert main(["finetune", "--model", "scc-tiny-digits", "--method", "tecoa", "--data", spec, "--images", "20",
+                 "--epochs", "1", "--batch-size", "10", "--out", str(out), "--quiet"]) == 0
+    meta = json.loads((out / "scc-tiny-digits-tecoa.meta.json").read_text())
+    assert meta["data"] == spec and meta["n_images"] == 20 and meta["classes"] == data.classes
+    assert all(torch.isfinite(torch.tensor(e["loss"])) for e in meta["epochs"])
+    tuned = scc.load("scc-tiny-digits", str(out / "scc-tiny-digits-tecoa.safetensors"), labels=test.classes,
+                     templates=bundled_meta("scc-tiny-digits")["eval_templates"])
+    base = scc.load("scc-tiny-digits", labels=test.classes,
+                    templates=bundled_meta("scc-tiny-digits")["eval_templates"])
+    assert not torch.equal(tuned.visual.conv1.weight, base.visual.conv1.weight)
+    with torch.no_grad():
+        assert tuned(test.images).shape == (20, 10)
+
+    with pytest.raises(scc.SccError, match="EuroSAT has no train split"):
+        ft.training_data(f"eurosat:{tmp_path}", scc_models.preprocessing_of("scc-tiny-digits"))
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--method", "sgd"], "unknown --method 'sgd'"),
     (["--method", "fare", "--eps", "4"], "ambiguous"),

@@ -36,8 +36,9 @@ def add_parser(sub) -> None:
                         "attack)")
     add_model_args(p, seed_help="seed of the batch order, the attack starts and random weights")
     p.add_argument("--data", default=None,
-                   help="training data: digits | fashion | imagefolder:PATH (default: a bundled model's own "
-                        "testbed, else required)")
+                   help="training data: digits | fashion | imagefolder:PATH | <torchvision name>:ROOT (its "
+                        "training split, e.g. cifar10:ROOT, dtd:ROOT) (default: a bundled model's own testbed, "
+                        "else required)")
     p.add_argument("--images", type=positive_int, default=None, help="a stratified subset of N training images "
                                                                       "(default: all)")
     p.add_argument("--epochs", type=positive_int, default=None, help="epochs (default: the preset's, 10)")

@@ -271,7 +271,7 @@ def training_loss(towers: Towers, cfg: FinetuneConfig, x: torch.Tensor, y: torch
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training data: the bundled testbeds' TRAINING splits, image folders
+# Training data: the bundled testbeds' TRAINING splits, image folders, torchvision sets' training splits
 # ----------------------------------------------------------------------------------------------------------
 @dataclass
 class TrainingData:
@@ -286,21 +286,25 @@ class TrainingData:
         return len(self.targets)
 
 
-DATA_SPECS = "digits | fashion | imagefolder:PATH"
+DATA_SPECS = "digits | fashion | imagefolder:PATH | <torchvision name>:ROOT"
 
 
 def training_data(spec: str, preprocess, images: int | None = None, seed: int = 0) -> TrainingData:
     """The training images of `spec`: `digits` (the 1347 training digits; the 450 held-out ones are never used),
     `fashion` (the 55000 training images of Fashion-MNIST's training split, validation and test excluded; needs the
     Debian package dataset-fashion-mnist, but for the bundled subset below), `imagefolder:PATH` (one sub-folder per
-    class). `images`: a stratified subset of that many (fixed by `seed`).
+    class), `<torchvision name>:ROOT` (the set's training split from a local ROOT, scc.data.TORCHVISION_SETS: the
+    split `scc eval --dataset NAME:ROOT` tests on is never read; images are decoded batch by batch, so a large set
+    is not held in memory). `images`: a stratified subset of that many (fixed by `seed`).
 
     `fashion` with images=2560 and seed=0 (the robust testbed models' subset) reads the subset bundled with scc
     (scc.data.fashion_train_subset): the same images in the same order as that subset of the Debian files, so
     it trains to the same bytes with or without the package."""
     from ..data import (DIGIT_WORDS, FASHION_APT, FASHION_CLASSES, FASHION_DIR, FASHION_TRAIN_SUBSET,
-                        FASHION_TRAIN_SUBSET_SEED, FASHION_TRAIN_SUBSET_SIZE, digits_raw, fashion_train_subset,
-                        fashion_train_val, load_dataset, stratified_subset)
+                        FASHION_TRAIN_SUBSET_SEED, FASHION_TRAIN_SUBSET_SIZE, TEMPLATES, TORCHVISION_SETS, digits_raw,
+                        fashion_train_subset, fashion_train_val, load_dataset, stratified_subset, torchvision_set,
+                        torchvision_targets)
+    from ..images import pil_to_tensor
     from ..models import asset_path
 
     name, _, root = str(spec).partition(":")
@@ -334,9 +338,20 @@ def training_data(spec: str, preprocess, images: int | None = None, seed: int = 
         pix = ds.images
         data = TrainingData(ds.name, lambda idx: pix[idx], ds.targets, ds.classes, ds.templates,
                             f"image folder {root} ({len(ds.targets)} images)")
+    elif name in TORCHVISION_SETS and root:
+        ds, classes = torchvision_set(name, root, "train")
+        targets = torchvision_targets(ds)
+
+        def decode(idx: torch.Tensor) -> torch.Tensor:  # (B,) indices -> (B, 3, S, S)
+            return torch.stack([preprocess(pil_to_tensor(ds[int(i)][0])) for i in idx])
+
+        data = TrainingData(name, decode, targets, classes, list(TEMPLATES.get(name, TEMPLATES["imagefolder"])),
+                            f"torchvision {type(ds).__name__} training split under {root} ({len(targets)} images; "
+                            "its test split never used)")
     else:
         raise SccError(f"unknown training data {spec!r}; choose from {DATA_SPECS} (the bundled testbeds' training "
-                       "splits or a folder with one sub-folder per class)")
+                       "splits, a folder with one sub-folder per class, or a torchvision set's training split: "
+                       f"{', '.join(k for k, (_, splits) in TORCHVISION_SETS.items() if 'train' in splits)})")
     if images is not None:
         if images < len(data.classes) or images > len(data):
             raise SccError(f"--images must be between {len(data.classes)} and {len(data)} for {spec}, got {images}")
@@ -479,13 +494,15 @@ def _training_set(model: str, data: str, images: int | None, seed: int) -> Train
 
 
 def _initial_model(model: str, pretrained: str | None, dataset: TrainingData, device: str, seed: int):
-    """(the classifier a run starts from, its prompts): the class text embeddings come from the dataset's prompts,
-    or a bundled model's training prompts (its evaluation prompt stays held out)."""
+    """(the classifier a run starts from, its prompts): the class text embeddings come from a bundled model's
+    training prompts (its word vocabulary covers its own prompts only; its evaluation prompt stays held out), or
+    the dataset's prompts for any other model."""
     from ..models import bundled_meta, is_bundled, load
 
-    templates = dataset.templates
-    if templates is None:
-        templates = bundled_meta(model)["train_templates"] if is_bundled(model) else ["a photo of a {}."]
+    if is_bundled(model):
+        templates = bundled_meta(model)["train_templates"]
+    else:
+        templates = dataset.templates or ["a photo of a {}."]
     clf = load(model, pretrained, labels=dataset.classes, templates=templates, device=device, seed=seed)
     return clf, templates
 
