@@ -48,7 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as stop:  # --help / --version
         return stop.code if isinstance(stop.code, int) else 0
     except KeyboardInterrupt:
+        _forget_interrupt()
         return 130
+
+
+def _forget_interrupt() -> None:
+    """Let exit status 130 stand. CPython remembers a KeyboardInterrupt that left code a C extension ran through
+    PyRun_String (tracing does) as "unhandled", although it was caught here, and then ends the process with SIGINT
+    (status -2) instead of the status returned; one completed PyRun_SimpleString resets that flag."""
+    import ctypes
+
+    ctypes.pythonapi.PyRun_SimpleString(b"pass")
 
 
 if __name__ == "__main__":
