@@ -222,15 +222,15 @@ def run_row(clf, images, defense: str, backend: str, dtype: str, batch: int, mod
                 graph = {"captured": True, "capture_s": round(capture_s, 3), **timing(replay, device, calls, batch)}
                 graph.update(agreement(replay(), reference[key]))
             except Exception as err:  # a capture that fails leaves the plain numbers above standing
-                graph = {"captured": False, "error": f"{type(err).__name__}: {first_line(err)}",
-                         "traceback": traceback.format_exc()}
+                graph = {"captured": False, "error": error_line(err), "traceback": traceback.format_exc()}
             row["cuda_graph"] = graph
     return row
 
 
-def first_line(err: BaseException) -> str:
+def error_line(err: BaseException) -> str:
+    """`Type: the first line of the message` (at most 300 characters of it)."""
     lines = str(err).strip().splitlines()
-    return lines[0][:300] if lines else ""
+    return f"{type(err).__name__}: {lines[0][:300] if lines else ''}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def row_limits(check: "Check") -> dict:
 
 
 def row_model(check: "Check") -> dict:
-    clf, _ = check.model()
+    check.model()
     return {"model": check.report["model"]}
 
 
@@ -539,7 +539,7 @@ class Check:
                 self.report["model"] = {"name": clf.name, "what": what, "image_size": clf.image_size,
                                         "classes": clf.num_classes, "pixels": "uniform random (seed 0)"}
             except Exception as err:
-                self._model = RuntimeError(f"building the model failed: {type(err).__name__}: {first_line(err)}")
+                self._model = RuntimeError(f"building the model failed: {error_line(err)}")
                 raise
         if isinstance(self._model, Exception):
             raise self._model
@@ -607,8 +607,7 @@ class Check:
         except Skip as why:
             rec.update(status="skipped", reason=str(why))
         except Exception as err:  # any failure of one row: record it, go on with the next
-            rec.update(status="error", error=f"{type(err).__name__}: {first_line(err)}",
-                       traceback=traceback.format_exc())
+            rec.update(status="error", error=error_line(err), traceback=traceback.format_exc())
             if cuda:
                 self.probe_cuda(rec)
         finally:
@@ -627,8 +626,8 @@ class Check:
             torch.cuda.empty_cache()
             rec["cuda_context"] = "ok"
         except Exception as err:  # a sticky CUDA error: nothing more can run in this process
-            self.cuda_broken = f"{rec['row']} ({type(err).__name__}: {first_line(err)})"
-            rec["cuda_context"] = f"broken: {type(err).__name__}: {first_line(err)}"
+            self.cuda_broken = f"{rec['row']} ({error_line(err)})"
+            rec["cuda_context"] = f"broken: {error_line(err)}"
 
     def release(self, rec: dict) -> None:
         """Drop every compiled graph (and the memory they hold) before the next row compiles its own."""
@@ -639,7 +638,7 @@ class Check:
             if self.device.type == "cuda" and not self.cuda_broken:
                 torch.cuda.empty_cache()
         except Exception as err:
-            rec["release_error"] = f"{type(err).__name__}: {first_line(err)}"
+            rec["release_error"] = error_line(err)
 
     def expire(self) -> None:
         """The deadline: cut the row in progress, write the JSON, print the summary and end the process."""

@@ -353,8 +353,7 @@ def image_size_of(model_name: str) -> int:
 def preprocessing_of(model_name: str) -> Preprocess:
     """The model's image preprocessing (scc.images), from its name and config alone: a bundled model's own rule,
     the CLIP/TTC rule (short side to S*256/224, centre crop S) for every other model."""
-    size = image_size_of(model_name)
-    return Preprocess(size, **BUNDLED_PREPROCESS[model_name]) if is_bundled(model_name) else Preprocess(size)
+    return Preprocess(image_size_of(model_name), **BUNDLED_PREPROCESS.get(model_name, {}))
 
 
 def check_prompts(tokenizer, labels: Sequence[str], templates: Sequence[str], model: str) -> None:
@@ -478,4 +477,4 @@ def load(model: str = TINY_NAME, pretrained: str | None = None, labels: Sequence
     return ZeroShotClassifier(clip.visual, text, clip.logit_scale.exp().item(), size, labels, name=model,
                               mean=tuple(pre.get("mean", CLIP_MEAN)), std=tuple(pre.get("std", CLIP_STD)),
                               clip=clip, tokenizer=tokenizer, templates=templates,
-                              preprocess=preprocessing_of(model) if is_bundled(model) else Preprocess(size)).to(device)
+                              preprocess=Preprocess(size, **BUNDLED_PREPROCESS.get(model, {}))).to(device)

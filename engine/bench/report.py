@@ -768,6 +768,12 @@ def _never(d):
     return False
 
 
+# the serving family's layouts as (match, render), in order: the first that matches a file renders it
+SERVING = ((is_serve_load, render_serve_load), (is_faults, render_faults), (is_worst_request, render_worst_request),
+           (is_compile_cache, render_compile_cache), (is_serve_vs_classify, render_serve_vs_classify),
+           (is_in_process, render_in_process))
+
+
 FAMILIES = [
     Family("latency", "Latency (Table 4)",
            "Per-image latency of each defense from `scc bench`, one section per run. Rows of one file were timed "
@@ -789,12 +795,8 @@ FAMILIES = [
     Family("serving", "Serving",
            "The service under load, under faults, against crafted requests, warm-starting from its compile cache, "
            "and answering as the other entry points do.",
-           lambda d: any(f(d) for f in (is_serve_load, is_faults, is_worst_request, is_in_process, is_compile_cache,
-                                        is_serve_vs_classify)),
-           lambda r: next(render for match, render in (
-               (is_serve_load, render_serve_load), (is_faults, render_faults), (is_worst_request, render_worst_request),
-               (is_compile_cache, render_compile_cache), (is_serve_vs_classify, render_serve_vs_classify),
-               (is_in_process, render_in_process)) if match(r.data))(r),
+           lambda d: any(match(d) for match, _ in SERVING),
+           lambda r: next(render for match, render in SERVING if match(r.data))(r),
            lambda r: serve_load_command(r) if is_serve_load(r.data) else
            compile_cache_command(r) if is_compile_cache(r.data) else None),
     Family("compiled", "Compiled engine",

@@ -77,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..backends import parse_backends
     from ..bench.explain import count_row, format_explain
     from ..bench.latency import PAPER, benchmark, format_table, prepare, reports_from_benchmark_json
+    from ..bench.official import LABEL as OFFICIAL
     from ..defenses import parse_defenses
     from ..precision import dtype_name, parse_dtypes
     from ..provenance import busy_warning, hardware, load_average, versions
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     log = None if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     planned = [(label, backend, dtype_name(dtype), size) for size in args.batch_size for label in labels
                for backend in backends for dtype in dtypes]
-    planned += [("ttc-official", "eager", "fp32", size) for size in args.batch_size if "ttc" in labels]
+    planned += [(OFFICIAL, "eager", "fp32", size) for size in args.batch_size if "ttc" in labels]
     measured = {"rows": [], "limits": {}}
 
     def snapshot():

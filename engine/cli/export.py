@@ -155,8 +155,7 @@ def run(args: argparse.Namespace) -> int:
                                            optimize=args.optimize, dtype=dtype, progress=progress)
     if args.format in SERVER_FORMATS:
         print(f"wrote the Triton Inference Server model {info['name']!r} in {info['repo']} ({info['seconds']:.1f} s; "
-              f"config checked "
-              f"with {' + '.join(info['validated_with'])}):")
+              f"config checked with {' + '.join(info['validated_with'])}):")
         for path in model_repository_tree(info["model_dir"]):
             print(f"  {path}")
         print(f"model.onnx: {_describe(onnx_info)}")

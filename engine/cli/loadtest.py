@@ -83,9 +83,9 @@ def run(a: argparse.Namespace) -> int:
             raise SccError("--transport grpc needs --grpc HOST:PORT (the server's --grpc-port)")
     token = None
     if a.token_file:
-        from .serve import read_token
+        from ..serve.front import load_token
 
-        token = read_token(a.token_file)
+        token = load_token(a.token_file)
     log = (lambda line: None) if a.quiet else (lambda line: print(line, flush=True))
     target = Target(a.url, cafile=a.cacert, token=token, grpc=a.grpc, seed=a.seed)
 

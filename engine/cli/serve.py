@@ -97,13 +97,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def read_token(path: str) -> str:
-    """The bearer token of --token-file: its first line, at least 16 characters, in a file only we can read."""
-    from ..serve.front import load_token
-
-    return load_token(path)
-
-
 def check_tls(cert: str | None, key: str | None) -> None:
     from ..backends.artifacts import check_private
 
@@ -121,11 +114,10 @@ def check_tls(cert: str | None, key: str | None) -> None:
         check_private(key, "--tls-key", secret=True)
 
 
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
-
-
 def check_grpc_exposure(a: argparse.Namespace) -> None:
     """A plaintext gRPC port on a non-loopback host carries the token in the clear: refused unless --insecure-grpc."""
+    from ..serve.selftest import LOOPBACK_HOSTS
+
     if a.grpc_port and a.host not in LOOPBACK_HOSTS and not a.tls_cert and not a.insecure_grpc:
         raise SccError(f"--grpc-port {a.grpc_port} on --host {a.host} would be plaintext: give --tls-cert/--tls-key "
                        "(gRPC then uses TLS too), keep --host on loopback, or accept it with --insecure-grpc")
@@ -133,10 +125,10 @@ def check_grpc_exposure(a: argparse.Namespace) -> None:
 
 def config_of(a: argparse.Namespace) -> dict:
     """The service configuration (scc.serve.service.service_config) these arguments describe."""
-    from ..serve.front import token_digest
+    from ..serve.front import load_token, token_digest
     from ..serve.service import service_config
 
-    digest = token_digest(read_token(a.token_file)) if a.token_file else None  # the ingress's copy, never printed
+    digest = token_digest(load_token(a.token_file)) if a.token_file else None  # the ingress's copy, never printed
     return service_config(
         model=a.model, pretrained=a.pretrained, labels=a.labels, templates=a.templates, defense=a.defense,
         backend=a.backend, dtype=a.dtype, device=a.device, seed=a.seed, max_batch=a.max_batch,

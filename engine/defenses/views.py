@@ -98,7 +98,8 @@ def embed_views(clf, z: torch.Tensor, views: Sequence[View], noise: torch.Tensor
     Kernel dispatch is explicit: the classifier says which kernels run (`clf.kernels`, set only on an engine's
     own copy, scc.precision.engine_classifier), so two engines with different kernels serve in one process.
     With a "view_augment" kernel and no zoom view, one kernel writes the views already normalised. Its autograd
-    does not run under torch.func.grad (https://github.com/pytorch/pytorch/issues/170834), so gradient closures call clf.embed(apply_views())."""
+    does not run under torch.func.grad (https://github.com/pytorch/pytorch/issues/170834), so gradient closures
+    call clf.embed(apply_views())."""
     kernel = clf.kernels.get("view_augment")
     if kernel is not None and clf.counter is None and all(v.zoom == 1.0 for v in views):
         return clf.visual(kernel(z, [v.flip for v in views], [v.noise for v in views], noise, sigma, clf.mean, clf.std))

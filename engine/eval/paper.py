@@ -38,6 +38,7 @@ from ..precision import dtype_name
 from ..provenance import hardware, versions
 from ..timing import timed_call
 from .options import NON_ADAPTIVE_WARNING, PAPER_ATTACKS, SEQUENCES, stderr
+from .suite import on_backbone
 
 
 def steps_of(attack: str, attack_steps: int, settings: Settings) -> int | None:
@@ -166,7 +167,7 @@ def run(model: str = "scc-tiny-digits", pretrained: str | None = None, dataset: 
                     correct += (logits.argmax(1) == y).sum().item()
             acc = correct / len(y_all)
             if backbone is not None:  # the row's spec is "fare" or "fare+ttc" (report tables read spec_of)
-                name = backbone if name == "none" else f"{backbone}+{name}"
+                name = on_backbone(backbone, name)
             results.append({"defense": name, "preset": preset, "backend": backend, "dtype": dtype_name(dtype),
                             "attack": attack_name, "eps": eps,
                             "accuracy": acc, "s_per_image": seconds / len(y_all), "protocol": "paper",

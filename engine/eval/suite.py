@@ -302,7 +302,7 @@ def estimate_cost(clf, defenses: Sequence[str], eps_list: Sequence[float], x: to
     on the images x with every budget cut to 2 steps (CALIBRATION) and scaled by its full budget: a few percent of
     the work, done before it starts. An upper bound where the real batches are larger than x."""
     small = dataclasses.replace(suite, **CALIBRATION)
-    modules = {label: defended_pair(clf, label, seed, dtype)[0] for label in defenses}
+    modules = {label: defend(clf, *split_spec(label), seed=seed, dtype=dtype) for label in defenses}  # known draws
     keys = list(range(len(y)))
     with torch.no_grad():
         clf(x)  # the first call's one-time costs are no attack's

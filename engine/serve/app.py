@@ -183,16 +183,20 @@ def _ingress_class():
             self.m_requests.inc(tags={"status": str(reply.status)})
             self.m_latency.observe((time.perf_counter() - start) * 1e3)
 
-        @app.post("/v1/classify")
-        async def classify(self, request: Request):
+        async def _classify(self, request: Request, **options) -> Response:
+            """Front.classify of an HTTP request (its query, its client's address, its body), counted."""
             start = time.perf_counter()
             query: dict[str, list[str]] = {}
             for k, v in request.query_params.multi_items():
                 query.setdefault(k, []).append(v)
             client = request.client.host if request.client else None
-            reply = await self.front.classify(request.headers, query, body_of(request), client)
+            reply = await self.front.classify(request.headers, query, body_of(request), client, **options)
             self._count(reply, start)
             return respond(reply)
+
+        @app.post("/v1/classify")
+        async def classify(self, request: Request):
+            return await self._classify(request)
 
         async def Classify(self, request: bytes, grpc_context=None):
             """gRPC scc.v1.Classifier/Classify (scc.serve.grpc_api): the token from the metadata and the message's
@@ -250,16 +254,8 @@ def _ingress_class():
             """The page's call: one image, the defended answer with the undefended one beside it."""
             if not self.cfg["ui"]:
                 return respond(error_reply(404, "no operator page: start the server with --ui"))
-            start = time.perf_counter()
-            query: dict[str, list[str]] = {}
-            for k, v in request.query_params.multi_items():
-                query.setdefault(k, []).append(v)
-            client = request.client.host if request.client else None
-            reply = await self.front.classify(request.headers, query, body_of(request), client, compare=True,
-                                              signed_in=ui.signed_in(request.cookies, self.front.digest,
-                                                                     self.ui_key))
-            self._count(reply, start)
-            return respond(reply)
+            return await self._classify(request, compare=True,
+                                        signed_in=ui.signed_in(request.cookies, self.front.digest, self.ui_key))
 
         @app.get("/healthz")
         async def healthz(self):
@@ -424,7 +420,9 @@ def check_grpc_tls(host: str, port: int, timeout_s: float = 15.0) -> None:
     import socket
     import ssl
 
-    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    from .selftest import target as local_target
+
+    target = local_target(host)
     ctx = ssl.create_default_context()
     ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # our own port: the handshake is what is checked
     ctx.set_alpn_protocols(["h2"])

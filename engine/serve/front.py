@@ -193,6 +193,7 @@ class Front:
             self.model = {k: info[k] for k in ("model", "defense", "backend", "image_size", "labels")}
             self.model["spec"] = info.get("spec", info["defense"])
             self.model["preprocess"] = Preprocess.from_dict(info["preprocess"])  # the replica's model's own
+            self.model["limits"] = limits_of(self.cfg, self.model["image_size"])  # once, not per request
         return self.model
 
     async def info(self) -> dict:
@@ -294,13 +295,12 @@ class Front:
         if model is None:
             return self.retry_later("no model replica answered within the request's deadline (starting or "
                                     "restarting); retry after the Retry-After delay", "deadline")
-        limits = limits_of(self.cfg, model["image_size"])
         left = deadline - time.monotonic()
         try:
             if left <= 0:
                 raise asyncio.TimeoutError
-            items = await asyncio.wait_for(
-                asyncio.get_running_loop().run_in_executor(self.pool, parse, model["preprocess"], limits), left)
+            work = asyncio.get_running_loop().run_in_executor(self.pool, parse, model["preprocess"], model["limits"])
+            items = await asyncio.wait_for(work, left)
         except asyncio.TimeoutError:
             return self.retry_later("the request's deadline passed while its images were decoded; retry after the "
                                     "Retry-After delay, or send fewer images per request", "deadline")

@@ -18,9 +18,11 @@ address). Two switches put a single-node Ray on 127.0.0.1:
 The same environment sets Ray's cluster token for this run only (`RAY_AUTH_TOKEN`, nothing written to ~/.ray) and
 turns off Ray's usage reporting.
 """
+import importlib
 import inspect
 import os
 import secrets
+import sys
 
 from ..errors import SccError
 
@@ -109,8 +111,6 @@ def bind_loopback() -> None:
     to `scc serve --host` (SCC_GRPC_HOST, default 127.0.0.1) instead of `[::]`, the latter over TLS when the service
     has a certificate (SCC_GRPC_TLS_CERT/KEY) (idempotent). HardeningError when a function it replaces is missing or
     is not a function of (server, address): nothing is left binding [::] unchecked."""
-    import importlib
-
     ingress_host = os.environ.get(GRPC_HOST_ENV, "127.0.0.1")
     problems, todo = [], []
     for module_name, name, host, tls in BINDERS:
@@ -125,13 +125,11 @@ def bind_loopback() -> None:
         if not is_binder(original):
             problems.append(f"{module_name}.{name} (a function of (server, address))")
             continue
-        todo.append((module, name, _binder(original, ingress_host if host == "ingress" else "127.0.0.1", tls)))
+        todo.append((module, name, original,
+                     _binder(original, ingress_host if host == "ingress" else "127.0.0.1", tls)))
     if problems:
         raise refusal(problems)
-    import sys
-
-    for module, name, patched in todo:
-        original = getattr(module, name)
+    for module, name, original, patched in todo:
         # every binding of the function in Ray Serve's loaded modules (a `from ... import` copies the name)
         for other in [m for k, m in list(sys.modules.items()) if k.startswith("ray.serve") and m is not None]:
             if getattr(other, name, None) is original:

@@ -258,6 +258,12 @@ def _protocol_problems(protocol) -> list[str]:
     return problems
 
 
+def _calls(module, function: str, name: str) -> bool:
+    """Whether `module` has a plain function `function` whose code refers to `name`."""
+    fn = getattr(module, function, None)
+    return inspect.isfunction(fn) and name in code_names(fn)
+
+
 def _ray_configs(http_util) -> list[tuple[str, object]]:
     """Each uvicorn Config class Ray's http_util can reach: `uvicorn.Config` and a bare imported `Config`."""
     out = []
@@ -305,17 +311,14 @@ def check_targets() -> list[str]:
                 problems.append(f"uvicorn's HTTP protocol {protocols['auto']}")
     http_util = _module("ray.serve._private.http_util", problems)
     if http_util is not None:
-        start = getattr(http_util, "start_asgi_http_server", None)
-        if not inspect.isfunction(start) or "Config" not in code_names(start):
+        if not _calls(http_util, "start_asgi_http_server", "Config"):
             problems.append("ray.serve._private.http_util.start_asgi_http_server (building a uvicorn Config)")
         for label, cls in _ray_configs(http_util):
             if config_class is not None and cls is not config_class:
                 problems.append(f"ray.serve._private.http_util.{label} (the class uvicorn.config.Config)")
     grpc_util = _module("ray.serve._private.grpc_util", problems)
-    if grpc_util is not None:
-        start = getattr(grpc_util, "start_grpc_server", None)
-        if not inspect.isfunction(start) or "add_grpc_address" not in code_names(start):
-            problems.append("ray.serve._private.grpc_util.start_grpc_server (binding through add_grpc_address)")
+    if grpc_util is not None and not _calls(grpc_util, "start_grpc_server", "add_grpc_address"):
+        problems.append("ray.serve._private.grpc_util.start_grpc_server (binding through add_grpc_address)")
     replica = _module("ray.serve._private.replica", problems)
     if replica is not None and "add_port_to_grpc_server" not in code_names(replica):
         problems.append("ray.serve._private.replica's gRPC server (bound through add_port_to_grpc_server)")

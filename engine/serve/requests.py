@@ -285,11 +285,11 @@ def image_parts(content_type: str | None, body: bytes, limits: Limits) -> list[t
 # ----------------------------------------------------------------------------------------------------------
 def _request_error(err: ImageError, name: str, formats: Sequence[str]) -> RequestError:
     """The client's message for an unusable image: our own budget text, or a stable "not a readable image" naming
-    the accepted formats (the decoder's own text goes to the server log only)."""
+    the accepted formats (the decoder's own text goes to the server log only). `name` is already `_shown`."""
     if err.too_large:
         return RequestError(413, str(err))
     log.info("image %s not decoded: %s", name, err)
-    return RequestError(400, f"{_shown(name)}: not a readable image; accepted formats: {', '.join(formats)}")
+    return RequestError(400, f"{name}: not a readable image; accepted formats: {', '.join(formats)}")
 
 
 def image_size(data: bytes, name: str, limits: Limits) -> tuple[int, int]:
@@ -305,7 +305,7 @@ def image_size(data: bytes, name: str, limits: Limits) -> tuple[int, int]:
     except ImageError as err:
         raise _request_error(err, name, limits.formats) from None
     if max(w, h) > limits.max_aspect * min(w, h):
-        raise RequestError(413, f"{_shown(name)}: {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.4g}:1, "
+        raise RequestError(413, f"{name}: {w}x{h} has an aspect ratio of {max(w, h) / min(w, h):.4g}:1, "
                                 f"over the limit of {limits.max_aspect:g}:1; crop it to at most "
                                 f"{limits.max_aspect:g}:1")
     return w, h

@@ -617,10 +617,11 @@ def _finetune(model, method, preset, data, out, pretrained, seed, images, device
         for step in bar:
             idx = perm[step * cfg.batch:(step + 1) * cfg.batch]
             gen = torch.Generator().manual_seed(derive_seed(seed, f"start:{epoch}:{step}"))
-            x_all = dataset.batch(idx)
-            start_all = torch.rand(x_all.shape, generator=gen) * 2 - 1  # U(-1, 1) for the whole global batch
-            x = x_all[lo_share:hi_share].to(device)
-            y = dataset.targets[idx][lo_share:hi_share].to(device)
+            share = idx[lo_share:hi_share]  # this process decodes only its own images
+            x = dataset.batch(share).to(device)
+            # U(-1, 1) for the whole global batch (B, 3, S, S), so every process draws the same numbers
+            start_all = torch.rand((len(idx), *x.shape[1:]), generator=gen) * 2 - 1
+            y = dataset.targets[share].to(device)
             loss, parts = training_loss(towers, cfg, x, y, start_all[lo_share:hi_share].to(device), world)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -45,8 +45,8 @@ import torch
 
 from ..errors import SccError
 from ..models import BUNDLED, asset_path
-from .finetune import (code_hash, file_sha256, library_versions, make_config, method_label, parse_method,
-                       starting_point, stem_of)
+from .finetune import (_jsonable, code_hash, file_sha256, library_versions, make_config, method_label,
+                       parse_method, starting_point, stem_of)
 
 TESTBEDS: dict[str, dict] = {
     "scc-tiny-digits": {"data": "digits", "images": None},
@@ -117,8 +117,7 @@ def testbed_key(model: str, method: str, preset: str, seed: int = SEED) -> dict:
     what = {"model": model, "base_weights_sha256": file_sha256(asset_path(f"{model}.safetensors")),
             "base_config_sha256": file_sha256(asset_path(f"{model}.json")),
             "method": method, "preset": preset,
-            "config": {k: list(v) if isinstance(v, tuple) else v
-                       for k, v in dataclasses.asdict(make_config(method, preset)).items()},
+            "config": _jsonable(dataclasses.asdict(make_config(method, preset))),
             "data": recipe["data"], "images": recipe["images"], "seed": seed,
             **starting_point(model, recipe["data"], None, recipe["images"], seed),
             "code_hash": code_hash(), "libraries": library_versions()}
