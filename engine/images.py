@@ -119,12 +119,19 @@ def _unreadable(name: str, err: Exception, formats: Sequence[str] | None) -> Ima
     return ImageError(f"{name}: not a readable image ({type(err).__name__}: {str(err)[:120]}{accepted})")
 
 
+def image_size(source: bytes | str | Path, name: str | None = None, max_pixels: int | None = None,
+               formats: Sequence[str] | None = None) -> tuple[int, int]:
+    """(width, height) from the header alone (nothing decoded); ImageError when unreadable or over `max_pixels`."""
+    img, _ = _open(source, name, max_pixels, formats)
+    with img:
+        return img.size
+
+
 def image_pixels(source: bytes | str | Path, name: str | None = None, max_pixels: int | None = None,
                  formats: Sequence[str] | None = None) -> int:
     """width x height from the header alone (nothing decoded); ImageError when unreadable or over `max_pixels`."""
-    img, _ = _open(source, name, max_pixels, formats)
-    with img:
-        return img.size[0] * img.size[1]
+    w, h = image_size(source, name, max_pixels, formats)
+    return w * h
 
 
 def decode(source: bytes | str | Path, name: str | None = None, max_pixels: int | None = None,

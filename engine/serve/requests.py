@@ -21,7 +21,6 @@ allocates (the decoded float image or the resize's output).
 Messages are the client's: they name the image, the bad value and what to do, never a decoder's or allocator's text
 (that goes to the server log, logger "scc.serve").
 """
-import io
 import logging
 import math
 import re
@@ -295,13 +294,9 @@ def _request_error(err: ImageError, name: str, formats: Sequence[str]) -> Reques
 def image_size(data: bytes, name: str, limits: Limits) -> tuple[int, int]:
     """(width, height) from the image's header, nothing decoded; RequestError 400 when unreadable or not an allowed
     format, 413 when over the per-image pixel budget or the aspect-ratio limit."""
-    from PIL import Image
-
     name = _shown(name)
     try:
-        images.image_pixels(data, name, limits.max_pixels, limits.formats)
-        with Image.open(io.BytesIO(data), formats=limits.formats) as img:  # the header again: microseconds
-            w, h = img.size
+        w, h = images.image_size(data, name, limits.max_pixels, limits.formats)
     except ImageError as err:
         raise _request_error(err, name, limits.formats) from None
     if max(w, h) > limits.max_aspect * min(w, h):
